@@ -1,0 +1,46 @@
+"""Build an XCLIPModel around converted tensors without random initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from converter.rules import check_against
+
+if TYPE_CHECKING:
+    from transformers import XCLIPConfig, XCLIPModel
+
+
+def meta_model(config: XCLIPConfig) -> XCLIPModel:
+    """An XCLIPModel whose tensors live on the meta device: shapes only, no memory, no init cost."""
+    from transformers import XCLIPModel
+
+    with torch.device("meta"):
+        return XCLIPModel(config)
+
+
+def expected_state_dict(config: XCLIPConfig) -> dict[str, torch.Tensor]:
+    """The keys and shapes (meta tensors) a complete XCLIPModel state dict must have."""
+    return meta_model(config).state_dict()
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: XCLIPConfig) -> None:
+    """Raise one error listing every unexpected, missing and mis-shaped key against `config`."""
+    report = check_against(state_dict, expected_state_dict(config))
+    if report:
+        raise report.error("checkpoint vs config")
+
+
+def build_model(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor]) -> XCLIPModel:
+    """Fill a meta-device XCLIPModel with `state_dict` by assignment (the tensors are shared, not copied)."""
+    model = meta_model(config)
+    model.load_state_dict(dict(state_dict), strict=True, assign=True)
+    # Non-persistent buffers are not in any state dict: left on meta, they make the forward
+    # pass return NaN without raising, so re-create them.
+    for module in model.modules():
+        ids = getattr(module, "position_ids", None)
+        if isinstance(ids, torch.Tensor) and ids.is_meta:
+            module.position_ids = torch.arange(ids.shape[-1]).expand((1, -1))
+    return model.eval()

@@ -1,0 +1,80 @@
+"""The conversion pipeline on a loaded state dict: config -> map -> check -> build -> verify.
+
+Loading (converter.load) comes before it and writing (converter.export) after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from converter.build import build_model, check_state_dict
+from converter.config import HEAD_DIM, Hyper, check_variant, hyper_from_config, infer_hyper, to_config
+from converter.original import OriginalHeads
+from converter.registry import Variant
+from converter.rules import original_to_hf
+from converter.verify import DEFAULT_ATOL, Verification, verify
+
+if TYPE_CHECKING:
+    from transformers import XCLIPConfig, XCLIPModel
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class Conversion:
+    config: XCLIPConfig
+    hyper: Hyper
+    state_dict: StateDict  # XCLIPModel keys, in the output dtype
+    verification: Verification | None = None
+    model: XCLIPModel | None = None  # the float32 model that was verified
+
+
+def convert(
+    original: Mapping[str, torch.Tensor],
+    *,
+    variant: Variant | None = None,
+    config: XCLIPConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    run_verification: bool = True,
+    atol: float = DEFAULT_ATOL,
+    source: str = "checkpoint",
+) -> Conversion:
+    """Convert an original state dict; raise ConverterError on any layout problem."""
+    hyper = hyper_from_config(config) if config is not None else infer_hyper(original)
+    if variant is not None:
+        check_variant(hyper, variant, source)
+    if config is None:
+        config = to_config(hyper)
+    converted = original_to_hf(original)
+    check_state_dict(converted, config)
+    config.dtype = dtype  # recorded in config.json so from_pretrained restores it
+    result = Conversion(config, hyper, {k: v.to(dtype) for k, v in converted.items()})
+    if run_verification:
+        # Verify exactly the values written: both sides see the weights rounded to `dtype`,
+        # computed in float32.
+        result.model = build_model(config, {k: v.float() for k, v in result.state_dict.items()})
+        rounded = {k: v.to(dtype).float() for k, v in original.items()}
+        result.verification = verify(result.model, rounded, hyper, atol, oracle_heads(hyper))
+    return result
+
+
+def oracle_heads(hyper: Hyper) -> OriginalHeads:
+    """The original's head counts: width // 64 for every family, hard-coded in its code.
+
+    Only below width 64 (tiny test models built with explicit heads) does the config decide.
+    """
+    widths = (hyper.vision_width, hyper.text_width, hyper.embed_dim)
+    if min(widths) >= HEAD_DIM:
+        return OriginalHeads(
+            vision=hyper.vision_width // HEAD_DIM,
+            text=hyper.text_width // HEAD_DIM,
+            mit=hyper.embed_dim // HEAD_DIM,
+            prompts=hyper.embed_dim // HEAD_DIM,
+        )
+    return OriginalHeads(
+        vision=hyper.vision_heads, text=hyper.text_heads, mit=hyper.mit_heads, prompts=hyper.prompt_heads
+    )

@@ -1,0 +1,243 @@
+"""An independent implementation of the ORIGINAL X-CLIP forward pass on an original state dict.
+
+It is the project's oracle: written from `ORIGINAL.md` (microsoft/VideoX, X-CLIP), using only
+torch.nn.functional, and sharing no code with transformers' XCLIP modelling, so that a converted
+model is checked against something that cannot share its mistakes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+StateDict = Mapping[str, Tensor]
+
+_LN_EPS = 1e-5  # every LayerNorm of the original uses the nn.LayerNorm default
+
+# Block prefixes of the four stacks whose depth is counted from the keys.
+_VISION = "visual.transformer.resblocks."
+_TEXT = "transformer.resblocks."
+_MIT = "mit.resblocks."
+_PROMPTS = "prompts_generator.decoder."
+
+
+@dataclass(frozen=True)
+class OriginalHeads:
+    """Head counts of the four attention families (not stored in a checkpoint)."""
+
+    vision: int
+    text: int
+    mit: int
+    prompts: int
+
+    @classmethod
+    def from_state_dict(cls, state_dict: StateDict) -> OriginalHeads:
+        """The original's rule for every family: width // 64 (E // 64 for MIT and prompts)."""
+        vision_width = state_dict["visual.conv1.weight"].shape[0]
+        text_width = state_dict["text_projection"].shape[0]
+        embed_dim = state_dict["text_projection"].shape[1]
+        return cls(
+            vision=vision_width // 64,
+            text=text_width // 64,
+            mit=embed_dim // 64,
+            prompts=embed_dim // 64,
+        )
+
+
+def causal_mask(
+    length: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
+    """Additive [length, length] mask of the text tower: -inf strictly above the diagonal, 0 elsewhere."""
+    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
+def _num_layers(state_dict: StateDict, prefix: str) -> int:
+    """Depth of a stack: 1 + the largest block index under `prefix` (0 if there is none)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = [int(m.group(1)) for key in state_dict if (m := pattern.match(key))]
+    return max(indices) + 1 if indices else 0
+
+
+def _ln(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], sd[prefix + "weight"], sd[prefix + "bias"], _LN_EPS)
+
+
+def _linear(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
+    return F.linear(x, sd[prefix + "weight"], sd.get(prefix + "bias"))
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _mlp(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
+    """CLIP MLP: c_fc -> QuickGELU -> c_proj."""
+    return _linear(_quick_gelu(_linear(x, sd, prefix + "c_fc.")), sd, prefix + "c_proj.")
+
+
+def _self_attention(x: Tensor, sd: StateDict, prefix: str, heads: int, mask: Tensor | None = None) -> Tensor:
+    """nn.MultiheadAttention with q = k = v = x, on batch-first x [N, L, D].
+
+    One GEMM on the packed in_proj (rows q, k, v in that order); the output is split by a view.
+    """
+    n, length, width = x.shape
+    qkv = F.linear(x, sd[prefix + "in_proj_weight"], sd[prefix + "in_proj_bias"])
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return _linear(out.transpose(1, 2).reshape(n, length, width), sd, prefix + "out_proj.")
+
+
+def _cross_attention(x: Tensor, memory: Tensor, sd: StateDict, prefix: str, heads: int) -> Tensor:
+    """The prompt generator's own attention: separate bias-free q/k/v, `proj` with bias,
+    scale (E / heads) ** -0.5 (the SDPA default)."""
+    n, length, width = x.shape
+    m = memory.shape[1]
+    head_dim = width // heads
+    q = F.linear(x, sd[prefix + "q_proj.weight"]).view(n, length, heads, head_dim).transpose(1, 2)
+    k = F.linear(memory, sd[prefix + "k_proj.weight"]).view(n, m, heads, head_dim).transpose(1, 2)
+    v = F.linear(memory, sd[prefix + "v_proj.weight"]).view(n, m, heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return _linear(out.transpose(1, 2).reshape(n, length, width), sd, prefix + "proj.")
+
+
+def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, prefix: str, heads: int) -> Tensor:
+    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual, visual), then x + mlp(norm3 x)
+    (mlp.0 Linear E->4E, QuickGELU, dropout = identity in eval, mlp.3 Linear 4E->E)."""
+    x = x + _cross_attention(_ln(x, sd, prefix + "norm1."), visual, sd, prefix + "cross_attn.", heads)
+    hidden = _quick_gelu(_linear(_ln(x, sd, prefix + "norm3."), sd, prefix + "mlp.0."))
+    return x + _linear(hidden, sd, prefix + "mlp.3.")
+
+
+def _residual_block(x: Tensor, sd: StateDict, prefix: str, heads: int, mask: Tensor | None = None) -> Tensor:
+    """Pre-LN CLIP block (text and MIT): x + attn(ln_1 x), then x + mlp(ln_2 x)."""
+    x = x + _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
+    return x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
+
+
+def _cross_frame_block(x: Tensor, sd: StateDict, prefix: str, heads: int, frames: int) -> Tensor:
+    """CrossFramelAttentionBlock on batch-first x [B*T, L, W], frames batch-major."""
+    bt, _, width = x.shape
+    # The message token comes from the RAW class token (no LayerNorm before message_fc).
+    msg = _linear(x[:, 0], sd, prefix + "message_fc.").view(bt // frames, frames, width)
+    # message_ln is applied to msg and attention runs across the T frames of each video.
+    msg = msg + _self_attention(_ln(msg, sd, prefix + "message_ln."), sd, prefix + "message_attn.", heads)
+    x = torch.cat([x, msg.reshape(bt, 1, width)], dim=1)
+    x = x + _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads)
+    x = x[:, :-1]  # drop the message token before the MLP
+    return x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
+
+
+def _compute_state_dict(state_dict: StateDict) -> dict[str, Tensor]:
+    """Strip an optional `module.` prefix; cast half/bfloat16 to float32, as the original loads
+    weights into a float32 model (float32/float64 stay as they are)."""
+    out = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+            value = value.float()
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def _check_heads(width: int, heads: int, family: str) -> None:
+    if heads <= 0 or width % heads:
+        raise ValueError(f"{family}: {heads} heads do not divide width {width}; pass OriginalHeads")
+
+
+@torch.no_grad()
+def original_forward(
+    state_dict: StateDict,
+    pixel_values: Tensor,
+    input_ids: Tensor,
+    heads: OriginalHeads | None = None,
+) -> dict[str, Tensor]:
+    """Run the original X-CLIP on an original state dict.
+
+    pixel_values [B, T, 3, H, W], input_ids [K, L] -> dict with the keys of the goldens' expected.npz:
+    logits [B, K] (logits_per_video), logit_scale_exp [], video_embeds / video_embeds_normalized [B, E],
+    text_embeds_raw [K, E], prompts / text_embeds / text_embeds_normalized [B, K, E],
+    img_features [B, N, E], cls_features / mit_last_hidden_state [B, T, E],
+    vision_pooled [B*T, W], vision_last_hidden_state [B*T, N+1, W],
+    text_pooled [K, TW], text_last_hidden_state [K, L, TW].
+    """
+    sd = _compute_state_dict(state_dict)
+    heads = heads or OriginalHeads.from_state_dict(sd)
+    dtype = sd["visual.conv1.weight"].dtype
+    device = sd["visual.conv1.weight"].device
+    vision_width = sd["visual.conv1.weight"].shape[0]
+    text_width, embed_dim = sd["text_projection"].shape
+    _check_heads(vision_width, heads.vision, "vision")
+    _check_heads(text_width, heads.text, "text")
+    _check_heads(embed_dim, heads.mit, "mit")
+    _check_heads(embed_dim, heads.prompts, "prompts")
+
+    # ---- vision tower (CrossFrameCommunicationTransformer) ----
+    b, t = pixel_values.shape[:2]
+    pixels = pixel_values.to(device=device, dtype=dtype).reshape(b * t, *pixel_values.shape[2:])
+    x = F.conv2d(pixels, sd["visual.conv1.weight"], stride=sd["visual.conv1.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)  # [B*T, N, W]
+    cls_token = sd["visual.class_embedding"].expand(b * t, 1, vision_width)
+    x = torch.cat([cls_token, x], dim=1) + sd["visual.positional_embedding"]
+    x = _ln(x, sd, "visual.ln_pre.")
+    for i in range(_num_layers(sd, _VISION)):
+        x = _cross_frame_block(x, sd, f"{_VISION}{i}.", heads.vision, t)
+    vision_last_hidden_state = x
+    vision_pooled = _ln(x[:, 0], sd, "visual.ln_post.")
+    cls_features = (vision_pooled @ sd["visual.proj"]).view(b, t, embed_dim)
+    # Patch tokens go to the prompt branch WITHOUT ln_post.
+    img = _ln(x[:, 1:], sd, "prompts_visual_ln.") @ sd["prompts_visual_proj"]
+    img_features = img.view(b, t, -1, embed_dim).mean(dim=1)  # [B, N, E]
+
+    # ---- MIT (multi-frame integration transformer), residual around the whole stack ----
+    y = cls_features + sd["mit.positional_embedding"]
+    for i in range(_num_layers(sd, _MIT)):
+        y = _residual_block(y, sd, f"{_MIT}{i}.", heads.mit)
+    mit_last_hidden_state = y + cls_features
+    video_embeds = mit_last_hidden_state.mean(dim=1)
+
+    # ---- text tower (causal), pooled at the EOT token = input_ids.argmax(-1) ----
+    k, length = input_ids.shape
+    ids = input_ids.to(device)
+    z = F.embedding(ids, sd["token_embedding.weight"]) + sd["positional_embedding"][:length]
+    mask = causal_mask(length, dtype, device)
+    for i in range(_num_layers(sd, _TEXT)):
+        z = _residual_block(z, sd, f"{_TEXT}{i}.", heads.text, mask)
+    text_last_hidden_state = _ln(z, sd, "ln_final.")
+    text_pooled = text_last_hidden_state[torch.arange(k, device=device), ids.argmax(dim=-1)]
+    text_embeds_raw = text_pooled @ sd["text_projection"]
+
+    # ---- video-specific prompt generator ----
+    visual = _ln(img_features, sd, "prompts_generator.norm.")  # applied once, shared by all layers
+    p = text_embeds_raw.unsqueeze(0).expand(b, k, embed_dim)
+    for i in range(_num_layers(sd, _PROMPTS)):
+        p = _prompt_layer(p, visual, sd, f"{_PROMPTS}{i}.", heads.prompts)
+    prompts = sd["prompts_generator.alpha"] * p  # alpha scales the whole output, residual included
+    text_embeds = text_embeds_raw.unsqueeze(0) + prompts
+
+    # ---- logits: exp(logit_scale) * cosine, per video against its own prompted texts ----
+    video_embeds_normalized = video_embeds / video_embeds.norm(dim=-1, keepdim=True)
+    text_embeds_normalized = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    logit_scale_exp = sd["logit_scale"].exp()
+    logits = torch.einsum("bd,bkd->bk", video_embeds_normalized, logit_scale_exp * text_embeds_normalized)
+
+    return {
+        "logits": logits,
+        "logit_scale_exp": logit_scale_exp,
+        "video_embeds": video_embeds,
+        "video_embeds_normalized": video_embeds_normalized,
+        "text_embeds_raw": text_embeds_raw,
+        "prompts": prompts,
+        "text_embeds": text_embeds,
+        "text_embeds_normalized": text_embeds_normalized,
+        "img_features": img_features,
+        "cls_features": cls_features,
+        "mit_last_hidden_state": mit_last_hidden_state,
+        "vision_pooled": vision_pooled,
+        "vision_last_hidden_state": vision_last_hidden_state,
+        "text_pooled": text_pooled,
+        "text_last_hidden_state": text_last_hidden_state,
+    }

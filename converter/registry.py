@@ -1,0 +1,117 @@
+"""The 18 published X-CLIP checkpoints: where each comes from and what it is."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from converter.errors import ConverterError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The CLIP backbone an X-CLIP model starts from."""
+
+    name: str
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    embed_dim: int  # also the text, MIT and prompt width
+    text_layers: int = 12
+
+
+ARCHS = {
+    a.name: a
+    for a in (
+        Arch("ViT-B/32", patch_size=32, vision_width=768, vision_layers=12, embed_dim=512),
+        Arch("ViT-B/16", patch_size=16, vision_width=768, vision_layers=12, embed_dim=512),
+        Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed_dim=768),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A GitHub release asset (`release`) or a Google-Drive file (`gdrive`)."""
+
+    kind: str
+    ref: str  # release file name, or Drive file id
+    filename: str  # the name the file goes by in --checkpoint-dir and the cache
+
+
+def release(filename: str) -> Source:
+    return Source("release", filename, filename)
+
+
+def gdrive(file_id: str, filename: str) -> Source:
+    return Source("gdrive", file_id, filename)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    arch: Arch
+    frames: int
+    image_size: int
+    source: Source
+
+    @property
+    def dataset(self) -> str:
+        for tag in ("kinetics-600", "hmdb", "ucf", "zero-shot"):
+            if tag in self.name:
+                return tag
+        return "kinetics-400"
+
+
+def _variant(name: str, arch: str, frames: int, source: Source, image_size: int = 224) -> Variant:
+    return Variant(name, ARCHS[arch], frames, image_size, source)
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        # Kinetics-400, fully supervised
+        _variant("xclip-base-patch32", "ViT-B/32", 8, release("k400_32_8.pth")),
+        _variant("xclip-base-patch32-16-frames", "ViT-B/32", 16, release("k400_32_16.pth")),
+        _variant("xclip-base-patch16", "ViT-B/16", 8, release("k400_16_8.pth")),
+        _variant("xclip-base-patch16-16-frames", "ViT-B/16", 16, release("k400_16_16.pth")),
+        _variant(
+            "xclip-large-patch14", "ViT-L/14", 8, gdrive("1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx", "k400_14_8.pth")
+        ),
+        _variant(
+            "xclip-large-patch14-16-frames",
+            "ViT-L/14",
+            16,
+            gdrive("1FOYgnJc097OJ4lGwtRCCydQyVPJEOH7d", "k400_14_16_336.pth"),
+            image_size=336,
+        ),
+        # Kinetics-600
+        _variant("xclip-base-patch16-kinetics-600", "ViT-B/16", 8, release("k600_16_8.pth")),
+        _variant("xclip-base-patch16-kinetics-600-16-frames", "ViT-B/16", 16, release("k600_16_16.pth")),
+        _variant(
+            "xclip-large-patch14-kinetics-600",
+            "ViT-L/14",
+            8,
+            gdrive("1FV8C1INuM91sLAN4ImjzePLIlpMSihwV", "k600_14_8.pth"),
+        ),
+        # few-shot HMDB-51 / UCF-101
+        *(
+            _variant(
+                f"xclip-base-patch16-{data}-{shots}-shot", "ViT-B/16", 32, release(f"few_{data}_{shots}.pth")
+            )
+            for data in ("hmdb", "ucf")
+            for shots in (2, 4, 8, 16)
+        ),
+        # zero-shot
+        _variant("xclip-base-patch16-zero-shot", "ViT-B/16", 32, release("zero.pth")),
+    )
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ConverterError(
+            f"unknown model name {name!r}; the published variants are: {', '.join(VARIANTS)} "
+            "(for your own checkpoint, omit --model-name)"
+        ) from None

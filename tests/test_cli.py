@@ -1,0 +1,146 @@
+"""The command line: exit codes, atomic output, flags, and the user-facing errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import XCLIPModel
+
+from converter.cli import main
+from converter.config import to_config
+from converter.synthetic import make_state_dict
+from tests import goldens
+from tests.test_rules import SQUARE
+
+
+def run(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("golden")
+    return goldens.checkpoint("tiny-a"), goldens.write_config("tiny-a", folder)
+
+
+def test_output_loads_offline_without_missing_or_unexpected_keys(golden, tmp_path, monkeypatch):
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out) == 0
+    assert sorted(p.name for p in out.iterdir())[:2] == ["config.json", "model.safetensors"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, info = XCLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_old_flag_names_still_work(golden, tmp_path):
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config, "--pytorch_dump_folder_path", out) == 0
+    assert (out / "model.safetensors").exists()
+
+
+def test_existing_output_is_kept_unless_overwrite(golden, tmp_path, capsys):
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out, "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype(golden, tmp_path, dtype):
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out, "--dtype", dtype) == 0
+    model = XCLIPModel.from_pretrained(out, dtype="auto")
+    assert model.logit_scale.dtype == getattr(torch, dtype)
+    assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+
+def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys):
+    """A config with 8 MIT/prompt heads where the original has E // 64 = 12 (the old L/14 bug)."""
+    hyper = dataclasses.replace(
+        SQUARE, embed_dim=768, text_width=64, mit_heads=12, mit_mlp=3072, prompt_heads=12
+    )
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save({"model": make_state_dict(hyper, seed=2)}, checkpoint)
+    config_dir = tmp_path / "config"
+    to_config(dataclasses.replace(hyper, mit_heads=8, prompt_heads=8)).save_pretrained(config_dir)
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config_dir / "config.json", "--output", out) == 1
+    assert "verification FAILED" in capsys.readouterr().out
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "config"]
+
+
+def test_no_verify_skips_the_oracle(golden, tmp_path, capsys):
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, "--no-verify") == 0
+    assert "verification" not in capsys.readouterr().out
+
+
+def test_wrong_model_name_names_the_fields(tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save(make_state_dict(SQUARE, seed=1), checkpoint)
+    assert (
+        run("--checkpoint", checkpoint, "--model-name", "xclip-base-patch32", "--output", tmp_path / "o") == 2
+    )
+    err = capsys.readouterr().err
+    assert "does not look like xclip-base-patch32" in err
+    assert "frames: 3 vs 8" in err and "patch_size: 8 vs 32" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_config_that_disagrees_with_the_shapes(golden, tmp_path, capsys):
+    checkpoint, _ = golden
+    config = goldens.write_config("tiny-b", tmp_path)  # 8 frames, 48 px: tiny-a has 4 frames, 32 px
+    assert run("--checkpoint", checkpoint, "--config", config) == 2
+    err = capsys.readouterr().err
+    assert "mit.position_embedding: checkpoint gives [1, 4, 32], config expects [1, 8, 32]" in err
+
+
+def test_heads_below_64_need_a_config(golden, capsys):
+    checkpoint, _ = golden
+    assert run("--checkpoint", checkpoint) == 2
+    assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "nothing to convert"),
+        (["--checkpoint", "/nonexistent/x.pth"], "no such file"),
+        (["--model-name", "xclip-huge"], "unknown model name 'xclip-huge'"),
+        (["--show-config"], "--show-config needs --model-name"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(args, message, capsys):
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_list_and_show_config(capsys):
+    assert run("--list") == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 18
+    assert run("--model-name", "xclip-large-patch14-16-frames", "--show-config") == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["vision_config"]["image_size"] == 336 and config["vision_config"]["num_frames"] == 16
+    assert config["prompt_num_attention_heads"] == 12
+    assert config["vision_config"]["mit_num_attention_heads"] == 12
+
+
+def test_python_dash_m_and_console_script_agree():
+    result = subprocess.run([sys.executable, "-m", "converter", "--list"], capture_output=True, text=True)
+    assert result.returncode == 0 and "xclip-base-patch16-zero-shot" in result.stdout

@@ -1,0 +1,181 @@
+"""The rule table: round trip, strict accounting, and deliberate mistakes that verification must catch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from converter import rules as R
+from converter.build import build_model, check_state_dict
+from converter.config import Hyper, to_config
+from converter.errors import ConverterError
+from converter.original import OriginalHeads
+from converter.synthetic import make_state_dict
+from converter.verify import verify
+
+# W != TW != E, MIT heads != prompt heads, and >= 11 layers so that indices 10+ are matched.
+UNEVEN = Hyper(
+    embed_dim=48, image_size=32, patch_size=8, frames=3,
+    vision_width=96, vision_layers=11, vision_heads=3, vision_mlp=384,
+    text_width=64, text_layers=12, text_heads=4, text_mlp=256,
+    vocab_size=100, context_length=77,
+    mit_layers=2, mit_heads=3, mit_mlp=192, prompt_layers=2, prompt_heads=2,
+)  # fmt: skip
+# W == TW == E, so a missing or extra transpose keeps its shape and only the numbers can catch it.
+SQUARE = dataclasses.replace(
+    UNEVEN, embed_dim=64, vision_width=64, vision_heads=4, vision_mlp=256, mit_heads=4, mit_mlp=256,
+    vision_layers=2, text_layers=2, mit_layers=1,
+)  # fmt: skip
+
+
+def heads(h: Hyper) -> OriginalHeads:
+    return OriginalHeads(vision=h.vision_heads, text=h.text_heads, mit=h.mit_heads, prompts=h.prompt_heads)
+
+
+@pytest.fixture(scope="module", params=[UNEVEN, SQUARE], ids=["uneven", "square"])
+def case(request):
+    return request.param, make_state_dict(request.param, seed=7)
+
+
+def convert_and_verify(hyper: Hyper, original, rules=R.RULES):
+    converted = R.original_to_hf(original, rules)
+    config = to_config(hyper)
+    check_state_dict(converted, config)
+    return verify(build_model(config, converted), original, hyper, heads=heads(hyper))
+
+
+def test_correct_table_verifies(case):
+    hyper, original = case
+    result = convert_and_verify(hyper, original)
+    assert result.passed, result.summary()
+
+
+def test_round_trip_is_bitwise(case):
+    _, original = case
+    restored = R.hf_to_original(R.original_to_hf(original))
+    assert restored.keys() == original.keys()
+    for key, tensor in original.items():
+        assert restored[key].dtype == tensor.dtype and torch.equal(restored[key], tensor), key
+
+
+def test_every_rule_is_used_by_a_real_layout(case):
+    _, original = case
+    used = {n for key in original if (m := R._match(R.RULES, key, "original")) for n in [m[0]]}
+    assert used == set(range(len(R.RULES)))
+
+
+# ---- deliberate mistakes -----------------------------------------------------------------------
+
+SWAP_QK = R.Op("swap_qk", lambda t: (lambda q, k, v: (k, q, v))(*t.chunk(3)), lambda ts: torch.cat(ts))
+
+
+def with_op(original_pattern: str, op: R.Op) -> tuple[R.Rule, ...]:
+    hits = [r for r in R.RULES if r.original == original_pattern]
+    assert hits, original_pattern
+    return tuple(R.Rule(r.original, r.hf, op) if r.original == original_pattern else r for r in R.RULES)
+
+
+def with_target(original_pattern: str, hf: tuple[str, ...]) -> tuple[R.Rule, ...]:
+    assert any(r.original == original_pattern for r in R.RULES), original_pattern
+    return tuple(R.Rule(r.original, hf, r.op) if r.original == original_pattern else r for r in R.RULES)
+
+
+def swap_pair(a: str, b: str) -> tuple[R.Rule, ...]:
+    table = with_target(f"{a}.weight", (f"{b}.weight",))
+    table = tuple(
+        R.Rule(r.original, (f"{a}.weight",), r.op) if r.original == f"{b}.weight" else r for r in table
+    )
+    table = tuple(R.Rule(r.original, (f"{b}.bias",), r.op) if r.original == f"{a}.bias" else r for r in table)
+    return tuple(R.Rule(r.original, (f"{a}.bias",), r.op) if r.original == f"{b}.bias" else r for r in table)
+
+
+PL = "prompts_generator.decoder.{i}"
+MISTAKES = {
+    "q/k swapped: vision attn": with_op("visual.transformer.resblocks.{i}.attn.in_proj_weight", SWAP_QK),
+    "q/k swapped: message attn": with_op(
+        "visual.transformer.resblocks.{i}.message_attn.in_proj_weight", SWAP_QK
+    ),
+    "q/k swapped: text attn": with_op("transformer.resblocks.{i}.attn.in_proj_weight", SWAP_QK),
+    "q/k swapped: MIT attn": with_op("mit.resblocks.{i}.attn.in_proj_weight", SWAP_QK),
+    "missing transpose: visual.proj": with_op("visual.proj", R.RENAME),
+    "missing transpose: text_projection": with_op("text_projection", R.RENAME),
+    "transposed prompts_visual_proj": with_op("prompts_visual_proj", R.TRANSPOSE),
+    "norm1/norm3 swapped": swap_pair(f"{PL}.norm1", f"{PL}.norm3"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_deliberate_mistake_is_caught(case, mistake):
+    """Caught either by strict shape accounting (ConverterError) or by verification."""
+    hyper, original = case
+    try:
+        result = convert_and_verify(hyper, original, MISTAKES[mistake])
+    except ConverterError as err:
+        assert "shape mismatches" in str(err)
+        return
+    assert not result.passed, f"{mistake} went unnoticed: {result.summary()}"
+
+
+def test_square_layout_catches_transposes_numerically():
+    """On the square layout the transposes keep their shapes: verification must do the catching."""
+    original = make_state_dict(SQUARE, seed=7)
+    for mistake in ("missing transpose: visual.proj", "missing transpose: text_projection",
+                    "transposed prompts_visual_proj"):  # fmt: skip
+        result = convert_and_verify(SQUARE, original, MISTAKES[mistake])
+        assert not result.passed and result.max_abs_diff["logits"] > 1e-3, mistake
+
+
+def test_wrong_head_count_is_caught():
+    """The old converter's L/14 mistake: 8 MIT/prompt heads where the original has E // 64 = 12."""
+    hyper = dataclasses.replace(
+        SQUARE, embed_dim=768, text_width=64, mit_heads=12, mit_mlp=3072, prompt_heads=12
+    )
+    original = make_state_dict(hyper, seed=3)
+    config = to_config(dataclasses.replace(hyper, mit_heads=8, prompt_heads=8))
+    model = build_model(config, R.original_to_hf(original))
+    result = verify(model, original, hyper, heads=OriginalHeads(vision=4, text=4, mit=12, prompts=12))
+    assert not result.passed, result.summary()
+
+
+# ---- strict accounting -------------------------------------------------------------------------
+
+
+def test_every_problem_is_listed_in_one_error():
+    original = make_state_dict(UNEVEN, seed=1)
+    original["visual.surprise"] = torch.zeros(2)
+    with pytest.raises(ConverterError) as err:
+        R.original_to_hf(original)
+    assert "visual.surprise [2]" in str(err.value)
+
+    del original["visual.surprise"]
+    converted = R.original_to_hf(original)
+    converted.pop("mit.position_embedding")
+    converted.pop("text_model.final_layer_norm.bias")
+    converted["visual_projection.weight"] = torch.zeros(5, 5)
+    converted["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ConverterError) as err:
+        check_state_dict(converted, to_config(UNEVEN))
+    message = str(err.value)
+    for expected in (
+        "extra.weight [1]",
+        "mit.position_embedding [1, 3, 48]",
+        "text_model.final_layer_norm.bias [64]",
+        "visual_projection.weight: checkpoint gives [5, 5], config expects [48, 96]",
+    ):
+        assert expected in message
+
+
+def test_reverse_direction_reports_incomplete_qkv():
+    converted = R.original_to_hf(make_state_dict(SQUARE, seed=1))
+    del converted["text_model.encoder.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(ConverterError, match=r"text_model\.encoder\.layers\.1\.self_attn\.k_proj\.weight"):
+        R.hf_to_original(converted)
+
+
+def test_packed_weight_that_does_not_split_is_reported():
+    original = make_state_dict(SQUARE, seed=1)
+    original["mit.resblocks.0.attn.in_proj_bias"] = torch.zeros(100)
+    with pytest.raises(ConverterError, match=r"mit\.resblocks\.0\.attn\.in_proj_bias \[100\]"):
+        R.original_to_hf(original)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converter.errors import ConverterError, VerificationError
-from converter.registry import VARIANTS, get_variant
+from converter.registry import VARIANTS, Variant, get_variant
+
+if TYPE_CHECKING:
+    from converter.convert import Conversion
 
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -36,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--config", metavar="FILE", help="XCLIPConfig JSON overriding inference from the checkpoint"
     )
+    src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256; a mismatch fails")
+    src.add_argument(
+        "--force-download", action="store_true", help="fetch again even if the cache holds the checkpoint"
+    )
 
     out = p.add_argument_group("output")
     out.add_argument(
@@ -48,12 +58,34 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
     out.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
 
+    out.add_argument(
+        "--push-to-hub",
+        "--push_to_hub",
+        dest="push_to_hub",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="REPO_ID",
+        help="upload the verified folder (default repo: <your user>/<model name>)",
+    )
+    out.add_argument("--create-pr", action="store_true", help="with --push-to-hub: open a pull request")
+    out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+
     ver = p.add_argument_group("verification")
     ver.add_argument(
         "--no-verify", action="store_true", help="skip the comparison with the original forward pass"
     )
     ver.add_argument(
         "--atol", type=float, default=None, help="max |Δ| allowed on logits and embeddings (1e-4)"
+    )
+
+    ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
+    ver.add_argument(
+        "--texts",
+        nargs="+",
+        metavar="TEXT",
+        default=list(DEFAULT_TEXTS),
+        help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})",
     )
 
     info = p.add_argument_group("information")
@@ -97,6 +129,8 @@ def _show_config(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     if not args.checkpoint and not args.model_name:
         raise ConverterError("nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)")
+    if args.push_to_hub is not None and args.no_verify:
+        raise ConverterError("--push-to-hub publishes only verified conversions: drop --no-verify")
     variant = get_variant(args.model_name) if args.model_name else None
     output = Path(args.output) if args.output else None
     if output is not None:
@@ -112,7 +146,7 @@ def _convert(args: argparse.Namespace) -> int:
     from converter.verify import DEFAULT_ATOL
 
     config = load_config_file(args.config) if args.config else None
-    path = _resolve_checkpoint(args, variant)
+    path, source = _resolve_checkpoint(args, variant)
     original = load_checkpoint(path)
     result = convert(
         original,
@@ -129,26 +163,98 @@ def _convert(args: argparse.Namespace) -> int:
             raise VerificationError(
                 f"the converted model does not reproduce the original ({path}); nothing was written"
             )
-    if output is None:
+    if args.video:
+        _classify(args, result)
+
+    if output is None and args.push_to_hub is None:
         print("no --output given: nothing written")
         return EXIT_OK
 
-    from converter.export import write_atomically, write_model_files
+    from converter.export import model_card, write_atomically, write_model_files, write_processor
+    from converter.fetch import sha256_file
 
-    write_atomically(
-        output, args.overwrite, lambda folder: write_model_files(folder, result.config, result.state_dict)
+    repo_id = _repo_id(args) if args.push_to_hub is not None else None
+    card = model_card(
+        name=args.model_name or path.stem,
+        hyper=result.hyper,
+        source=source,
+        sha256=sha256_file(path),
+        verification=result.verification,
+        repo_id=repo_id,
     )
-    print(f"wrote {output}")
+
+    def write(folder: Path) -> None:
+        write_model_files(folder, result.config, result.state_dict)
+        write_processor(folder, result.hyper.image_size)
+        (folder / "README.md").write_text(card)
+
+    if output is not None:
+        write_atomically(output, args.overwrite, write)
+        print(f"wrote {output}")
+    if repo_id is not None:
+        _push(args, repo_id, output, write)
     return EXIT_OK
 
 
-def _resolve_checkpoint(args: argparse.Namespace, variant: object) -> Path:
-    if args.checkpoint:
-        path = Path(args.checkpoint)
+def _resolve_checkpoint(args: argparse.Namespace, variant: Variant | None) -> tuple[Path, str]:
+    """The local path of the checkpoint, and where it came from (for the model card)."""
+    from converter import fetch
+
+    checkpoint = args.checkpoint
+    if checkpoint and "://" in checkpoint:
+        return fetch.fetch_url(checkpoint, sha256=args.sha256, force=args.force_download), checkpoint
+    if checkpoint:
+        path = Path(checkpoint)
         if not path.exists():
             raise ConverterError(f"--checkpoint {path}: no such file")
-        return path
-    raise ConverterError("fetching by --model-name is not available yet; pass --checkpoint PATH")
+        if args.sha256:
+            fetch.fetch_url(path.resolve().as_uri(), sha256=args.sha256)  # checks the pin, never deletes
+        return path, str(path)
+    assert variant is not None
+    path = fetch.fetch_source(variant.source, sha256=args.sha256, force=args.force_download)
+    return path, fetch.source_url(variant.source)
+
+
+def _classify(args: argparse.Namespace, result: Conversion) -> None:
+    """Print each text's probability for the user's clip, from the converted model."""
+    import torch
+
+    from converter.build import build_model
+    from converter.processing import CLIP_VOCAB_SIZE, encode_texts, load_video, preprocess_video
+
+    if result.hyper.vocab_size != CLIP_VOCAB_SIZE:
+        raise ConverterError(
+            f"--video needs a model with CLIP's {CLIP_VOCAB_SIZE}-token vocabulary to tokenize --texts; "
+            f"this checkpoint's vocabulary has {result.hyper.vocab_size} tokens"
+        )
+    model = result.model or build_model(result.config, {k: v.float() for k, v in result.state_dict.items()})
+    frames = load_video(args.video, result.hyper.frames)
+    with torch.no_grad():
+        out = model(
+            input_ids=encode_texts(args.texts), pixel_values=preprocess_video(frames, result.hyper.image_size)
+        )
+    for text, prob in zip(args.texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
+        print(f"{prob:.4f}  {text}")
+
+
+def _repo_id(args: argparse.Namespace) -> str:
+    from converter.hub import default_repo_id
+
+    return args.push_to_hub or default_repo_id(args.model_name)
+
+
+def _push(args: argparse.Namespace, repo_id: str, output: Path | None, write: Callable[[Path], None]) -> None:
+    import tempfile
+
+    from converter.hub import push_folder
+
+    if output is None:
+        with tempfile.TemporaryDirectory(prefix="xclip-push-") as folder:
+            write(Path(folder))
+            url = push_folder(Path(folder), repo_id, create_pr=args.create_pr, private=args.private)
+    else:
+        url = push_folder(output, repo_id, create_pr=args.create_pr, private=args.private)
+    print(f"pushed to {repo_id}: {url}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ def hyper_for_variant(variant: Variant) -> Hyper:
 
 
 def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
-    """Read every hyperparameter off an original state dict's keys and shapes."""
+    """Read every hyperparameter off an original state dict's keys and shapes.
+
+    Head counts follow the original's rule, width // 64; `check_heads` rejects widths below 64.
+    """
 
     def shape(key: str) -> tuple[int, ...]:
         if key not in state_dict:
@@ -105,14 +108,6 @@ def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
         )
     text_width, embed_dim = shape("text_projection")
 
-    def heads(width: int, family: str) -> int:
-        if width < HEAD_DIM:
-            raise ConverterError(
-                f"cannot infer the {family} head count: width {width} is below {HEAD_DIM} "
-                "(the original uses width // 64); pass --config with an XCLIPConfig JSON"
-            )
-        return width // HEAD_DIM
-
     return Hyper(
         embed_dim=embed_dim,
         image_size=grid * patch_size,
@@ -120,20 +115,30 @@ def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
         frames=shape("mit.positional_embedding")[1],
         vision_width=vision_width,
         vision_layers=count("visual.transformer.resblocks."),
-        vision_heads=heads(vision_width, "vision"),
+        vision_heads=vision_width // HEAD_DIM,
         vision_mlp=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
         text_width=text_width,
         text_layers=count("transformer.resblocks."),
-        text_heads=heads(text_width, "text"),
+        text_heads=text_width // HEAD_DIM,
         text_mlp=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
         vocab_size=shape("token_embedding.weight")[0],
         context_length=shape("positional_embedding")[0],
         mit_layers=count("mit.resblocks."),
-        mit_heads=heads(embed_dim, "MIT"),
+        mit_heads=embed_dim // HEAD_DIM,
         mit_mlp=shape("mit.resblocks.0.mlp.c_fc.weight")[0],
         prompt_layers=count("prompts_generator.decoder."),
-        prompt_heads=heads(embed_dim, "prompt"),
+        prompt_heads=embed_dim // HEAD_DIM,
     )
+
+
+def check_heads(h: Hyper) -> None:
+    """Inferred heads are width // 64: below width 64 that is 0, and only a --config can say."""
+    for family, width in (("vision", h.vision_width), ("text", h.text_width), ("MIT/prompt", h.embed_dim)):
+        if width < HEAD_DIM:
+            raise ConverterError(
+                f"cannot infer the {family} head count: width {width} is below {HEAD_DIM} "
+                "(the original uses width // 64); pass --config with an XCLIPConfig JSON"
+            )
 
 
 def to_config(h: Hyper) -> XCLIPConfig:

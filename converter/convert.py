@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from converter.build import build_model, check_state_dict
-from converter.config import HEAD_DIM, Hyper, check_variant, hyper_from_config, infer_hyper, to_config
+from converter.config import (
+    HEAD_DIM,
+    Hyper,
+    check_heads,
+    check_variant,
+    hyper_from_config,
+    infer_hyper,
+    to_config,
+)
 from converter.original import OriginalHeads
 from converter.registry import Variant
 from converter.rules import original_to_hf
@@ -48,6 +56,7 @@ def convert(
     if variant is not None:
         check_variant(hyper, variant, source)
     if config is None:
+        check_heads(hyper)
         config = to_config(hyper)
     converted = original_to_hf(original)
     check_state_dict(converted, config)

@@ -29,6 +29,8 @@ from converter.errors import ConverterError
 if TYPE_CHECKING:
     import requests
 
+    from converter.registry import Source
+
 RELEASE_BASE_URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0"
 
 # Module constants rather than arguments so that tests (and impatient users) can shorten them in one place.
@@ -472,8 +474,7 @@ def fetch_gdrive(
         raise ConverterError(
             f"invalid Google Drive file id {file_id!r}: expected only letters, digits, '-' and '_'."
         )
-    root = Path(cache) if cache is not None else cache_dir()
-    final = root / "gdrive" / file_id / _sanitize(filename or f"{file_id}.pth")
+    final = _gdrive_cache_path(file_id, filename, Path(cache) if cache is not None else cache_dir())
     return _fetch_cached(
         final,
         f"Google Drive file {file_id}",
@@ -481,6 +482,37 @@ def fetch_gdrive(
         sha256=sha256,
         force=force,
     )
+
+
+def _gdrive_cache_path(file_id: str, filename: str | None, cache: Path) -> Path:
+    return cache / "gdrive" / file_id / _sanitize(filename or f"{file_id}.pth")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Registry sources (a release asset or a Drive file)
+
+
+def fetch_source(source: Source, *, sha256: str | None = None, force: bool = False) -> Path:
+    """Fetch a published checkpoint from where the registry says it lives."""
+    if source.kind == "release":
+        return fetch_url(release_url(source.ref), sha256=sha256, force=force)
+    return fetch_gdrive(source.ref, filename=source.filename, sha256=sha256, force=force)
+
+
+def source_url(source: Source) -> str:
+    """Where a published checkpoint is downloaded from (for messages and model cards)."""
+    if source.kind == "release":
+        return release_url(source.ref)
+    return f"https://drive.google.com/file/d/{source.ref}"
+
+
+def cached_source(source: Source) -> Path | None:
+    """The cached copy of a published checkpoint, if there is one (no network)."""
+    if source.kind == "release":
+        path = _url_cache_path(release_url(source.ref), cache_dir())
+    else:
+        path = _gdrive_cache_path(source.ref, source.filename, cache_dir())
+    return path if path.is_file() else None
 
 
 def _download_gdrive(file_id: str, part_path: Path) -> None:

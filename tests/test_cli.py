@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
-from transformers import XCLIPModel
+from transformers import AutoProcessor, XCLIPModel
 
 from converter.cli import main
 from converter.config import to_config
+from converter.processing import preprocess_video
 from converter.synthetic import make_state_dict
 from tests import goldens
 from tests.test_rules import SQUARE
@@ -32,10 +34,26 @@ def test_output_loads_offline_without_missing_or_unexpected_keys(golden, tmp_pat
     checkpoint, config = golden
     out = tmp_path / "out"
     assert run("--checkpoint", checkpoint, "--config", config, "--output", out) == 0
-    assert sorted(p.name for p in out.iterdir())[:2] == ["config.json", "model.safetensors"]
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "processor_config.json",
+        "tokenizer.json",
+    } <= set(files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _, info = XCLIPModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+    # The processor saved with the model reproduces the original preprocessing, offline.
+    processor = AutoProcessor.from_pretrained(out)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)
+    got = processor(text=["eating spaghetti"], videos=list(frames), return_tensors="pt", padding=True)
+    assert torch.equal(got["pixel_values"], preprocess_video(frames, 32))
+    assert got["input_ids"][0].tolist() == [49406, 4371, 18440, 49407]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: mit") and "verification" in card.lower() and "sha256" in card
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
 
 

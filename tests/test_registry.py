@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter.config import hyper_for_variant, hyper_from_config, infer_hyper, to_config
+from converter.config import check_heads, hyper_for_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError
 from converter.registry import VARIANTS
 from converter.synthetic import original_shapes
@@ -78,8 +78,10 @@ def test_heads_cannot_be_inferred_below_width_64():
         for k, v in inventory("xclip-base-patch32")["state_dict"].items()
     }
     meta["text_projection"] = torch.empty(32, 32, device="meta")
+    hyper = infer_hyper(meta)
+    assert hyper.text_heads == 0
     with pytest.raises(ConverterError, match="--config"):
-        infer_hyper(meta)
+        check_heads(hyper)
 
 
 def test_release_sources_are_unique():

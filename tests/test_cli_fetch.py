@@ -1,0 +1,161 @@
+"""The CLI end to end over HTTP and at the hub boundary: fetch, convert, classify, publish."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, AutoProcessor
+
+from converter import fetch
+from converter.cli import main
+from converter.fetch import sha256_file
+from converter.synthetic import make_state_dict
+from tests import goldens
+from tests._http import Fault, LoopbackServer
+from tests.test_rules import SQUARE
+
+
+def run(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture
+def fast_network(monkeypatch, tmp_path):
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fetch, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "READ_TIMEOUT", 5.0)
+
+
+@pytest.fixture(scope="module")
+def golden_config(tmp_path_factory):
+    return goldens.write_config("tiny-a", tmp_path_factory.mktemp("config"))
+
+
+def test_converts_through_dropped_connections(fast_network, golden_config, tmp_path, monkeypatch, capsys):
+    data = goldens.checkpoint("tiny-a-training-layout").read_bytes()
+    out = tmp_path / "out"
+    with LoopbackServer({"/x.pth": data}) as server:
+        server.add_faults("/x.pth", Fault(truncate=0.3), Fault(status=503), Fault(truncate=0.5))
+        url = server.url("/x.pth")
+        assert run("--checkpoint", url, "--config", golden_config, "--output", out, "--sha256", sha256_file(
+            goldens.checkpoint("tiny-a-training-layout"))) == 0  # fmt: skip
+        assert any(hit.range for hit in server.hits_for("/x.pth"))  # it resumed
+    assert "verification OK" in capsys.readouterr().out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = AutoModel.from_pretrained(out)
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "XCLIPModel" and type(processor).__name__ == "XCLIPProcessor"
+    assert url in (out / "README.md").read_text()
+
+
+def test_corrupt_cached_file_says_how_to_refetch(fast_network, golden_config, tmp_path, capsys):
+    data = goldens.checkpoint("tiny-a").read_bytes()
+    with LoopbackServer({"/c.pth": data}) as server:
+        url = server.url("/c.pth")
+        cached = fetch.fetch_url(url)
+        cached.write_bytes(data[: len(data) // 3])  # the cache got truncated behind our back
+        assert run("--checkpoint", url, "--config", golden_config) == 2
+        assert "--force-download" in capsys.readouterr().err
+        assert run("--checkpoint", url, "--config", golden_config, "--force-download") == 0
+        assert server.full_gets("/c.pth") == 2
+
+
+def test_404_is_one_clear_line(fast_network, tmp_path, capsys):
+    with LoopbackServer({}) as server:
+        assert run("--checkpoint", server.url("/missing.pth"), "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "404" in err and "/missing.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_name_fetches_from_the_release_mirror(fast_network, monkeypatch, capsys):
+    """--model-name goes to XCLIP_RELEASE_URL/<release file>; a file for the wrong model is caught."""
+    data = goldens.checkpoint("tiny-a").read_bytes()
+    with LoopbackServer({"/mirror/k400_32_8.pth": data}) as server:
+        monkeypatch.setenv("XCLIP_RELEASE_URL", server.url("/mirror"))
+        assert run("--model-name", "xclip-base-patch32") == 2
+        assert server.full_gets("/mirror/k400_32_8.pth") == 1
+    assert "does not look like xclip-base-patch32" in capsys.readouterr().err
+
+
+def test_video_and_texts_print_probabilities(tmp_path, capsys):
+    hyper = dataclasses.replace(SQUARE, vocab_size=49408)  # CLIP's vocabulary, so real texts tokenize
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save(make_state_dict(hyper, seed=5), checkpoint)
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.random.default_rng(1).integers(0, 256, (8, 36, 40, 3), dtype=np.uint8))
+    texts = ["playing sports", "eating spaghetti"]
+    assert run("--checkpoint", checkpoint, "--video", clip, "--texts", *texts) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(tuple(texts))]
+    assert len(lines) == 2
+    assert abs(sum(float(line.split()[0]) for line in lines) - 1.0) < 1e-3
+
+
+def test_video_needs_the_clip_vocabulary(golden_config, tmp_path, capsys):
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    assert run("--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--video", clip) == 2
+    assert "120 tokens" in capsys.readouterr().err
+
+
+class FakeApi:
+    calls: list = []
+
+    def __init__(self, token=None):
+        pass
+
+    def whoami(self):
+        return {"name": "alice"}
+
+    def create_repo(self, repo_id, **kwargs):
+        FakeApi.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        files = sorted(p.name for p in kwargs["folder_path"].iterdir())
+        FakeApi.calls.append(("upload_folder", kwargs["repo_id"], kwargs["create_pr"], files))
+        return "https://hub.example/commit"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    return FakeApi.calls
+
+
+def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_config, tmp_path):
+    out = tmp_path / "out"
+    args = ["--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--output", out]
+    assert run(*args, "--push-to-hub", "org/xclip-tiny", "--create-pr", "--private") == 0
+    assert fake_hub[0] == (
+        "create_repo",
+        "org/xclip-tiny",
+        {"repo_type": "model", "private": True, "exist_ok": True},
+    )
+    kind, repo, pr, files = fake_hub[1]
+    assert (kind, repo, pr) == ("upload_folder", "org/xclip-tiny", True)
+    assert {"config.json", "model.safetensors", "README.md", "processor_config.json"} <= set(files)
+    assert len(fake_hub) == 2
+
+
+def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch, capsys):
+    monkeypatch.setattr(
+        "converter.cli._resolve_checkpoint", lambda args, v: (_ for _ in ()).throw(SystemExit(9))
+    )
+    with pytest.raises(SystemExit):
+        run("--model-name", "xclip-base-patch32", "--push_to_hub")
+    from converter.hub import default_repo_id
+
+    assert default_repo_id("xclip-base-patch32") == "alice/xclip-base-patch32"
+
+
+def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
+    args = ["--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--no-verify"]
+    assert run(*args, "--push-to-hub", "org/x") == 2
+    assert "verified" in capsys.readouterr().err and fake_hub == []

@@ -1,13 +1,47 @@
-"""Project-wide pytest setup: torch threads sized for xdist workers, and the suite's options."""
+"""Project-wide pytest setup: the per-model suite's options, and torch threads sized for xdist workers."""
 
 from __future__ import annotations
 
 import os
 
 
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("xclip", "X-CLIP per-model verification suite")
+    group.addoption(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="folder of real original checkpoints under their release names (see `xclip-convert --list`)",
+    )
+    group.addoption(
+        "--require-release",
+        action="store_true",
+        help="fail, instead of skip, a release test whose real checkpoint or clip cannot be had",
+    )
+    group.addoption(
+        "--save-dir",
+        metavar="DIR",
+        help="save each converted model, as xclip-convert writes it, to DIR/<model-name>",
+    )
+    group.addoption(
+        "--update-expected",
+        action="store_true",
+        help="with real weights: rewrite expected/<model>.json from the oracle's output, marked confirmed",
+    )
+    group.addoption(
+        "--live-oracle",
+        action="store_true",
+        help="synthetic tests: run the oracle live for every model and check the stored outputs are current",
+    )
+    group.addoption(
+        "--update-synthetic",
+        action="store_true",
+        help="synthetic tests: rewrite tests/data/synthetic/<model>.npz from the live oracle",
+    )
+
+
 def _threads_per_worker() -> int:
-    # Under xdist each worker is a process; giving every worker all cores oversubscribes the
-    # machine and makes the big matmuls slower, not faster.
+    # Each xdist worker is a process; giving every worker all cores oversubscribes the machine and
+    # makes the big matmuls slower, not faster.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     return max(1, (os.cpu_count() or 1) // workers)
 

@@ -493,23 +493,30 @@ def _gdrive_cache_path(file_id: str, filename: str | None, cache: Path) -> Path:
 
 
 def fetch_source(source: Source, *, sha256: str | None = None, force: bool = False) -> Path:
-    """Fetch a published checkpoint from where the registry says it lives."""
-    if source.kind == "release":
-        return fetch_url(release_url(source.ref), sha256=sha256, force=force)
+    """Fetch a published checkpoint from where the registry says it lives.
+
+    A mirror (`XCLIP_RELEASE_URL`) holds every file under its name, the Drive-hosted ones too.
+    """
+    if source.kind == "release" or _mirror():
+        return fetch_url(release_url(source.filename), sha256=sha256, force=force)
     return fetch_gdrive(source.ref, filename=source.filename, sha256=sha256, force=force)
+
+
+def _mirror() -> bool:
+    return bool(os.environ.get("XCLIP_RELEASE_URL"))
 
 
 def source_url(source: Source) -> str:
     """Where a published checkpoint is downloaded from (for messages and model cards)."""
-    if source.kind == "release":
-        return release_url(source.ref)
+    if source.kind == "release" or _mirror():
+        return release_url(source.filename)
     return f"https://drive.google.com/file/d/{source.ref}"
 
 
 def cached_source(source: Source) -> Path | None:
     """The cached copy of a published checkpoint, if there is one (no network)."""
-    if source.kind == "release":
-        path = _url_cache_path(release_url(source.ref), cache_dir())
+    if source.kind == "release" or _mirror():
+        path = _url_cache_path(release_url(source.filename), cache_dir())
     else:
         path = _gdrive_cache_path(source.ref, source.filename, cache_dir())
     return path if path.is_file() else None

@@ -176,7 +176,8 @@ def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
         do_resize=True,
         # Both size and crop_size: given only a size, VideoMAE still centre-crops to 224.
         size={"shortest_edge": resize_short_side(image_size)},
-        resample=Image.Resampling.BICUBIC,
+        # The original resizes with its mmaction-style `Resize` at its default interpolation, bilinear.
+        resample=Image.Resampling.BILINEAR,
         do_center_crop=True,
         crop_size={"height": image_size, "width": image_size},
         do_rescale=True,

@@ -17,7 +17,7 @@ from converter.errors import ConverterError
 
 @pytest.fixture
 def clip() -> np.ndarray:
-    """Synthetic 8-frame 240x320 uint8 clip (smooth gradients + noise so bicubic resizing matters)."""
+    """Synthetic 8-frame 240x320 uint8 clip (smooth gradients + noise so the resampling filter matters)."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:240, 0:320]
     base = np.stack([xx * 255 / 319, yy * 255 / 239, (xx + yy) * 255 / 558], axis=-1)
@@ -86,7 +86,7 @@ def test_image_processor_config(image_size: int, short_side: int) -> None:
     assert tuple(ip.image_std) == pytest.approx((0.229, 0.224, 0.225))
     assert dict(ip.size)["shortest_edge"] == short_side
     assert dict(ip.crop_size)["height"] == dict(ip.crop_size)["width"] == image_size
-    assert int(ip.resample) == int(Image.Resampling.BICUBIC)
+    assert int(ip.resample) == int(Image.Resampling.BILINEAR)
     assert ip.rescale_factor == pytest.approx(1 / 255)
     assert ip.do_center_crop and ip.do_resize and ip.do_rescale and ip.do_normalize
 
@@ -98,7 +98,7 @@ def _reference(frames: np.ndarray, image_size: int) -> np.ndarray:
     for frame in frames:
         h, w = frame.shape[:2]
         new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-        img = Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC)
+        img = Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR)
         left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
         img = img.crop((left, top, left + image_size, top + image_size))
         x = np.asarray(img, dtype=np.float64) / 255.0

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter.rules import check_against
-
 if TYPE_CHECKING:
     from transformers import XCLIPConfig, XCLIPModel
 
@@ -19,18 +17,6 @@ def meta_model(config: XCLIPConfig) -> XCLIPModel:
 
     with torch.device("meta"):
         return XCLIPModel(config)
-
-
-def expected_state_dict(config: XCLIPConfig) -> dict[str, torch.Tensor]:
-    """The keys and shapes (meta tensors) a complete XCLIPModel state dict must have."""
-    return meta_model(config).state_dict()
-
-
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: XCLIPConfig) -> None:
-    """Raise one error listing every unexpected, missing and mis-shaped key against `config`."""
-    report = check_against(state_dict, expected_state_dict(config))
-    if report:
-        raise report.error("checkpoint vs config")
 
 
 def build_model(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor]) -> XCLIPModel:

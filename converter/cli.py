@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,6 +148,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     config = load_config_file(args.config) if args.config else None
     path, source = _resolve_checkpoint(args, variant)
+    digest = _source_digest(path, args.sha256, publishing=args.push_to_hub is not None)
     original = load_checkpoint(path)
     result = convert(
         original,
@@ -171,21 +173,20 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     from converter.export import model_card, write_atomically, write_model_files, write_processor
-    from converter.fetch import sha256_file
 
     repo_id = _repo_id(args) if args.push_to_hub is not None else None
-    card = model_card(
-        name=args.model_name or path.stem,
-        hyper=result.hyper,
-        source=source,
-        sha256=sha256_file(path),
-        verification=result.verification,
-        repo_id=repo_id,
-    )
 
     def write(folder: Path) -> None:
         write_model_files(folder, result.config, result.state_dict)
         write_processor(folder, result.hyper.image_size)
+        card = model_card(
+            name=args.model_name or path.stem,
+            hyper=result.hyper,
+            source=source,
+            sha256=digest.result(),  # last: the hash runs while the weights are written
+            verification=result.verification,
+            repo_id=repo_id,
+        )
         (folder / "README.md").write_text(card)
 
     if output is not None:
@@ -213,6 +214,20 @@ def _resolve_checkpoint(args: argparse.Namespace, variant: Variant | None) -> tu
     assert variant is not None
     path = fetch.fetch_source(variant.source, sha256=args.sha256, force=args.force_download)
     return path, fetch.source_url(variant.source)
+
+
+def _source_digest(path: Path, pinned: str | None, publishing: bool) -> Future[str | None]:
+    """The checkpoint's sha256 for the model card, without a second read of the file where possible:
+    the verified pin, or the digest recorded when it was fetched. A plain local file is hashed only
+    for publishing (provenance on the hub), on a second core while the conversion runs."""
+    from converter.fetch import recorded_sha256, sha256_file
+
+    known = (pinned or "").lower() or recorded_sha256(path)
+    if known or not publishing:
+        done: Future[str | None] = Future()
+        done.set_result(known)
+        return done
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256").submit(sha256_file, path)
 
 
 def _classify(args: argparse.Namespace, result: Conversion) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter.build import build_model, check_state_dict
+from converter.build import build_model
 from converter.config import (
     HEAD_DIM,
     Hyper,
@@ -21,6 +21,7 @@ from converter.config import (
     infer_hyper,
     to_config,
 )
+from converter.layout import check_state_dict
 from converter.original import OriginalHeads
 from converter.registry import Variant
 from converter.rules import original_to_hf
@@ -59,7 +60,7 @@ def convert(
         check_heads(hyper)
         config = to_config(hyper)
     converted = original_to_hf(original)
-    check_state_dict(converted, config)
+    check_state_dict(converted, hyper)
     config.dtype = dtype  # recorded in config.json so from_pretrained restores it
     result = Conversion(config, hyper, {k: v.to(dtype) for k, v in converted.items()})
     if run_verification:

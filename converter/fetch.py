@@ -119,6 +119,11 @@ def _read_record(path: Path) -> str | None:
     return text if re.fullmatch(r"[0-9a-f]{64}", text) else None
 
 
+def recorded_sha256(path: Path | str) -> str | None:
+    """The digest recorded when `path` was fetched, if any (no hashing)."""
+    return _read_record(Path(path))
+
+
 def _write_record(path: Path, digest: str) -> None:
     # Write-then-rename so a reader never sees a half-written record.
     record = _record_path(path)

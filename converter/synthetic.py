@@ -1,8 +1,7 @@
 """Synthetic checkpoints in the exact original layout, for tests and benchmarks.
 
-The original keys and shapes are derived from the rule table (HF meta model -> `hf_to_original`),
-so they are the layout the converter expects; the tests check that layout against the inventory of
-the 18 real checkpoints. Values are seeded and scaled like a trained CLIP so outputs are not
+Keys and shapes come from `converter.layout`, which the tests check against the inventory of the
+18 real checkpoints. Values are seeded and scaled like a trained CLIP so outputs are not
 degenerate.
 """
 
@@ -16,16 +15,10 @@ from pathlib import Path
 
 import torch
 
-from converter.build import expected_state_dict
-from converter.config import Hyper, to_config
-from converter.rules import hf_to_original
+from converter.config import Hyper
+from converter.layout import original_shapes
 
 StateDict = dict[str, torch.Tensor]
-
-
-def original_shapes(hyper: Hyper) -> dict[str, torch.Size]:
-    """Every original key and its shape for `hyper` (no memory used: meta tensors)."""
-    return {k: v.shape for k, v in hf_to_original(expected_state_dict(to_config(hyper))).items()}
 
 
 def _init(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:

@@ -49,7 +49,8 @@ def test_converts_through_dropped_connections(fast_network, golden_config, tmp_p
     model = AutoModel.from_pretrained(out)
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "XCLIPModel" and type(processor).__name__ == "XCLIPProcessor"
-    assert url in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert url in card and sha256_file(goldens.checkpoint("tiny-a-training-layout")) in card
 
 
 def test_corrupt_cached_file_says_how_to_refetch(fast_network, golden_config, tmp_path, capsys):
@@ -142,6 +143,8 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
     assert (kind, repo, pr) == ("upload_folder", "org/xclip-tiny", True)
     assert {"config.json", "model.safetensors", "README.md", "processor_config.json"} <= set(files)
     assert len(fake_hub) == 2
+    # Publishing records the local source's digest in the card.
+    assert sha256_file(goldens.checkpoint("tiny-a")) in (out / "README.md").read_text()
 
 
 def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch, capsys):

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from converter.build import meta_model
 from converter.config import check_heads, hyper_for_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError
+from converter.layout import hf_shapes, original_shapes
 from converter.registry import VARIANTS
-from converter.synthetic import original_shapes
 
 INVENTORY = Path(__file__).parent / "data" / "inventory"
 
@@ -88,3 +89,18 @@ def test_release_sources_are_unique():
     refs = [v.source.ref for v in VARIANTS.values()]
     names = [v.source.filename for v in VARIANTS.values()]
     assert len(set(refs)) == len(set(names)) == 18
+
+
+def _layout_cases():
+    from tests.test_rules import SQUARE, UNEVEN
+
+    yield from (pytest.param(hyper_for_variant(v), id=name) for name, v in VARIANTS.items())
+    yield pytest.param(UNEVEN, id="uneven")
+    yield pytest.param(SQUARE, id="square")
+
+
+@pytest.mark.parametrize("hyper", _layout_cases())
+def test_layout_matches_transformers_model(hyper):
+    """The shape table that checks conversions is exactly XCLIPModel's state dict."""
+    model_shapes = {k: tuple(v.shape) for k, v in meta_model(to_config(hyper)).state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in hf_shapes(hyper).items()} == model_shapes

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from converter import rules as R
-from converter.build import build_model, check_state_dict
+from converter.build import build_model
 from converter.config import Hyper, to_config
 from converter.errors import ConverterError
+from converter.layout import check_state_dict
 from converter.original import OriginalHeads
 from converter.synthetic import make_state_dict
 from converter.verify import verify
@@ -42,7 +43,7 @@ def case(request):
 def convert_and_verify(hyper: Hyper, original, rules=R.RULES):
     converted = R.original_to_hf(original, rules)
     config = to_config(hyper)
-    check_state_dict(converted, config)
+    check_state_dict(converted, hyper)
     return verify(build_model(config, converted), original, hyper, heads=heads(hyper))
 
 
@@ -156,7 +157,7 @@ def test_every_problem_is_listed_in_one_error():
     converted["visual_projection.weight"] = torch.zeros(5, 5)
     converted["extra.weight"] = torch.zeros(1)
     with pytest.raises(ConverterError) as err:
-        check_state_dict(converted, to_config(UNEVEN))
+        check_state_dict(converted, UNEVEN)
     message = str(err.value)
     for expected in (
         "extra.weight [1]",

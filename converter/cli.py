@@ -138,6 +138,7 @@ def _convert(args: argparse.Namespace) -> int:
         from converter.export import check_output
 
         check_output(output, args.overwrite)  # refuse before spending minutes on the work
+    repo_id = _repo_id(args) if args.push_to_hub is not None else None  # likewise: fail fast offline
 
     import torch
 
@@ -168,13 +169,11 @@ def _convert(args: argparse.Namespace) -> int:
     if args.video:
         _classify(args, result)
 
-    if output is None and args.push_to_hub is None:
+    if output is None and repo_id is None:
         print("no --output given: nothing written")
         return EXIT_OK
 
     from converter.export import model_card, write_atomically, write_model_files, write_processor
-
-    repo_id = _repo_id(args) if args.push_to_hub is not None else None
 
     def write(folder: Path) -> None:
         write_model_files(folder, result.config, result.state_dict)

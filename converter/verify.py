@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from converter.config import Hyper
+from converter.errors import VerificationError
 from converter.original import OriginalHeads, original_forward
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def compare(
     for name, want in expected.items():
         got = actual[name]
         if got.shape != want.shape:
-            raise AssertionError(f"{name}: shape {list(got.shape)} vs original {list(want.shape)}")
+            raise VerificationError(f"{name}: shape {list(got.shape)} vs the original's {list(want.shape)}")
         diffs[name] = (got.float() - want.float()).abs().max().item()
     return Verification(diffs, atol)
 

@@ -10,7 +10,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,7 +223,3 @@ def check_variant(hyper: Hyper, variant: Variant, source: str) -> None:
             f"(checkpoint vs registry): {'; '.join(diffs)}. Check --model-name, or omit it to convert "
             "the checkpoint as it is"
         )
-
-
-def config_summary(h: Hyper) -> dict[str, int]:
-    return asdict(h)

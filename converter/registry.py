@@ -54,13 +54,6 @@ class Variant:
     image_size: int
     source: Source
 
-    @property
-    def dataset(self) -> str:
-        for tag in ("kinetics-600", "hmdb", "ucf", "zero-shot"):
-            if tag in self.name:
-                return tag
-        return "kinetics-400"
-
 
 def _variant(name: str, arch: str, frames: int, source: Source, image_size: int = 224) -> Variant:
     return Variant(name, ARCHS[arch], frames, image_size, source)

@@ -99,7 +99,7 @@ def _layout_cases():
     yield pytest.param(SQUARE, id="square")
 
 
-@pytest.mark.parametrize("hyper", _layout_cases())
+@pytest.mark.parametrize("hyper", list(_layout_cases()))
 def test_layout_matches_transformers_model(hyper):
     """The shape table that checks conversions is exactly XCLIPModel's state dict."""
     model_shapes = {k: tuple(v.shape) for k, v in meta_model(to_config(hyper)).state_dict().items()}

@@ -13,6 +13,7 @@ For each of the 18 registry names (in the test id, so `-k patch16`, `-k large`, 
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -86,7 +87,12 @@ def output_dir(request, tmp_path):
     """Where xclip-convert writes the model: --save-dir/<model-name>, or a temporary folder."""
     save_dir = request.config.getoption("--save-dir")
     name = request.node.callspec.params["name"]
-    return Path(save_dir) / name if save_dir else tmp_path / name
+    if save_dir:
+        yield Path(save_dir) / name
+        return
+    yield tmp_path / name
+    # Up to 2.3 GB a model: pytest keeps the last runs' temporary folders, so drop it now.
+    shutil.rmtree(tmp_path / name, ignore_errors=True)
 
 
 def synthetic_clip(frames: int, seed: int = 0) -> np.ndarray:

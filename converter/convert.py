@@ -72,19 +72,13 @@ def convert(
     return result
 
 
-def oracle_heads(hyper: Hyper) -> OriginalHeads:
-    """The original's head counts: width // 64 for every family, hard-coded in its code.
+def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
+    """None: the oracle applies the original's own rule (width // 64, hard-coded in its code).
 
     Only below width 64 (tiny test models built with explicit heads) does the config decide.
     """
-    widths = (hyper.vision_width, hyper.text_width, hyper.embed_dim)
-    if min(widths) >= HEAD_DIM:
-        return OriginalHeads(
-            vision=hyper.vision_width // HEAD_DIM,
-            text=hyper.text_width // HEAD_DIM,
-            mit=hyper.embed_dim // HEAD_DIM,
-            prompts=hyper.embed_dim // HEAD_DIM,
-        )
+    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
+        return None
     return OriginalHeads(
         vision=hyper.vision_heads, text=hyper.text_heads, mit=hyper.mit_heads, prompts=hyper.prompt_heads
     )

@@ -502,25 +502,26 @@ def fetch_source(source: Source, *, sha256: str | None = None, force: bool = Fal
 
     A mirror (`XCLIP_RELEASE_URL`) holds every file under its name, the Drive-hosted ones too.
     """
-    if source.kind == "release" or _mirror():
+    if _from_release_url(source):
         return fetch_url(release_url(source.filename), sha256=sha256, force=force)
     return fetch_gdrive(source.ref, filename=source.filename, sha256=sha256, force=force)
 
 
-def _mirror() -> bool:
-    return bool(os.environ.get("XCLIP_RELEASE_URL"))
+def _from_release_url(source: Source) -> bool:
+    # A mirror holds every file under its name, so there even Drive files come from the release URL.
+    return source.kind == "release" or bool(os.environ.get("XCLIP_RELEASE_URL"))
 
 
 def source_url(source: Source) -> str:
     """Where a published checkpoint is downloaded from (for messages and model cards)."""
-    if source.kind == "release" or _mirror():
+    if _from_release_url(source):
         return release_url(source.filename)
     return f"https://drive.google.com/file/d/{source.ref}"
 
 
 def cached_source(source: Source) -> Path | None:
     """The cached copy of a published checkpoint, if there is one (no network)."""
-    if source.kind == "release" or _mirror():
+    if _from_release_url(source):
         path = _url_cache_path(release_url(source.filename), cache_dir())
     else:
         path = _gdrive_cache_path(source.ref, source.filename, cache_dir())

@@ -88,18 +88,23 @@ def test_dtype(golden, tmp_path, dtype):
 
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys):
     """A config with 8 MIT/prompt heads where the original has E // 64 = 12 (the old L/14 bug)."""
+    # Every width >= 64, so the oracle uses the original's width // 64 rule: 1, 1, 12, 12 heads.
     hyper = dataclasses.replace(
-        SQUARE, embed_dim=768, text_width=64, mit_heads=12, mit_mlp=3072, prompt_heads=12
-    )
+        SQUARE, embed_dim=768, text_width=64, vision_heads=1, text_heads=1, mit_heads=12, mit_mlp=3072,
+        prompt_heads=12,
+    )  # fmt: skip
     checkpoint = tmp_path / "ckpt.pth"
     torch.save({"model": make_state_dict(hyper, seed=2)}, checkpoint)
-    config_dir = tmp_path / "config"
-    to_config(dataclasses.replace(hyper, mit_heads=8, prompt_heads=8)).save_pretrained(config_dir)
+    to_config(hyper).save_pretrained(tmp_path / "right")
+    to_config(dataclasses.replace(hyper, mit_heads=8, prompt_heads=8)).save_pretrained(tmp_path / "wrong")
+    assert run("--checkpoint", checkpoint, "--config", tmp_path / "right" / "config.json") == 0  # heads alone
     out = tmp_path / "out"
-    assert run("--checkpoint", checkpoint, "--config", config_dir / "config.json", "--output", out) == 1
+    assert (
+        run("--checkpoint", checkpoint, "--config", tmp_path / "wrong" / "config.json", "--output", out) == 1
+    )
     assert "verification FAILED" in capsys.readouterr().out
     assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth", "right", "wrong"]
 
 
 def test_no_verify_skips_the_oracle(golden, tmp_path, capsys):

@@ -147,15 +147,23 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
     assert sha256_file(goldens.checkpoint("tiny-a")) in (out / "README.md").read_text()
 
 
-def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch, capsys):
-    monkeypatch.setattr(
-        "converter.cli._resolve_checkpoint", lambda args, v: (_ for _ in ()).throw(SystemExit(9))
-    )
-    with pytest.raises(SystemExit):
-        run("--model-name", "xclip-base-patch32", "--push_to_hub")
-    from converter.hub import default_repo_id
+def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch):
+    """`--push_to_hub` without a repo id resolves <user>/<model name> before any work starts."""
+    from converter import cli
 
-    assert default_repo_id("xclip-base-patch32") == "alice/xclip-base-patch32"
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def resolve(args, variant):
+        seen["repo_id"] = cli._repo_id(args)
+        raise Stop
+
+    monkeypatch.setattr(cli, "_resolve_checkpoint", resolve)
+    with pytest.raises(Stop):
+        run("--model-name", "xclip-base-patch32", "--push_to_hub")
+    assert seen["repo_id"] == "alice/xclip-base-patch32"
 
 
 def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):

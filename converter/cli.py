@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ from converter.errors import ConverterError, VerificationError
 from converter.registry import VARIANTS, Variant, get_variant
 
 if TYPE_CHECKING:
-    from converter.convert import Conversion
+    from converter.convert import Conversion, StateDict
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
@@ -145,38 +146,19 @@ def _convert(args: argparse.Namespace) -> int:
     from converter.config import load_config_file
     from converter.convert import convert
     from converter.load import load_checkpoint
-    from converter.verify import DEFAULT_ATOL
 
     config = load_config_file(args.config) if args.config else None
     path, source = _resolve_checkpoint(args, variant)
     digest = _source_digest(path, args.sha256, publishing=args.push_to_hub is not None)
     original = load_checkpoint(path)
     result = convert(
-        original,
-        variant=variant,
-        config=config,
-        dtype=getattr(torch, args.dtype),
-        run_verification=not args.no_verify,
-        atol=DEFAULT_ATOL if args.atol is None else args.atol,
-        source=str(path),
+        original, variant=variant, config=config, dtype=getattr(torch, args.dtype), source=str(path)
     )
-    if result.verification is not None:
-        print(result.verification.summary())
-        if not result.verification.passed:
-            raise VerificationError(
-                f"the converted model does not reproduce the original ({path}); nothing was written"
-            )
-    if args.video:
-        _classify(args, result)
 
-    if output is None and repo_id is None:
-        print("no --output given: nothing written")
-        return EXIT_OK
+    def write_small_files(folder: Path) -> None:
+        from converter.export import model_card, write_processor
 
-    from converter.export import model_card, write_atomically, write_model_files, write_processor
-
-    def write(folder: Path) -> None:
-        write_model_files(folder, result.config, result.state_dict)
+        result.config.save_pretrained(folder)
         write_processor(folder, result.hyper.image_size)
         card = model_card(
             name=args.model_name or path.stem,
@@ -188,12 +170,39 @@ def _convert(args: argparse.Namespace) -> int:
         )
         (folder / "README.md").write_text(card)
 
+    with ExitStack() as writing:
+        if output is not None:
+            from converter.export import staged_output, weights_written_meanwhile
+
+            # The weights are written while transformers is imported and the conversion verified;
+            # a failure below removes the staged folder, so nothing is left behind.
+            folder = writing.enter_context(staged_output(output, args.overwrite))
+            writing.enter_context(weights_written_meanwhile(folder, result.state_dict))
+        if not args.no_verify:
+            _verify(args, result, original, path)
+        if args.video:
+            _classify(args, result)
+        if output is not None:
+            write_small_files(folder)
     if output is not None:
-        write_atomically(output, args.overwrite, write)
         print(f"wrote {output}")
+    elif repo_id is None:
+        print("no --output given: nothing written")
     if repo_id is not None:
-        _push(args, repo_id, output, write)
+        _push(args, repo_id, output, result.state_dict, write_small_files)
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace, result: Conversion, original: StateDict, path: Path) -> None:
+    from converter.convert import verify_conversion
+    from converter.verify import DEFAULT_ATOL
+
+    verification = verify_conversion(result, original, DEFAULT_ATOL if args.atol is None else args.atol)
+    print(verification.summary())
+    if not verification.passed:
+        raise VerificationError(
+            f"the converted model does not reproduce the original ({path}); nothing was written"
+        )
 
 
 def _resolve_checkpoint(args: argparse.Namespace, variant: Variant | None) -> tuple[Path, str]:
@@ -257,14 +266,22 @@ def _repo_id(args: argparse.Namespace) -> str:
     return args.push_to_hub or default_repo_id(args.model_name)
 
 
-def _push(args: argparse.Namespace, repo_id: str, output: Path | None, write: Callable[[Path], None]) -> None:
+def _push(
+    args: argparse.Namespace,
+    repo_id: str,
+    output: Path | None,
+    state_dict: StateDict,
+    write_small_files: Callable[[Path], None],
+) -> None:
     import tempfile
 
+    from converter.export import write_weights
     from converter.hub import push_folder
 
     if output is None:
         with tempfile.TemporaryDirectory(prefix="xclip-push-") as folder:
-            write(Path(folder))
+            write_weights(Path(folder), state_dict)
+            write_small_files(Path(folder))
             url = push_folder(Path(folder), repo_id, create_pr=args.create_pr, private=args.private)
     else:
         url = push_folder(output, repo_id, create_pr=args.create_pr, private=args.private)

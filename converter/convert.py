@@ -1,4 +1,4 @@
-"""The conversion pipeline on a loaded state dict: config -> map -> check -> build -> verify.
+"""The conversion pipeline on a loaded state dict: hyper-parameters -> map -> check, then build -> verify.
 
 Loading (converter.load) comes before it and writing (converter.export) after it.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,11 +36,20 @@ StateDict = dict[str, torch.Tensor]
 
 @dataclass
 class Conversion:
-    config: XCLIPConfig
     hyper: Hyper
     state_dict: StateDict  # XCLIPModel keys, in the output dtype
+    dtype: torch.dtype
+    given_config: XCLIPConfig | None = None  # from --config; else derived from `hyper`
     verification: Verification | None = None
     model: XCLIPModel | None = None  # the float32 model that was verified
+
+    @cached_property
+    def config(self) -> XCLIPConfig:
+        """transformers' config, built on first use: importing transformers costs more than mapping
+        the weights, and the CLI writes the weights meanwhile."""
+        config = self.given_config or to_config(self.hyper)
+        config.dtype = self.dtype  # recorded in config.json so from_pretrained restores it
+        return config
 
 
 def convert(
@@ -48,28 +58,34 @@ def convert(
     variant: Variant | None = None,
     config: XCLIPConfig | None = None,
     dtype: torch.dtype = torch.float32,
-    run_verification: bool = True,
-    atol: float = DEFAULT_ATOL,
     source: str = "checkpoint",
 ) -> Conversion:
-    """Convert an original state dict; raise ConverterError on any layout problem."""
+    """Map an original state dict to XCLIPModel weights; raise ConverterError on any layout problem.
+
+    Needs torch only; `verify_conversion` proves the result.
+    """
     hyper = hyper_from_config(config) if config is not None else infer_hyper(original)
     if variant is not None:
         check_variant(hyper, variant, source)
     if config is None:
         check_heads(hyper)
-        config = to_config(hyper)
     converted = original_to_hf(original)
     check_state_dict(converted, hyper)
-    config.dtype = dtype  # recorded in config.json so from_pretrained restores it
-    result = Conversion(config, hyper, {k: v.to(dtype) for k, v in converted.items()})
-    if run_verification:
-        # Verify exactly the values written: both sides see the weights rounded to `dtype`,
-        # computed in float32.
-        result.model = build_model(config, {k: v.float() for k, v in result.state_dict.items()})
-        rounded = {k: v.to(dtype).float() for k, v in original.items()}
-        result.verification = verify(result.model, rounded, hyper, atol, oracle_heads(hyper))
-    return result
+    return Conversion(hyper, {k: v.to(dtype) for k, v in converted.items()}, dtype, config)
+
+
+def verify_conversion(
+    result: Conversion, original: Mapping[str, torch.Tensor], atol: float = DEFAULT_ATOL
+) -> Verification:
+    """Build the converted XCLIPModel and compare it with the oracle run on the original weights.
+
+    Verifies exactly the values written: both sides see the weights rounded to the output dtype,
+    computed in float32.
+    """
+    result.model = build_model(result.config, {k: v.float() for k, v in result.state_dict.items()})
+    rounded = {k: v.to(result.dtype).float() for k, v in original.items()}
+    result.verification = verify(result.model, rounded, result.hyper, atol, oracle_heads(result.hyper))
+    return result.verification
 
 
 def oracle_heads(hyper: Hyper) -> OriginalHeads | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,8 +18,6 @@ from converter.config import Hyper
 from converter.errors import ConverterError
 
 if TYPE_CHECKING:
-    from transformers import XCLIPConfig
-
     from converter.verify import Verification
 
 WEIGHTS_NAME = "model.safetensors"
@@ -31,24 +31,42 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise ConverterError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
 
 
-def write_model_files(folder: Path, config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """config.json + model.safetensors, as `XCLIPModel.from_pretrained` reads them."""
+def write_weights(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """model.safetensors, as `XCLIPModel.from_pretrained` reads it."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    config.save_pretrained(folder)
-    # safetensors writes from the tensors' memory; only the two transposed views need packing.
-    save_file(
-        {k: v.contiguous() for k, v in state_dict.items()}, folder / WEIGHTS_NAME, metadata={"format": "pt"}
-    )
+    path = folder / WEIGHTS_NAME
+    try:
+        # safetensors writes from the tensors' memory; only the two transposed views need packing.
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+    except (OSError, SafetensorError) as err:
+        raise ConverterError(f"could not write {path}: {err}") from err
 
 
-def write_atomically(output: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Run `write(staging_folder)`, then move the staging folder to `output`."""
+@contextmanager
+def weights_written_meanwhile(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Write model.safetensors on a second thread while the block runs, and wait for it at the end.
+
+    Conversion is I/O-bound and safetensors' writer releases the GIL, so the write overlaps with
+    importing transformers, verifying and writing the small files. If the block raises, that error
+    wins (the writer is still waited for, so nothing writes into a folder being removed).
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights") as pool:
+        written = pool.submit(write_weights, folder, state_dict)
+        yield
+    written.result()
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A staging folder beside `output`, moved into place when the block succeeds and removed when
+    it fails, so a failed or refused conversion never leaves a half-written output."""
     check_output(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        write(staging)
+        yield staging
         if output.exists():
             retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
             output.rename(retired)

@@ -86,6 +86,24 @@ def test_dtype(golden, tmp_path, dtype):
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
 
+def test_disk_full_while_writing_the_weights_exits_2_and_leaves_nothing(
+    golden, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and "model.safetensors" in err and "No space left" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
 def test_verification_failure_exits_1_and_writes_nothing(tmp_path, capsys):
     """A config with 8 MIT/prompt heads where the original has E // 64 = 12 (the old L/14 bug)."""
     # Every width >= 64, so the oracle uses the original's width // 64 rule: 1, 1, 12, 12 heads.

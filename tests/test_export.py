@@ -1,23 +1,23 @@
-"""Writing the output folder: atomic, and the cached processor files equal a fresh build."""
+"""Writing the output folder: atomic, weights written on a second thread, and the cached processor
+files equal a fresh build."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from converter.errors import ConverterError
-from converter.export import write_atomically, write_processor
+from converter.export import WEIGHTS_NAME, staged_output, weights_written_meanwhile, write_processor
 from converter.processing import build_processor
 
 
 def test_failed_write_leaves_no_output_and_no_staging(tmp_path):
-    out = tmp_path / "out"
-
-    def write(folder):
+    with pytest.raises(ConverterError), staged_output(tmp_path / "out", overwrite=False) as folder:
         (folder / "config.json").write_text("{}")
         raise ConverterError("disk full, say")
-
-    with pytest.raises(ConverterError):
-        write_atomically(out, overwrite=False, write=write)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -25,17 +25,40 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError):
-        write_atomically(
-            out, overwrite=True, write=lambda folder: (_ for _ in ()).throw(RuntimeError("boom"))
-        )
+    with pytest.raises(RuntimeError), staged_output(out, overwrite=True):
+        raise RuntimeError("boom")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "old.txt").read_text() == "old"
 
 
 def test_output_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("x")
-    with pytest.raises(ConverterError, match="not a folder"):
-        write_atomically(tmp_path / "out", overwrite=True, write=lambda folder: None)
+    with pytest.raises(ConverterError, match="not a folder"), staged_output(tmp_path / "out", overwrite=True):
+        pass
+
+
+WEIGHTS = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, 2).t()}  # b: a transposed view
+
+
+def test_weights_written_meanwhile_are_complete_when_the_block_ends(tmp_path):
+    with weights_written_meanwhile(tmp_path, WEIGHTS):
+        pass
+    written = load_file(tmp_path / WEIGHTS_NAME)
+    assert written.keys() == WEIGHTS.keys() and all(torch.equal(written[k], WEIGHTS[k]) for k in WEIGHTS)
+
+
+def test_a_failed_weights_write_names_the_file(tmp_path):
+    (tmp_path / WEIGHTS_NAME).mkdir()  # the write cannot open it
+    with pytest.raises(ConverterError, match=f"could not write {tmp_path / WEIGHTS_NAME}: .*directory"):
+        with weights_written_meanwhile(tmp_path, WEIGHTS):
+            pass
+
+
+def test_the_blocks_own_error_wins_and_the_writer_is_waited_for(tmp_path):
+    (tmp_path / WEIGHTS_NAME).mkdir()
+    with pytest.raises(RuntimeError, match="verification failed, say"):
+        with weights_written_meanwhile(tmp_path, WEIGHTS):
+            raise RuntimeError("verification failed, say")
+    assert not [t for t in threading.enumerate() if t.name.startswith("write-weights")]
 
 
 @pytest.mark.parametrize("image_size", [224, 336])

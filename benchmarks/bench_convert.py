@@ -37,7 +37,7 @@ Usage:
 
 Checkpoints already in --workdir are reused; generated ones are deleted at the end unless
 --keep-checkpoints. Default workdir: a new /tmp/xclip-bench-* folder, removed at the end.
-Takes ~9-10 min for the two default models on an idle 2-core machine.
+Takes ~8-10 min for the two default models on an idle 2-core machine.
 """
 
 from __future__ import annotations

@@ -185,3 +185,36 @@ def test_list_and_show_config(capsys):
 def test_python_dash_m_and_console_script_agree():
     result = subprocess.run([sys.executable, "-m", "converter", "--list"], capture_output=True, text=True)
     assert result.returncode == 0 and "xclip-base-patch16-zero-shot" in result.stdout
+
+
+_IMPORT_ORDER_PROBE = """
+import json, sys
+import converter.export as export
+
+write_weights = export.weights_written_meanwhile
+seen = {}
+
+def probe(folder, state_dict):
+    seen["transformers_before_write"] = "transformers" in sys.modules
+    return write_weights(folder, state_dict)
+
+export.weights_written_meanwhile = probe
+from converter.cli import main
+
+rc = main(sys.argv[1:])
+seen["modelling_imported"] = "transformers.models.x_clip.modeling_x_clip" in sys.modules
+print(json.dumps({"rc": rc, **seen}))
+"""
+
+
+def test_the_weights_start_writing_before_transformers_is_imported(tmp_path):
+    """What the performance rests on: mapping needs torch only, so the weights are written while
+    transformers is imported; and --no-verify never loads transformers' modelling code."""
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save({"model": make_state_dict(SQUARE, seed=1)}, checkpoint)
+    command = [sys.executable, "-c", _IMPORT_ORDER_PROBE, "--checkpoint", str(checkpoint), "--output"]
+    result = subprocess.run([*command, str(tmp_path / "out"), "--no-verify"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"rc": 0, "transformers_before_write": False, "modelling_imported": False}
+    assert XCLIPModel.from_pretrained(tmp_path / "out") is not None

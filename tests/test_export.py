@@ -3,12 +3,13 @@ files equal a fresh build."""
 
 from __future__ import annotations
 
-import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from converter import export
 from converter.errors import ConverterError
 from converter.export import WEIGHTS_NAME, staged_output, weights_written_meanwhile, write_processor
 from converter.processing import build_processor
@@ -39,9 +40,27 @@ def test_output_that_is_a_file_is_refused(tmp_path):
 WEIGHTS = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, 2).t()}  # b: a transposed view
 
 
-def test_weights_written_meanwhile_are_complete_when_the_block_ends(tmp_path):
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Delay every weights write, so a block that ended without waiting for it would be caught."""
+    finished = []
+    write_weights = export.write_weights
+
+    def slow_write_weights(folder, state_dict):
+        time.sleep(0.3)
+        try:
+            write_weights(folder, state_dict)
+        finally:
+            finished.append(folder)
+
+    monkeypatch.setattr(export, "write_weights", slow_write_weights)
+    return finished
+
+
+def test_weights_written_meanwhile_are_complete_when_the_block_ends(tmp_path, slow_writes):
     with weights_written_meanwhile(tmp_path, WEIGHTS):
         pass
+    assert slow_writes == [tmp_path]
     written = load_file(tmp_path / WEIGHTS_NAME)
     assert written.keys() == WEIGHTS.keys() and all(torch.equal(written[k], WEIGHTS[k]) for k in WEIGHTS)
 
@@ -53,12 +72,12 @@ def test_a_failed_weights_write_names_the_file(tmp_path):
             pass
 
 
-def test_the_blocks_own_error_wins_and_the_writer_is_waited_for(tmp_path):
-    (tmp_path / WEIGHTS_NAME).mkdir()
+def test_the_blocks_own_error_wins_and_the_writer_is_waited_for(tmp_path, slow_writes):
+    (tmp_path / WEIGHTS_NAME).mkdir()  # the write fails too, after the block has failed
     with pytest.raises(RuntimeError, match="verification failed, say"):
         with weights_written_meanwhile(tmp_path, WEIGHTS):
             raise RuntimeError("verification failed, say")
-    assert not [t for t in threading.enumerate() if t.name.startswith("write-weights")]
+    assert slow_writes == [tmp_path]  # nothing still writing into a folder about to be removed
 
 
 @pytest.mark.parametrize("image_size", [224, 336])

@@ -46,6 +46,13 @@ def _threads_per_worker() -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def pytest_cmdline_main(config) -> None:
+    # Keep each model's tests on one xdist worker (xdist_group), so its checkpoint is made and fetched
+    # once. Set here rather than in addopts, so that `-p no:xdist` still runs.
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("no", "load"):
+        config.option.dist = "loadgroup"
+
+
 def pytest_configure(config) -> None:
     import torch
 

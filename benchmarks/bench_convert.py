@@ -186,7 +186,7 @@ def forward_worker(model: str, checkpoint: Path, repeats: int, budget_s: float, 
     from converter.config import hyper_for_variant, to_config
     from converter.convert import oracle_heads
     from converter.load import load_checkpoint
-    from converter.original import original_forward
+    from converter.oracle import original_forward
     from converter.registry import VARIANTS
     from converter.rules import original_to_hf
     from converter.verify import synthetic_inputs

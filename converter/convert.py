@@ -23,7 +23,7 @@ from converter.config import (
     to_config,
 )
 from converter.layout import check_state_dict
-from converter.original import OriginalHeads
+from converter.oracle import OriginalHeads
 from converter.registry import Variant
 from converter.rules import original_to_hf
 from converter.verify import DEFAULT_ATOL, Verification, verify

@@ -10,7 +10,7 @@ import torch
 
 from converter.config import Hyper
 from converter.errors import VerificationError
-from converter.original import OriginalHeads, original_forward
+from converter.oracle import OriginalHeads, original_forward
 
 if TYPE_CHECKING:
     from transformers import XCLIPModel

@@ -16,8 +16,8 @@ from converter.cli import main
 from converter.config import to_config
 from converter.processing import preprocess_video
 from converter.synthetic import make_state_dict
-from tests import goldens
-from tests.test_rules import SQUARE
+from tests import helpers
+from tests.helpers import SQUARE
 
 
 def run(*args: str) -> int:
@@ -27,7 +27,7 @@ def run(*args: str) -> int:
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory):
     folder = tmp_path_factory.mktemp("golden")
-    return goldens.checkpoint("tiny-a"), goldens.write_config("tiny-a", folder)
+    return helpers.checkpoint("tiny-a"), helpers.write_config("tiny-a", folder)
 
 
 def test_output_loads_offline_without_missing_or_unexpected_keys(golden, tmp_path, monkeypatch):
@@ -145,7 +145,7 @@ def test_wrong_model_name_names_the_fields(tmp_path, capsys):
 
 def test_config_that_disagrees_with_the_shapes(golden, tmp_path, capsys):
     checkpoint, _ = golden
-    config = goldens.write_config("tiny-b", tmp_path)  # 8 frames, 48 px: tiny-a has 4 frames, 32 px
+    config = helpers.write_config("tiny-b", tmp_path)  # 8 frames, 48 px: tiny-a has 4 frames, 32 px
     assert run("--checkpoint", checkpoint, "--config", config) == 2
     err = capsys.readouterr().err
     assert "mit.position_embedding: checkpoint gives [1, 4, 32], config expects [1, 8, 32]" in err

@@ -13,9 +13,9 @@ from converter import fetch
 from converter.cli import main
 from converter.fetch import sha256_file
 from converter.synthetic import make_state_dict
-from tests import goldens
+from tests import helpers
 from tests._http import Fault, LoopbackServer
-from tests.test_rules import SQUARE
+from tests.helpers import SQUARE
 
 
 def run(*args: object) -> int:
@@ -32,17 +32,17 @@ def fast_network(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def golden_config(tmp_path_factory):
-    return goldens.write_config("tiny-a", tmp_path_factory.mktemp("config"))
+    return helpers.write_config("tiny-a", tmp_path_factory.mktemp("config"))
 
 
 def test_converts_through_dropped_connections(fast_network, golden_config, tmp_path, monkeypatch, capsys):
-    data = goldens.checkpoint("tiny-a-training-layout").read_bytes()
+    data = helpers.checkpoint("tiny-a-training-layout").read_bytes()
     out = tmp_path / "out"
     with LoopbackServer({"/x.pth": data}) as server:
         server.add_faults("/x.pth", Fault(truncate=0.3), Fault(status=503), Fault(truncate=0.5))
         url = server.url("/x.pth")
         assert run("--checkpoint", url, "--config", golden_config, "--output", out, "--sha256", sha256_file(
-            goldens.checkpoint("tiny-a-training-layout"))) == 0  # fmt: skip
+            helpers.checkpoint("tiny-a-training-layout"))) == 0  # fmt: skip
         assert any(hit.range for hit in server.hits_for("/x.pth"))  # it resumed
     assert "verification OK" in capsys.readouterr().out
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -50,11 +50,11 @@ def test_converts_through_dropped_connections(fast_network, golden_config, tmp_p
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "XCLIPModel" and type(processor).__name__ == "XCLIPProcessor"
     card = (out / "README.md").read_text()
-    assert url in card and sha256_file(goldens.checkpoint("tiny-a-training-layout")) in card
+    assert url in card and sha256_file(helpers.checkpoint("tiny-a-training-layout")) in card
 
 
 def test_corrupt_cached_file_says_how_to_refetch(fast_network, golden_config, tmp_path, capsys):
-    data = goldens.checkpoint("tiny-a").read_bytes()
+    data = helpers.checkpoint("tiny-a").read_bytes()
     with LoopbackServer({"/c.pth": data}) as server:
         url = server.url("/c.pth")
         cached = fetch.fetch_url(url)
@@ -75,7 +75,7 @@ def test_404_is_one_clear_line(fast_network, tmp_path, capsys):
 
 def test_model_name_fetches_from_the_release_mirror(fast_network, monkeypatch, capsys):
     """--model-name goes to XCLIP_RELEASE_URL/<release file>; a file for the wrong model is caught."""
-    data = goldens.checkpoint("tiny-a").read_bytes()
+    data = helpers.checkpoint("tiny-a").read_bytes()
     with LoopbackServer({"/mirror/k400_32_8.pth": data}) as server:
         monkeypatch.setenv("XCLIP_RELEASE_URL", server.url("/mirror"))
         assert run("--model-name", "xclip-base-patch32") == 2
@@ -99,7 +99,7 @@ def test_video_and_texts_print_probabilities(tmp_path, capsys):
 def test_video_needs_the_clip_vocabulary(golden_config, tmp_path, capsys):
     clip = tmp_path / "clip.npy"
     np.save(clip, np.zeros((4, 32, 32, 3), dtype=np.uint8))
-    assert run("--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--video", clip) == 2
+    assert run("--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config, "--video", clip) == 2
     assert "120 tokens" in capsys.readouterr().err
 
 
@@ -132,7 +132,7 @@ def fake_hub(monkeypatch):
 
 def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_config, tmp_path):
     out = tmp_path / "out"
-    args = ["--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--output", out]
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config, "--output", out]
     assert run(*args, "--push-to-hub", "org/xclip-tiny", "--create-pr", "--private") == 0
     assert fake_hub[0] == (
         "create_repo",
@@ -144,7 +144,7 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
     assert {"config.json", "model.safetensors", "README.md", "processor_config.json"} <= set(files)
     assert len(fake_hub) == 2
     # Publishing records the local source's digest in the card.
-    assert sha256_file(goldens.checkpoint("tiny-a")) in (out / "README.md").read_text()
+    assert sha256_file(helpers.checkpoint("tiny-a")) in (out / "README.md").read_text()
 
 
 def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch):
@@ -167,6 +167,6 @@ def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch
 
 
 def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
-    args = ["--checkpoint", goldens.checkpoint("tiny-a"), "--config", golden_config, "--no-verify"]
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config, "--no-verify"]
     assert run(*args, "--push-to-hub", "org/x") == 2
     assert "verified" in capsys.readouterr().err and fake_hub == []

@@ -8,19 +8,19 @@ import torch
 from transformers import XCLIPModel
 
 from converter.cli import main
-from tests import goldens
+from tests import helpers
 
 LOGITS_ATOL = 1e-4
 EMBEDS_ATOL = 1e-4
 
 
-@pytest.mark.parametrize("case", list(goldens.CASES))
+@pytest.mark.parametrize("case", list(helpers.CASES))
 def test_golden_through_cli(case, tmp_path, record_property, capsys):
     output = tmp_path / "out"
-    config = goldens.write_config(case, tmp_path / "config")
+    config = helpers.write_config(case, tmp_path / "config")
     assert (
         main(
-            ["--checkpoint", str(goldens.checkpoint(case)), "--config", str(config), "--output", str(output)]
+            ["--checkpoint", str(helpers.checkpoint(case)), "--config", str(config), "--output", str(output)]
         )
         == 0
     )
@@ -28,10 +28,10 @@ def test_golden_through_cli(case, tmp_path, record_property, capsys):
 
     model, info = XCLIPModel.from_pretrained(output, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    pixel_values, input_ids = goldens.inputs(case)
+    pixel_values, input_ids = helpers.inputs(case)
     with torch.no_grad():
         out = model.eval()(input_ids=input_ids, pixel_values=pixel_values)
-    want = goldens.expected(case)
+    want = helpers.expected(case)
     deltas = {
         "logits": np.abs(out.logits_per_video.numpy() - want["logits"]).max(),
         "video_embeds": np.abs(out.video_embeds.numpy() - want["video_embeds_normalized"]).max(),

@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 
 from converter.errors import ConverterError
 from converter.load import load_checkpoint
-from tests import goldens
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return load_checkpoint(goldens.checkpoint("tiny-a"))
+    return load_checkpoint(helpers.checkpoint("tiny-a"))
 
 
 def assert_same(a, b):
@@ -26,7 +26,7 @@ def assert_same(a, b):
 def test_training_layout_with_yacs_config_loads_without_yacs(reference):
     with pytest.raises(ModuleNotFoundError):
         import yacs  # noqa: F401
-    assert_same(load_checkpoint(goldens.checkpoint("tiny-a-training-layout")), reference)
+    assert_same(load_checkpoint(helpers.checkpoint("tiny-a-training-layout")), reference)
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,7 @@ def test_garbage_gives_a_clear_error(tmp_path, content, message):
 
 
 def test_truncated_checkpoint_suggests_refetch(tmp_path):
-    data = goldens.checkpoint("tiny-a").read_bytes()
+    data = helpers.checkpoint("tiny-a").read_bytes()
     path = tmp_path / "truncated.pth"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConverterError, match="--force-download"):

@@ -246,7 +246,7 @@ def test_release(name, request, output_dir):
         expected.update(
             expected_probs=[round(p, 6) for p in probs],
             preprocessing={"name": "original", "image_size": variant.image_size},
-            provenance=f"the oracle (converter/original.py) on the real checkpoint {checkpoint.name}",
+            provenance=f"the oracle (converter/oracle.py) on the real checkpoint {checkpoint.name}",
             confirmed=True,
             unconfirmed_reason=None,
         )

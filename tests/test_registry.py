@@ -92,7 +92,7 @@ def test_release_sources_are_unique():
 
 
 def _layout_cases():
-    from tests.test_rules import SQUARE, UNEVEN
+    from tests.helpers import SQUARE, UNEVEN
 
     yield from (pytest.param(hyper_for_variant(v), id=name) for name, v in VARIANTS.items())
     yield pytest.param(UNEVEN, id="uneven")

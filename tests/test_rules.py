@@ -12,27 +12,10 @@ from converter.build import build_model
 from converter.config import Hyper, to_config
 from converter.errors import ConverterError
 from converter.layout import check_state_dict
-from converter.original import OriginalHeads
+from converter.oracle import OriginalHeads
 from converter.synthetic import make_state_dict
 from converter.verify import verify
-
-# W != TW != E, MIT heads != prompt heads, and >= 11 layers so that indices 10+ are matched.
-UNEVEN = Hyper(
-    embed_dim=48, image_size=32, patch_size=8, frames=3,
-    vision_width=96, vision_layers=11, vision_heads=3, vision_mlp=384,
-    text_width=64, text_layers=12, text_heads=4, text_mlp=256,
-    vocab_size=100, context_length=77,
-    mit_layers=2, mit_heads=3, mit_mlp=192, prompt_layers=2, prompt_heads=2,
-)  # fmt: skip
-# W == TW == E, so a missing or extra transpose keeps its shape and only the numbers can catch it.
-SQUARE = dataclasses.replace(
-    UNEVEN, embed_dim=64, vision_width=64, vision_heads=4, vision_mlp=256, mit_heads=4, mit_mlp=256,
-    vision_layers=2, text_layers=2, mit_layers=1,
-)  # fmt: skip
-
-
-def heads(h: Hyper) -> OriginalHeads:
-    return OriginalHeads(vision=h.vision_heads, text=h.text_heads, mit=h.mit_heads, prompts=h.prompt_heads)
+from tests.helpers import SQUARE, UNEVEN, heads
 
 
 @pytest.fixture(scope="module", params=[UNEVEN, SQUARE], ids=["uneven", "square"])

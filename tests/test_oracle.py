@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from converter.original import OriginalHeads, causal_mask, original_forward
+from converter.oracle import OriginalHeads, causal_mask, original_forward
 
 SD = dict[str, torch.Tensor]
 GOLDENS = Path(__file__).parent / "data" / "goldens"

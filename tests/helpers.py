@@ -1,12 +1,17 @@
-"""Access to the golden fixtures: small checkpoints with what the ORIGINAL implementation computed."""
+"""Shared test builders: the golden fixtures (small checkpoints with what the ORIGINAL implementation
+computed) and the small hyper-parameter sets the rule and CLI tests convert."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from converter.config import Hyper
+from converter.oracle import OriginalHeads
 
 GOLDENS = Path(__file__).parent / "data" / "goldens"
 
@@ -48,3 +53,23 @@ def write_config(case: str, folder: Path) -> Path:
     )
     config.save_pretrained(folder)
     return folder / "config.json"
+
+
+# W != TW != E, MIT heads != prompt heads, and >= 11 layers so that indices 10+ are matched.
+UNEVEN = Hyper(
+    embed_dim=48, image_size=32, patch_size=8, frames=3,
+    vision_width=96, vision_layers=11, vision_heads=3, vision_mlp=384,
+    text_width=64, text_layers=12, text_heads=4, text_mlp=256,
+    vocab_size=100, context_length=77,
+    mit_layers=2, mit_heads=3, mit_mlp=192, prompt_layers=2, prompt_heads=2,
+)  # fmt: skip
+# W == TW == E, so a missing or extra transpose keeps its shape and only the numbers can catch it.
+SQUARE = dataclasses.replace(
+    UNEVEN, embed_dim=64, vision_width=64, vision_heads=4, vision_mlp=256, mit_heads=4, mit_mlp=256,
+    vision_layers=2, text_layers=2, mit_layers=1,
+)  # fmt: skip
+
+
+def heads(h: Hyper) -> OriginalHeads:
+    """The explicit head counts of a small test model (its widths may be below 64)."""
+    return OriginalHeads(vision=h.vision_heads, text=h.text_heads, mit=h.mit_heads, prompts=h.prompt_heads)

@@ -49,7 +49,10 @@ def _threads_per_worker() -> int:
 def pytest_cmdline_main(config) -> None:
     # Keep each model's tests on one xdist worker (xdist_group), so its checkpoint is made and fetched
     # once. Set here rather than in addopts, so that `-p no:xdist` still runs.
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in ("no", "load"):
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") in (
+        "no",
+        "load",
+    ):
         config.option.dist = "loadgroup"
 
 

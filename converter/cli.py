@@ -156,7 +156,8 @@ def _convert(args: argparse.Namespace) -> int:
     )
 
     def write_small_files(folder: Path) -> None:
-        from converter.export import model_card, write_processor
+        from converter.card import model_card
+        from converter.processor_files import write_processor
 
         result.config.save_pretrained(folder)
         write_processor(folder, result.hyper.image_size)

@@ -8,17 +8,11 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from converter.config import Hyper
 from converter.errors import ConverterError
-
-if TYPE_CHECKING:
-    from converter.verify import Verification
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -77,109 +71,3 @@ def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def write_processor(folder: Path, image_size: int) -> None:
-    """The XCLIPProcessor (original preprocessing + CLIP tokenizer), for AutoProcessor.from_pretrained.
-
-    Importing transformers' processor classes costs more than the rest of a conversion, so the
-    files are built once per (image size, transformers, processing code) and copied from the cache.
-    """
-    try:
-        source = _cached_processor(image_size)
-    except OSError:  # no writable cache: build in place
-        from converter.processing import build_processor
-
-        build_processor(image_size).save_pretrained(folder)
-        return
-    for file in source.iterdir():
-        shutil.copyfile(file, folder / file.name)
-
-
-def _cached_processor(image_size: int) -> Path:
-    import hashlib
-    from importlib.metadata import version
-
-    from filelock import FileLock
-
-    from converter import processing
-    from converter.fetch import cache_dir
-
-    code = hashlib.sha256(Path(processing.__file__).read_bytes()).hexdigest()[:12]
-    folder = cache_dir() / "processor" / f"{image_size}-transformers{version('transformers')}-{code}"
-    if (folder / "processor_config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / "processor_config.json").is_file():
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-            processing.build_processor(image_size).save_pretrained(staging)
-            staging.rename(folder)
-    return folder
-
-
-def model_card(
-    *,
-    name: str,
-    hyper: Hyper,
-    source: str,
-    sha256: str | None,
-    verification: Verification | None,
-    repo_id: str | None = None,
-) -> str:
-    """README.md for the output folder: front matter, provenance, config, verification, usage."""
-    if verification is None:
-        checked = "Not verified (converted with `--no-verify`)."
-    else:
-        rows = "\n".join(f"| {k} | {v:.2e} |" for k, v in verification.max_abs_diff.items())
-        checked = (
-            "Compared with an independent implementation of the original X-CLIP forward pass on seeded "
-            f"inputs (atol {verification.atol:g}):\n\n| output | max abs difference |\n|---|---|\n{rows}"
-        )
-    config_rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(hyper).items())
-    load_from = repo_id or "path/to/this/folder"
-    return f"""---
-license: mit
-library_name: transformers
-pipeline_tag: video-classification
-tags:
-- vision
-- video-classification
-- x-clip
----
-
-# {name}
-
-X-CLIP ("Expanding Language-Image Pretrained Models for General Video Recognition", ECCV 2022),
-converted from the original checkpoint of microsoft/VideoX to transformers' `XCLIPModel` by
-xclip-converter.
-
-- Source: {source}
-- Source sha256: {sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)"}
-
-## Verification
-
-{checked}
-
-## Configuration
-
-| field | value |
-|---|---|
-{config_rows}
-
-## Usage
-
-```python
-import numpy as np
-import torch
-from transformers import AutoProcessor, XCLIPModel
-
-processor = AutoProcessor.from_pretrained("{load_from}")
-model = XCLIPModel.from_pretrained("{load_from}").eval()
-video = list(np.load("clip.npy"))  # {hyper.frames} frames, H x W x 3, uint8
-inputs = processor(text=["playing sports", "eating spaghetti", "go shopping"], videos=video,
-                   return_tensors="pt", padding=True)
-with torch.no_grad():
-    probs = model(**inputs).logits_per_video.softmax(dim=1)
-```
-"""

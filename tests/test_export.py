@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from converter import export
 from converter.errors import ConverterError
-from converter.export import WEIGHTS_NAME, staged_output, weights_written_meanwhile, write_processor
+from converter.export import WEIGHTS_NAME, staged_output, weights_written_meanwhile
 from converter.processing import build_processor
+from converter.processor_files import write_processor
 
 
 def test_failed_write_leaves_no_output_and_no_staging(tmp_path):

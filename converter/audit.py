@@ -1,0 +1,690 @@
+"""Audit a published transformers X-CLIP model against the original checkpoint it claims to be.
+
+Five checks, each a list of findings: the config against what the original implies, every weight
+against our conversion of the original, the outputs against the oracle, the processor's settings
+and output against the original's preprocessing, and the tokenizer's ids against CLIP's. The
+published folder is only read, never written.
+
+    report = audit("microsoft/xclip-large-patch14", model_name="xclip-large-patch14")
+    print("\\n".join(report.lines())); sys.exit(report.exit_code)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from converter.config import HEAD_DIM, Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
+from converter.errors import ConverterError, VerificationError
+from converter.oracle import OriginalHeads
+from converter.published import BENIGN_BUFFERS, Published, load_published
+from converter.registry import get_variant
+from converter.verify import DEFAULT_ATOL, Verification
+
+if TYPE_CHECKING:
+    from transformers import XCLIPConfig
+
+StateDict = dict[str, torch.Tensor]
+EXIT_MATCH, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+KINDS = ("config", "weights", "outputs", "preprocessing", "tokenizer")
+LINES_PER_KIND = 12  # lines() shortens long lists (e.g. every tensor of a transposed family); JSON has all
+
+# XCLIPConfig fields that change what the model computes in eval mode, per sub-config ("" = top level).
+COMPUTATION_FIELDS = {
+    "": ("projection_dim", "prompt_layers", "prompt_num_attention_heads", "prompt_hidden_act"),
+    "text_config": (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "max_position_embeddings", "hidden_act", "layer_norm_eps",
+    ),
+    "vision_config": (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "mit_hidden_size",
+        "mit_intermediate_size", "mit_num_hidden_layers", "mit_num_attention_heads", "num_channels",
+        "image_size", "patch_size", "num_frames", "hidden_act", "layer_norm_eps",
+    ),
+}  # fmt: skip
+# Fields used only for training or initialisation: a difference is reported, but changes no output.
+TRAINING_FIELDS = {
+    "": (
+        "prompt_alpha", "prompt_attention_dropout", "prompt_projection_dropout", "logit_scale_init_value",
+        "initializer_factor",
+    ),
+    "text_config": ("attention_dropout", "initializer_range", "initializer_factor"),
+    "vision_config": ("attention_dropout", "initializer_range", "initializer_factor", "drop_path_rate"),
+}  # fmt: skip
+
+# Sentences whose ids the published tokenizer must reproduce: case, punctuation, digits, accents,
+# runs of whitespace, contractions, an empty prompt, and the three labels of the release tests.
+SENTENCES = (
+    "playing sports",
+    "eating spaghetti",
+    "go shopping",
+    "a video of a person playing the violin.",
+    "Someone is DANCING in the rain!!",
+    "two dogs  running\tacross a field",
+    "cutting 3 tomatoes & 2 onions",
+    "it's a man's world, isn't it?",
+    "café au lait, naïve résumé",
+    "",
+)
+MAX_TEXT_LENGTH = 77
+PREPROCESSING_SLACK = 1e-6  # float rounding between two runs of the same processor settings
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One compared item: published value against the original's, and whether it matters."""
+
+    kind: str  # one of KINDS
+    name: str  # the config field, tensor, output, setting or sentence
+    published: Any
+    original: Any
+    ok: bool
+    changes_computation: bool | None = None  # None: not applicable (a summary line)
+    detail: str = ""
+    severity: float = 0.0  # orders findings of one kind: larger is worse
+
+    def line(self) -> str:
+        verdict = "ok  " if self.ok else "FAIL"
+        text = self.detail or f"{self.name} {_show(self.published)} ≠ {_show(self.original)}"
+        if not self.ok and self.changes_computation is not None:
+            text += " (changes the computation)" if self.changes_computation else " (no effect on outputs)"
+        return f"{verdict} {self.kind:13s} {text}"
+
+
+@dataclass
+class AuditReport:
+    source: str
+    original: str  # what the published model was compared with
+    atol: float
+    findings: list[Finding] = field(default_factory=list)
+    revision: str | None = None  # hub commit audited
+
+    @property
+    def passed(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_MATCH if self.passed else EXIT_MISMATCH
+
+    def ordered(self) -> list[Finding]:
+        """Worst first: failures before notes; among them what changes the computation first, then by
+        check (the config names a cause, the outputs its effect) and size."""
+        return sorted(
+            self.findings,
+            key=lambda f: (f.ok, f.changes_computation is not True, KINDS.index(f.kind), -f.severity),
+        )
+
+    def summary(self) -> str:
+        """One line: the verdict and the worst finding."""
+        failures = [f for f in self.ordered() if not f.ok]
+        where = f"{self.source}{f'@{self.revision[:10]}' if self.revision else ''} vs {self.original}"
+        if not failures:
+            return f"audit {where}: MATCH (every check within tolerance)"
+        kinds = sorted({f.kind for f in failures}, key=KINDS.index)
+        worst = failures[0].line().removeprefix("FAIL").strip()
+        return f"audit {where}: MISMATCH, {len(failures)} findings ({', '.join(kinds)}); worst: {worst}"
+
+    def lines(self) -> list[str]:
+        out = [self.summary()]
+        shown: dict[str, int] = {}
+        for finding in self.ordered():
+            shown[finding.kind] = shown.get(finding.kind, 0) + 1
+            if shown[finding.kind] <= LINES_PER_KIND:
+                out.append("  " + finding.line())
+        out += [
+            f"  …  {kind:13s} {n - LINES_PER_KIND} more (all in the JSON report)"
+            for kind, n in shown.items()
+            if n > LINES_PER_KIND
+        ]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "original": self.original,
+            "atol": self.atol,
+            "passed": self.passed,
+            "summary": self.summary(),
+            "findings": [_jsonable(asdict(f)) for f in self.ordered()],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ---- the audit ---------------------------------------------------------------------------------
+
+
+def audit(
+    source: str | Path,
+    *,
+    model_name: str | None = None,
+    checkpoint: str | Path | None = None,
+    config: XCLIPConfig | str | Path | None = None,
+    atol: float = DEFAULT_ATOL,
+    revision: str | None = None,
+    reference: str | Path | None = None,
+    sha256: str | None = None,
+) -> AuditReport:
+    """Compare the published model `source` (a folder or hub repo id) with the original checkpoint.
+
+    The original is `checkpoint` (a path or URL), else `model_name`'s release (fetched). `config`
+    (an XCLIPConfig or its JSON) states the original's hyperparameters where the checkpoint cannot
+    (widths below 64); `reference` is a `.npz` of frames and what the original preprocessing made
+    of them (`frame/<name>`, `original<S>/<name>`). Raises ConverterError on bad input.
+    """
+    from converter.config import load_config_file, to_config
+    from converter.load import load_checkpoint
+
+    variant = get_variant(model_name) if model_name else None
+    if checkpoint is None and variant is None:
+        raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
+    published = load_published(source, revision=revision)  # before fetching GBs of original
+    path, described = _resolve_original(checkpoint, variant, sha256)
+    original = load_checkpoint(path)
+    if isinstance(config, (str, Path)):
+        config = load_config_file(config)
+    hyper = hyper_from_config(config) if config is not None else infer_hyper(original)
+    if config is None:
+        check_heads(hyper)
+    if variant is not None:
+        check_variant(hyper, variant, str(path))
+    expected_config = config if config is not None else to_config(hyper)
+
+    report = AuditReport(str(source), described, atol, revision=published.revision)
+    report.findings += config_findings(published.config, expected_config)
+    report.findings += weight_findings(published.state_dict, original)
+    report.findings += output_findings(published, original, hyper, atol)
+    report.findings += preprocessing_findings(published.image_processor, hyper.image_size, reference)
+    report.findings += tokenizer_findings(published)
+    return report
+
+
+def _resolve_original(checkpoint: str | Path | None, variant: Any, sha256: str | None) -> tuple[Path, str]:
+    from converter import fetch
+
+    if checkpoint is not None and "://" in str(checkpoint):
+        return fetch.fetch_url(str(checkpoint), sha256=sha256), str(checkpoint)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ConverterError(f"--checkpoint {path}: no such file")
+        return path, f"{variant.name} ({path.name})" if variant else path.name
+    path = fetch.fetch_source(variant.source, sha256=sha256)
+    return path, f"{variant.name} ({fetch.source_url(variant.source)})"
+
+
+# ---- config ------------------------------------------------------------------------------------
+
+
+def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Finding]:
+    """Every computation-relevant field that differs (and training-only ones, as notes)."""
+    got, want = published.to_dict(), expected.to_dict()
+    findings: list[Finding] = []
+    for fields, changes in ((COMPUTATION_FIELDS, True), (TRAINING_FIELDS, False)):
+        for section, names in fields.items():
+            g, w = (got.get(section, {}), want.get(section, {})) if section else (got, want)
+            for name in names:
+                if g.get(name) != w.get(name):
+                    findings.append(
+                        Finding(
+                            "config",
+                            f"{section}.{name}" if section else name,
+                            g.get(name),
+                            w.get(name),
+                            ok=not changes,
+                            changes_computation=changes,
+                            detail="" if changes else f"{name} {g.get(name)} vs {w.get(name)}: training only",
+                        )
+                    )
+    if not any(not f.ok for f in findings):
+        findings.append(
+            Finding("config", "all", None, None, True, detail="config: every field that matters agrees")
+        )
+    return findings
+
+
+# ---- weights -----------------------------------------------------------------------------------
+
+
+def weight_findings(
+    published: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor]
+) -> list[Finding]:
+    """Each published tensor against our conversion of the original, in the published dtype."""
+    from converter.rules import original_to_hf
+
+    ours = original_to_hf(original)
+    buffers = sorted(k for k in published if BENIGN_BUFFERS.match(k) and k not in ours)
+    theirs = {k: v for k, v in published.items() if k not in buffers}
+    findings = [
+        Finding(
+            "weights", k, "absent", list(ours[k].shape), False, True, f"missing {k} {list(ours[k].shape)}"
+        )
+        for k in sorted(ours.keys() - theirs.keys())
+    ]
+    findings += [
+        Finding("weights", k, list(theirs[k].shape), "absent", False, True, f"unexpected {k}")
+        for k in sorted(theirs.keys() - ours.keys())
+    ]
+    identical = 0
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in theirs.values()})
+    for key in sorted(ours.keys() & theirs.keys()):
+        want, got = ours[key], theirs[key]
+        if want.shape != got.shape:
+            findings.append(
+                Finding(
+                    "weights",
+                    key,
+                    list(got.shape),
+                    list(want.shape),
+                    False,
+                    True,
+                    f"{key}: shape {list(got.shape)} ≠ {list(want.shape)}",
+                    math.inf,
+                )  # fmt: skip
+            )
+            continue
+        diff = (got.float() - want.to(got.dtype).float()).abs().max().item() if got.numel() else 0.0
+        if diff == 0.0:
+            identical += 1
+        else:
+            findings.append(
+                Finding("weights", key, None, None, False, True, f"{key}: max |Δ| {diff:.3g}", diff)
+            )
+    summary = (
+        f"{identical} of {len(ours)} tensors identical to our conversion of the original ({'/'.join(dtypes)})"
+    )
+    if buffers:
+        summary += f"; {len(buffers)} position_ids buffers stored by an older transformers, ignored"
+    findings.append(
+        Finding("weights", "identical", identical, len(ours), identical == len(ours), detail=summary)
+    )
+    return findings
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+
+def output_findings(
+    published: Published, original: Mapping[str, torch.Tensor], hyper: Hyper, atol: float
+) -> list[Finding]:
+    """The published model (its config, its weights) against the oracle on the original weights."""
+    from converter.build import build_model
+    from converter.verify import verify
+
+    weights = published.model_state_dict()
+    dtype = _dominant_dtype(weights)
+    try:
+        model = build_model(published.config, {k: v.float() for k, v in weights.items()})
+    except Exception as err:  # a key or shape transformers refuses: already named by the weights check
+        return [_cannot_run(f"the published model does not load its own weights ({_one_line(err)})")]
+    # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
+    rounded = {k: v.to(dtype).float() for k, v in original.items()}
+    try:
+        result = verify(model, rounded, hyper, atol, _oracle_heads(hyper))
+    except (VerificationError, RuntimeError, ValueError) as err:
+        return [_cannot_run(f"the published model cannot run the original's inputs ({_one_line(err)})")]
+    findings = []
+    for name, diff in result.max_abs_diff.items():
+        tol = _tolerance(result, name)
+        margin = "∞" if diff == 0 else f"{tol / diff:.3g}×"
+        findings.append(
+            Finding(
+                "outputs",
+                name,
+                diff,
+                tol,
+                diff <= tol,
+                True,
+                f"{name}: max |Δ| {diff:.2e} vs the oracle, atol {tol:g} (margin {margin})",
+                diff / tol if tol else diff,
+            )  # fmt: skip
+        )
+    return findings
+
+
+def _cannot_run(detail: str) -> Finding:
+    return Finding("outputs", "run", None, None, False, True, detail, math.inf)
+
+
+def _tolerance(result: Verification, name: str) -> float:
+    per_output = getattr(result, "tolerances", None)  # per-output tolerances, where verify has them
+    return float(per_output.get(name, result.atol)) if isinstance(per_output, Mapping) else result.atol
+
+
+def _dominant_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    sizes: dict[torch.dtype, int] = {}
+    for v in state_dict.values():
+        if v.is_floating_point():
+            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def _oracle_heads(hyper: Hyper) -> OriginalHeads | None:
+    """None: the oracle applies the original's own rule (width // 64); below width 64 (small test
+    models) only the original's config can say."""
+    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
+        return None
+    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
+
+
+# ---- preprocessing -----------------------------------------------------------------------------
+
+
+def original_preprocessing(image_size: int) -> dict[str, Any]:
+    """The original's test-time preprocessing as VideoMAE image processor settings."""
+    from converter.processing import IMAGENET_MEAN, IMAGENET_STD, resize_short_side
+
+    return {
+        "do_resize": True,
+        "size": {"shortest_edge": resize_short_side(image_size)},
+        "resample": 2,  # PIL bilinear: the original's cv2 INTER_LINEAR
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+
+
+def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Published settings in comparable form (sizes may be ints, dicts or lists; resample an int)."""
+    from PIL import Image
+
+    def side(value: Any, *keys: str) -> Any:
+        if isinstance(value, Mapping):
+            return next((value[k] for k in keys if k in value), dict(value))
+        return value
+
+    size, crop = raw.get("size"), raw.get("crop_size")
+    resample = raw.get("resample")
+    try:
+        resample = Image.Resampling(resample).name.lower()
+    except ValueError:
+        pass
+    return {
+        "do_resize": raw.get("do_resize", True),
+        "short side": side(size, "shortest_edge"),
+        "resample": resample,
+        "do_center_crop": raw.get("do_center_crop", True),
+        "crop": [side(crop, "height"), side(crop, "width")] if isinstance(crop, Mapping) else crop,
+        "do_rescale": raw.get("do_rescale", True),
+        "rescale_factor": raw.get("rescale_factor"),
+        "do_normalize": raw.get("do_normalize", True),
+        "mean": [round(float(x), 4) for x in raw.get("image_mean") or []],
+        "std": [round(float(x), 4) for x in raw.get("image_std") or []],
+    }
+
+
+def preprocessing_findings(
+    raw: Mapping[str, Any] | None, image_size: int, reference: str | Path | None = None
+) -> list[Finding]:
+    """The published processor's settings against the original's, and its measured output."""
+    if raw is None:
+        return [
+            Finding("preprocessing", "files", "absent", "present", False, True, "no image processor files")
+        ]
+    expected = original_preprocessing(image_size)
+    got, want = _settings(raw), _settings(expected)
+    findings = [
+        Finding("preprocessing", name, got[name], want[name], False, True)
+        for name in want
+        if not _close(got[name], want[name])
+    ]
+    findings.append(_measured(raw, expected, image_size, reference))
+    return findings
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
+    return a == b
+
+
+def _measured(
+    raw: Mapping[str, Any], expected: dict[str, Any], size: int, reference: str | Path | None
+) -> Finding:
+    """Max |Δ| of the published processor's output from the original's, next to what the correctly
+    configured transformers processor achieves (transformers cannot match the original bit for bit)."""
+    frames, targets, what = _reference_frames(size, reference)
+    try:
+        published = [_run_processor(raw, f) for f in frames]
+    except Exception as err:
+        return Finding(
+            "preprocessing", "measured", None, None, False, True,
+            f"the published image processor fails on a frame ({_one_line(err)})", math.inf,
+        )  # fmt: skip
+    best = [_run_processor(expected, f) for f in frames]
+    shapes = {tuple(p.shape) for p in published}
+    if shapes != {tuple(t.shape) for t in targets}:
+        return Finding(
+            "preprocessing", "output shape", sorted(shapes), list(targets[0].shape), False, True,
+            f"output shape {sorted(shapes)} ≠ {list(targets[0].shape)} on {what}", math.inf,
+        )  # fmt: skip
+    diff = max(float(np.abs(p - t).max()) for p, t in zip(published, targets, strict=True))
+    floor = max(float(np.abs(b - t).max()) for b, t in zip(best, targets, strict=True))
+    ok = diff <= floor + PREPROCESSING_SLACK
+    return Finding(
+        "preprocessing", "measured", diff, floor, ok, True,
+        f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})",
+        diff,
+    )  # fmt: skip
+
+
+def _run_processor(settings: Mapping[str, Any], frame: np.ndarray) -> np.ndarray:
+    from transformers import VideoMAEImageProcessorPil
+
+    keys = (
+        "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+        "do_normalize", "image_mean", "image_std",
+    )  # fmt: skip
+    processor = VideoMAEImageProcessorPil(**{k: settings[k] for k in keys if k in settings})
+    out = processor([frame], return_tensors="np", input_data_format="channels_last")["pixel_values"]
+    return np.asarray(out)[0, 0]  # [3, S, S]
+
+
+def _reference_frames(
+    size: int, reference: str | Path | None
+) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+    """Frames and the original's output for them: stored reference data (exact, from the original
+    pipeline) when it covers this size, else generated frames through converter.processing."""
+    from converter.processing import IMAGENET_MEAN, IMAGENET_STD, preprocess_video
+
+    if reference is not None and Path(reference).is_file():
+        data = np.load(reference, allow_pickle=False)
+        names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
+        if names and all(f"original{size}/{n}" in data.files for n in names):
+            mean = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None] * 255
+            std = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None] * 255
+            targets = [
+                (data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) - mean) / std
+                for n in names
+            ]
+            return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
+    frames = _generated_frames()
+    targets = [preprocess_video(f[None], size)[0, 0].numpy() for f in frames]
+    return frames, targets, f"{len(frames)} generated frames (against converter.processing)"
+
+
+def _generated_frames() -> list[np.ndarray]:
+    """Seeded frames in three shapes (4:3, portrait 9:16, small 4:3 needing upscaling)."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for h, w in ((240, 320), (320, 180), (96, 128)):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * 200
+        frames.append(np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8))
+    return frames
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+
+def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCES) -> list[Finding]:
+    """Ids of a fixed sentence set, padded to 77, against CLIP's tokenizer. A difference up to the end
+    token changes what the text tower computes; one after it (the pad id) does not: the tower is
+    causal and pools at the end token (the original itself pads with 0)."""
+    from converter.processing import build_tokenizer
+
+    try:
+        tokenizer = published.load_tokenizer()
+    except ConverterError as err:
+        return [Finding("tokenizer", "load", None, None, False, True, str(err), math.inf)]
+    reference = build_tokenizer()
+    findings, same = [], 0
+    for sentence in sentences:
+        want = _ids(reference, sentence)
+        try:
+            got = _ids(tokenizer, sentence)
+        except Exception as err:
+            findings.append(
+                Finding("tokenizer", sentence, None, want, False, True, f"{sentence!r}: {_one_line(err)}")
+            )
+            continue
+        if got == want:
+            same += 1
+            continue
+        end = want.index(reference.eos_token_id) + 1 if reference.eos_token_id in want else len(want)
+        content = got[:end] != want[:end]
+        first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
+        findings.append(
+            Finding(
+                "tokenizer",
+                sentence,
+                got,
+                want,
+                not content,
+                content,
+                f"{sentence!r}: ids differ from position {first} "
+                f"({'before the end token' if content else 'padding only, after the end token'}): "
+                f"{_window(got, first)} ≠ {_window(want, first)}",
+                len(want) - first,
+            )  # fmt: skip
+        )
+    findings.append(
+        Finding(
+            "tokenizer",
+            "identical",
+            same,
+            len(sentences),
+            same == len(sentences),
+            detail=f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does",
+        )  # fmt: skip
+    )
+    return findings
+
+
+def _ids(tokenizer: Any, sentence: str) -> list[int]:
+    return list(tokenizer(sentence, padding="max_length", max_length=MAX_TEXT_LENGTH)["input_ids"])
+
+
+def _window(ids: list[int], start: int) -> str:
+    return "[" + ", ".join(map(str, ids[start : start + 4])) + (", …]" if len(ids) > start + 4 else "]")
+
+
+# ---- the fix, as a pull request ----------------------------------------------------------------
+
+
+def fix_card(report: AuditReport, card: str) -> str:
+    """The converted folder's model card with a section on what this conversion fixes, and why."""
+    failures = [f for f in report.ordered() if not f.ok]
+    rows = "\n".join(
+        f"| {f.kind} | {f.line().removeprefix('FAIL').strip().split(None, 1)[1]} |" for f in failures
+    )
+    section = f"""## What this pull request fixes
+
+An audit by xclip-converter (`xclip-convert --audit {report.source}`) compared this repository
+{f"(commit {report.revision}) " if report.revision else ""}with the original checkpoint, {report.original}:
+{len(failures)} findings. Each changes what the model computes or how its inputs are prepared, so
+results differ from the original X-CLIP's. This pull request replaces the model, config, processor
+and tokenizer with a conversion verified against an independent implementation of the original
+forward pass (figures below).
+
+| check | finding (published ≠ original) |
+|---|---|
+{rows}
+
+"""
+    if card.startswith("---\n") and (end := card.find("\n---\n", 4)) != -1:
+        head, body = card[: end + 5], card[end + 5 :]
+        return f"{head}\n{section}{body.lstrip()}"
+    return section + card
+
+
+def propose_fix(
+    report: AuditReport,
+    folder: str | Path,
+    verification: Verification | None,
+    repo_id: str,
+    *,
+    private: bool = False,
+) -> str:
+    """Open a pull request on `repo_id` with our converted `folder` and a card listing the findings.
+
+    Refused unless our conversion verified, and when the audit found nothing to fix. Returns the
+    pull request's URL.
+    """
+    from converter.hub import push_folder
+
+    folder = Path(folder)
+    if verification is None or not verification.passed:
+        raise ConverterError(
+            "refusing to open a pull request: our conversion was not verified against the original "
+            "(drop --no-verify, or fix the failing verification first)"
+        )
+    if report.passed:
+        raise ConverterError(f"{report.source} matches the original: the audit found nothing to fix")
+    if not (folder / "config.json").is_file():
+        raise ConverterError(f"{folder}: not a converted model folder (no config.json)")
+    with tempfile.TemporaryDirectory(prefix="xclip-fix-") as staging:
+        staged = Path(staging)
+        for file in folder.iterdir():
+            if file.is_file():
+                shutil.copyfile(file, staged / file.name)
+        card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+        (staged / "README.md").write_text(fix_card(report, card))
+        return push_folder(staged, repo_id, create_pr=True, private=private)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

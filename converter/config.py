@@ -1,7 +1,9 @@
-"""Hyperparameters of an X-CLIP model: inferred from a state dict, given by the registry, or read
-from an `XCLIPConfig` JSON — and turned into transformers' `XCLIPConfig`.
+"""Hyper-parameters of an X-CLIP model: read off a state dict, given by the registry, or read from an
+`XCLIPConfig` JSON — and turned into transformers' `XCLIPConfig`.
 
-`Hyper` is the common currency: comparing two of them names exactly the fields that disagree.
+`FIELDS` is the one table of the vocabulary: each hyper-parameter with where `XCLIPConfig` keeps it,
+how it is read off an original state dict, and its value for a published variant. `Hyper` is the
+common currency: comparing two of them names exactly the fields that disagree.
 """
 
 from __future__ import annotations
@@ -9,24 +11,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from converter.errors import ConverterError
+from converter.clip import CONTEXT_LENGTH, HEAD_DIM, MIT_LAYERS, PROMPT_LAYERS, VOCAB_SIZE
+from converter.errors import ConverterError, escape
 from converter.registry import Variant
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
-
-HEAD_DIM = 64  # the original derives every head count as width // 64
-VOCAB_SIZE = 49408
-CONTEXT_LENGTH = 77
-MIT_LAYERS = 1
-PROMPT_LAYERS = 2
 
 
 @dataclass(frozen=True)
@@ -51,6 +48,16 @@ class Hyper:
     prompt_layers: int
     prompt_heads: int
 
+    @property
+    def vision_positions(self) -> int:
+        """Patch positions plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def prompt_mlp(self) -> int:
+        """The prompt generator's MLP width: 4 E, fixed in the original's code."""
+        return 4 * self.embed_dim
+
     def differences(self, other: Hyper) -> list[str]:
         return [
             f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)}"
@@ -59,76 +66,110 @@ class Hyper:
         ]
 
 
+class _Shapes:
+    """Read shapes and stack depths off an original state dict, naming a missing key."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor]):
+        self.state_dict = state_dict
+
+    def __call__(self, key: str, dim: int) -> int:
+        if key not in self.state_dict:
+            raise ConverterError(f"cannot infer the model: key {key!r} is missing from the checkpoint")
+        shape = tuple(self.state_dict[key].shape)
+        if len(shape) <= dim:
+            raise ConverterError(f"cannot infer the model: {key!r} has shape {list(shape)}, too few dims")
+        return shape[dim]
+
+    def layers(self, prefix: str) -> int:
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return len({m.group(1) for k in self.state_dict if (m := pattern.match(k))})
+
+    def grid(self) -> int:
+        positions = self("visual.positional_embedding", 0) - 1
+        grid = math.isqrt(max(positions, 0))
+        if grid * grid != positions or positions <= 0:
+            raise ConverterError(
+                f"visual.positional_embedding has {positions} patch positions, not a square grid"
+            )
+        return grid
+
+
+@dataclass(frozen=True)
+class Field:
+    """One hyper-parameter: the original code's name for it (None where it has none), where
+    XCLIPConfig keeps it (the first path is read; every path is written), how it is read off an
+    original state dict, and its value for a published variant."""
+
+    name: str
+    original_name: str | None
+    config_paths: tuple[str, ...]
+    inferred: Callable[[_Shapes], int]
+    published: Callable[[Variant], int]
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("embed_dim", "embed_dim", ("projection_dim", "vision_config.mit_hidden_size"),
+          lambda s: s("text_projection", 1), lambda v: v.arch.embed_dim),
+    Field("image_size", "image_resolution", ("vision_config.image_size",),
+          lambda s: s.grid() * s("visual.conv1.weight", 2), lambda v: v.image_size),
+    Field("patch_size", "vision_patch_size", ("vision_config.patch_size",),
+          lambda s: s("visual.conv1.weight", 2), lambda v: v.arch.patch_size),
+    Field("frames", "DATA.NUM_FRAMES", ("vision_config.num_frames",),
+          lambda s: s("mit.positional_embedding", 1), lambda v: v.frames),
+    Field("vision_width", "vision_width", ("vision_config.hidden_size",),
+          lambda s: s("visual.conv1.weight", 0), lambda v: v.arch.vision_width),
+    Field("vision_layers", "vision_layers", ("vision_config.num_hidden_layers",),
+          lambda s: s.layers("visual.transformer.resblocks."), lambda v: v.arch.vision_layers),
+    # Heads are not stored: the original derives them as width // 64.
+    Field("vision_heads", "vision_heads", ("vision_config.num_attention_heads",),
+          lambda s: s("visual.conv1.weight", 0) // HEAD_DIM, lambda v: v.arch.vision_width // HEAD_DIM),
+    Field("vision_mlp", None, ("vision_config.intermediate_size",),
+          lambda s: s("visual.transformer.resblocks.0.mlp.c_fc.weight", 0),
+          lambda v: 4 * v.arch.vision_width),
+    Field("text_width", "transformer_width", ("text_config.hidden_size",),
+          lambda s: s("text_projection", 0), lambda v: v.arch.embed_dim),
+    Field("text_layers", "transformer_layers", ("text_config.num_hidden_layers",),
+          lambda s: s.layers("transformer.resblocks."), lambda v: v.arch.text_layers),
+    Field("text_heads", "transformer_heads", ("text_config.num_attention_heads",),
+          lambda s: s("text_projection", 0) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
+    Field("text_mlp", None, ("text_config.intermediate_size",),
+          lambda s: s("transformer.resblocks.0.mlp.c_fc.weight", 0), lambda v: 4 * v.arch.embed_dim),
+    Field("vocab_size", "vocab_size", ("text_config.vocab_size",),
+          lambda s: s("token_embedding.weight", 0), lambda v: VOCAB_SIZE),
+    Field("context_length", "context_length", ("text_config.max_position_embeddings",),
+          lambda s: s("positional_embedding", 0), lambda v: CONTEXT_LENGTH),
+    Field("mit_layers", "mit_layers", ("vision_config.mit_num_hidden_layers",),
+          lambda s: s.layers("mit.resblocks."), lambda v: MIT_LAYERS),
+    Field("mit_heads", "mit_heads", ("vision_config.mit_num_attention_heads",),
+          lambda s: s("text_projection", 1) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
+    Field("mit_mlp", "mit_mlp_width", ("vision_config.mit_intermediate_size",),
+          lambda s: s("mit.resblocks.0.mlp.c_fc.weight", 0), lambda v: 4 * v.arch.embed_dim),
+    Field("prompt_layers", "prompts_layers", ("prompt_layers",),
+          lambda s: s.layers("prompts_generator.decoder."), lambda v: PROMPT_LAYERS),
+    Field("prompt_heads", "prompts_heads", ("prompt_num_attention_heads",),
+          lambda s: s("text_projection", 1) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
+)  # fmt: skip
+
+# (family, width field, heads field): each attention family's heads must divide its width.
+HEAD_FAMILIES = (
+    ("vision", "vision_width", "vision_heads"),
+    ("text", "text_width", "text_heads"),
+    ("MIT", "embed_dim", "mit_heads"),
+    ("prompt", "embed_dim", "prompt_heads"),
+)
+
+
 def hyper_for_variant(variant: Variant) -> Hyper:
-    a = variant.arch
-    return Hyper(
-        embed_dim=a.embed_dim,
-        image_size=variant.image_size,
-        patch_size=a.patch_size,
-        frames=variant.frames,
-        vision_width=a.vision_width,
-        vision_layers=a.vision_layers,
-        vision_heads=a.vision_width // HEAD_DIM,
-        vision_mlp=4 * a.vision_width,
-        text_width=a.embed_dim,
-        text_layers=a.text_layers,
-        text_heads=a.embed_dim // HEAD_DIM,
-        text_mlp=4 * a.embed_dim,
-        vocab_size=VOCAB_SIZE,
-        context_length=CONTEXT_LENGTH,
-        mit_layers=MIT_LAYERS,
-        mit_heads=a.embed_dim // HEAD_DIM,
-        mit_mlp=4 * a.embed_dim,
-        prompt_layers=PROMPT_LAYERS,
-        prompt_heads=a.embed_dim // HEAD_DIM,
-    )
+    return Hyper(**{f.name: f.published(variant) for f in FIELDS})
 
 
 def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
-    """Read every hyperparameter off an original state dict's keys and shapes.
+    """Read every hyper-parameter off an original state dict's keys and shapes.
 
     Head counts follow the original's rule, width // 64; `check_heads` rejects widths below 64.
     """
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise ConverterError(f"cannot infer the model: key {key!r} is missing from the checkpoint")
-        return tuple(state_dict[key].shape)
-
-    def count(prefix: str) -> int:
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-        return len({m.group(1) for k in state_dict if (m := pattern.match(k))})
-
-    vision_width, _, patch_size, _ = shape("visual.conv1.weight")
-    positions = shape("visual.positional_embedding")[0] - 1
-    grid = math.isqrt(positions)
-    if grid * grid != positions:
-        raise ConverterError(
-            f"visual.positional_embedding has {positions} patch positions, not a square grid"
-        )
-    text_width, embed_dim = shape("text_projection")
-
-    return Hyper(
-        embed_dim=embed_dim,
-        image_size=grid * patch_size,
-        patch_size=patch_size,
-        frames=shape("mit.positional_embedding")[1],
-        vision_width=vision_width,
-        vision_layers=count("visual.transformer.resblocks."),
-        vision_heads=vision_width // HEAD_DIM,
-        vision_mlp=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
-        text_width=text_width,
-        text_layers=count("transformer.resblocks."),
-        text_heads=text_width // HEAD_DIM,
-        text_mlp=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
-        vocab_size=shape("token_embedding.weight")[0],
-        context_length=shape("positional_embedding")[0],
-        mit_layers=count("mit.resblocks."),
-        mit_heads=embed_dim // HEAD_DIM,
-        mit_mlp=shape("mit.resblocks.0.mlp.c_fc.weight")[0],
-        prompt_layers=count("prompts_generator.decoder."),
-        prompt_heads=embed_dim // HEAD_DIM,
-    )
+    shapes = _Shapes(state_dict)
+    return Hyper(**{f.name: f.inferred(shapes) for f in FIELDS})
 
 
 def check_heads(h: Hyper) -> None:
@@ -142,76 +183,70 @@ def check_heads(h: Hyper) -> None:
 
 
 def to_config(h: Hyper) -> XCLIPConfig:
-    """Build transformers' XCLIPConfig (5.x constructors; `from_text_vision_configs` is gone)."""
+    """transformers' XCLIPConfig (5.x constructors; `from_text_vision_configs` is gone)."""
     from transformers import XCLIPConfig
 
-    text_config = {
-        "vocab_size": h.vocab_size,
-        "hidden_size": h.text_width,
-        "intermediate_size": h.text_mlp,
-        "num_hidden_layers": h.text_layers,
-        "num_attention_heads": h.text_heads,
-        "max_position_embeddings": h.context_length,
-    }
-    vision_config = {
-        "hidden_size": h.vision_width,
-        "intermediate_size": h.vision_mlp,
-        "num_hidden_layers": h.vision_layers,
-        "num_attention_heads": h.vision_heads,
-        "image_size": h.image_size,
-        "patch_size": h.patch_size,
-        "num_frames": h.frames,
-        "mit_hidden_size": h.embed_dim,
-        "mit_intermediate_size": h.mit_mlp,
-        "mit_num_hidden_layers": h.mit_layers,
-        "mit_num_attention_heads": h.mit_heads,
-    }
-    return XCLIPConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        projection_dim=h.embed_dim,
-        prompt_layers=h.prompt_layers,
-        prompt_num_attention_heads=h.prompt_heads,
-    )
+    values: dict[str, Any] = {"text_config": {}, "vision_config": {}}
+    for f in FIELDS:
+        for path in f.config_paths:
+            *parent, leaf = path.split(".")
+            (values[parent[0]] if parent else values)[leaf] = getattr(h, f.name)
+    config = XCLIPConfig(**values)
+    config.architectures = ["XCLIPModel"]
+    return config
 
 
 def hyper_from_config(config: XCLIPConfig) -> Hyper:
-    t, v = config.text_config, config.vision_config
-    return Hyper(
-        embed_dim=config.projection_dim,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        frames=v.num_frames,
-        vision_width=v.hidden_size,
-        vision_layers=v.num_hidden_layers,
-        vision_heads=v.num_attention_heads,
-        vision_mlp=v.intermediate_size,
-        text_width=t.hidden_size,
-        text_layers=t.num_hidden_layers,
-        text_heads=t.num_attention_heads,
-        text_mlp=t.intermediate_size,
-        vocab_size=t.vocab_size,
-        context_length=t.max_position_embeddings,
-        mit_layers=v.mit_num_hidden_layers,
-        mit_heads=v.mit_num_attention_heads,
-        mit_mlp=v.mit_intermediate_size,
-        prompt_layers=config.prompt_layers,
-        prompt_heads=config.prompt_num_attention_heads,
-    )
+    return Hyper(**{f.name: _get(config, f.config_paths[0]) for f in FIELDS})
+
+
+def _get(config: object, path: str) -> Any:
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def load_config_file(path: str | Path) -> XCLIPConfig:
-    """Read an XCLIPConfig JSON as `save_pretrained` writes it."""
+    """Read and validate an XCLIPConfig JSON as `save_pretrained` writes it, field by field."""
     from transformers import XCLIPConfig
 
     path = Path(path)
+    where = f"--config {escape(str(path))}"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConverterError(f"--config {path}: cannot read JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise ConverterError(f"{where} is a folder: give the config.json file inside it") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConverterError(f"{where}: cannot read JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConverterError(f"{where}: expected a JSON object, found {type(data).__name__}")
     if data.get("model_type") != "xclip":
-        raise ConverterError(f"--config {path}: expected an XCLIPConfig JSON (model_type 'xclip')")
-    return XCLIPConfig.from_dict(data)
+        raise ConverterError(f'{where}: expected an XCLIPConfig JSON ("model_type": "xclip")')
+    for section in ("text_config", "vision_config"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConverterError(
+                f"{where}: {section} must be an object, found {type(data[section]).__name__}"
+            )
+    for f in FIELDS:
+        for path_ in f.config_paths:
+            *parent, leaf = path_.split(".")
+            value = (data.get(parent[0], {}) if parent else data).get(leaf)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConverterError(f"{where}: {path_} must be a positive integer, found {value!r}")
+    try:
+        config = XCLIPConfig.from_dict(data)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; the message is what matters
+        raise ConverterError(f"{where}: transformers cannot build an XCLIPConfig from it ({err})") from None
+    hyper = hyper_from_config(config)
+    for family, width_field, heads_field in HEAD_FAMILIES:
+        width, heads = getattr(hyper, width_field), getattr(hyper, heads_field)
+        if width % heads:
+            raise ConverterError(f"{where}: {heads} {family} heads do not divide the width {width}")
+    for f in FIELDS:
+        values = {path_: _get(config, path_) for path_ in f.config_paths}
+        if len(set(values.values())) > 1:
+            raise ConverterError(f"{where}: {' and '.join(f'{k} {v}' for k, v in values.items())} must agree")
+    return config
 
 
 def check_variant(hyper: Hyper, variant: Variant, source: str) -> None:

@@ -22,10 +22,9 @@ from converter.config import (
     infer_hyper,
     to_config,
 )
-from converter.layout import check_state_dict
 from converter.oracle import OriginalHeads
 from converter.registry import Variant
-from converter.rules import original_to_hf
+from converter.rules import check_state_dict, original_to_hf
 from converter.verify import DEFAULT_ATOL, Verification, verify
 
 if TYPE_CHECKING:

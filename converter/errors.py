@@ -1,4 +1,14 @@
-"""The two kinds of failure the CLI distinguishes (exit 2 and exit 1)."""
+"""The kinds of failure the CLI distinguishes, and the helpers that keep their messages honest.
+
+Exit status: 0 verified and written, 1 `VerificationError` (a verification ran and failed),
+2 `ConverterError` (every other refusal), 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+MAX_LISTED = 20  # items of a list shown in one message; the rest are counted
 
 
 class ConverterError(Exception):
@@ -10,3 +20,24 @@ class ConverterError(Exception):
 
 class VerificationError(Exception):
     """The converted model does not reproduce the original forward pass (exit 1)."""
+
+
+def escape(text: str) -> str:
+    """A name from a file or a user, printable on one line: control characters (ANSI escapes,
+    newlines) are shown escaped, so a key name cannot forge output lines."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def listed(items: Iterable[str], limit: int = MAX_LISTED) -> list[str]:
+    """At most `limit` items, then "... and N more" (20,000 unknown keys must not make a 500 KB message)."""
+    items = list(items)
+    shown = items[:limit]
+    if len(items) > limit:
+        shown.append(f"... and {len(items) - limit:,} more")
+    return shown
+
+
+def reason(err: BaseException) -> str:
+    """An exception as one short line: its first line, or its type when it says nothing."""
+    text = str(err).strip()
+    return escape(text.splitlines()[0])[:300] if text else type(err).__name__

@@ -1,9 +1,10 @@
 """The conversion rules: one table from original X-CLIP keys to transformers' `XCLIPModel` keys.
 
-Each rule names an original key pattern, its HF key pattern(s) and an operation with a reverse,
-so both directions are derived from the same table:
+Each rule names an original key pattern, its HF key pattern(s), an operation with a reverse, and the
+original tensor's shape as a formula over the hyper-parameters, so everything is derived from it:
 
     original -> HF : `original_to_hf`        HF -> original : `hf_to_original`
+    layouts        : `original_shapes(h)`, `hf_shapes(h)` (the HF one through each rule's op)
 
 `{i}` stands for a layer index. Operations return views where they can (the q/k/v split, the
 transposes), so converting costs no copy of the weights.
@@ -14,10 +15,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import groupby
 
 import torch
 
-from converter.errors import ConverterError
+from converter.config import Hyper
+from converter.errors import ConverterError, escape, listed
 
 StateDict = dict[str, torch.Tensor]
 
@@ -38,11 +41,20 @@ TRANSPOSE = Op("transpose", lambda t: (t.t(),), lambda ts: ts[0].t())
 CHUNK_QKV = Op("chunk_qkv", lambda t: tuple(t.chunk(3, dim=0)), lambda ts: torch.cat(ts, dim=0))
 
 
+Shape = tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Rule:
+    """One original key pattern, its HF key pattern(s), the op between them, and the original
+    tensor's shape as a formula over the hyper-parameters. `layers` names the `Hyper` field that
+    counts the `{i}` blocks (None for a key without `{i}`)."""
+
     original: str
     hf: tuple[str, ...]
+    shape: Callable[[Hyper], Shape]
     op: Op = RENAME
+    layers: str | None = None
     _original_re: re.Pattern = field(init=False, repr=False, compare=False)
     _hf_res: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
 
@@ -60,79 +72,118 @@ def _fill(pattern: str, index: str | None) -> str:
 
 
 # ---- small helpers that expand into rules ------------------------------------------------------
+# Widths are given as `Hyper` field names, so each helper states its shapes once for every stack.
 
 
-def _param(original: str, hf: str, op: Op = RENAME) -> list[Rule]:
-    return [Rule(original, (hf,), op)]
+def _dims(h: Hyper, *names: str | int) -> Shape:
+    """A shape from Hyper field names and literal sizes: _dims(h, "embed_dim", 4) -> (E, 4)."""
+    return tuple(n if isinstance(n, int) else getattr(h, n) for n in names)
 
 
-def _linear(original: str, hf: str) -> list[Rule]:
-    """A module with `.weight` and `.bias` (Linear, LayerNorm) renamed as a whole."""
-    return [Rule(f"{original}.{p}", (f"{hf}.{p}",)) for p in ("weight", "bias")]
+def _param(
+    original: str, hf: str, *dims: str | int, op: Op = RENAME, layers: str | None = None
+) -> list[Rule]:
+    return [Rule(original, (hf,), lambda h: _dims(h, *dims), op, layers)]
 
 
-def _packed_attention(original: str, hf: str) -> list[Rule]:
-    """nn.MultiheadAttention -> separate q/k/v projections plus out_proj."""
+def _norm(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
+    """LayerNorm: `.weight` and `.bias` of the same width."""
     return [
-        Rule(f"{original}.in_proj_{p}", tuple(f"{hf}.{x}_proj.{p}" for x in "qkv"), CHUNK_QKV)
+        Rule(f"{original}.{p}", (f"{hf}.{p}",), lambda h: _dims(h, width), RENAME, layers)
         for p in ("weight", "bias")
-    ] + _linear(f"{original}.out_proj", f"{hf}.out_proj")
+    ]
 
 
-def _clip_block(original: str, hf: str, attention: str = "self_attn") -> list[Rule]:
+def _linear(original: str, hf: str, out: str, inp: str, layers: str | None = None) -> list[Rule]:
+    """nn.Linear [out, in] with its bias [out], renamed as a whole."""
+    return [
+        Rule(f"{original}.weight", (f"{hf}.weight",), lambda h: _dims(h, out, inp), RENAME, layers),
+        Rule(f"{original}.bias", (f"{hf}.bias",), lambda h: _dims(h, out), RENAME, layers),
+    ]
+
+
+def _packed_attention(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
+    """nn.MultiheadAttention -> separate q/k/v projections plus out_proj."""
+    qkv = tuple(f"{hf}.{x}_proj" for x in "qkv")
+    return [
+        Rule(f"{original}.in_proj_weight", tuple(f"{p}.weight" for p in qkv),
+             lambda h: (3 * getattr(h, width), getattr(h, width)), CHUNK_QKV, layers),
+        Rule(f"{original}.in_proj_bias", tuple(f"{p}.bias" for p in qkv),
+             lambda h: (3 * getattr(h, width),), CHUNK_QKV, layers),
+        *_linear(f"{original}.out_proj", f"{hf}.out_proj", width, width, layers),
+    ]  # fmt: skip
+
+
+def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> list[Rule]:
     """CLIP's ResidualAttentionBlock (pre-LN attention + QuickGELU MLP)."""
     return [
-        *_packed_attention(f"{original}.attn", f"{hf}.{attention}"),
-        *_linear(f"{original}.ln_1", f"{hf}.layer_norm1"),
-        *_linear(f"{original}.ln_2", f"{hf}.layer_norm2"),
-        *_linear(f"{original}.mlp.c_fc", f"{hf}.mlp.fc1"),
-        *_linear(f"{original}.mlp.c_proj", f"{hf}.mlp.fc2"),
+        *_packed_attention(f"{original}.attn", f"{hf}.self_attn", width, layers),
+        *_norm(f"{original}.ln_1", f"{hf}.layer_norm1", width, layers),
+        *_linear(f"{original}.mlp.c_fc", f"{hf}.mlp.fc1", mlp, width, layers),
+        *_linear(f"{original}.mlp.c_proj", f"{hf}.mlp.fc2", width, mlp, layers),
+        *_norm(f"{original}.ln_2", f"{hf}.layer_norm2", width, layers),
     ]
 
 
 # ---- the table ---------------------------------------------------------------------------------
+# In the order the original checkpoints store their keys (module registration order): consecutive
+# rules of one stack form its block, expanded layer by layer. Widths: W = vision_width,
+# TW = text_width, E = embed_dim (also the MIT and prompt width).
 
-VISION_BLOCK = "visual.transformer.resblocks.{i}"
-PROMPT_LAYER = "prompts_generator.decoder.{i}"
+VISION = "visual.transformer.resblocks.{i}"
+VISION_HF = "vision_model.encoder.layers.{i}"
+PROMPT = "prompts_generator.decoder.{i}"
 
 RULES: tuple[Rule, ...] = (
-    # text tower
-    *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-    *_param("positional_embedding", "text_model.embeddings.position_embedding.weight"),
-    *_clip_block("transformer.resblocks.{i}", "text_model.encoder.layers.{i}"),
-    *_linear("ln_final", "text_model.final_layer_norm"),
-    *_param("text_projection", "text_projection.weight", TRANSPOSE),
-    # vision tower (CLIP blocks plus X-CLIP's cross-frame message attention)
-    *_param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
-    *_param("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-    *_param("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
-    *_linear("visual.ln_pre", "vision_model.pre_layernorm"),
-    *_clip_block(VISION_BLOCK, "vision_model.encoder.layers.{i}"),
-    *_linear(f"{VISION_BLOCK}.message_fc", "vision_model.encoder.layers.{i}.message_fc"),
-    *_linear(f"{VISION_BLOCK}.message_ln", "vision_model.encoder.layers.{i}.message_ln"),
-    *_packed_attention(f"{VISION_BLOCK}.message_attn", "vision_model.encoder.layers.{i}.message_attn"),
-    *_linear("visual.ln_post", "vision_model.post_layernorm"),
-    *_param("visual.proj", "visual_projection.weight", TRANSPOSE),
-    # multi-frame integration transformer (MIT)
-    *_param("mit.positional_embedding", "mit.position_embedding"),
-    *_clip_block("mit.resblocks.{i}", "mit.encoder.layers.{i}"),
-    # video-specific prompt generator
-    *_linear("prompts_visual_ln", "prompts_visual_layernorm"),
-    # Used as `x @ P` in the original AND in XCLIPModel (a bare Parameter): no transpose.
-    *_param("prompts_visual_proj", "prompts_visual_projection"),
-    *_linear("prompts_generator.norm", "prompts_generator.layernorm"),
-    *_param("prompts_generator.alpha", "prompts_generator.alpha"),
-    # Not nn.MultiheadAttention: separate bias-free q/k/v projections, same names on both sides.
-    *_param(f"{PROMPT_LAYER}.cross_attn.q_proj.weight", f"{PROMPT_LAYER}.cross_attn.q_proj.weight"),
-    *_param(f"{PROMPT_LAYER}.cross_attn.k_proj.weight", f"{PROMPT_LAYER}.cross_attn.k_proj.weight"),
-    *_param(f"{PROMPT_LAYER}.cross_attn.v_proj.weight", f"{PROMPT_LAYER}.cross_attn.v_proj.weight"),
-    *_linear(f"{PROMPT_LAYER}.cross_attn.proj", f"{PROMPT_LAYER}.cross_attn.proj"),
-    *_linear(f"{PROMPT_LAYER}.norm1", f"{PROMPT_LAYER}.norm1"),
-    *_linear(f"{PROMPT_LAYER}.norm3", f"{PROMPT_LAYER}.norm3"),
-    *_linear(f"{PROMPT_LAYER}.mlp.0", f"{PROMPT_LAYER}.mlp.0"),
-    *_linear(f"{PROMPT_LAYER}.mlp.3", f"{PROMPT_LAYER}.mlp.3"),
+    *_param("positional_embedding", "text_model.embeddings.position_embedding.weight",
+            "context_length", "text_width"),
+    # The original multiplies `x @ P` [TW, E]; nn.Linear stores [E, TW].
+    *_param("text_projection", "text_projection.weight", "text_width", "embed_dim", op=TRANSPOSE),
     *_param("logit_scale", "logit_scale"),
-)
+    # video-specific prompt generator. `prompts_visual_proj` is used as `x @ P` in the original AND
+    # in XCLIPModel (a bare Parameter): no transpose.
+    *_param("prompts_visual_proj", "prompts_visual_projection", "vision_width", "embed_dim"),
+    *_param("prompts_generator.alpha", "prompts_generator.alpha", "embed_dim"),
+    *_norm("prompts_generator.norm", "prompts_generator.layernorm", "embed_dim"),
+    # Its cross-attention is not nn.MultiheadAttention: separate bias-free q/k/v, same names on both sides.
+    *(
+        rule
+        for x in "qkv"
+        for rule in _param(f"{PROMPT}.cross_attn.{x}_proj.weight", f"{PROMPT}.cross_attn.{x}_proj.weight",
+                           "embed_dim", "embed_dim", layers="prompt_layers")
+    ),
+    *_linear(f"{PROMPT}.cross_attn.proj", f"{PROMPT}.cross_attn.proj", "embed_dim", "embed_dim",
+             "prompt_layers"),
+    *_norm(f"{PROMPT}.norm1", f"{PROMPT}.norm1", "embed_dim", "prompt_layers"),
+    *_norm(f"{PROMPT}.norm3", f"{PROMPT}.norm3", "embed_dim", "prompt_layers"),
+    *_linear(f"{PROMPT}.mlp.0", f"{PROMPT}.mlp.0", "prompt_mlp", "embed_dim", "prompt_layers"),
+    *_linear(f"{PROMPT}.mlp.3", f"{PROMPT}.mlp.3", "embed_dim", "prompt_mlp", "prompt_layers"),
+    # multi-frame integration transformer (MIT)
+    *_param("mit.positional_embedding", "mit.position_embedding", 1, "frames", "embed_dim"),
+    *_clip_block("mit.resblocks.{i}", "mit.encoder.layers.{i}", "embed_dim", "mit_mlp", "mit_layers"),
+    # vision tower: CLIP blocks plus X-CLIP's cross-frame message attention
+    *_param("visual.class_embedding", "vision_model.embeddings.class_embedding", "vision_width"),
+    *_param("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight",
+            "vision_positions", "vision_width"),
+    *_param("visual.proj", "visual_projection.weight", "vision_width", "embed_dim", op=TRANSPOSE),
+    *_param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight",
+            "vision_width", 3, "patch_size", "patch_size"),
+    *_norm("visual.ln_pre", "vision_model.pre_layernorm", "vision_width"),
+    *_linear(f"{VISION}.message_fc", f"{VISION_HF}.message_fc", "vision_width", "vision_width",
+             "vision_layers"),
+    *_norm(f"{VISION}.message_ln", f"{VISION_HF}.message_ln", "vision_width", "vision_layers"),
+    *_packed_attention(f"{VISION}.message_attn", f"{VISION_HF}.message_attn", "vision_width",
+                       "vision_layers"),
+    *_clip_block(VISION, VISION_HF, "vision_width", "vision_mlp", "vision_layers"),
+    *_norm("visual.ln_post", "vision_model.post_layernorm", "vision_width"),
+    # text tower
+    *_clip_block("transformer.resblocks.{i}", "text_model.encoder.layers.{i}", "text_width", "text_mlp",
+                 "text_layers"),
+    *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight",
+            "vocab_size", "text_width"),
+    *_norm("ln_final", "text_model.final_layer_norm", "text_width"),
+    *_norm("prompts_visual_ln", "prompts_visual_layernorm", "vision_width"),
+)  # fmt: skip
 
 
 # ---- applying the table ------------------------------------------------------------------------
@@ -157,11 +208,11 @@ def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
     for key, tensor in state_dict.items():
         found = _match(rules, key, "original")
         if found is None:
-            unmapped.append(f"{key} {_shape(tensor)}")
+            unmapped.append(f"{escape(key)} {_shape(tensor)}")
             continue
         rule, index = rules[found[0]], found[2]
         if rule.op is CHUNK_QKV and tensor.shape[0] % 3:
-            unmapped.append(f"{key} {_shape(tensor)} (dim 0 does not split into q, k, v)")
+            unmapped.append(f"{escape(key)} {_shape(tensor)} (dim 0 does not split into q, k, v)")
             continue
         parts = rule.op.forward(tensor)
         for pattern, part in zip(rule.hf, parts, strict=True):
@@ -179,7 +230,7 @@ def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
     for key, tensor in state_dict.items():
         found = _match(rules, key, "hf")
         if found is None:
-            unmapped.append(f"{key} {_shape(tensor)}")
+            unmapped.append(f"{escape(key)} {_shape(tensor)}")
             continue
         number, position, index = found
         groups.setdefault((number, index), {})[position] = tensor
@@ -189,7 +240,7 @@ def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
         rule = rules[rule_index]
         absent = [_fill(p, index) for n, p in enumerate(rule.hf) if n not in parts]
         if absent:
-            missing.extend(absent)
+            missing.extend(escape(key) for key in absent)
             continue
         restored[_fill(rule.original, index)] = rule.op.reverse(tuple(parts[n] for n in range(len(rule.hf))))
     if unmapped or missing:
@@ -219,8 +270,8 @@ class MappingReport:
             ("shape mismatches", self.mismatched),
         ):
             if items:
-                lines.append(f"  {len(items)} {title}:")
-                lines.extend(f"    {item}" for item in items)
+                lines.append(f"  {len(items):,} {title}:")
+                lines.extend(f"    {item}" for item in listed(sorted(items)))
         return ConverterError("\n".join(lines))
 
 
@@ -230,14 +281,13 @@ def check_against(
     """Compare keys and shapes of `converted` with those of `expected` (e.g. a meta-device model)."""
     report = MappingReport()
     for key in converted.keys() - expected.keys():
-        report.unmapped.append(f"{key} {_shape(converted[key])}")
+        report.unmapped.append(f"{escape(key)} {_shape(converted[key])}")
     for key in expected.keys() - converted.keys():
-        report.missing.append(f"{key} {_shape(expected[key])}")
+        report.missing.append(f"{escape(key)} {_shape(expected[key])}")
     for key in converted.keys() & expected.keys():
         if converted[key].shape != expected[key].shape:
-            report.mismatched.append(
-                f"{key}: checkpoint gives {_shape(converted[key])}, config expects {_shape(expected[key])}"
-            )
+            given, wanted = _shape(converted[key]), _shape(expected[key])
+            report.mismatched.append(f"{escape(key)}: checkpoint gives {given}, config expects {wanted}")
     for items in (report.unmapped, report.missing, report.mismatched):
         items.sort()
     return report
@@ -245,3 +295,29 @@ def check_against(
 
 def _shape(tensor: torch.Tensor) -> str:
     return str(list(tensor.shape))
+
+
+# ---- layouts derived from the table ------------------------------------------------------------
+
+
+def original_shapes(h: Hyper, rules: Iterable[Rule] = RULES) -> dict[str, Shape]:
+    """Every key of an original X-CLIP state dict with its shape, in the checkpoint's own order."""
+    shapes: dict[str, Shape] = {}
+    for layers, run in groupby(rules, key=lambda rule: rule.layers):
+        run = list(run)
+        for index in range(getattr(h, layers)) if layers else [None]:
+            for rule in run:
+                shapes[_fill(rule.original, None if index is None else str(index))] = rule.shape(h)
+    return shapes
+
+
+def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
+    """The XCLIPModel state dict's keys with meta tensors of the right shapes (no memory used)."""
+    return original_to_hf({k: torch.empty(s, device="meta") for k, s in original_shapes(h).items()})
+
+
+def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
+    """Raise one error listing every unexpected, missing and mis-shaped key against `h`."""
+    report = check_against(state_dict, hf_shapes(h))
+    if report:
+        raise report.error("checkpoint vs config")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from converter.config import Hyper
-from converter.layout import original_shapes
+from converter.rules import original_shapes
 
 StateDict = dict[str, torch.Tensor]
 

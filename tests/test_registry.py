@@ -9,22 +9,12 @@ import pytest
 import torch
 
 from converter.build import meta_model
-from converter.config import check_heads, hyper_for_variant, hyper_from_config, infer_hyper, to_config
+from converter.config import FIELDS, check_heads, hyper_for_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError
-from converter.layout import hf_shapes, original_shapes
 from converter.registry import VARIANTS
+from converter.rules import hf_shapes, original_shapes
 
 INVENTORY = Path(__file__).parent / "data" / "inventory"
-
-# Inventory hyperparameter names -> our Hyper fields.
-INVENTORY_FIELDS = {
-    "embed_dim": "embed_dim", "image_resolution": "image_size", "vision_patch_size": "patch_size",
-    "DATA.NUM_FRAMES": "frames", "vision_width": "vision_width", "vision_layers": "vision_layers",
-    "vision_heads": "vision_heads", "transformer_width": "text_width", "transformer_layers": "text_layers",
-    "transformer_heads": "text_heads", "vocab_size": "vocab_size", "context_length": "context_length",
-    "mit_layers": "mit_layers", "mit_heads": "mit_heads", "mit_mlp_width": "mit_mlp",
-    "prompts_layers": "prompt_layers", "prompts_heads": "prompt_heads",
-}  # fmt: skip
 
 
 def inventory(name: str) -> dict:
@@ -40,11 +30,12 @@ def test_inventory_covers_the_registry():
 def test_registry_matches_inventory(name):
     inv = inventory(name)
     hyper = hyper_for_variant(VARIANTS[name])
-    for inv_field, field in INVENTORY_FIELDS.items():
-        assert getattr(hyper, field) == inv["hyperparameters"][inv_field], field
+    for field in FIELDS:
+        if field.original_name is not None:
+            assert getattr(hyper, field.name) == inv["hyperparameters"][field.original_name], field.name
     assert VARIANTS[name].arch.name == inv["hyperparameters"]["MODEL.ARCH"].removesuffix("@336px")
 
-    # Keys and shapes derived from the registry config through the reversed rule table.
+    # Keys and shapes derived from the registry config through the rule table.
     derived = {k: list(s) for k, s in original_shapes(hyper).items()}
     real = {k: v["shape"] for k, v in inv["state_dict"].items()}
     assert derived == real
@@ -64,13 +55,6 @@ def test_config_round_trips_and_heads_match_attention_modules(name):
     assert config.vision_config.mit_num_attention_heads == modules["mit.resblocks.0.attn"]["num_heads"]
     prompt = modules["prompts_generator.decoder.0.cross_attn"]["num_heads"]
     assert config.prompt_num_attention_heads == prompt
-
-
-def test_large_models_have_12_mit_and_prompt_heads():
-    for name in ("xclip-large-patch14", "xclip-large-patch14-16-frames", "xclip-large-patch14-kinetics-600"):
-        config = to_config(hyper_for_variant(VARIANTS[name]))
-        assert config.vision_config.mit_num_attention_heads == 12
-        assert config.prompt_num_attention_heads == 12
 
 
 def test_heads_cannot_be_inferred_below_width_64():
@@ -104,3 +88,16 @@ def test_layout_matches_transformers_model(hyper):
     """The shape table that checks conversions is exactly XCLIPModel's state dict."""
     model_shapes = {k: tuple(v.shape) for k, v in meta_model(to_config(hyper)).state_dict().items()}
     assert {k: tuple(v.shape) for k, v in hf_shapes(hyper).items()} == model_shapes
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_expected_fixtures_repeat_the_registry_faithfully(name):
+    """expected/<model>.json repeats registry facts for the reader; they must not drift apart."""
+    from converter.fetch import source_url
+
+    variant = VARIANTS[name]
+    fixture = json.loads((Path(__file__).parent.parent / "expected" / f"{name}.json").read_text())
+    assert fixture["model_name"] == name
+    assert fixture["release_file"] == variant.source.filename
+    assert fixture["release_source"] == source_url(variant.source)
+    assert (fixture["frames"], fixture["image_size"]) == (variant.frames, variant.image_size)

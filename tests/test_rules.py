@@ -11,7 +11,7 @@ from converter import rules as R
 from converter.build import build_model
 from converter.config import Hyper, to_config
 from converter.errors import ConverterError
-from converter.layout import check_state_dict
+from converter.rules import check_state_dict
 from converter.oracle import OriginalHeads
 from converter.synthetic import make_state_dict
 from converter.verify import verify

@@ -1,21 +1,25 @@
 """Load an original X-CLIP checkpoint safely: weights only, never code from the file.
 
-Accepted files: `.pth`/`.pt`/`.bin` (torch zip or legacy pickle) and `.safetensors`.
+Accepted files: `.pth`/`.pt`/`.bin` (torch zip or legacy format) and `.safetensors`.
 Accepted layouts: the training saver's dict (`{'model': sd, 'optimizer', ..., 'config'}`),
 `{'state_dict': sd}`, or a bare state dict; an optional `module.` prefix (DataParallel) is removed.
+Refused, naming what and where: pickled objects outside the allow-list, keys that are not strings or
+collide once the prefix is stripped, tensors that are not real floating-point, dense and on the CPU,
+and non-finite values.
 """
 
 from __future__ import annotations
 
-import pickle
+import io
+import pickletools
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, escape, listed, reason
 
 StateDict = dict[str, torch.Tensor]
 
@@ -34,47 +38,105 @@ class _CfgNodeStandIn:
 ALLOWED_GLOBALS: list[tuple[object, str]] = [(_CfgNodeStandIn, "yacs.config.CfgNode")]
 _CONTAINER_KEYS = ("model", "state_dict")
 _HF_KEY_PREFIXES = ("vision_model.", "text_model.", "visual_projection.", "mit.encoder.")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_REFETCH = "if it came from the download cache, fetch it again with --force-download"
 
 
 def load_checkpoint(path: str | Path) -> StateDict:
     """Return the original state dict stored in `path` (tensors may be mmap-backed views)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConverterError(
+            f"checkpoint {escape(str(path))} is a folder: give the checkpoint file (.pth, .safetensors)"
+        )
     if not path.is_file():
-        raise ConverterError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        obj: object = _load_safetensors(path)
-    else:
-        obj = _load_torch(path)
-    return extract_state_dict(obj, path)
+        raise ConverterError(f"checkpoint not found: {escape(str(path))}")
+    obj: object = _load_safetensors(path) if path.suffix == ".safetensors" else _load_torch(path)
+    state_dict = extract_state_dict(obj, path)
+    check_tensors(state_dict, path)
+    return state_dict
 
 
 def extract_state_dict(obj: object, source: str | Path = "<checkpoint>") -> StateDict:
     """Find the model's state dict in a loaded checkpoint object and normalise its keys."""
+    where = escape(str(source))
     if not isinstance(obj, Mapping):
-        raise ConverterError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+        raise ConverterError(f"{where}: expected a dict of tensors, found {type(obj).__name__}")
     for key in _CONTAINER_KEYS:
         if isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
-    non_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    not_strings = [repr(k) for k in obj if not isinstance(k, str)]
+    if not_strings:
+        raise ConverterError(
+            f"{where}: state-dict keys must be strings, found {', '.join(listed(not_strings, 5))}"
+        )
+    non_tensors = [escape(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if non_tensors:
         raise ConverterError(
-            f"{source}: not a state dict: entries {non_tensors[:5]} are not tensors "
+            f"{where}: not a state dict: entries {', '.join(listed(non_tensors, 5))} are not tensors "
             f"(expected a bare state dict or one under {' / '.join(map(repr, _CONTAINER_KEYS))})"
         )
     if not obj:
-        raise ConverterError(f"{source}: the state dict is empty")
-    state_dict = {_strip_module_prefix(k): v for k, v in obj.items()}
+        raise ConverterError(f"{where}: the state dict is empty")
+    state_dict: StateDict = {}
+    collisions = []
+    for key, tensor in obj.items():
+        name = key.removeprefix("module.")
+        if name in state_dict:
+            collisions.append(f"{escape(name)!r} and 'module.{escape(name)}'")
+        state_dict[name] = tensor
+    if collisions:
+        raise ConverterError(
+            f"{where}: keys collide once the 'module.' prefix is removed: "
+            f"{'; '.join(listed(collisions, 5))}. Keep one of each pair"
+        )
     if any(k.startswith(_HF_KEY_PREFIXES) for k in state_dict):
         raise ConverterError(
-            f"{source}: this looks like an already converted transformers checkpoint "
+            f"{where}: this looks like an already converted transformers checkpoint "
             "(keys like 'vision_model.…'); load it with XCLIPModel.from_pretrained instead"
         )
     return state_dict
 
 
-def _strip_module_prefix(key: str) -> str:
-    return key[len("module.") :] if key.startswith("module.") else key
+def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
+    """Refuse, naming every offending tensor: what is not a real floating-point dense CPU tensor, and
+    non-finite values (a NaN anywhere would make every output NaN and verification meaningless)."""
+    unusable = [f"{escape(k)} ({_kind(t)})" for k, t in state_dict.items() if _kind(t)]
+    if unusable:
+        raise ConverterError(
+            f"{escape(str(source))}: {len(unusable):,} tensors are not real floating-point weights: "
+            f"{', '.join(listed(unusable, 5))}. An original X-CLIP checkpoint holds float32 tensors only"
+        )
+    non_finite = [
+        f"{escape(k)} ({n:,} of {t.numel():,})" for k, t in state_dict.items() if (n := _non_finite(t))
+    ]
+    if non_finite:
+        raise ConverterError(
+            f"{escape(str(source))}: non-finite values (NaN or inf) in {len(non_finite):,} tensors: "
+            f"{', '.join(listed(non_finite, 5))}. The checkpoint is damaged; {_REFETCH}"
+        )
+
+
+def _kind(tensor: torch.Tensor) -> str | None:
+    """Why a tensor cannot be a weight, or None when it can."""
+    if tensor.is_meta:
+        return "a meta tensor without data"
+    if tensor.layout != torch.strided:
+        return f"sparse, {tensor.layout}"
+    if tensor.is_quantized or tensor.device.type != "cpu":
+        return f"{'quantized' if tensor.is_quantized else tensor.device.type} tensor"
+    if tensor.dtype not in _FLOAT_DTYPES:
+        return f"dtype {str(tensor.dtype).removeprefix('torch.')}"
+    return None
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    # One summing pass is the cheap test (NaN and inf propagate); count exactly only when it fails,
+    # which a sum that merely overflows also does.
+    if torch.isfinite(tensor.sum()):
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
 
 
 def _load_safetensors(path: Path) -> StateDict:
@@ -93,32 +155,83 @@ def _load_torch(path: Path) -> object:
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        refused = _unsafe_globals(path)
+    except Exception as err:  # noqa: BLE001 - torch raises many types; we explain in our own words
+        # torch's message advises `weights_only=False`, the opposite of this tool's promise: never relay it.
+        refused = _refused_globals(path)
         if refused:
             raise ConverterError(
-                f"{path}: refused to load: the file references Python objects outside the allow-list: "
-                f"{', '.join(refused)}. Checkpoints are loaded weights-only and code from them is never "
-                "run; re-save the file as a plain state dict (torch.save(model.state_dict(), ...)) "
-                "or as .safetensors"
+                f"{escape(str(path))}: refused to load: the file references Python objects outside the "
+                f"allow-list: {', '.join(listed(refused, 10))}. Checkpoints are loaded weights-only and code "
+                "from them is never run; re-save the file as a plain state dict "
+                "(torch.save(model.state_dict(), ...)) or as .safetensors"
             ) from None
         raise _unreadable(path, err) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise _unreadable(path, err) from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    allowed = {name for _, name in ALLOWED_GLOBALS}
+def _refused_globals(path: Path) -> list[str]:
+    """Every global a pickle in `path` references that the allow-list does not cover: the zip
+    format's data.pkl, the legacy format's pickle sequence, or a raw pickle alike."""
+    allowed = {name for _, name in ALLOWED_GLOBALS} | {
+        f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1]
+        for g in torch.serialization.get_safe_globals()
+    }
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # a corrupt archive: the caller reports it as unreadable
+        found = set(_pickle_globals(path))
+    except (OSError, zipfile.BadZipFile):  # unreadable: reported as such by the caller
         return []
-    return sorted(g for g in found if g not in allowed)
+    # torch's own rebuild functions and storages are what weights-only loading is built from.
+    return sorted(g for g in found if g not in allowed and not g.startswith(("torch.", "collections.")))
+
+
+def _pickle_globals(path: Path) -> Iterator[str]:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".pkl"):
+                    yield from _globals_in_stream(archive.read(name))
+        return
+    yield from _globals_in_stream(path.read_bytes())
+
+
+def _globals_in_stream(data: bytes) -> Iterator[str]:
+    """GLOBAL / STACK_GLOBAL references of every pickle in `data`, read without unpickling.
+
+    The legacy format is several pickles in a row, then raw storage bytes: reading stops at the
+    first thing that does not parse."""
+    stream = io.BytesIO(data)
+    strings: list[str] = []
+    try:
+        while stream.tell() < len(data):
+            for opcode, arg, _ in pickletools.genops(stream):
+                if opcode.name == "GLOBAL":
+                    yield str(arg).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    yield f"{strings[-2]}.{strings[-1]}"
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except ValueError:
+        return
 
 
 def _unreadable(path: Path, err: BaseException) -> ConverterError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    head = _head(path)
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        what = "it is a web page (HTML), not a checkpoint"
+    elif not head:
+        what = "the file is empty"
+    else:
+        what = reason(err).split(". ")[0]
+        if "weights_only" in what:  # torch's advice to load unsafely: never passed on
+            what = "not a PyTorch checkpoint this tool can read weights-only"
     return ConverterError(
-        f"{path}: cannot read checkpoint ({reason}). The file may be truncated or corrupt; "
-        "if it came from the download cache, fetch it again with --force-download"
+        f"{escape(str(path))}: cannot read checkpoint ({what}). "
+        f"The file may be truncated or corrupt; {_REFETCH}"
     )
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64)
+    except OSError:
+        return b""

@@ -172,17 +172,15 @@ def _verification(
 ) -> str:
     if verification is None:
         return "Not verified (converted with `--no-verify`)."
-    tolerances = getattr(verification, "tolerances", {})
     rows = "\n".join(
-        f"| {k} | {v:.2e} | {tolerances.get(k, verification.atol):.2e} |"
-        for k, v in verification.max_abs_diff.items()
+        f"| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |" for k, v in verification.max_abs_diff.items()
     )
     verdict = "passed" if verification.passed else "FAILED"
     text = (
         "The converted `XCLIPModel` was compared with an independent implementation of the original "
-        f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}); `--atol "
-        f"{verification.atol:g}`, {verdict}:\n\n| output | max abs difference | tolerance |\n|---|---|---|\n"
-        f"{rows}"
+        f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}); tolerance `--atol "
+        f"{verification.atol:g}` times each output's largest magnitude; {verdict}:\n\n"
+        f"| output | max abs difference | tolerance |\n|---|---|---|\n{rows}"
     )
     if dtype == "float32":
         return text

@@ -1,530 +1,351 @@
-"""End-to-end conversion benchmark on full-size synthetic X-CLIP checkpoints.
+"""Conversion benchmark on full-size synthetic X-CLIP checkpoints; exits 1 when a target is missed.
 
-What it measures, per model (default: xclip-base-patch32, ~786 MB, and xclip-large-patch14-16-frames,
-~2.3 GB; each checkpoint is generated once, in a subprocess, in the original trainer's layout):
+Per model (default xclip-base-patch32, 786 MB, and xclip-large-patch14-16-frames, 2.3 GB, generated in
+the original trainer's layout), each command runs in a fresh process; the commands alternate (copy,
+floor, convert, old, per model, per round); one warm-up round is dropped, then medians over --repeats
+rounds of wall time, CPU time (user + sys) and the process's own peak RSS:
 
-  copy     shutil.copyfile of the checkpoint (then deleted)                  -- the I/O floor
-  floor    python -c "import torch; from transformers import XCLIPConfig"    -- the interpreter floor
-  convert  xclip-convert --checkpoint CKPT --no-verify --output OUT --overwrite
-  old      the OLD conversion script's steps: random-init XCLIPModel, full (non-mmap) torch.load,
-           key mapping + a copy of every tensor, a SECOND random-init XCLIPModel, load_state_dict,
-           save_pretrained
+  copy     copy the checkpoint file                               -- the I/O floor
+  floor    import torch; from transformers import XCLIPConfig     -- the interpreter floor
+  convert  python -m converter --checkpoint CKPT --output OUT --no-verify --overwrite
+  old      the old conversion script's steps (see old_pipeline)
 
-Every measurement runs in a FRESH process, started by a fresh tiny wrapper that times the command and
-reports `getrusage(RUSAGE_CHILDREN).ru_maxrss`, i.e. that one process's own peak RSS. Steps and models
-are interleaved round-robin (copy, floor, convert, old, copy, ... for each model, per round) so machine
-noise hits them alike; one warm-up round is discarded, then `--repeats` rounds are measured and the
-medians reported. Dirty pages are flushed (os.sync, untimed) before each measurement, so write-back of
-an earlier step's output is not billed to the next. Wall time includes interpreter start and exit.
+Then, unless --skip-forward, one fresh process per model times the oracle's forward against the
+converted XCLIPModel's on converter.verify's synthetic inputs, alternating, after a warm-up of each.
+Ratios taken side by side in one run are what count: the machine's speed and load vary, ratios much less.
 
-Verification cost (unless --skip-forward): one fresh process per model loads the checkpoint, builds the
-converted XCLIPModel (build_model on original_to_hf of the same state dict, eval, no_grad) and times the
-oracle `original_forward` against `XCLIPModel.forward` on `synthetic_inputs` (1 video, 3 texts),
-alternating oracle/HF, after one warm-up of each, with torch.set_num_threads(2). The number of measured
-pairs is --repeats, capped by --forward-budget seconds per model (at least one pair): one
-large-patch14-16-frames forward takes ~40 s on 2 cores, so it gets one measured pair by default.
-
-Targets (PASS/FAIL printed and written to the JSON):
-  (convert - floor) / copy                       <= 2      (time)
-  old / convert                                  >= 2.5    base-patch32,  >= 4  large-patch14-16-frames
-  (convert peak RSS - floor peak RSS) / ckpt size <= 1.25
-  oracle forward / HF forward                    <= 1.3
-
-Usage:
-  python benchmarks/bench_convert.py [--models NAME ...] [--repeats 3] [--json out.json]
-                                     [--workdir DIR] [--skip-forward] [--forward-budget S]
-                                     [--keep-checkpoints]
-
-Checkpoints already in --workdir are reused; generated ones are deleted at the end unless
---keep-checkpoints. Default workdir: a new /tmp/xclip-bench-* folder, removed at the end.
-Takes ~8-10 min for the two default models on an idle 2-core machine.
+Exit status: 0 every target in TARGETS met, 1 a target missed (each one printed), 2 a command failed.
+Usage: python benchmarks/bench_convert.py [--models NAME ...] [--repeats 3] [--json FILE] [--skip-forward]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
-DEFAULT_MODELS = ("xclip-base-patch32", "xclip-large-patch14-16-frames")
-STEPS = ("copy", "floor", "convert", "old")
 THIS = Path(__file__).resolve()
 REPO = THIS.parent.parent
-
-OLD_OVER_CONVERT_TARGETS = {"xclip-base-patch32": 2.5, "xclip-large-patch14-16-frames": 4.0}
-OLD_OVER_CONVERT_DEFAULT = 2.5
-CONVERT_OVER_COPY_TARGET = 2.0
-RSS_OVER_SIZE_TARGET = 1.25
-ORACLE_OVER_HF_TARGET = 1.3
-
-# Runs ONE command as its only child and prints its wall time and its peak RSS as JSON. Because this
-# wrapper is fresh and has exactly one child, RUSAGE_CHILDREN's ru_maxrss is that child's own peak
-# (Linux: KiB), not a maximum over earlier measurements. The wrapper itself is tiny, so the RSS a
-# child inherits before exec() does not inflate the number.
-_WRAPPER = r"""
-import json, resource, subprocess, sys, time
-t0 = time.perf_counter()
-p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-wall = time.perf_counter() - t0
-usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-kib, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
-tail = p.stdout.decode(errors="replace")[-3000:] if p.returncode else ""
-print(json.dumps({"wall_s": wall, "cpu_s": cpu, "maxrss_kib": kib, "rc": p.returncode, "tail": tail}))
-"""
-
-_COPY = "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])"
-# What every conversion needs loaded: torch for the tensors, transformers for the XCLIPConfig it writes.
-# (`--no-verify` never imports transformers' modelling or processor code; see converter/export.py.)
-_FLOOR = "import torch; from transformers import XCLIPConfig"
+LARGE = "xclip-large-patch14-16-frames"
+DEFAULT_MODELS = ("xclip-base-patch32", LARGE)
+STEPS = ("copy", "floor", "convert", "old")
+FLOOR = "import torch; from transformers import XCLIPConfig"  # what every conversion loads
+FORWARD_BUDGET_S = 120.0  # per model: one large-patch14-16-frames forward takes ~40 s on 2 cores
 
 
-# ---- helpers -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """The ratio `(a - b) / c` (just `a / c` when b is None) and its bound; no bound: reported only."""
+
+    name: str
+    a: str
+    b: str | None
+    c: str
+    op: str | None = None  # "<=" or ">="
+    bound: float | None = None
+    per_model: dict[str, float] = field(default_factory=dict)  # bounds that differ by model
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
+# Quantities are per-model medians: <step>_s (wall), <step>_cpu_s, <step>_mb (peak RSS), size_mb
+# (the checkpoint), oracle_s and hf_s (None with --skip-forward: their targets are skipped).
+TARGETS = (
+    Target("(convert - floor) / copy", "convert_s", "floor_s", "copy_s", "<=", 2.0),
+    Target("old / convert", "old_s", None, "convert_s", ">=", 2.5, {LARGE: 4.0}),
+    Target("(convert RSS - floor RSS) / size", "convert_mb", "floor_mb", "size_mb", "<=", 1.25),
+    Target("oracle / HF forward", "oracle_s", None, "hf_s", "<=", 1.3),
+    # The first ratio in CPU seconds: there the write cannot hide behind the imports on a second thread.
+    Target("(convert - floor) / copy, CPU s", "convert_cpu_s", "floor_cpu_s", "copy_cpu_s"),
+)
+_OPS = {"<=": operator.le, ">=": operator.ge}
 
 
-def _convert_command() -> list[str]:
-    """The installed console script, run by this interpreter (not through a pyenv/shell shim)."""
-    script = Path(sysconfig.get_path("scripts")) / "xclip-convert"
-    if script.is_file():
-        return [sys.executable, str(script)]
-    return [sys.executable, "-m", "converter"]
+class BenchmarkError(Exception):
+    """A measured command failed: nothing to compare."""
 
 
-def measure(cmd: list[str]) -> dict:
-    """Wall time and own peak RSS of `cmd`, run in a fresh process under a fresh wrapper."""
-    # Flush dirty pages first (untimed), so write-back of an earlier step's output is not billed to
-    # this one: each step writes 0.8-2.3 GB and the kernel's dirty thresholds are a few GB.
-    os.sync()
-    out = subprocess.run(
-        [sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=_child_env(), check=True
-    )
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    if result["rc"] != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {result['rc']}:\n{result['tail']}")
-    return {"wall_s": result["wall_s"], "cpu_s": result["cpu_s"], "rss_mb": result["maxrss_kib"] * 1024 / 1e6}
+# ---- arithmetic (no timing; tests/test_bench.py drives it with fake numbers) ---------------------
+
+
+def quantities(size_mb: float, samples: dict[str, list[dict]], forward: dict | None) -> dict:
+    """Medians of the measured rounds (and of the forward pairs) under the names TARGETS use."""
+    q: dict[str, float | None] = {"size_mb": size_mb, "oracle_s": None, "hf_s": None}
+    for step, runs in samples.items():
+        for unit in ("s", "cpu_s", "mb"):
+            q[f"{step}_{unit}"] = statistics.median(run[unit] for run in runs)
+    if forward:
+        q["oracle_s"] = statistics.median(forward["oracle"])
+        q["hf_s"] = statistics.median(forward["hf"])
+    return q
+
+
+def evaluate(per_model: dict[str, dict]) -> list[dict]:
+    """One row per (model, target): the ratio, its bound and whether it is met (None: no bound)."""
+    rows = []
+    for model, q in per_model.items():
+        for t in TARGETS:
+            a, c = q[t.a], q[t.c]  # a KeyError here is a typo in TARGETS, not a skipped measurement
+            b = q[t.b] if t.b else 0.0
+            if None in (a, b, c):
+                continue
+            bound = t.per_model.get(model, t.bound)
+            value = (a - b) / c
+            met = _OPS[t.op](value, bound) if t.op else None
+            rows.append(
+                {"model": model, "target": t.name, "value": value, "op": t.op, "bound": bound, "met": met}
+            )
+    return rows
+
+
+def report(per_model: dict[str, dict], rows: list[dict]) -> int:
+    """Print a Markdown table (medians and ratios) and each missed target; return the exit status."""
+    names = [t.name for t in TARGETS if any(r["target"] == t.name for r in rows)]
+    print("\n| model | " + " | ".join(STEPS) + " | " + " | ".join(names) + " |")
+    print("|---" * (1 + len(STEPS) + len(names)) + "|")
+    for model, q in per_model.items():
+        steps = [f"{q[f'{s}_s']:.2f} s, {q[f'{s}_mb']:.0f} MB" for s in STEPS]
+        ratios = {r["target"]: _cell(r) for r in rows if r["model"] == model}
+        print(f"| {model} | " + " | ".join(steps + [ratios.get(n, "-") for n in names]) + " |")
+    missed = [r for r in rows if r["met"] is False]
+    for r in missed:
+        print(f"MISSED {r['model']}: {r['target']} = {r['value']:.2f}, target {r['op']} {r['bound']:g}")
+    print("all targets met" if not missed else f"{len(missed)} target(s) missed")
+    return 1 if missed else 0
+
+
+def _cell(row: dict) -> str:
+    if row["op"] is None:
+        return f"{row['value']:.2f}"
+    symbol = {"<=": "≤", ">=": "≥"}[row["op"]]
+    return f"**{row['value']:.2f}** ({symbol} {row['bound']:g})" + ("" if row["met"] else " MISSED")
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def measure(cmd: list[str], log: Path) -> dict[str, float]:
+    """Wall time, CPU time and peak RSS of `cmd` in a fresh process.
+
+    os.wait4 returns that one child's own rusage. Its ru_maxrss also counts this process's RSS at the
+    fork, so this process never imports torch (its own peak is in the JSON as `parent_rss_mb`).
+    """
+    os.sync()  # untimed: write-back of the previous step's gigabytes is not billed to this one
+    with log.open("wb") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise BenchmarkError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+    # Linux reports ru_maxrss in KiB.
+    return {"s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "mb": usage.ru_maxrss * 1024 / 1e6}
+
+
+def command(step: str, model: str, checkpoint: Path, out: Path) -> list[str]:
+    py = sys.executable
+    return {
+        "copy": [py, "-c", "import shutil, sys; shutil.copyfile(*sys.argv[1:])", str(checkpoint), str(out)],
+        "floor": [py, "-c", FLOOR],
+        "convert": [py, "-m", "converter", "--checkpoint", str(checkpoint), "--output", str(out)]
+        + ["--no-verify", "--overwrite"],
+        "old": [py, str(THIS), "--worker", "old", model, str(checkpoint), str(out)],
+    }[step]
+
+
+def collect(models: list[str], repeats: int, skip_forward: bool, workdir: Path) -> dict[str, dict]:
+    """Generate the checkpoints, run the alternating rounds and the forward timing: raw numbers per model."""
+    checkpoints = {model: workdir / f"{model}.pth" for model in models}
+    for model, path in checkpoints.items():
+        _worker_run("generate", model, path)
+        print(f"generated {path.name} ({path.stat().st_size / 1e6:.0f} MB)", flush=True)
+    samples: dict[str, dict[str, list]] = {model: {step: [] for step in STEPS} for model in models}
+    out, log = workdir / "out", workdir / "log"
+    for round_no in range(repeats + 1):
+        label = f"round {round_no}/{repeats}" if round_no else "warm-up"
+        for model in models:
+            for step in STEPS:
+                run = measure(command(step, model, checkpoints[model], out), log)
+                _remove(out)
+                print(f"  [{label}] {model:30s} {step:8s} {run['s']:7.2f} s {run['mb']:7.0f} MB", flush=True)
+                if round_no:
+                    samples[model][step].append(run)
+    data = {}
+    for model, path in checkpoints.items():
+        timed = None if skip_forward else _worker_run("forward", model, path)
+        if timed:
+            print(f"  forward {model}: {timed}", flush=True)
+        data[model] = {"size_mb": path.stat().st_size / 1e6, "samples": samples[model], "forward": timed}
+    return data
 
 
 def _remove(path: Path) -> None:
     if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
 
 
-def _verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+def _worker_run(kind: str, *args: object) -> dict | None:
+    """Run a worker below in a fresh process; its last stdout line, if any, is JSON."""
+    cmd = [sys.executable, str(THIS), "--worker", kind, *map(str, args)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=_env())
+    if proc.returncode:
+        raise BenchmarkError(f"{' '.join(cmd)} exited {proc.returncode} (its stderr is above)")
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else None
 
 
-# ---- worker modes (each runs in its own fresh process) ------------------------------------------
+# ---- workers: each runs in its own fresh process -------------------------------------------------
 
 
-def generate_checkpoint(model: str, path: Path) -> None:
-    """Write a full-size seeded synthetic checkpoint in the original trainer's layout."""
+def generate(model: str, path: str) -> None:
+    """A full-size seeded synthetic checkpoint in the original trainer's layout."""
     from converter.config import hyper_for_variant
     from converter.registry import VARIANTS
     from converter.synthetic import make_state_dict, save_training_layout
 
     hyper = hyper_for_variant(VARIANTS[model])
-    partial = path.with_name(path.name + ".partial")
-    save_training_layout(partial, make_state_dict(hyper, seed=0), hyper)
-    partial.rename(path)
+    save_training_layout(path, make_state_dict(hyper, seed=0), hyper)
 
 
-def old_pipeline(model: str, checkpoint: Path, output: Path) -> None:
-    """The steps of the OLD conversion script (transformers' convert_x_clip_original_pytorch_to_hf)."""
+def _load_training_file(path: str, mmap: bool) -> dict:
+    """torch.load(weights_only=False), as the old script did. The trainer stored a yacs CfgNode in the
+    file; yacs is not installed, so a dict subclass stands in for it. The file is our own."""
+    import types
+
     import torch
+
+    yacs, config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    config.CfgNode = type("CfgNode", (dict,), {})
+    sys.modules.setdefault("yacs", yacs)
+    sys.modules.setdefault("yacs.config", config)
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+
+
+def old_pipeline(model: str, checkpoint: str, output: str) -> None:
+    """The steps of the old conversion script (transformers' convert_x_clip_original_pytorch_to_hf)."""
     from transformers import XCLIPModel
 
     from converter.config import hyper_for_variant, to_config
-    from converter.load import ALLOWED_GLOBALS
     from converter.registry import VARIANTS
     from converter.rules import original_to_hf
 
     config = to_config(hyper_for_variant(VARIANTS[model]))
-    model_1 = XCLIPModel(config)  # the old script's first, random-init model
-    model_1.eval()
-    # The old script did a full torch.load(weights_only=False). The file holds a yacs CfgNode, so we
-    # read it weights-only with the converter's stand-in allow-list instead, but still WITHOUT mmap:
-    # every tensor is read into anonymous memory, as the old full load did.
-    with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-        checkpoint_obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state_dict = checkpoint_obj["model"]
-    # The old string-replace mapping built a new dict of copies.
-    converted = {k: v.clone() for k, v in original_to_hf(state_dict).items()}
-    model_2 = XCLIPModel(config)  # the old script's second random-init model
-    model_2.load_state_dict(converted, strict=True)
-    model_2.eval()
-    model_2.save_pretrained(output)
-    del model_1
+    first = XCLIPModel(config).eval()  # the old script's first, random-init model
+    state_dict = _load_training_file(checkpoint, mmap=False)["model"]  # every tensor read into memory
+    converted = {k: v.clone() for k, v in original_to_hf(state_dict).items()}  # its mapping made copies
+    second = XCLIPModel(config)  # and a second random-init model
+    second.load_state_dict(converted, strict=True)
+    second.eval().save_pretrained(output)
+    del first  # held to the end, as the old script held it
 
 
-def forward_worker(model: str, checkpoint: Path, repeats: int, budget_s: float, result_path: Path) -> None:
-    """Time the oracle vs the converted XCLIPModel's forward, alternating, after a warm-up of each.
-
-    Measured pairs: `repeats`, capped so that they take about `budget_s` (at least one pair); a
-    large-patch14-16-frames forward takes ~40 s on 2 cores.
-    """
-    import torch
-
+def forward(model: str, checkpoint: str, repeats: str) -> None:
+    """Print {"oracle": [s, ...], "hf": [s, ...], "max_abs_logit_diff": d}: alternating pairs after a
+    warm-up of each; at most `repeats` pairs, as many as fit FORWARD_BUDGET_S, at least one."""
     from converter.build import build_model
     from converter.config import hyper_for_variant, to_config
-    from converter.convert import oracle_heads
-    from converter.load import load_checkpoint
-    from converter.oracle import original_forward
     from converter.registry import VARIANTS
     from converter.rules import original_to_hf
-    from converter.verify import synthetic_inputs
+    from converter.verify import hf_outputs, oracle_outputs, synthetic_inputs
 
-    torch.set_num_threads(2)
     hyper = hyper_for_variant(VARIANTS[model])
-    original = load_checkpoint(checkpoint)
+    original = _load_training_file(checkpoint, mmap=True)["model"]
     hf_model = build_model(to_config(hyper), original_to_hf(original)).eval()
     pixel_values, input_ids = synthetic_inputs(hyper)
-    heads = oracle_heads(hyper)
+    runs = {
+        "oracle": lambda: oracle_outputs(original, pixel_values, input_ids),
+        "hf": lambda: hf_outputs(hf_model, pixel_values, input_ids),
+    }
 
-    def run_oracle() -> torch.Tensor:
-        return original_forward(original, pixel_values, input_ids, heads=heads)["logits"]
-
-    def run_hf() -> torch.Tensor:
-        with torch.no_grad():
-            return hf_model(input_ids=input_ids, pixel_values=pixel_values).logits_per_video
-
-    def timed(fn) -> tuple[float, torch.Tensor]:
+    def timed(name: str) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        out = fn()
+        out = runs[name]()
         return time.perf_counter() - t0, out
 
-    warm = {"oracle": timed(run_oracle)[0], "hf": timed(run_hf)[0]}
-    pairs = max(1, min(repeats, int(budget_s // (warm["oracle"] + warm["hf"]))))
+    warm_up = timed("oracle")[0] + timed("hf")[0]
     times: dict[str, list[float]] = {"oracle": [], "hf": []}
-    max_diff = 0.0
-    for _ in range(pairs):
-        t_o, logits_o = timed(run_oracle)
-        t_h, logits_h = timed(run_hf)
-        times["oracle"].append(t_o)
-        times["hf"].append(t_h)
-        max_diff = max(max_diff, (logits_o - logits_h).abs().max().item())
-    result_path.write_text(
-        json.dumps({"warmup_s": warm, "pairs": pairs, "times_s": times, "max_abs_logit_diff": max_diff})
-    )
+    diff = 0.0
+    for _ in range(max(1, min(int(repeats), int(FORWARD_BUDGET_S // warm_up)))):
+        (t_oracle, want), (t_hf, got) = timed("oracle"), timed("hf")
+        times["oracle"].append(t_oracle)
+        times["hf"].append(t_hf)
+        diff = max(diff, (want["logits"] - got["logits"]).abs().max().item())
+    print(json.dumps({**times, "max_abs_logit_diff": diff}))
 
 
-# ---- the benchmark -------------------------------------------------------------------------------
+WORKERS = {"generate": generate, "old": old_pipeline, "forward": forward}
 
 
-def ensure_checkpoint(model: str, workdir: Path) -> tuple[Path, bool]:
-    """Return (path, generated_now); generation runs in a subprocess to keep this process small."""
-    path = workdir / f"{model}.pth"
-    if path.is_file():
-        return path, False
-    t0 = time.perf_counter()
-    subprocess.run([sys.executable, str(THIS), "--generate", model, str(path)], check=True, env=_child_env())
-    size = path.stat().st_size / 1e6
-    print(f"generated {path} ({size:.0f} MB) in {time.perf_counter() - t0:.1f} s", flush=True)
-    return path, True
-
-
-def step_command(step: str, model: str, checkpoint: Path, scratch: Path) -> list[str]:
-    if step == "copy":
-        return [sys.executable, "-c", _COPY, str(checkpoint), str(scratch)]
-    if step == "floor":
-        return [sys.executable, "-c", _FLOOR]
-    if step == "convert":
-        return [
-            *_convert_command(),
-            "--checkpoint",
-            str(checkpoint),
-            "--no-verify",
-            "--output",
-            str(scratch),
-            "--overwrite",
-        ]
-    if step == "old":
-        return [sys.executable, str(THIS), "--old-pipeline", model, str(checkpoint), str(scratch)]
-    raise ValueError(step)
-
-
-def run_rounds(models: list[str], checkpoints: dict[str, Path], repeats: int, workdir: Path) -> dict:
-    samples: dict[str, dict[str, list[dict]]] = {m: {s: [] for s in STEPS} for m in models}
-    for round_no in range(repeats + 1):
-        label = "warm-up" if round_no == 0 else f"round {round_no}/{repeats}"
-        for model in models:
-            for step in STEPS:
-                scratch = workdir / f"scratch-{step}-{model}"
-                _remove(scratch)
-                try:
-                    m = measure(step_command(step, model, checkpoints[model], scratch))
-                finally:
-                    _remove(scratch)
-                print(
-                    f"  [{label}] {model:32s} {step:8s} {m['wall_s']:7.2f} s {m['rss_mb']:8.0f} MB",
-                    flush=True,
-                )
-                if round_no > 0:
-                    samples[model][step].append(m)
-    return samples
-
-
-def summarise(models: list[str], checkpoints: dict[str, Path], samples: dict) -> dict:
-    results = {}
-    for model in models:
-        size_mb = checkpoints[model].stat().st_size / 1e6
-        med = {
-            step: {
-                "wall_s": statistics.median(s["wall_s"] for s in samples[model][step]),
-                "rss_mb": statistics.median(s["rss_mb"] for s in samples[model][step]),
-                "cpu_s": statistics.median(s["cpu_s"] for s in samples[model][step]),
-            }
-            for step in STEPS
-        }
-        copy_t, floor_t = med["copy"]["wall_s"], med["floor"]["wall_s"]
-        conv_t, old_t = med["convert"]["wall_s"], med["old"]["wall_s"]
-        old_target = OLD_OVER_CONVERT_TARGETS.get(model, OLD_OVER_CONVERT_DEFAULT)
-        ratios = {
-            "convert_minus_floor_over_copy": {
-                "value": (conv_t - floor_t) / copy_t,
-                "target": f"<= {CONVERT_OVER_COPY_TARGET}",
-            },
-            "old_over_convert": {"value": old_t / conv_t, "target": f">= {old_target}"},
-            "convert_rss_minus_floor_over_size": {
-                "value": (med["convert"]["rss_mb"] - med["floor"]["rss_mb"]) / size_mb,
-                "target": f"<= {RSS_OVER_SIZE_TARGET}",
-            },
-        }
-        ratios["convert_minus_floor_over_copy"]["pass"] = (
-            ratios["convert_minus_floor_over_copy"]["value"] <= CONVERT_OVER_COPY_TARGET
-        )
-        ratios["old_over_convert"]["pass"] = ratios["old_over_convert"]["value"] >= old_target
-        ratios["convert_rss_minus_floor_over_size"]["pass"] = (
-            ratios["convert_rss_minus_floor_over_size"]["value"] <= RSS_OVER_SIZE_TARGET
-        )
-        cpu = {step: med[step]["cpu_s"] for step in STEPS}
-        results[model] = {
-            "checkpoint_mb": size_mb,
-            "samples": samples[model],
-            "median": med,
-            "ratios": ratios,
-            # Informational, no target: the same ratio in CPU seconds (user + sys), which other load
-            # on the machine inflates much less than wall time.
-            "info_cpu_convert_minus_floor_over_copy": (cpu["convert"] - cpu["floor"]) / cpu["copy"],
-        }
-    return results
-
-
-def run_forward(
-    models: list[str], checkpoints: dict[str, Path], repeats: int, budget_s: float, workdir: Path
-) -> dict:
-    out = {}
-    for model in models:
-        result_path = workdir / f"forward-{model}.json"
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                str(THIS),
-                "--forward-worker",
-                model,
-                str(checkpoints[model]),
-                str(repeats),
-                str(budget_s),
-                str(result_path),
-            ],
-            check=True,
-            env=_child_env(),
-        )
-        data = json.loads(result_path.read_text())
-        result_path.unlink()
-        oracle = statistics.median(data["times_s"]["oracle"])
-        hf = statistics.median(data["times_s"]["hf"])
-        data["median_s"] = {"oracle": oracle, "hf": hf}
-        ratio = oracle / hf
-        data["ratio_oracle_over_hf"] = {
-            "value": ratio,
-            "target": f"<= {ORACLE_OVER_HF_TARGET}",
-            "pass": ratio <= ORACLE_OVER_HF_TARGET,
-        }
-        out[model] = data
-        print(
-            f"  forward {model:32s} oracle {oracle:6.2f} s  HF {hf:6.2f} s  ({data['pairs']} pairs, "
-            f"process {time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-    return out
-
-
-def print_report(results: dict, forward: dict | None) -> None:
-    print()
-    print("Medians (wall time s / peak RSS MB):")
-    header = f"{'model':32s} {'ckpt MB':>8s} " + " ".join(f"{s:>17s}" for s in STEPS)
-    print(header)
-    print("-" * len(header))
-    for model, r in results.items():
-        cells = " ".join(f"{r['median'][s]['wall_s']:7.2f}s {r['median'][s]['rss_mb']:7.0f}MB" for s in STEPS)
-        print(f"{model:32s} {r['checkpoint_mb']:8.0f} {cells}")
-    print()
-    print("Ratios:")
-    names = {
-        "convert_minus_floor_over_copy": "(convert - floor) / copy        [time]",
-        "old_over_convert": "old / convert                   [time]",
-        "convert_rss_minus_floor_over_size": "(convert RSS - floor RSS) / size",
-    }
-    for model, r in results.items():
-        for key, label in names.items():
-            ratio = r["ratios"][key]
-            print(
-                f"  {model:32s} {label:40s} {ratio['value']:6.2f}  target {ratio['target']:7s} "
-                f"{_verdict(ratio['pass'])}"
-            )
-    for model, r in results.items():
-        print(
-            f"  {model:32s} {'(info) same in CPU s (user+sys)':40s} "
-            f"{r['info_cpu_convert_minus_floor_over_copy']:6.2f}  (no target; robust to other load)"
-        )
-    if forward:
-        for model, f in forward.items():
-            ratio = f["ratio_oracle_over_hf"]
-            print(
-                f"  {model:32s} {'oracle / HF forward':40s} {ratio['value']:6.2f}  "
-                f"target {ratio['target']:7s} {_verdict(ratio['pass'])}   "
-                f"(oracle {f['median_s']['oracle']:.2f} s, "
-                f"HF {f['median_s']['hf']:.2f} s, max |Δlogits| {f['max_abs_logit_diff']:.1e})"
-            )
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="NAME")
     p.add_argument("--repeats", type=int, default=3, help="measured rounds after one warm-up round")
-    p.add_argument(
-        "--json",
-        type=Path,
-        default=None,
-        help="results file (default: bench-results.json in --workdir, else in the current folder)",
-    )
-    p.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new one in /tmp)")
+    p.add_argument("--json", type=Path, help="write every sample, median and ratio to this file")
     p.add_argument("--skip-forward", action="store_true", help="skip the oracle vs HF forward timing")
-    p.add_argument(
-        "--forward-budget",
-        type=float,
-        default=120.0,
-        metavar="S",
-        help="seconds per model for the measured forward pairs (at most --repeats, at least 1; default 120)",
-    )
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep the generated checkpoints")
-    # Internal worker modes, each run in a fresh process by the benchmark itself.
-    p.add_argument("--generate", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
-    p.add_argument("--old-pipeline", nargs=3, metavar=("MODEL", "CKPT", "OUT"), help=argparse.SUPPRESS)
-    p.add_argument(
-        "--forward-worker", nargs=5, metavar=("MODEL", "CKPT", "N", "BUDGET", "OUT"), help=argparse.SUPPRESS
-    )
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)  # the benchmark's own child processes
     args = p.parse_args(argv)
-
-    if args.generate:
-        generate_checkpoint(args.generate[0], Path(args.generate[1]))
+    if args.worker:
+        WORKERS[args.worker[0]](*args.worker[1:])
         return 0
-    if args.old_pipeline:
-        model, ckpt, out = args.old_pipeline
-        old_pipeline(model, Path(ckpt), Path(out))
-        return 0
-    if args.forward_worker:
-        model, ckpt, n, budget, out = args.forward_worker
-        forward_worker(model, Path(ckpt), int(n), float(budget), Path(out))
-        return 0
-
-    sys.path.insert(0, str(REPO))
-    from converter.registry import VARIANTS
-
-    unknown = [m for m in args.models if m not in VARIANTS]
-    if unknown:
-        p.error(f"unknown model(s): {', '.join(unknown)}")
     if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+        p.error("--repeats must be at least 1")
 
-    own_workdir = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="xclip-bench-", dir="/tmp")) if own_workdir else args.workdir
-    workdir.mkdir(parents=True, exist_ok=True)
-    json_path = args.json or ((Path.cwd() if own_workdir else workdir) / "bench-results.json")
-    started = time.perf_counter()
-    load_before = os.getloadavg()
-    if load_before[0] > 0.5:
-        print(
-            f"warning: load average {load_before[0]:.2f} before start: wall times will be noisy", flush=True
-        )
-    generated: list[Path] = []
+    started, load_before = time.perf_counter(), os.getloadavg()
     try:
-        checkpoints = {}
-        for model in args.models:
-            checkpoints[model], new = ensure_checkpoint(model, workdir)
-            if new:
-                generated.append(checkpoints[model])
-        print(f"conversion rounds: 1 warm-up + {args.repeats} measured, steps {', '.join(STEPS)}", flush=True)
-        samples = run_rounds(args.models, checkpoints, args.repeats, workdir)
-        results = summarise(args.models, checkpoints, samples)
-        forward = None
-        if not args.skip_forward:
-            print("forward timing (oracle vs HF), 1 warm-up each + alternating repeats:", flush=True)
-            forward = run_forward(args.models, checkpoints, args.repeats, args.forward_budget, workdir)
-        print_report(results, forward)
-        all_pass = all(r["pass"] for m in results.values() for r in m["ratios"].values()) and all(
-            f["ratio_oracle_over_hf"]["pass"] for f in (forward or {}).values()
-        )
+        with tempfile.TemporaryDirectory(prefix="xclip-bench-") as workdir:
+            data = collect(args.models, args.repeats, args.skip_forward, Path(workdir))
+    except BenchmarkError as err:
+        print(f"benchmark failed: {err}", file=sys.stderr)
+        return 2
+    per_model = {m: quantities(d["size_mb"], d["samples"], d["forward"]) for m, d in data.items()}
+    rows = evaluate(per_model)
+    status = report(per_model, rows)
+    if args.json:
+        machine = {
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "versions": {name: version(name) for name in ("torch", "transformers", "safetensors")},
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "parent_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
+        }
         payload = {
-            "machine": {
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "cpus": os.cpu_count(),
-                "versions": _versions(),
-                "loadavg_before": load_before,
-                "loadavg_after": os.getloadavg(),
-            },
+            "machine": machine,
             "repeats": args.repeats,
-            "convert_command": _convert_command(),
-            "conversion": results,
-            "forward": forward,
-            "all_pass": all_pass,
+            "commands": {s: command(s, "MODEL", Path("CKPT"), Path("OUT")) for s in STEPS},
+            "targets": [asdict(t) for t in TARGETS],
+            "models": {m: {**d, "median": per_model[m]} for m, d in data.items()},
+            "results": rows,
+            "all_met": status == 0,
             "benchmark_wall_s": time.perf_counter() - started,
         }
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(payload, indent=2))
-        print(
-            f"\nall targets: {_verdict(all_pass)}; results in {json_path} "
-            f"(benchmark took {payload['benchmark_wall_s']:.0f} s)"
-        )
-        return 0
-    finally:
-        if not args.keep_checkpoints:
-            for path in generated:
-                path.unlink(missing_ok=True)
-        if own_workdir and not args.keep_checkpoints:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "transformers", "safetensors"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "?"
-    return out
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+        print(f"results in {args.json}")
+    return status
 
 
 if __name__ == "__main__":

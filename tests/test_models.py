@@ -13,6 +13,7 @@ For each of the 18 registry names (in the test id, so `-k patch16`, `-k large`, 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zlib
 from pathlib import Path
@@ -27,11 +28,12 @@ from converter.cli import DEFAULT_TEXTS, main
 from converter.config import hyper_for_variant
 from converter.errors import ConverterError
 from converter.load import load_checkpoint
-from converter.processing import build_image_processor, load_spaghetti_clip
+from converter.processing import preprocess_video
 from converter.registry import VARIANTS, Variant
 from converter.synthetic import make_state_dict, save_training_layout
 from converter.verify import compare, hf_outputs, oracle_outputs
 from tests._http import LoopbackServer
+from tests.release_clips import load_spaghetti_clip
 
 EXPECTED = Path(__file__).parent.parent / "expected"
 # The oracle's outputs on each model's seeded synthetic checkpoint and clip (open_clip-style stored
@@ -170,7 +172,7 @@ def test_synthetic(name, release_mirror, output_dir, record_property, monkeypatc
         assert result.passed, result.summary()
         # Not degenerate: the texts are told apart.
         assert expected["logits"].std() > 1e-2, expected["logits"]
-        record_property("max_abs_diff", result.max_abs_diff)
+        record_property("synthetic_max_abs_diff", max(result.max_abs_diff.values()))
     finally:
         release_mirror.withdraw(variant)
         if (path := fetch.cached_source(variant.source)) is not None:
@@ -206,25 +208,43 @@ def real_checkpoint(config, variant: Variant) -> Path:
         )
 
 
-def old_script_processor(preprocessing: dict, image_size: int):
-    """The preprocessing an expected JSON's probabilities were computed with."""
+def expected_pixel_values(preprocessing: dict, clip: np.ndarray, image_size: int) -> torch.Tensor:
+    """The clip preprocessed as an expected JSON's probabilities were computed."""
     from PIL import Image
     from transformers import VideoMAEImageProcessorPil
 
     if preprocessing["name"] == "original":
-        return build_image_processor(image_size)
-    return VideoMAEImageProcessorPil(
+        return preprocess_video(clip, image_size)
+    processor = VideoMAEImageProcessorPil(
         size={"shortest_edge": preprocessing["shortest_edge"]},
         crop_size={"height": preprocessing["crop_size"], "width": preprocessing["crop_size"]},
         image_mean=preprocessing["image_mean"],
         image_std=preprocessing["image_std"],
         resample=Image.Resampling[preprocessing["resample"].upper()],
     )
+    return processor(list(clip), return_tensors="pt")["pixel_values"]
+
+
+def processor_tolerance(gap: float, floor: float) -> float:
+    """The tolerance the saved processor's approximation needs: twice the measured gap, rounded up to
+    one significant digit, and never tighter than the fixture's own tolerance."""
+    x = max(2 * gap, floor)
+    scale = 10 ** math.floor(math.log10(x))
+    return round(math.ceil(round(x / scale, 6)) * scale, 12)
+
+
+def probabilities(model, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, pixel_values=pixel_values).logits_per_video.softmax(dim=1)
+
+
+def rounded(probs: torch.Tensor) -> list[float]:
+    return [round(p, 4) for p in probs.flatten().tolist()]
 
 
 @pytest.mark.release
 @pytest.mark.parametrize("name", MODELS)
-def test_release(name, request, output_dir):
+def test_release(name, request, output_dir, record_property):
     config = request.config
     variant = VARIANTS[name]
     expected_file = EXPECTED / f"{name}.json"
@@ -238,30 +258,55 @@ def test_release(name, request, output_dir):
     model = convert_with_cli(["--checkpoint", checkpoint, "--model-name", name], output_dir)
     original = load_checkpoint(checkpoint)
     processor = AutoProcessor.from_pretrained(output_dir)
-    inputs = processor(text=expected["texts"], videos=list(clip), return_tensors="pt", padding=True)
-    _, oracle = compare_with_oracle(model, original, inputs["pixel_values"], inputs["input_ids"])
+    users = processor(text=expected["texts"], videos=list(clip), return_tensors="pt", padding=True)
+    input_ids = users["input_ids"]
+    # The oracle sees what the original would: the original's preprocessing (within one uint8 level).
+    pixel_values = preprocess_video(clip, variant.image_size)
+    result, oracle = compare_with_oracle(model, original, pixel_values, input_ids)
+    record_property("release_max_abs_diff", max(result.max_abs_diff.values()))
+    # What users get: the saved AutoProcessor, which only approximates the original's resize.
+    user_probs = probabilities(model, input_ids, users["pixel_values"])
 
     if config.getoption("--update-expected"):
-        probs = oracle["logits"].softmax(dim=1)[0].tolist()
+        probs = oracle["logits"].softmax(dim=1)
+        gap = float((user_probs - probs).abs().max())
         expected.update(
-            expected_probs=[round(p, 6) for p in probs],
+            expected_probs=[round(p, 6) for p in probs[0].tolist()],
             preprocessing={"name": "original", "image_size": variant.image_size},
-            provenance=f"the oracle (converter/oracle.py) on the real checkpoint {checkpoint.name}",
+            processor_atol=processor_tolerance(gap, expected["atol"]),
+            provenance=(
+                f"the oracle (converter/oracle.py) on the real checkpoint {checkpoint.name}, the clip "
+                f"preprocessed by converter.processing.preprocess_video (the original's); processor_atol: "
+                f"twice the saved AutoProcessor's measured gap ({gap:.1e}), rounded up"
+            ),
             confirmed=True,
             unconfirmed_reason=None,
         )
         expected_file.write_text(json.dumps(expected, indent=2) + "\n")
         return
 
+    preprocessing = expected["preprocessing"]
+    want = torch.tensor([expected["expected_probs"]])
+    processor_atol = expected.get("processor_atol")
+    if preprocessing["name"] == "original":
+        assert processor_atol is not None, f"{expected_file} has no processor_atol: rerun --update-expected"
+        users_line = f"saved AutoProcessor {rounded(user_probs)} vs {rounded(want)} (atol {processor_atol:g})"
+    else:
+        users_line = (
+            f"saved AutoProcessor {rounded(user_probs)} (expected from other preprocessing: not compared)"
+        )
+    record_property(
+        "preprocessing",
+        f"oracle on preprocess_video (the original's); expected from {preprocessing['name']}; {users_line}",
+    )
     if not expected["confirmed"]:
         pytest.skip(
             f"oracle check passed; probability check skipped: unconfirmed: {expected['unconfirmed_reason']}"
         )
-    image_processor = old_script_processor(expected["preprocessing"], variant.image_size)
-    pixel_values = image_processor(list(clip), return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        probs = model(input_ids=inputs["input_ids"], pixel_values=pixel_values).logits_per_video.softmax(
-            dim=1
-        )
-    want = torch.tensor([expected["expected_probs"]])
+    probs = probabilities(model, input_ids, expected_pixel_values(preprocessing, clip, variant.image_size))
+    record_property("probabilities", f"{rounded(probs)} vs {rounded(want)} (atol {expected['atol']:g})")
     assert torch.allclose(probs, want, atol=expected["atol"]), f"{probs} vs {want}"
+    if processor_atol is not None:
+        assert torch.allclose(user_probs, want, atol=processor_atol), (
+            f"through the saved AutoProcessor: {user_probs} vs {want} (atol {processor_atol:g})"
+        )

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from converter.errors import ConverterError
+from converter.fetch import url_cache_path
+
+# The original release; ``$XCLIP_RELEASE_URL`` replaces it with a mirror that holds every file by name.
+RELEASE_BASE_URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0"
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one harmless path component
 
 
 @dataclass(frozen=True)
@@ -29,20 +38,61 @@ ARCHS = {
 }
 
 
+def release_base_url() -> str:
+    """Base URL of the released checkpoints: ``$XCLIP_RELEASE_URL`` (a mirror) or the GitHub release."""
+    env = os.environ.get("XCLIP_RELEASE_URL")
+    return env.rstrip("/") if env else RELEASE_BASE_URL
+
+
 @dataclass(frozen=True)
 class Source:
-    """A GitHub release asset (`release`) or a Google-Drive file (`gdrive`)."""
+    """A GitHub release asset (`release`) or a Google-Drive file (`gdrive`): where it is downloaded from
+    and where the cache keeps it."""
 
-    kind: str
+    kind: Literal["release", "gdrive"]
     ref: str  # release file name, or Drive file id
-    filename: str  # the name the file goes by in --checkpoint-dir and the cache
+    filename: str  # the name the file goes by in --checkpoint-dir, on a mirror and in the cache
+
+    def __post_init__(self) -> None:
+        # Both end up in cache paths and URLs: refuse anything that could leave its folder.
+        if self.kind not in ("release", "gdrive"):
+            raise ConverterError(f"unknown source kind {self.kind!r}: expected 'release' or 'gdrive'")
+        if not _SAFE_NAME.fullmatch(self.filename):
+            raise ConverterError(
+                f"invalid checkpoint file name {self.filename!r}: expected one plain file name"
+            )
+        if self.kind == "gdrive" and not re.fullmatch(r"[A-Za-z0-9_-]+", self.ref):
+            raise ConverterError(
+                f"invalid Google Drive file id {self.ref!r}: expected only letters, digits, '-' and '_'."
+            )
+
+    @property
+    def from_release_url(self) -> bool:
+        """Whether it comes from the release URL: a release asset, or any file when a mirror is set (a
+        mirror holds every checkpoint by name, the Drive-hosted ones too)."""
+        return self.kind == "release" or bool(os.environ.get("XCLIP_RELEASE_URL"))
+
+    def url(self) -> str:
+        """Where it is downloaded from (also what messages and model cards cite)."""
+        if self.from_release_url:
+            return f"{release_base_url()}/{self.filename}"
+        return f"https://drive.google.com/file/d/{self.ref}"
+
+    def cache_path(self, cache: Path) -> Path:
+        """Its path in the cache rooted at `cache`: the URL's own path (so a mirror and the release never
+        share a file), or ``gdrive/<id>/<filename>`` for a Drive file."""
+        if self.from_release_url:
+            return url_cache_path(self.url(), cache)
+        return cache / "gdrive" / self.ref / self.filename
 
 
 def release(filename: str) -> Source:
+    """A release asset, known by its file name."""
     return Source("release", filename, filename)
 
 
 def gdrive(file_id: str, filename: str) -> Source:
+    """A Google-Drive file, known by its id; `filename` names it in the cache and on mirrors."""
     return Source("gdrive", file_id, filename)
 
 

@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 (ephemeral port) for tests, with injectable faults.
 
-Serves a dict of ``path -> bytes`` and/or a directory, honours ``Range: bytes=N-[M]`` (206), and records every
-request so tests can assert what went over the wire::
+Serves a dict of ``path -> bytes`` and/or a directory, honours ``Range: bytes=N-[M]`` (206) and ``If-Range``
+(each file has an ETag and a Last-Modified, unless ``validators=False``), and records every request so tests
+can assert what went over the wire::
 
     with LoopbackServer({"/m.pth": data}) as srv:
         srv.add_faults("/m.pth", Fault(status=503), Fault(truncate=0.5))  # next two requests, in order
@@ -12,10 +13,12 @@ request so tests can assert what went over the wire::
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -30,14 +33,28 @@ class Fault:
     status:       answer this status code with a short text body instead of the file.
     truncate:     announce the full length, send only this many bytes (int) or this fraction (float) of the
                   answer's body, then close the connection (a dropped / short transfer).
+    stall:        seconds of silence before that close (after the `truncate` bytes, or after the headers):
+                  a server that stops sending without hanging up.
     ignore_range: answer 200 with the whole file even to a Range request.
+    ignore_if_range: honour Range even when If-Range names another version (a broken cache or proxy).
     delay:        seconds to sleep before answering (slow server, read timeouts).
+    pace:         seconds to sleep between 16 KiB pieces of the body (a slow but live server).
+    no_length:    send no Content-Length; the end of the body is the end of the connection.
+    body, content_type: answer 200 with this body and type instead of the file (an HTML page, say).
+    swap:         after this answer, the file has these bytes (a new version, with a new ETag and date).
     """
 
     status: int | None = None
     truncate: int | float | None = None
+    stall: float = 0.0
     ignore_range: bool = False
+    ignore_if_range: bool = False
     delay: float = 0.0
+    pace: float = 0.0
+    no_length: bool = False
+    body: bytes | None = None
+    content_type: str | None = None
+    swap: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class Hit:
     status: int
     length: int  # body length announced in Content-Length
     sent: int  # body bytes actually written
+    if_range: str | None = None  # the If-Range header, if any
 
     @property
     def complete(self) -> bool:
@@ -70,10 +88,13 @@ class LoopbackServer:
         *,
         root: Path | str | None = None,
         range_support: bool = True,
+        validators: bool = True,
     ) -> None:
         self.files: dict[str, bytes] = {_norm(k): v for k, v in (files or {}).items()}
         self.root = Path(root).resolve() if root is not None else None
         self.range_support = range_support
+        self.validators = validators  # ETag and Last-Modified on every file, If-Range honoured
+        self._versions: dict[str, int] = {}  # bumped by Fault(swap=...): a new Last-Modified
         self.hits: list[Hit] = []
         self._faults: dict[str, list[Fault]] = {}
         self._always: dict[str, Fault] = {}
@@ -170,6 +191,21 @@ class LoopbackServer:
                 return target.read_bytes()
         return None
 
+    def _validators(self, path: str, body: bytes) -> dict[str, str]:
+        if not self.validators:
+            return {}
+        with self._lock:
+            version = self._versions.get(path, 0)
+        return {
+            "ETag": '"' + hashlib.sha256(body).hexdigest()[:16] + '"',
+            "Last-Modified": formatdate(1_600_000_000 + 3600 * version, usegmt=True),
+        }
+
+    def _swap(self, path: str, body: bytes) -> None:
+        with self._lock:
+            self.files[path] = body
+            self._versions[path] = self._versions.get(path, 0) + 1
+
     def _begin(self, path: str) -> Fault:
         """Count a request as in flight and pick its fault."""
         with self._lock:
@@ -210,26 +246,40 @@ class _Handler(BaseHTTPRequestHandler):
         path = _norm(self.path)
         fault = self.owner._begin(path)
         range_header = self.headers.get("Range")
-        hit = Hit(self.command, path, range_header, 0, 0, 0)  # recorded even if answering fails
+        if_range = self.headers.get("If-Range")
+        hit = Hit(self.command, path, range_header, 0, 0, 0, if_range)  # recorded even if answering fails
         try:
             if fault.delay:
                 time.sleep(fault.delay)
             status, payload, headers = self._answer(path, range_header, fault)
-            hit = Hit(self.command, path, range_header, status, len(payload), 0)
+            hit = Hit(self.command, path, range_header, status, len(payload), 0, if_range)
             hit = self._send(hit, payload, headers, fault, head=head)
+            if fault.swap is not None:
+                self.owner._swap(path, fault.swap)
         finally:
             self.owner._end(hit)
 
     def _answer(self, path: str, range_header: str | None, fault: Fault) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, extra headers) for this request."""
         owner = self.owner
+        if fault.body is not None:
+            return 200, fault.body, {"Content-Type": fault.content_type or "text/html; charset=utf-8"}
         body = owner._body(path)
         if fault.status is not None or body is None:
             status = fault.status if fault.status is not None else 404
-            return status, f"{status} for {path}\n".encode(), {}
+            return status, f"{status} for {path}\n".encode(), {"Content-Type": "text/plain"}
         size = len(body)
-        headers = {"Accept-Ranges": "bytes" if owner.range_support else "none"}
-        if range_header and owner.range_support and not fault.ignore_range:
+        headers = {
+            "Accept-Ranges": "bytes" if owner.range_support else "none",
+            **owner._validators(path, body),
+        }
+        if fault.content_type:
+            headers["Content-Type"] = fault.content_type
+        if_range = self.headers.get("If-Range")
+        current = (headers.get("ETag"), headers.get("Last-Modified"))
+        # RFC 9110: a Range whose If-Range names another version is ignored (the whole new file, 200).
+        range_valid = if_range is None or if_range in current or fault.ignore_if_range
+        if range_header and owner.range_support and not fault.ignore_range and range_valid:
             parsed = _parse_range(range_header, size)
             if parsed is None:
                 return 416, b"", {**headers, "Content-Range": f"bytes */{size}"}
@@ -241,23 +291,34 @@ class _Handler(BaseHTTPRequestHandler):
         n = len(payload)
         if fault.truncate is not None:
             n = int(n * fault.truncate) if isinstance(fault.truncate, float) else min(n, fault.truncate)
-            self.close_connection = True  # the short body ends with the connection, as a real drop does
+        cut = fault.truncate is not None or fault.stall > 0
+        if cut or fault.no_length:
+            self.close_connection = True  # the body ends with the connection, as a real drop does
+        sent = 0
         try:
             self.send_response(hit.status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(payload)))
+            headers = {"Content-Type": "application/octet-stream", **headers}
+            if not fault.no_length:
+                headers["Content-Length"] = str(len(payload))
             for k, v in headers.items():
                 self.send_header(k, v)
-            if fault.truncate is not None:
+            if cut or fault.no_length:
                 self.send_header("Connection", "close")
             self.end_headers()
             if head:
                 return hit
-            self.wfile.write(payload[:n])
-            self.wfile.flush()
+            piece = 16 << 10 if fault.pace else max(n, 1)
+            while sent < n:
+                self.wfile.write(payload[sent : min(n, sent + piece)])
+                self.wfile.flush()
+                sent = min(n, sent + piece)
+                if fault.pace and sent < n:
+                    time.sleep(fault.pace)
+            if fault.stall:
+                time.sleep(fault.stall)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (e.g. its read timed out)
             self.close_connection = True
-            return hit
+            return replace(hit, sent=sent)
         return replace(hit, sent=n)
 
 

@@ -12,15 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
-from converter import fetch
+from converter import fetch, registry
 from converter.errors import ConverterError
 from tests._http import Fault, LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = random.Random(0).randbytes(256 * 1024 + 13)  # odd size: halves are not chunk-aligned
 SHA = hashlib.sha256(DATA).hexdigest()
+V2 = random.Random(1).randbytes(len(DATA) + 1000)  # a new version of the file on the server
 PATH = "/v1.0/k400_32_8.pth"
 
 
@@ -28,10 +28,9 @@ PATH = "/v1.0/k400_32_8.pth"
 def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     # Short timeouts and backoff keep every failure path well under a second.
     monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "READ_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
     monkeypatch.setattr(fetch, "BACKOFF_MAX", 0.05)
-    monkeypatch.setattr(fetch, "UNREACHABLE_DELAY", 0.01)
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("XCLIP_RELEASE_URL", raising=False)
     return tmp_path / "cache"
@@ -63,6 +62,7 @@ def test_dropped_transfer_resumes_with_range(server: LoopbackServer) -> None:
     # Resumed from what was saved (at most the bytes sent; a read block cut by the drop is lost).
     assert hits[1].range is not None and hits[1].range.startswith("bytes=") and hits[1].complete
     assert 0 < int(hits[1].range[len("bytes=") : -1]) <= hits[0].sent
+    assert hits[1].if_range is not None  # resumed only with the validator of the first answer
     assert (path.parent / (path.name + ".sha256")).read_text() == SHA + "\n"
     assert not (path.parent / (path.name + ".part")).exists()
 
@@ -96,13 +96,24 @@ def test_4xx_after_a_drop_removes_the_partial_file(server: LoopbackServer, _fast
     assert _cache_files(_fast_and_isolated) == []
 
 
-def test_complete_partial_file_is_finished_without_a_body(server: LoopbackServer) -> None:
+def test_complete_partial_file_is_finished_without_a_body(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A crash between the last byte and the rename leaves a complete ".part": the resume gets 416.
-    path = fetch.fetch_url(server.url(PATH))
-    path.replace(path.parent / (path.name + ".part"))
-    (path.parent / (path.name + ".sha256")).unlink()
+    real_replace = os.replace
+
+    def crash(src: object, dst: object) -> None:
+        if str(src).endswith(".part"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", crash)
+        with pytest.raises(KeyboardInterrupt):
+            fetch.fetch_url(server.url(PATH))
     assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA
-    assert [h.status for h in server.hits_for(PATH)] == [200, 416]
+    hits = server.hits_for(PATH)
+    assert [h.status for h in hits] == [200, 416] and hits[1].if_range is not None
 
 
 def test_503_twice_then_success(server: LoopbackServer) -> None:
@@ -120,8 +131,10 @@ def test_5xx_forever_gives_up_after_bounded_retries(server: LoopbackServer) -> N
     assert len(server.hits_for(PATH)) == fetch.MAX_RETRIES + 1
 
 
-def test_read_timeout_is_retried(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "READ_TIMEOUT", 0.3)
+def test_silence_before_the_answer_is_retried(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 0.3)
     server.add_faults(PATH, Fault(delay=1.0))
     assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
 
@@ -140,7 +153,7 @@ def test_short_body_on_every_attempt_is_reported(server: LoopbackServer) -> None
 # -- integrity --------------------------------------------------------------------------------------------
 
 
-def test_sha256_pin_mismatch_deletes_the_download(server: LoopbackServer, _fast_and_isolated: Path) -> None:
+def test_sha256_pin_mismatch_caches_nothing(server: LoopbackServer, _fast_and_isolated: Path) -> None:
     wrong = "0" * 64
     with pytest.raises(ConverterError) as err:
         fetch.fetch_url(server.url(PATH), sha256=wrong)
@@ -155,11 +168,13 @@ def test_sha256_pin_match_and_cached_pin(server: LoopbackServer) -> None:
     assert fetch.fetch_url(server.url(PATH), sha256=SHA) == path  # from the record, no network
 
 
-def test_cache_hit_with_wrong_record_redownloads(server: LoopbackServer) -> None:
+def test_corrupt_cached_file_is_fetched_again(server: LoopbackServer) -> None:
+    # The cached file no longer matches the digest recorded when it was fetched: our own copy went bad,
+    # so a pin it cannot meet fetches it again (an intact one would be kept: see below).
     path = fetch.fetch_url(server.url(PATH))
     path.write_bytes(b"corrupt")
-    (path.parent / (path.name + ".sha256")).write_text(hashlib.sha256(b"corrupt").hexdigest() + "\n")
-    assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA
+    server.files[PATH] = V2
+    assert fetch.fetch_url(server.url(PATH), sha256=hashlib.sha256(V2).hexdigest()).read_bytes() == V2
     assert server.full_gets(PATH) == 2
 
 
@@ -311,78 +326,392 @@ def test_bad_urls_fail_at_once() -> None:
     assert time.monotonic() - t0 < 2.0
 
 
-# -- Google Drive -----------------------------------------------------------------------------------------
+# -- resume only what is provably the same file ------------------------------------------------------------
 
 
-def test_gdrive_uses_id_resume_and_unique_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_changed_file_under_resume_restarts(server: LoopbackServer) -> None:
+    # The first transfer is cut off, and the server has a new version when we come back.
+    server.add_faults(PATH, Fault(truncate=0.5, swap=V2))
+    path = fetch.fetch_url(server.url(PATH))
+    assert path.read_bytes() == V2  # not the old half spliced onto the new file's tail
+    hits = server.hits_for(PATH)
+    assert [h.status for h in hits] == [200, 200] and hits[1].if_range is not None
+
+
+def test_last_modified_is_a_validator_too(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only Last-Modified (the ETag is weak, so If-Range may not use it).
+    real = server._validators
+    monkeypatch.setattr(server, "_validators", lambda p, b: {**real(p, b), "ETag": 'W/"x"'})
+    server.add_faults(PATH, Fault(truncate=0.5, swap=V2))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2
+    assert server.hits_for(PATH)[1].if_range.endswith("GMT")
+
+
+def test_a_206_of_another_version_restarts(server: LoopbackServer) -> None:
+    # A broken proxy honours Range although If-Range names the old version: its new ETag gives it away.
+    server.add_faults(PATH, Fault(truncate=0.5, swap=V2))
+    server.set_always(PATH, Fault(ignore_if_range=True))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2
+    assert [h.status for h in server.hits_for(PATH)] == [200, 206, 200]
+
+
+def test_part_without_a_validator_starts_over(_fast_and_isolated: Path) -> None:
+    with LoopbackServer({PATH: DATA}, validators=False) as server:
+        server.add_faults(PATH, Fault(truncate=0.5))
+        assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+        hits = server.hits_for(PATH)
+    assert [h.status for h in hits] == [200, 200] and hits[1].range is None
+
+
+def test_part_from_an_old_run_without_a_validator_starts_over(server: LoopbackServer) -> None:
+    # A ".part" left by an older version of this tool (no validator beside it) is never resumed.
+    part = fetch.url_cache_path(server.url(PATH), fetch.cache_dir()).with_suffix(".pth.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(V2[:1000])
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert [h.range for h in server.hits_for(PATH)] == [None]
+
+
+# -- nothing implausible is cached -------------------------------------------------------------------------
+
+QUOTA_PAGE = (
+    b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head><body>"
+    b'<p class="uc-error-subcaption">Too many users have viewed or downloaded this file recently. Please try '
+    b"accessing the file again later.</p></body></html>"
+)
+LOGIN_PAGE = b"\n  <html><head><title>Sign in</title></head><body>Sign in to continue</body></html>"
+
+
+@pytest.mark.parametrize(
+    ("page", "content_type", "named"),
+    [
+        (QUOTA_PAGE, "text/html; charset=utf-8", "Google Drive quota"),
+        (LOGIN_PAGE, "text/html", "HTML page"),
+        (LOGIN_PAGE, "application/octet-stream", "HTML page"),  # the first bytes give it away
+        (b"Service temporarily unavailable, try later\n", "text/plain", "text/plain page"),
+    ],
+)
+def test_a_web_page_is_never_cached(
+    server: LoopbackServer, _fast_and_isolated: Path, page: bytes, content_type: str, named: str
+) -> None:
+    server.add_faults(PATH, Fault(body=page, content_type=content_type))
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert named in msg and server.url(PATH) in msg and "nothing was cached" in msg and "\n" not in msg
+    assert _cache_files(_fast_and_isolated) == []  # no file, no .sha256 to trust later
+    assert len(server.hits_for(PATH)) == 1  # a page is not retried
+
+
+def _checkpoint_bytes() -> bytes:
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(40000, dtype=torch.float32)}, buffer)
+    return buffer.getvalue()
+
+
+def test_no_length_and_a_drop_is_not_cached(_fast_and_isolated: Path) -> None:
+    data = _checkpoint_bytes()
+    with LoopbackServer({PATH: data, "/b.pth": data}) as server:
+        server.set_always(PATH, Fault(no_length=True, truncate=0.5, ignore_range=True))
+        with pytest.raises(ConverterError) as err:
+            fetch.fetch_url(server.url(PATH))
+        msg = str(err.value)
+        assert "incomplete" in msg and "central directory" in msg and "a re-run resumes" in msg, msg
+        # Only the resumable ".part" and its validator: no file, no digest.
+        assert {Path(p).suffix for p in _cache_files(_fast_and_isolated)} == {".part", ".json"}
+        # A drop once, then a resume that completes it.
+        server.add_faults("/b.pth", Fault(no_length=True, truncate=0.5))
+        assert fetch.fetch_url(server.url("/b.pth")).read_bytes() == data
+        assert [h.status for h in server.hits_for("/b.pth")] == [200, 206]
+
+
+def test_no_length_needs_a_checkpoint_that_proves_itself_complete(_fast_and_isolated: Path) -> None:
+    data = _checkpoint_bytes()
+    with LoopbackServer({"/a.pth": data, PATH: DATA}) as server:
+        server.set_always("/a.pth", Fault(no_length=True))
+        assert fetch.fetch_url(server.url("/a.pth")).read_bytes() == data  # a complete zip
+        server.set_always(PATH, Fault(no_length=True))
+        with pytest.raises(ConverterError, match="cannot be proven complete.*--sha256"):
+            fetch.fetch_url(server.url(PATH))  # random bytes: nothing says where they end
+        assert not fetch.url_cache_path(server.url(PATH), _fast_and_isolated).exists()
+        assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA  # the pin proves it
+
+
+def test_safetensors_without_length_is_checked_by_its_header(_fast_and_isolated: Path) -> None:
+    import safetensors.torch
+    import torch
+
+    data = safetensors.torch.save({"w": torch.zeros(20000)})
+    with LoopbackServer({"/m.safetensors": data}) as server:
+        server.add_faults("/m.safetensors", Fault(no_length=True, truncate=0.5), Fault(no_length=True))
+        assert fetch.fetch_url(server.url("/m.safetensors")).read_bytes() == data
+        assert len(server.hits_for("/m.safetensors")) == 2
+
+
+# -- stalls and slow servers ------------------------------------------------------------------------------
+
+
+def test_a_stall_is_retried_and_resumed(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 0.2)
+    server.add_faults(PATH, Fault(truncate=0.5, stall=1.0))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    hits = sorted(server.hits_for(PATH), key=lambda h: h.status)  # the stalled one ends last
+    assert [h.status for h in hits] == [200, 206] and hits[1].if_range is not None
+
+
+def test_a_stall_is_reported_as_a_stall(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 0.2)
+    monkeypatch.setattr(fetch, "MAX_RETRIES", 1)
+    server.set_always(PATH, Fault(truncate=0.5, stall=0.6, ignore_range=True))
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert "stalled" in msg and "no data for 0.2 s" in msg and "truncated" not in msg, msg
+    assert server.url(PATH) in msg and "\n" not in msg
+
+
+def test_a_slow_download_shows_progress_in_a_log(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(fetch, "PROGRESS_EVERY", 0.05)
+    server.add_faults(PATH, Fault(pace=0.03))
+    fetch.fetch_url(server.url(PATH))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("downloading k400_32_8.pth: ") for line in lines)
+    assert f"of {len(DATA) / 1e6:.1f} MB" in lines[-1]
+
+
+def test_a_fast_download_prints_nothing(server: LoopbackServer, capsys: pytest.CaptureFixture[str]) -> None:
+    fetch.fetch_url(server.url(PATH))
+    assert capsys.readouterr().err == ""
+
+
+def test_a_terminal_gets_a_progress_bar(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tqdm
+
+    bars = []
+    monkeypatch.setattr(fetch, "_stderr_is_tty", lambda: True)
+    real = tqdm.tqdm
+    monkeypatch.setattr(tqdm, "tqdm", lambda **kw: bars.append(kw) or real(**{**kw, "disable": True}))
+    fetch.fetch_url(server.url(PATH))
+    assert bars and bars[0]["total"] == len(DATA)
+
+
+# -- --sha256 ---------------------------------------------------------------------------------------------
+
+
+def test_parse_sha256() -> None:
+    assert fetch.parse_sha256(None) is None
+    assert fetch.parse_sha256(f" {SHA.upper()}\n") == SHA
+    for bad in ("xyz", SHA[:-1], SHA + "0", "g" * 64, "", f"sha256:{SHA}"):
+        with pytest.raises(ConverterError, match=r"--sha256 .*64 hexadecimal digits"):
+            fetch.parse_sha256(bad)
+
+
+def test_a_malformed_pin_is_refused_before_any_download(server: LoopbackServer) -> None:
+    with pytest.raises(ConverterError, match="--sha256 'xyz'"):
+        fetch.fetch_url(server.url(PATH), sha256="xyz")
+    assert server.hits_for(PATH) == []
+
+
+def test_a_pin_that_disagrees_with_the_cache_keeps_the_file(server: LoopbackServer) -> None:
+    path = fetch.fetch_url(server.url(PATH))
+    wrong = "ab" * 32
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH), sha256=wrong)
+    msg = str(err.value)
+    assert wrong in msg and SHA in msg and "kept" in msg and "--force-download" in msg
+    assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
+    assert server.full_gets(PATH) == 1  # and no second download
+
+
+def test_a_forced_download_that_fails_its_pin_keeps_the_good_copy(server: LoopbackServer) -> None:
+    path = fetch.fetch_url(server.url(PATH))
+    server.set_always(PATH, Fault(body=V2, content_type="application/octet-stream"))
+    with pytest.raises(ConverterError, match="nothing was cached"):
+        fetch.fetch_url(server.url(PATH), sha256=SHA, force=True)
+    assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
+    assert not path.with_name(path.name + ".part").exists()
+
+
+# -- the cache folder --------------------------------------------------------------------------------------
+
+
+def test_a_cache_that_is_a_file_is_named(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XCLIP_CACHE", str(blocker))
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert f"{blocker} is a file, not a folder" in msg and "XCLIP_CACHE" in msg and "\n" not in msg
+    assert blocker.read_text() == "x"
+
+
+def test_an_unwritable_cache_is_named(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Simulated: this suite may run as root, whom permissions do not stop.
+    def denied(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert str(fetch.cache_dir()) in msg and "permission denied" in msg and "XCLIP_CACHE" in msg
+
+
+def test_a_full_disk_leaves_nothing_and_says_so(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
+) -> None:
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def write(self, block: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    def full_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(file, mode, *args, **kwargs)
+        return Full(f) if str(file).endswith(".part") and "w" in mode or "a" in mode else f
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    monkeypatch.undo()
+    assert "no space left on device" in str(err.value) and "XCLIP_CACHE" in str(err.value)
+    assert not any(name.endswith((".pth", ".sha256")) for name in _cache_files(_fast_and_isolated))
+
+
+# -- Google Drive (gdown) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def drive_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests never reach Google: name resolution answers as if online.
+    monkeypatch.setattr(
+        socket,
+        "getaddrinfo",
+        lambda *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))],
+    )
+
+
+def test_gdrive_uses_the_id_and_unique_paths(monkeypatch: pytest.MonkeyPatch, drive_online: None) -> None:
     import gdown
 
     calls: list[dict] = []
+    checkpoint = _checkpoint_bytes()
 
     def fake_download(*args: object, **kwargs: object) -> str:
         assert not args
         calls.append(kwargs)
-        Path(str(kwargs["output"])).write_bytes(f"weights of {kwargs['id']}".encode())
+        Path(str(kwargs["output"])).write_bytes(checkpoint + str(kwargs["id"]).encode())
         return str(kwargs["output"])
 
     monkeypatch.setattr(gdown, "download", fake_download)
-    a = fetch.fetch_gdrive("1AbC-_x", filename="model.pth")
-    b = fetch.fetch_gdrive("2XyZ", filename="model.pth")  # same name: the old shared-path bug
-    c = fetch.fetch_gdrive("3Def")
-    assert len({a, b, c}) == 3
-    assert a.read_bytes() == b"weights of 1AbC-_x" and b.read_bytes() == b"weights of 2XyZ"
-    assert c.name == "3Def.pth" and c.parent.name == "3Def" and c.parent.parent.name == "gdrive"
-    assert all(k.get("url") is None and k["resume"] is True for k in calls)
-    assert [k["id"] for k in calls] == ["1AbC-_x", "2XyZ", "3Def"]
+    a = fetch.fetch_source(registry.gdrive("1AbC-_x", "model.pth"))
+    b = fetch.fetch_source(registry.gdrive("2XyZ", "model.pth"))  # same name: the old shared-path bug
+    assert a != b and a.parent.name == "1AbC-_x" and a.parent.parent.name == "gdrive"
+    assert a.read_bytes().endswith(b"1AbC-_x") and b.read_bytes().endswith(b"2XyZ")
+    # gdown's own resume across runs is not validated, so each run starts afresh (it resumes within a run).
+    assert all(k.get("url") is None and k["resume"] is False and k["retries"] > 0 for k in calls)
     assert all(str(k["output"]).endswith(".part") for k in calls)
 
-    assert fetch.fetch_gdrive("1AbC-_x", filename="model.pth") == a  # cache hit: gdown not called
-    assert len(calls) == 3
+    assert fetch.fetch_source(registry.gdrive("1AbC-_x", "model.pth")) == a  # cache hit: gdown not called
+    assert len(calls) == 2
     with pytest.raises(ConverterError, match="expected sha256"):
-        fetch.fetch_gdrive("4Pin", sha256="0" * 64)
-    assert not (fetch.cache_dir() / "gdrive" / "4Pin" / "4Pin.pth").exists()
+        fetch.fetch_source(registry.gdrive("4Pin", "m.pth"), sha256="0" * 64)
+    assert not (fetch.cache_dir() / "gdrive" / "4Pin" / "m.pth").exists()
 
 
-def test_gdrive_errors_become_one_line_converter_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gdrive_html_answers_are_never_cached(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
+) -> None:
     import gdown
     from gdown.exceptions import FileURLRetrievalError
 
-    def offline(**kwargs: object) -> str:
-        raise requests.exceptions.ConnectionError("Max retries exceeded with url: /uc?id=1Off")
+    def page(**kwargs: object) -> str:
+        Path(str(kwargs["output"])).write_bytes(QUOTA_PAGE)
+        return str(kwargs["output"])
 
-    monkeypatch.setattr(gdown, "download", offline)
+    monkeypatch.setattr(gdown, "download", page)
     with pytest.raises(ConverterError) as err:
-        fetch.fetch_gdrive("1Off")
-    msg = str(err.value)
-    assert "1Off" in msg and "offline" in msg and "--checkpoint PATH" in msg and "XCLIP_CACHE" in msg
-    assert "\n" not in msg
+        fetch.fetch_source(registry.gdrive("1Page", "m.pth"))
+    assert "Google Drive quota" in str(err.value) and "1Page" in str(err.value)
+    assert _cache_files(_fast_and_isolated) == []
 
     def refused(**kwargs: object) -> str:
         raise FileURLRetrievalError("Failed to retrieve file url:\n\n\tToo many users have viewed it.\n")
 
     monkeypatch.setattr(gdown, "download", refused)
     with pytest.raises(ConverterError) as err:
-        fetch.fetch_gdrive("2Quota")
-    assert "2Quota" in str(err.value) and "\n" not in str(err.value)
+        fetch.fetch_source(registry.gdrive("2Quota", "m.pth"))
+    assert (
+        "Google Drive quota" in str(err.value) and "2Quota" in str(err.value) and "\n" not in str(err.value)
+    )
 
+
+def test_gdrive_cut_off_file_is_not_cached(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
+) -> None:
+    import gdown
+
+    def half(**kwargs: object) -> str:
+        data = _checkpoint_bytes()
+        Path(str(kwargs["output"])).write_bytes(data[: len(data) // 2])
+        return str(kwargs["output"])
+
+    monkeypatch.setattr(gdown, "download", half)
+    with pytest.raises(ConverterError, match="incomplete"):
+        fetch.fetch_source(registry.gdrive("1Half", "m.pth"))
+    assert _cache_files(_fast_and_isolated) == []
+
+
+def test_gdrive_offline_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gdown
+
+    def no_dns(*args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(gdown, "download", lambda **kw: pytest.fail("gdown retries for minutes offline"))
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_source(registry.gdrive("1Off", "m.pth"))
+    msg = str(err.value)
+    assert "1Off" in msg and "offline" in msg and "--checkpoint PATH" in msg and "\n" not in msg
+
+
+def test_gdrive_errors_become_one_line_converter_errors(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None
+) -> None:
+    import gdown
+    from gdown.exceptions import DownloadError
+
+    def stalled(**kwargs: object) -> str:
+        raise DownloadError("Download failed after 5 retries: HTTPSConnectionPool: Read timed out.")
+
+    monkeypatch.setattr(gdown, "download", stalled)
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_source(registry.gdrive("1Slow", "m.pth"))
+    assert "stalled" in str(err.value) and "1Slow" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConverterError, match="invalid Google Drive file id"):
-        fetch.fetch_gdrive("../etc")
-
-
-# -- environment ------------------------------------------------------------------------------------------
-
-
-def test_env_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("XCLIP_CACHE")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert fetch.cache_dir() == tmp_path / "home" / ".cache" / "xclip-converter"
-    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "elsewhere"))
-    assert fetch.cache_dir() == tmp_path / "elsewhere"
-
-    assert fetch.release_base_url() == fetch.RELEASE_BASE_URL
-    assert fetch.release_url("k400_32_8.pth") == fetch.RELEASE_BASE_URL + "/k400_32_8.pth"
-    with LoopbackServer({PATH: DATA}) as mirror:
-        monkeypatch.setenv("XCLIP_RELEASE_URL", mirror.base_url + "/v1.0/")
-        assert fetch.release_url("k400_32_8.pth") == mirror.url(PATH)
-        path = fetch.fetch_url(fetch.release_url("k400_32_8.pth"))
-    assert path.is_relative_to(tmp_path / "elsewhere") and path.read_bytes() == DATA
+        registry.gdrive("../etc", "m.pth")

@@ -1,33 +1,35 @@
-"""`xclip-convert`: fetch -> load -> convert -> verify -> write, for one checkpoint.
+"""`xclip-convert`: argparse around the library (`converter.pipeline`, `converter.audit`,
+`converter.to_original`), and the one mapping from what went wrong to an exit status.
 
-Exit status: 0 converted (and verified), 1 verification failed, 2 bad input.
-Heavy modules (torch, transformers) are imported only by the commands that need them.
+Exit status: 0 verified and written (or an audit that matched); 1 a verification ran and failed (or
+an audit found a mismatch); 2 every other refusal, with one line naming the path, key or flag and
+what to do; 130/143 interrupted by SIGINT/SIGTERM. Results go to stdout, progress to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converter.errors import ConverterError, VerificationError
-from converter.registry import VARIANTS, Variant, get_variant
+from converter.errors import ConverterError, VerificationError, escape, reason
+from converter.registry import VARIANTS, get_variant
 
 if TYPE_CHECKING:
-    from converter.convert import Conversion, StateDict
+    from converter.pipeline import ConversionResult
 
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+PROG = "xclip-convert"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="xclip-convert",
+        prog=PROG,
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
     )
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--config", metavar="FILE", help="XCLIPConfig JSON overriding inference from the checkpoint"
     )
-    src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256; a mismatch fails")
+    src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
     src.add_argument(
         "--force-download", action="store_true", help="fetch again even if the cache holds the checkpoint"
     )
@@ -55,11 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--pytorch_dump_folder_path",
         dest="output",
         metavar="DIR",
-        help="folder to write (config.json, model.safetensors)",
+        help="folder to write (with --to-original: the .pth file)",
     )
-    out.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    out.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     out.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
-
     out.add_argument(
         "--push-to-hub",
         "--push_to_hub",
@@ -77,45 +78,101 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--no-verify", action="store_true", help="skip the comparison with the original forward pass"
     )
-    ver.add_argument(
-        "--atol", type=float, default=None, help="max |Δ| allowed on logits and embeddings (1e-4)"
-    )
-
+    ver.add_argument("--atol", type=float, default=None, help="verification tolerance (see README)")
     ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
     ver.add_argument(
         "--texts",
         nargs="+",
         metavar="TEXT",
-        default=list(DEFAULT_TEXTS),
+        default=None,
         help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})",
     )
 
-    info = p.add_argument_group("information")
-    info.add_argument("--list", action="store_true", help="list the published variants and exit")
-    info.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
+    other = p.add_argument_group("other jobs")
+    other.add_argument(
+        "--audit",
+        metavar="SOURCE",
+        help="check a published transformers X-CLIP (folder or hub repo id) against the original "
+        "named by --model-name or --checkpoint",
+    )
+    other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
+    other.add_argument(
+        "--to-original",
+        metavar="SOURCE",
+        help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
+        "at --output FILE.pth",
+    )
+    other.add_argument("--list", action="store_true", help="list the published variants and exit")
+    other.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
+    other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_progress(not args.quiet)
+    from converter.export import Interrupted, signals_as_exceptions
+
     try:
-        if args.list:
-            return _list_variants()
-        if args.show_config:
-            return _show_config(args)
-        return _convert(args)
+        with signals_as_exceptions():
+            return _run(args)
     except ConverterError as err:
-        print(f"xclip-convert: error: {err}", file=sys.stderr)
+        _say(f"error: {err}")
         return EXIT_BAD_INPUT
     except VerificationError as err:
-        print(f"xclip-convert: {err}", file=sys.stderr)
+        if err.verification is not None:
+            print(err.verification.summary())
+        _say(str(err))
         return EXIT_VERIFICATION_FAILED
+    except Interrupted as err:
+        _say(str(err))
+        return err.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except OSError as err:  # disk full, permissions, a path that is not a folder, ...
+        where = f"{escape(str(err.filename))}: " if err.filename else ""
+        _say(f"error: {where}{err.strerror or reason(err)}")
+        return EXIT_BAD_INPUT
+    except Exception as err:  # a bug of ours: one line, and the traceback on request
+        if os.environ.get("XCLIP_DEBUG"):
+            raise
+        _say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
+        return EXIT_BAD_INPUT
+
+
+def _say(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _show_progress(on: bool) -> None:
+    logger = logging.getLogger("converter")
+    logger.setLevel(logging.INFO if on else logging.WARNING)
+    if not any(getattr(h, "_xclip", False) for h in logger.handlers):
+        handler = logging.StreamHandler()  # stderr, looked up when each line is written
+        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+        handler._xclip = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_variants()
+    if args.show_config:
+        return _show_config(args)
+    if args.audit:
+        return _audit(args)
+    if args.to_original:
+        return _to_original(args)
+    return _convert(args)
 
 
 def _list_variants() -> int:
+    from converter.fetch import source_url
+
     for v in VARIANTS.values():
-        where = v.source.ref if v.source.kind == "release" else f"gdrive:{v.source.ref}"
-        print(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {where}")
+        print(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {source_url(v.source)}")
     return EXIT_OK
 
 
@@ -128,165 +185,195 @@ def _show_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _convert(args: argparse.Namespace) -> int:
+# ---- converting ----------------------------------------------------------------------------------
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Everything that can be refused from the flags alone, before any work."""
+    from converter.fetch import parse_sha256
+    from converter.pipeline import check_atol
+
+    publishing = args.push_to_hub is not None
     if not args.checkpoint and not args.model_name:
         raise ConverterError("nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)")
-    if args.push_to_hub is not None and args.no_verify:
+    if args.model_name:
+        get_variant(args.model_name)
+    if publishing and args.no_verify:
         raise ConverterError("--push-to-hub publishes only verified conversions: drop --no-verify")
-    variant = get_variant(args.model_name) if args.model_name else None
-    output = Path(args.output) if args.output else None
-    if output is not None:
-        from converter.export import check_output
+    if (args.create_pr or args.private) and not publishing:
+        raise ConverterError("--create-pr and --private go with --push-to-hub")
+    if args.texts is not None and not args.video:
+        raise ConverterError("--texts labels a clip: give the clip with --video PATH")
+    if args.atol is not None:
+        check_atol(args.atol)
+    parse_sha256(args.sha256)
+    if args.report:
+        raise ConverterError("--report goes with --audit")
+    if args.video:
+        _check_video(Path(args.video))
 
-        check_output(output, args.overwrite)  # refuse before spending minutes on the work
-    repo_id = _repo_id(args) if args.push_to_hub is not None else None  # likewise: fail fast offline
 
-    import torch
+def _convert(args: argparse.Namespace) -> int:
+    from converter.pipeline import convert_checkpoint, push
 
-    from converter.config import load_config_file
-    from converter.convert import convert
-    from converter.load import load_checkpoint
-
-    config = load_config_file(args.config) if args.config else None
-    path, source = _resolve_checkpoint(args, variant)
-    digest = _source_digest(path, args.sha256, publishing=args.push_to_hub is not None)
-    original = load_checkpoint(path)
-    result = convert(
-        original, variant=variant, config=config, dtype=getattr(torch, args.dtype), source=str(path)
+    _check_flags(args)
+    repo_id = _repo_id(args) if args.push_to_hub is not None else None  # fail fast offline
+    result = convert_checkpoint(
+        args.checkpoint,
+        model_name=args.model_name,
+        config=args.config,
+        dtype=args.dtype,
+        verify=not args.no_verify,
+        atol=args.atol,
+        sha256=args.sha256,
+        force_download=args.force_download,
+        output=args.output,
+        overwrite=args.overwrite,
+        repo_id=repo_id,
+        hash_source=repo_id is not None,  # provenance on the hub
     )
-
-    def write_small_files(folder: Path) -> None:
-        from converter.card import model_card
-        from converter.processor_files import write_processor
-
-        result.config.save_pretrained(folder)
-        write_processor(folder, result.hyper.image_size)
-        card = model_card(
-            name=args.model_name or path.stem,
-            hyper=result.hyper,
-            source=source,
-            sha256=digest.result(),  # last: the hash runs while the weights are written
-            verification=result.verification,
-            repo_id=repo_id,
-        )
-        (folder / "README.md").write_text(card)
-
-    with ExitStack() as writing:
-        if output is not None:
-            from converter.export import staged_output, weights_written_meanwhile
-
-            # The weights are written while transformers is imported and the conversion verified;
-            # a failure below removes the staged folder, so nothing is left behind.
-            folder = writing.enter_context(staged_output(output, args.overwrite))
-            writing.enter_context(weights_written_meanwhile(folder, result.state_dict))
-        if not args.no_verify:
-            _verify(args, result, original, path)
-        if args.video:
-            _classify(args, result)
-        if output is not None:
-            write_small_files(folder)
-    if output is not None:
-        print(f"wrote {output}")
+    _print_figures(result)
+    if args.video:
+        _classify(result, Path(args.video), args.texts or list(DEFAULT_TEXTS))
+    if result.folder is not None:
+        print(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
         print("no --output given: nothing written")
     if repo_id is not None:
-        _push(args, repo_id, output, result.state_dict, write_small_files)
+        print(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
     return EXIT_OK
 
 
-def _verify(args: argparse.Namespace, result: Conversion, original: StateDict, path: Path) -> None:
-    from converter.convert import verify_conversion
-    from converter.verify import DEFAULT_ATOL
-
-    verification = verify_conversion(result, original, DEFAULT_ATOL if args.atol is None else args.atol)
-    print(verification.summary())
-    if not verification.passed:
-        raise VerificationError(
-            f"the converted model does not reproduce the original ({path}); nothing was written"
-        )
+def _print_figures(result: ConversionResult) -> None:
+    if result.verification is not None:
+        print(result.verification.summary())
+    if result.written_vs_float32 is not None:
+        figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
+        dtype = str(result.dtype).removeprefix("torch.")
+        print(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
 
 
-def _resolve_checkpoint(args: argparse.Namespace, variant: Variant | None) -> tuple[Path, str]:
-    """The local path of the checkpoint, and where it came from (for the model card)."""
-    from converter import fetch
+def _repo_id(args: argparse.Namespace) -> str:
+    from converter.hub import check_repo_id, default_repo_id
 
-    checkpoint = args.checkpoint
-    if checkpoint and "://" in checkpoint:
-        return fetch.fetch_url(checkpoint, sha256=args.sha256, force=args.force_download), checkpoint
-    if checkpoint:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise ConverterError(f"--checkpoint {path}: no such file")
-        if args.sha256:
-            fetch.fetch_url(path.resolve().as_uri(), sha256=args.sha256)  # checks the pin, never deletes
-        return path, str(path)
-    assert variant is not None
-    path = fetch.fetch_source(variant.source, sha256=args.sha256, force=args.force_download)
-    return path, fetch.source_url(variant.source)
+    return check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
 
 
-def _source_digest(path: Path, pinned: str | None, publishing: bool) -> Future[str | None]:
-    """The checkpoint's sha256 for the model card, without a second read of the file where possible:
-    the verified pin, or the digest recorded when it was fetched. A plain local file is hashed only
-    for publishing (provenance on the hub), on a second core while the conversion runs."""
-    from converter.fetch import recorded_sha256, sha256_file
+def _check_video(path: Path) -> None:
+    """The clip is checked before minutes of conversion, not after."""
+    from converter.processing import load_video
 
-    known = (pinned or "").lower() or recorded_sha256(path)
-    if known or not publishing:
-        done: Future[str | None] = Future()
-        done.set_result(known)
-        return done
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256").submit(sha256_file, path)
+    if not path.is_file():
+        raise ConverterError(f"--video {escape(str(path))}: no such file")
+    load_video(path, 1)  # reads a .npy's header and one frame, or opens a video file's stream
 
 
-def _classify(args: argparse.Namespace, result: Conversion) -> None:
+def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
     """Print each text's probability for the user's clip, from the converted model."""
     import torch
 
     from converter.build import build_model
-    from converter.processing import CLIP_VOCAB_SIZE, encode_texts, load_video, preprocess_video
+    from converter.clip import VOCAB_SIZE
+    from converter.processing import encode_texts, load_video, preprocess_video
 
-    if result.hyper.vocab_size != CLIP_VOCAB_SIZE:
+    if result.hyper.vocab_size != VOCAB_SIZE:
         raise ConverterError(
-            f"--video needs a model with CLIP's {CLIP_VOCAB_SIZE}-token vocabulary to tokenize --texts; "
+            f"--video needs a model with CLIP's {VOCAB_SIZE}-token vocabulary to tokenize --texts; "
             f"this checkpoint's vocabulary has {result.hyper.vocab_size} tokens"
         )
     model = result.model or build_model(result.config, {k: v.float() for k, v in result.state_dict.items()})
-    frames = load_video(args.video, result.hyper.frames)
+    frames = load_video(video, result.hyper.frames)
     with torch.no_grad():
         out = model(
-            input_ids=encode_texts(args.texts), pixel_values=preprocess_video(frames, result.hyper.image_size)
+            input_ids=encode_texts(texts), pixel_values=preprocess_video(frames, result.hyper.image_size)
         )
-    for text, prob in zip(args.texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
-        print(f"{prob:.4f}  {text}")
+    for text, prob in zip(texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
+        print(f"{prob:.4f}  {escape(text)}")
 
 
-def _repo_id(args: argparse.Namespace) -> str:
-    from converter.hub import default_repo_id
-
-    return args.push_to_hub or default_repo_id(args.model_name)
+# ---- the other jobs ------------------------------------------------------------------------------
 
 
-def _push(
-    args: argparse.Namespace,
-    repo_id: str,
-    output: Path | None,
-    state_dict: StateDict,
-    write_small_files: Callable[[Path], None],
-) -> None:
-    import tempfile
+def _audit(args: argparse.Namespace) -> int:
+    from converter.audit import audit, propose_fix
 
-    from converter.export import write_weights
-    from converter.hub import push_folder
+    if not args.checkpoint and not args.model_name:
+        raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
+    if args.to_original or args.video or args.output:
+        raise ConverterError("--audit only reads: drop --to-original, --video and --output")
+    if not args.create_pr and args.push_to_hub is not None:
+        raise ConverterError("with --audit, --push-to-hub opens a pull request: add --create-pr")
+    report_file = Path(args.report) if args.report else None
+    repo_id = _repo_id_for_fix(args)
+    report = audit(
+        args.audit,
+        model_name=args.model_name,
+        checkpoint=args.checkpoint,
+        config=args.config,
+        atol=_atol(args),
+        sha256=args.sha256,
+    )
+    for line in report.lines():
+        print(line)
+    if report_file is not None:
+        _write_text(report_file, report.to_json())
+    if repo_id is not None:
+        import tempfile
 
-    if output is None:
-        with tempfile.TemporaryDirectory(prefix="xclip-push-") as folder:
-            write_weights(Path(folder), state_dict)
-            write_small_files(Path(folder))
-            url = push_folder(Path(folder), repo_id, create_pr=args.create_pr, private=args.private)
-    else:
-        url = push_folder(output, repo_id, create_pr=args.create_pr, private=args.private)
-    print(f"pushed to {repo_id}: {url}")
+        from converter.pipeline import convert_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
+            result = convert_checkpoint(
+                args.checkpoint,
+                model_name=args.model_name,
+                config=args.config,
+                atol=args.atol,
+                sha256=args.sha256,
+                output=Path(tmp) / "converted",
+                repo_id=repo_id,
+                hash_source=True,
+            )
+            print(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
+    return report.exit_code
+
+
+def _repo_id_for_fix(args: argparse.Namespace) -> str | None:
+    if args.push_to_hub is None:
+        return None
+    from converter.hub import check_repo_id
+
+    # The pull request goes to the audited repo unless another one is named.
+    return check_repo_id(args.push_to_hub or args.audit)
+
+
+def _to_original(args: argparse.Namespace) -> int:
+    from converter.to_original import to_original
+
+    if not args.output:
+        raise ConverterError("--to-original needs --output FILE.pth")
+    if args.checkpoint or args.push_to_hub is not None or args.video:
+        raise ConverterError("--to-original reads SOURCE only: drop --checkpoint, --push-to-hub and --video")
+    result = to_original(args.to_original, Path(args.output), atol=_atol(args), overwrite=args.overwrite)
+    print(result.verification.summary())
+    print(f"wrote {escape(str(result.output))}")
+    return EXIT_OK
+
+
+def _atol(args: argparse.Namespace) -> float:
+    from converter.pipeline import check_atol
+    from converter.verify import DEFAULT_ATOL
+
+    return DEFAULT_ATOL if args.atol is None else check_atol(args.atol)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a small file whole or not at all (open() honours the umask; mkstemp would not)."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

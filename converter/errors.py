@@ -19,7 +19,13 @@ class ConverterError(Exception):
 
 
 class VerificationError(Exception):
-    """The converted model does not reproduce the original forward pass (exit 1)."""
+    """The converted model does not reproduce the original forward pass (exit 1).
+
+    `verification` carries the figures that failed, for the CLI to print as a result."""
+
+    def __init__(self, message: str, verification: object = None):
+        super().__init__(message)
+        self.verification = verification
 
 
 def escape(text: str) -> str:

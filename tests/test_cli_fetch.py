@@ -11,6 +11,7 @@ from transformers import AutoModel, AutoProcessor
 
 from converter import fetch
 from converter.cli import main
+from converter.errors import ConverterError
 from converter.fetch import sha256_file
 from converter.synthetic import make_state_dict
 from tests import helpers
@@ -25,9 +26,9 @@ def run(*args: object) -> int:
 @pytest.fixture
 def fast_network(monkeypatch, tmp_path):
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fetch, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
     monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "READ_TIMEOUT", 5.0)
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 5.0)
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +85,32 @@ def test_model_name_fetches_from_the_release_mirror(fast_network, monkeypatch, c
 
 
 def test_video_and_texts_print_probabilities(tmp_path, capsys):
+    """The printed numbers are the original model's probabilities for the clip, text by text."""
+    from converter.oracle import original_forward
+    from converter.processing import encode_texts, load_video, preprocess_video
+
     hyper = dataclasses.replace(SQUARE, vocab_size=49408)  # CLIP's vocabulary, so real texts tokenize
     checkpoint = tmp_path / "ckpt.pth"
-    torch.save(make_state_dict(hyper, seed=5), checkpoint)
+    state_dict = make_state_dict(hyper, seed=5)
+    torch.save(state_dict, checkpoint)
     clip = tmp_path / "clip.npy"
     np.save(clip, np.random.default_rng(1).integers(0, 256, (8, 36, 40, 3), dtype=np.uint8))
-    texts = ["playing sports", "eating spaghetti"]
+    texts = ["playing sports", "eating spaghetti", "go shopping"]
     assert run("--checkpoint", checkpoint, "--video", clip, "--texts", *texts) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.endswith(tuple(texts))]
-    assert len(lines) == 2
-    assert abs(sum(float(line.split()[0]) for line in lines) - 1.0) < 1e-3
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        prob, _, text = line.partition("  ")
+        if text in texts:
+            printed[text] = float(prob)
+    assert list(printed) == texts
+
+    # The oracle (no transformers code) on the same clip and texts.
+    with torch.no_grad():
+        pixel_values = preprocess_video(load_video(clip, hyper.frames), hyper.image_size)
+        logits = original_forward(state_dict, pixel_values, encode_texts(texts))["logits"]
+    expected = logits.softmax(dim=1)[0].tolist()
+    assert max(expected) - min(expected) > 0.05, expected  # distinct, so an order mix-up shows
+    assert [printed[t] for t in texts] == pytest.approx(expected, abs=1e-3)
 
 
 def test_video_needs_the_clip_vocabulary(golden_config, tmp_path, capsys):
@@ -149,24 +166,43 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
 
 def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch):
     """`--push_to_hub` without a repo id resolves <user>/<model name> before any work starts."""
-    from converter import cli
+    from converter import pipeline
 
-    class Stop(Exception):
-        pass
+    events = []
+    monkeypatch.setattr(FakeApi, "whoami", lambda self: events.append("whoami") or {"name": "alice"})
 
-    seen = {}
+    def work(*args, **kwargs):
+        events.append(("work", kwargs.get("repo_id")))
+        raise ConverterError("stop here")
 
-    def resolve(args, variant):
-        seen["repo_id"] = cli._repo_id(args)
-        raise Stop
-
-    monkeypatch.setattr(cli, "_resolve_checkpoint", resolve)
-    with pytest.raises(Stop):
-        run("--model-name", "xclip-base-patch32", "--push_to_hub")
-    assert seen["repo_id"] == "alice/xclip-base-patch32"
+    monkeypatch.setattr(pipeline, "convert_checkpoint", work)
+    assert run("--model-name", "xclip-base-patch32", "--push_to_hub") == 2
+    # Asked of the hub first, and the answer is what the work publishes to.
+    assert events == ["whoami", ("work", "alice/xclip-base-patch32")]
 
 
 def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
     args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config, "--no-verify"]
     assert run(*args, "--push-to-hub", "org/x") == 2
     assert "verified" in capsys.readouterr().err and fake_hub == []
+
+
+def test_a_malformed_pin_is_refused_before_any_download(fast_network, capsys):
+    with LoopbackServer({"/x.pth": b"weights"}) as server:
+        assert run("--checkpoint", server.url("/x.pth"), "--sha256", "xyz") == 2
+        assert server.hits_for("/x.pth") == []
+    err = capsys.readouterr().err
+    assert "--sha256 'xyz'" in err and "64 hexadecimal digits" in err and "Traceback" not in err
+
+
+def test_a_quota_page_is_one_line_and_nothing_is_cached(fast_network, tmp_path, capsys):
+    page = (
+        b"<html><head><title>Google Drive - Quota exceeded</title></head><body>Too many users</body></html>"
+    )
+    with LoopbackServer({"/x.pth": page}) as server:
+        server.set_always("/x.pth", Fault(content_type="text/html"))
+        assert run("--checkpoint", server.url("/x.pth"), "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "Google Drive quota" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]

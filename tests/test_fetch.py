@@ -715,3 +715,11 @@ def test_gdrive_errors_become_one_line_converter_errors(
     assert "stalled" in str(err.value) and "1Slow" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(ConverterError, match="invalid Google Drive file id"):
         registry.gdrive("../etc", "m.pth")
+
+
+def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("XCLIP_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fetch.cache_dir() == tmp_path / "home" / ".cache" / "xclip-converter"
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "elsewhere"))
+    assert fetch.cache_dir() == tmp_path / "elsewhere"

@@ -1,0 +1,68 @@
+"""Where each published checkpoint comes from and where the cache keeps it (registry.Source)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from converter import fetch, registry
+from converter.errors import ConverterError
+from converter.registry import VARIANTS
+from tests._http import LoopbackServer
+
+
+def test_release_assets_come_from_the_release_or_a_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = VARIANTS["xclip-base-patch32"].source
+    assert source.url() == registry.RELEASE_BASE_URL + "/k400_32_8.pth"
+    monkeypatch.setenv("XCLIP_RELEASE_URL", "http://mirror.example/xclip/")
+    assert source.url() == "http://mirror.example/xclip/k400_32_8.pth"
+
+
+def test_drive_files_come_from_drive_unless_a_mirror_holds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = VARIANTS["xclip-large-patch14"].source
+    assert not source.from_release_url
+    assert source.url() == "https://drive.google.com/file/d/1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx"
+    assert source.cache_path(Path("/c")) == Path("/c/gdrive/1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx/k400_14_8.pth")
+    monkeypatch.setenv("XCLIP_RELEASE_URL", "http://mirror.example/xclip")
+    assert source.from_release_url and source.url() == "http://mirror.example/xclip/k400_14_8.pth"
+    assert source.cache_path(Path("/c")) == fetch.url_cache_path(source.url(), Path("/c"))
+
+
+def test_every_source_has_its_own_cache_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    for mirror in (None, "http://mirror.example/xclip"):
+        if mirror:
+            monkeypatch.setenv("XCLIP_RELEASE_URL", mirror)
+        paths = {v.source.cache_path(Path("/c")) for v in VARIANTS.values()}
+        assert len(paths) == len(VARIANTS)
+    # The mirror's copy and the release's never share a path.
+    source = VARIANTS["xclip-base-patch32"].source
+    on_mirror = source.cache_path(Path("/c"))
+    monkeypatch.delenv("XCLIP_RELEASE_URL")
+    assert source.cache_path(Path("/c")) != on_mirror
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: registry.gdrive("../etc", "m.pth"), "invalid Google Drive file id"),
+        (lambda: registry.gdrive("1abc", "../m.pth"), "invalid checkpoint file name"),
+        (lambda: registry.release("a/b.pth"), "invalid checkpoint file name"),
+        (lambda: registry.release(".hidden"), "invalid checkpoint file name"),
+        (lambda: registry.Source("ftp", "x", "x.pth"), "unknown source kind"),
+    ],
+)
+def test_a_source_cannot_point_outside_its_folder(make, match: str) -> None:
+    with pytest.raises(ConverterError, match=match):
+        make()
+
+
+def test_fetch_source_and_cached_source_use_the_registry_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = VARIANTS["xclip-base-patch32"].source
+    with LoopbackServer({"/k400_32_8.pth": b"weights"}) as mirror:
+        monkeypatch.setenv("XCLIP_RELEASE_URL", mirror.base_url)
+        assert fetch.cached_source(source) is None
+        path = fetch.fetch_source(source, sha256=None)
+        assert path == source.cache_path(fetch.cache_dir()) == fetch.cached_source(source)
+        assert fetch.source_url(source) == mirror.url("/k400_32_8.pth")
+    assert path.read_bytes() == b"weights"

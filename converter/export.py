@@ -1,32 +1,185 @@
-"""Write the converted folder atomically: stage everything in a sibling temporary folder, then
-rename it into place, so a failed or refused conversion never leaves a half-written output."""
+"""Write the converted folder safely.
+
+- `check_output` refuses, before any work, an --output that would destroy something: the input, the
+  config or the cache (or a folder holding them), the current folder, a non-empty folder without
+  --overwrite.
+- `staged_output` builds the folder beside the output under a name its owner can be told by (pid,
+  plus a lock held for the run's life), then moves it into place in one step that cannot clobber a
+  folder that appeared meanwhile; --overwrite swaps the old folder out only once the new one is
+  complete. Any failure, including SIGINT/SIGTERM (`signals_as_exceptions`), removes the staging
+  folder; a staging folder whose owner died (SIGKILL) is removed by the next run to that output.
+- `write_weights` reads model.safetensors back through an mmap and confirms it holds exactly the
+  tensors it was given, before anything is moved into place.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from concurrent.futures import wait as wait_for
+from contextlib import contextmanager, suppress
 from pathlib import Path
-
-import torch
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from converter.errors import ConverterError
 
+if TYPE_CHECKING:
+    import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: staging folders are then told apart by the pid alone
+    fcntl = None  # type: ignore[assignment]
+
 WEIGHTS_NAME = "model.safetensors"
+# Mapped pages of the file being read back count towards the process's RSS until it is closed, so it
+# is reopened after this many bytes: the read-back adds ~this much to the peak, not the model's size.
+READ_BACK_BATCH_BYTES = 64 << 20
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) to replace a non-empty folder without --overwrite."""
-    if output.exists() and not output.is_dir():
+# --- signals ---------------------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP arrived: unwinds like KeyboardInterrupt, so staging folders are removed.
+
+    `exit_code` is the shell's 128 + signal number (130 SIGINT, 143 SIGTERM); `str()` is the one line
+    to print, with what became of the output once `staged_output` has handled it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        self.outcome = ""
+
+    def __str__(self) -> str:
+        return f"interrupted by {self.signal_name}" + (f"; {self.outcome}" if self.outcome else "")
+
+
+class _SignalState:
+    handling = False  # signals_as_exceptions is active
+    raised = False  # one Interrupted is on its way: later signals are ignored while it unwinds
+    deferring = 0  # inside _signals_deferred: remember the signal, raise it at the end
+    pending: int | None = None
+
+
+_signals = _SignalState()
+_HANDLED = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _signals.raised:
+        return
+    if _signals.deferring:
+        _signals.pending = _signals.pending or signum
+        return
+    _signals.raised = True
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` while the block runs (main thread only;
+    elsewhere a no-op), so cleanup runs and the caller can exit with `err.exit_code` and one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in _HANDLED}
+    _signals.handling, _signals.raised, _signals.pending = True, False, None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _signals.handling = False
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold a signal back while the block runs (a commit or a cleanup must not stop halfway), then
+    raise it at the end of the outermost such block."""
+    _signals.deferring += 1
+    try:
+        yield
+    finally:
+        _signals.deferring -= 1
+        if not _signals.deferring and _signals.pending and not _signals.raised:
+            signum, _signals.pending = _signals.pending, None
+            _signals.raised = True
+            raise Interrupted(signum)
+
+
+# --- checking the output ---------------------------------------------------------------------------
+
+
+def check_output(output: Path, overwrite: bool, protected: Iterable[tuple[str, Path]] = ()) -> Path:
+    """Refuse early (before any work) an --output that cannot be written safely; return it resolved.
+
+    `protected` are (label, path) pairs, e.g. ("--checkpoint", ckpt): the output may not be, contain
+    or lie inside any of them.
+    """
+    if output.name in ("", ".", ".."):
+        raise ConverterError(
+            f"--output {output}: name the folder to write, e.g. --output {output}/xclip-model"
+        )
+    if output.is_symlink() and not output.exists():
+        raise ConverterError(f"--output {output} is a broken symlink; remove it or choose another folder")
+    try:
+        target = output.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as err:
+        raise ConverterError(f"--output {output}: cannot resolve it ({err})") from err
+    if target == cwd or target in cwd.parents:
+        raise ConverterError(
+            f"--output {output} is the current folder or holds it ({target}); choose a folder below it"
+        )
+    for label, path in protected:
+        place = path.resolve()
+        if place == target:
+            relation = "is"
+        elif target in place.parents:
+            relation = "contains"
+        elif place in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ConverterError(f"--output {output} {relation} {label} {path}; choose another --output")
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ConverterError(f"--output {output}: {ancestor} is a file, not a folder")
+            break
+    if target.exists() and not target.is_dir():
         raise ConverterError(f"--output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConverterError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    if target.is_dir() and not overwrite:
+        try:
+            empty = next(os.scandir(target), None) is None
+        except OSError as err:
+            raise ConverterError(f"--output {output}: cannot read it ({err.strerror})") from err
+        if not empty:
+            raise ConverterError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    return target
 
 
-def write_weights(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """model.safetensors, as `XCLIPModel.from_pretrained` reads it."""
+# --- writing and reading back the weights ----------------------------------------------------------
+
+
+def write_weights(
+    folder: Path, state_dict: Mapping[str, torch.Tensor], cancel: threading.Event | None = None
+) -> None:
+    """model.safetensors, as `XCLIPModel.from_pretrained` reads it, read back and compared with
+    `state_dict` (skipped once `cancel` is set: the run is being abandoned)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -35,39 +188,398 @@ def write_weights(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
         # safetensors writes from the tensors' memory; only the two transposed views need packing.
         save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
     except (OSError, SafetensorError) as err:
-        raise ConverterError(f"could not write {path}: {err}") from err
+        raise ConverterError(f"could not write {path}: {_short_io_error(err)}") from err
+    if cancel is None or not cancel.is_set():
+        check_written(path, state_dict, cancel)
+
+
+def check_written(
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    cancel: threading.Event | None = None,
+    batch_bytes: int = READ_BACK_BATCH_BYTES,
+) -> None:
+    """Open `path` with safetensors (mmap) and confirm it holds exactly `state_dict`: the same keys,
+    and for each the same dtype, shape and bytes. A difference is a ConverterError naming the key."""
+    from safetensors import SafetensorError, safe_open
+
+    keys = list(state_dict)
+    done = 0
+    try:
+        while True:
+            with safe_open(path, framework="pt") as f:
+                if done == 0:
+                    _same_keys(path, f.keys(), keys)
+                mapped = 0
+                while done < len(keys) and mapped < batch_bytes:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    got = f.get_tensor(keys[done])
+                    _same_tensor(path, keys[done], got, state_dict[keys[done]])
+                    mapped += got.nbytes
+                    done += 1
+            if done == len(keys):
+                return
+    except (OSError, SafetensorError) as err:
+        raise ConverterError(f"could not read back {path}: {_short_io_error(err)}") from err
+
+
+def _same_keys(path: Path, written: Iterable[str], expected: list[str]) -> None:
+    written, wanted = set(written), set(expected)
+    if written != wanted:
+        extra, missing = sorted(written - wanted), sorted(wanted - written)
+        what = f"{missing[0]!r} is missing" if missing else f"{extra[0]!r} was not meant to be there"
+        raise ConverterError(f"{path} read back does not hold the verified weights: {what}")
+
+
+def _same_tensor(path: Path, key: str, got: torch.Tensor, expected: torch.Tensor) -> None:
+    if got.dtype != expected.dtype:
+        what = f"dtype {got.dtype} instead of {expected.dtype}"
+    elif got.shape != expected.shape:
+        what = f"shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
+    elif not _bitwise_equal(got, expected):
+        what = "different values"
+    else:
+        return
+    raise ConverterError(f"{path} read back does not hold the verified weights: {key!r} has {what}")
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes (NaN equals the same NaN, -0.0 differs from 0.0): compared as same-size integers,
+    a view that needs no copy even of a transposed tensor."""
+    import torch
+
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
+    if as_int is None or a.is_complex():
+        return torch.equal(a, b)
+    return torch.equal(a.view(as_int), b.view(as_int))
+
+
+def _short_io_error(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    # safetensors: "Error while serializing: I/O error: No space left on device (os error 28)"
+    return re.sub(r" \(os error \d+\)$", "", str(err).split("I/O error: ", 1)[-1])
 
 
 @contextmanager
 def weights_written_meanwhile(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Write model.safetensors on a second thread while the block runs, and wait for it at the end.
+    """Write (and read back) model.safetensors on a second thread while the block runs, and wait for
+    it at the end.
 
     Conversion is I/O-bound and safetensors' writer releases the GIL, so the write overlaps with
-    importing transformers, verifying and writing the small files. If the block raises, that error
-    wins (the writer is still waited for, so nothing writes into a folder being removed).
+    importing transformers, verifying and writing the small files. If the block raises (or a signal
+    arrives while waiting), that error wins: the writer is told to skip the read-back and is waited
+    for, so nothing writes into a folder being removed.
     """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights") as pool:
-        written = pool.submit(write_weights, folder, state_dict)
+    cancel = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights")
+    written = pool.submit(_write_weights, folder, state_dict, cancel)
+    pool.shutdown(wait=False)  # the submitted write still runs; nothing else will be
+    finished = False
+    try:
         yield
-    written.result()
+        written.result()
+        finished = True
+    finally:
+        if not finished:
+            cancel.set()
+            with _signals_deferred():
+                wait_for([written])
+
+
+def _write_weights(folder: Path, state_dict: Mapping[str, torch.Tensor], cancel: threading.Event) -> None:
+    write_weights(folder, state_dict, cancel)  # looked up when called, so tests can slow it down
+
+
+# --- staging and moving into place -----------------------------------------------------------------
 
 
 @contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A staging folder beside `output`, moved into place when the block succeeds and removed when
-    it fails, so a failed or refused conversion never leaves a half-written output."""
-    check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+def staged_output(
+    output: Path, overwrite: bool, protected: Iterable[tuple[str, Path]] = ()
+) -> Iterator[Path]:
+    """A staging folder beside `output`, moved into place when the block succeeds and removed when it
+    fails or is interrupted, so a failed, refused or interrupted run never leaves a half-written output.
+
+    The move cannot replace a folder that appeared during the run (ConverterError instead). With
+    `overwrite`, an existing output is swapped out in one step only after the new folder is complete,
+    and only if it is still the folder that was there when the block began (unchanged at its top
+    level); it is then removed. An OSError in the block becomes a ConverterError naming the file.
+    """
+    target = check_output(output, overwrite, protected)
     try:
-        yield staging
-        if output.exists():
-            retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired, ignore_errors=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConverterError(
+            f"--output {output}: cannot create {err.filename or target.parent}: {err.strerror}"
+        ) from err
+    _remove_stale_staging(target)
+    before = _identity(target)
+    with _signals_deferred():  # created and locked, or not at all
+        staging, lock = _create_staging(target, output)
+    state = {"staging_is_ours": True, "committed": False}
+    try:
+        try:
+            yield staging
+        except OSError as err:
+            shown = str(err.filename or staging).replace(str(staging), str(output), 1)
+            raise ConverterError(
+                f"could not write {shown}: {err.strerror or err}; --output {output} was not changed"
+            ) from err
+        except ConverterError as err:
+            if str(staging) not in str(err):
+                raise
+            # name the file as the user knows it, not the staging folder about to be removed
+            shown = str(err).replace(str(staging), str(output))
+            raise ConverterError(f"{shown}; --output {output} was not changed") from err
+        with _signals_deferred():
+            _honour_umask(staging)
+            _commit(staging, target, before, overwrite, output, state)
+    except BaseException as err:
+        with _signals_deferred():
+            if state["staging_is_ours"]:
+                shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, Interrupted) and not err.outcome:
+            err.outcome = (
+                f"{output} was written first" if state["committed"] else f"--output {output} was not changed"
+            )
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+_STAGING_FORMAT = ".{name}.partial-{pid}-{token}"
+
+
+def _create_staging(target: Path, output: Path) -> tuple[Path, int | None]:
+    """An empty folder (mode from the umask, unlike mkdtemp's 0700) beside `target`, named after this
+    process, locked for as long as the returned descriptor is open."""
+    for _ in range(100):
+        name = _STAGING_FORMAT.format(name=target.name, pid=os.getpid(), token=secrets.token_hex(4))
+        staging = target.parent / name
+        try:
+            os.mkdir(staging)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise ConverterError(f"--output {output}: cannot create {staging}: {err.strerror}") from err
+        return staging, _lock(staging)
+    raise ConverterError(f"--output {output}: cannot create a staging folder in {target.parent}")
+
+
+def _lock(folder: Path) -> int | None:
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # no locks on this filesystem: the pid in the name still protects the folder
+    return fd
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Remove staging folders of earlier runs to this output whose owner is gone: its pid is not
+    running and nobody holds its lock. Nothing else is touched."""
+    pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)-[0-9a-f]{8}")
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if not found or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(found[1])):
+            continue
+        try:
+            fd = os.open(
+                entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
+            )
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as err:
+                    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        continue  # held: its owner runs (in another pid namespace, say)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells the folder we were asked to replace from one put there meanwhile: the inode, and
+    the mtime, which changes when an entry is added, removed or renamed at its top level."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, briefly
+    os.umask(mask)
+    return mask
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give every folder and file the mode a plain mkdir/open would have (safetensors writes 0600,
+    a copied file keeps its source's mode)."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask, follow_symlinks=False)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
+def _commit(
+    staging: Path,
+    target: Path,
+    before: tuple[int, int, int] | None,
+    overwrite: bool,
+    output: Path,
+    state: dict[str, bool],
+) -> None:
+    appeared = ConverterError(
+        f"--output {output} appeared or changed while converting (another run?); it was left as it was "
+        f"and nothing was written; run again{'' if overwrite else ' with --overwrite to replace it'}"
+    )
+    if before is not None:
+        try:
+            retired = _swap(staging, target)
+        except FileNotFoundError:
+            retired = None  # it went away meanwhile: nothing to replace
+        except OSError as err:
+            raise ConverterError(f"--output {output}: cannot replace it: {err.strerror}") from err
+        if retired is not None:
+            state["staging_is_ours"] = False  # it holds the old folder now, or nothing
+            if _identity(retired) != before or (not overwrite and _has_entries(retired)):
+                _swap_back(staging, target, retired, output, state)
+                raise appeared
+            state["committed"] = True
+            if overwrite:
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                with suppress(OSError):
+                    os.rmdir(retired)
+            return
+    try:
+        _move_noreplace(staging, target)
+    except FileExistsError:
+        raise appeared from None
+    except OSError as err:
+        raise ConverterError(f"--output {output}: cannot move {staging} into place: {err.strerror}") from err
+    state["staging_is_ours"] = False
+    state["committed"] = True
+
+
+def _has_entries(folder: Path) -> bool:
+    try:
+        return next(os.scandir(folder), None) is not None
+    except OSError:
+        return True
+
+
+def _swap(staging: Path, target: Path) -> Path:
+    """Put the new folder at `target`; return where the old one went (raises FileNotFoundError when
+    `target` is gone). One atomic exchange where the filesystem has it."""
+    if _renameat2(staging, target, _RENAME_EXCHANGE):
+        return staging
+    retired = staging.with_name(staging.name + ".old")  # not a staging name: never removed as stale
+    os.rename(target, retired)
+    try:
+        _move_noreplace(staging, target)
+    except OSError as err:
+        try:
+            os.rename(retired, target)
+        except OSError:
+            raise ConverterError(
+                f"{target} changed while converting and could not be put back: the folder that was there "
+                f"is now {retired}"
+            ) from err
+        raise
+    return retired
+
+
+def _swap_back(staging: Path, target: Path, retired: Path, output: Path, state: dict[str, bool]) -> None:
+    """Undo `_swap`: the old folder back at `target`, ours back at `staging`."""
+    try:
+        if retired == staging:
+            if not _renameat2(staging, target, _RENAME_EXCHANGE):
+                raise OSError(errno.EINVAL, "exchange not supported")
         else:
-            staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+            os.rename(target, staging)
+            os.rename(retired, target)
+    except OSError as err:
+        raise ConverterError(
+            f"--output {output} changed while converting and could not be put back: the folder that was "
+            f"there is now {retired} ({err.strerror})"
+        ) from err
+    state["staging_is_ours"] = True
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+_libc_renameat2 = None
+if sys.platform.startswith("linux"):
+    with suppress(OSError, AttributeError):
+        _libc_renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """Linux's renameat2: True when done, False where the C library or filesystem lacks it (the
+    caller then falls back); other failures raise OSError (EEXIST as FileExistsError)."""
+    if _libc_renameat2 is None:
+        return False
+    if _libc_renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+def _move_noreplace(staging: Path, target: Path) -> None:
+    """Rename `staging` to `target` unless something is there (FileExistsError then), even an empty
+    folder, which a plain rename would replace."""
+    if _renameat2(staging, target, _RENAME_NOREPLACE):
+        return
+    # No renameat2: claim the name with mkdir (atomic, fails if anything is there), then replace our
+    # own empty claim; a file put into the claim meanwhile makes the rename fail instead.
+    os.mkdir(target)
+    try:
+        os.rename(staging, target)
+    except OSError as err:
+        with suppress(OSError):
+            os.rmdir(target)
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(err.errno, err.strerror, str(target)) from err
         raise

@@ -47,10 +47,10 @@ def slow_writes(monkeypatch):
     finished = []
     write_weights = export.write_weights
 
-    def slow_write_weights(folder, state_dict):
+    def slow_write_weights(folder, state_dict, cancel=None):
         time.sleep(0.3)
         try:
-            write_weights(folder, state_dict)
+            write_weights(folder, state_dict, cancel)
         finally:
             finished.append(folder)
 

@@ -1,0 +1,515 @@
+"""The output folder is never lost, clobbered or left half-written: refused outputs, racing runs,
+signals, SIGKILL leftovers, the umask, disk full and read-only filesystems (issue #9, item 1)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter import export
+from converter.errors import ConverterError
+from converter.export import (
+    WEIGHTS_NAME,
+    Interrupted,
+    check_output,
+    signals_as_exceptions,
+    staged_output,
+    weights_written_meanwhile,
+)
+
+WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def rename(request, monkeypatch):
+    """Every placement test runs with Linux's renameat2 and with the portable fallback."""
+    if request.param == "fallback":
+        monkeypatch.setattr(export, "_libc_renameat2", None)
+    elif export._libc_renameat2 is None:
+        pytest.skip("no renameat2 in this C library")
+    return request.param
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# --- outputs refused before any work ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "protected", "relation"),
+    [
+        (
+            "out",
+            "out/ft.pth",
+            "contains",
+        ),  # the observed loss: --checkpoint out/ft.pth --output out --overwrite
+        ("cache", "cache", "is"),
+        ("cache/models", "cache", "lies inside"),
+        ("config.json", "config.json", "is"),
+        ("a", "a/b/c/ckpt.pth", "contains"),
+    ],
+)
+def test_an_output_that_is_holds_or_lies_in_a_protected_path_is_refused(
+    tmp_path, output, protected, relation
+):
+    (tmp_path / protected).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / protected).write_text("precious")
+    label = "--checkpoint"
+    with pytest.raises(ConverterError) as err:
+        check_output(tmp_path / output, overwrite=True, protected=[(label, tmp_path / protected)])
+    assert str(err.value) == (
+        f"--output {tmp_path / output} {relation} {label} {tmp_path / protected}; choose another --output"
+    )
+    assert (tmp_path / protected).read_text() == "precious"
+
+
+def test_protected_paths_are_compared_through_symlinks(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "ft.pth").write_text("precious")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(ConverterError, match="contains --checkpoint"):
+        check_output(
+            tmp_path / "link", overwrite=True, protected=[("--checkpoint", tmp_path / "real/ft.pth")]
+        )
+    with pytest.raises(ConverterError, match="contains --checkpoint"):
+        check_output(
+            tmp_path / "real", overwrite=True, protected=[("--checkpoint", tmp_path / "link/ft.pth")]
+        )
+
+
+def test_the_overwrite_that_deleted_the_input_now_keeps_it(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ft.pth").write_text("precious")
+    with pytest.raises(ConverterError, match="contains --checkpoint"):
+        with staged_output(tmp_path / "out", True, [("--checkpoint", tmp_path / "out" / "ft.pth")]):
+            pass
+    assert (tmp_path / "out" / "ft.pth").read_text() == "precious" and names(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("output", [".", "..", "sub/..", "sub/../..", "/"])
+def test_dot_dotdot_and_the_root_are_refused(tmp_path, monkeypatch, output):
+    (tmp_path / "cwd" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    with pytest.raises(ConverterError, match=r"^--output .*: name the folder to write"):
+        check_output(Path(output), overwrite=True)
+
+
+@pytest.mark.parametrize("output", ["{cwd}", "{tmp}", "sub/../../cwd"])
+def test_the_current_folder_and_its_ancestors_are_refused(tmp_path, monkeypatch, output):
+    (tmp_path / "cwd" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    output = Path(output.format(cwd=tmp_path / "cwd", tmp=tmp_path))
+    with pytest.raises(ConverterError, match="is the current folder or holds it"):
+        check_output(output, overwrite=True)
+
+
+@pytest.mark.parametrize("output", ["notes.txt/out", "notes.txt/sub/out"])
+def test_an_output_below_a_file_is_refused_naming_the_file(tmp_path, output):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConverterError) as err:
+        check_output(tmp_path / output, overwrite=False)
+    assert str(err.value) == f"--output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder"
+
+
+def test_a_broken_symlink_is_refused(tmp_path):
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConverterError, match="broken symlink"):
+        check_output(tmp_path / "out", overwrite=True)
+
+
+def test_what_may_be_written_is_accepted_and_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert check_output(Path("new/out"), overwrite=False) == tmp_path / "new" / "out"
+    assert check_output(Path("empty"), overwrite=False) == tmp_path / "empty"
+    assert check_output(Path("full"), overwrite=True) == tmp_path / "full"
+    with pytest.raises(ConverterError, match="not empty; pass --overwrite"):
+        check_output(Path("full"), overwrite=False)
+
+
+# --- moving into place -----------------------------------------------------------------------------
+
+
+def test_the_staging_folder_names_its_owner_and_honours_the_umask(tmp_path, rename):
+    previous = os.umask(0o022)
+    try:
+        with staged_output(tmp_path / "out", overwrite=False) as folder:
+            assert folder.name.startswith(f".out.partial-{os.getpid()}-")
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o755  # mkdtemp would give 0o700
+            with weights_written_meanwhile(folder, WEIGHTS):
+                (folder / "sub").mkdir(mode=0o700)
+                fd = os.open(folder / "sub" / "secret.json", os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes == {".": 0o755, WEIGHTS_NAME: 0o644, "sub": 0o755, "sub/secret.json": 0o644}
+
+
+def test_a_strict_umask_is_honoured_too(tmp_path):
+    previous = os.umask(0o077)
+    try:
+        with (
+            staged_output(tmp_path / "out", overwrite=False) as folder,
+            weights_written_meanwhile(folder, WEIGHTS),
+        ):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "out" / WEIGHTS_NAME).stat().st_mode) == 0o600
+
+
+def test_overwrite_replaces_only_once_the_new_folder_is_complete(tmp_path, rename):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with staged_output(out, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+        assert names(out) == ["old.txt"]  # untouched while the run is going
+    assert names(out) == ["new.txt"] and names(tmp_path) == ["out"]
+
+
+def test_an_empty_output_is_replaced_without_overwrite(tmp_path, rename):
+    (tmp_path / "out").mkdir()
+    with staged_output(tmp_path / "out", overwrite=False) as folder:
+        (folder / "new.txt").write_text("new")
+    assert names(tmp_path / "out") == ["new.txt"] and names(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("what", ["empty folder", "folder with a file", "file"])
+def test_an_output_that_appears_during_the_run_is_not_clobbered(tmp_path, rename, overwrite, what):
+    out = tmp_path / "out"
+    with pytest.raises(ConverterError, match="appeared or changed while converting") as err:
+        with staged_output(out, overwrite=overwrite) as folder:
+            (folder / "new.txt").write_text("new")
+            if what == "file":
+                out.write_text("user's")
+            else:
+                out.mkdir()
+                if what == "folder with a file":
+                    (out / "user.txt").write_text("user's")
+    assert ("with --overwrite" in str(err.value)) is not overwrite
+    assert names(tmp_path) == ["out"]
+    if what == "file":
+        assert out.read_text() == "user's"
+    else:
+        assert names(out) == (["user.txt"] if what == "folder with a file" else [])
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_added_to_the_old_output_during_the_run_is_kept(tmp_path, rename, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    if overwrite:
+        (out / "old.txt").write_text("old")
+    with pytest.raises(ConverterError, match="appeared or changed while converting"):
+        with staged_output(out, overwrite=overwrite) as folder:
+            (folder / "new.txt").write_text("new")
+            (out / "user.txt").write_text("user's")
+    assert names(out) == (["old.txt", "user.txt"] if overwrite else ["user.txt"])
+    assert names(tmp_path) == ["out"]
+
+
+def test_an_output_replaced_by_another_folder_during_the_run_is_kept(tmp_path, rename):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ConverterError, match="appeared or changed while converting"):
+        with staged_output(out, overwrite=True) as folder:
+            (folder / "new.txt").write_text("new")
+            os.rename(out, tmp_path / "moved")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert names(out) == ["theirs.txt"] and names(tmp_path) == ["moved", "out"]
+
+
+_RACER = """
+import sys, time
+from pathlib import Path
+from converter import export
+from converter.errors import ConverterError
+
+out, me, go, overwrite, impl = sys.argv[1:]
+out, go, overwrite = Path(out), Path(go), overwrite == "1"
+if impl == "fallback":
+    export._libc_renameat2 = None
+try:
+    with export.staged_output(out, overwrite) as folder:
+        (folder / "who").write_text(me)
+        print("ready", flush=True)
+        while not go.exists():
+            time.sleep(0.001)
+except ConverterError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_two_racing_runs_exactly_one_wins(tmp_path, rename, overwrite):
+    """Two real processes stage the same output, then both move into place at the same moment."""
+    work, go = tmp_path / "work", tmp_path / "go"
+    work.mkdir()
+    out = work / "out"
+    if overwrite:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    racers = {
+        me: subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(out), me, str(go), str(int(overwrite)), rename],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me in ("a", "b")
+    }
+    for racer in racers.values():
+        assert racer.stdout.readline() == "ready\n"
+    go.touch()
+    codes = {me: racer.wait(timeout=60) for me, racer in racers.items()}
+    errors = {me: racer.stderr.read() for me, racer in racers.items()}
+    assert sorted(codes.values()) == [0, 2], errors
+    winner = min(codes, key=codes.get)
+    loser = max(codes, key=codes.get)
+    assert "appeared or changed while converting" in errors[loser] and "Traceback" not in errors[loser]
+    assert names(out) == ["who"] and (out / "who").read_text() == winner
+    assert names(work) == ["out"]
+
+
+# --- failures and signals leave nothing behind -----------------------------------------------------
+
+
+def test_an_oserror_in_the_block_names_the_output_file_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=False) as folder:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "config.json"))
+    assert str(err.value) == (
+        f"could not write {out / 'config.json'}: No space left on device; --output {out} was not changed"
+    )
+    assert names(tmp_path) == []
+
+
+def test_a_disk_full_weights_write_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    """The patched twin of the tmpfs test below, for machines that cannot mount one."""
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)  # a partial file, as a real disk-full leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(ConverterError, match=f"could not write .*{WEIGHTS_NAME}: No space left on device"):
+        with (
+            staged_output(tmp_path / "out", overwrite=False) as folder,
+            weights_written_meanwhile(folder, WEIGHTS),
+        ):
+            pass
+    assert names(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (needs root and a mount-capable container; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command: the patched disk-full test covers this")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the patched test covers this")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_while_writing_the_weights(small_disk):
+    big = {"w": torch.zeros(1024, 768)}  # 3 MB on a 2 MB disk
+    out = small_disk / "out"
+    wanted = f"could not write {out}/{WEIGHTS_NAME}: No space left on device; --output {out} was not changed"
+    with pytest.raises(ConverterError, match=f"^{re.escape(wanted)}$"):
+        with staged_output(out, overwrite=False) as folder, weights_written_meanwhile(folder, big):
+            pass
+    assert names(small_disk) == []
+
+
+def test_disk_full_while_writing_a_small_file(small_disk):
+    out = small_disk / "out"
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=False) as folder, weights_written_meanwhile(folder, WEIGHTS):
+            (folder / "README.md").write_bytes(b"x" * (3 << 20))
+    # a failed write() names no file: the output is named
+    assert str(err.value) == f"could not write {out}: No space left on device; --output {out} was not changed"
+    assert names(small_disk) == []
+
+
+def test_a_read_only_filesystem_is_named(small_disk):
+    (small_disk / "existing").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(ConverterError, match=rf"--output {small_disk}/new/out: cannot create .*Read-only"):
+        with staged_output(small_disk / "new" / "out", overwrite=False):
+            pass
+    with pytest.raises(
+        ConverterError, match=rf"--output {small_disk}/out: cannot create .*partial.*Read-only"
+    ):
+        with staged_output(small_disk / "out", overwrite=False):
+            pass
+    assert names(small_disk) == ["existing"]
+
+
+def test_interrupted_carries_the_shells_exit_code():
+    assert (Interrupted(signal.SIGINT).exit_code, Interrupted(signal.SIGTERM).exit_code) == (130, 143)
+    assert str(Interrupted(signal.SIGTERM)) == "interrupted by SIGTERM"
+
+
+def test_a_signal_during_a_deferred_step_is_raised_after_it(tmp_path):
+    steps = []
+    with pytest.raises(Interrupted) as err, signals_as_exceptions():
+        with export._signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now, and did not raise here
+            steps.append("finished")
+    assert steps == ["finished"] and err.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
+
+
+_WRITER = """
+import sys, threading, time
+from pathlib import Path
+from converter import export
+from converter.export import Interrupted, signals_as_exceptions, staged_output, weights_written_meanwhile
+
+out, phase = Path(sys.argv[1]), sys.argv[2]
+partly_written = threading.Event()
+
+def slow_write(folder, state_dict, cancel=None):  # a slow disk (no torch: the child starts fast)
+    with open(folder / export.WEIGHTS_NAME, "wb") as f:
+        f.write(bytes(1 << 20))
+        f.flush()
+        partly_written.set()
+        time.sleep(1.5)
+        f.write(bytes(1 << 20))
+
+export.write_weights = slow_write
+
+def main():
+    with signals_as_exceptions():
+        try:
+            with staged_output(out, False) as folder, weights_written_meanwhile(folder, {}):
+                partly_written.wait()
+                print("ready", flush=True)
+                if phase == "block":
+                    time.sleep(60)  # verifying, say
+                # else the block ends here and the main thread waits for the writer
+        except Interrupted as err:
+            print(f"xclip-convert: {err}", file=sys.stderr)
+            return err.exit_code
+    return 0
+
+sys.exit(main())
+"""
+
+
+def start_writer(work: Path, phase: str) -> subprocess.Popen:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(work / "out"), phase],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout.readline() == "ready\n", child.stderr.read()
+    return child
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("phase", ["block", "waiting for the writer"])
+def test_a_signal_mid_write_exits_with_one_line_and_leaves_nothing(tmp_path, signum, code, phase):
+    work = tmp_path / "work"
+    work.mkdir()
+    child = start_writer(work, phase)
+    assert any(p.name.startswith(".out.partial-") for p in work.iterdir())  # mid-write, for real
+    time.sleep(0.2)
+    child.send_signal(signum)
+    assert child.wait(timeout=60) == code
+    stderr = child.stderr.read()
+    name = signal.Signals(signum).name
+    assert stderr.splitlines() == [
+        f"xclip-convert: interrupted by {name}; --output {work / 'out'} was not changed"
+    ]
+    assert names(work) == []
+
+
+def test_a_sigkill_leftover_is_removed_by_the_next_run_and_nothing_else(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    child = start_writer(work, "block")
+    child.kill()
+    child.wait(timeout=60)
+    leftover = [p.name for p in work.iterdir()]
+    assert len(leftover) == 1 and leftover[0].startswith(f".out.partial-{child.pid}-")
+    others = [".out.partial-notours", ".other.partial-1-0123abcd", f".out.partial-{child.pid}-0123abcd.old"]
+    for name in others:
+        (work / name).mkdir()
+    (work / f".out.partial-{child.pid}-89abcdef").write_text("a file, not a staging folder")
+    with staged_output(work / "out", overwrite=False) as folder:
+        (folder / "new.txt").write_text("new")
+    assert names(work) == sorted(["out", *others, f".out.partial-{child.pid}-89abcdef"])
+
+
+def test_a_staging_folder_whose_owner_runs_is_kept(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    child = start_writer(work, "block")  # a live run to the same output, still converting
+    try:
+        theirs = list(work.iterdir())
+        with staged_output(work / "out", overwrite=False) as folder:
+            (folder / "new.txt").write_text("new")
+        assert theirs and all(p.exists() for p in theirs)
+    finally:
+        child.terminate()
+        assert child.wait(timeout=60) == 143
+    assert names(work) == ["out"]  # and the other run removed its own staging folder
+
+
+def test_a_locked_staging_folder_of_a_dead_pid_is_kept(tmp_path):
+    """The lock protects a live owner whose pid this process cannot see (another pid namespace)."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    staging = tmp_path / f".out.partial-{int(gone.stdout)}-0123abcd"
+    staging.mkdir()
+    fd = os.open(staging, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with staged_output(tmp_path / "out", overwrite=False):
+            pass
+        assert staging.is_dir()
+    finally:
+        os.close(fd)
+    with staged_output(tmp_path / "out", overwrite=True):
+        pass
+    assert names(tmp_path) == ["out"]

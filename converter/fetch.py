@@ -29,14 +29,12 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
 
 from converter.errors import ConverterError
 
@@ -208,8 +206,10 @@ class _Incomplete(Exception):
 
 
 def _check_complete(path: Path) -> None:
-    """Raise _Incomplete if a checkpoint is cut off, ConverterError-worthy ValueError if its completeness
-    cannot be judged; cheap (reads the zip directory or the safetensors header, never the weights)."""
+    """Raise _Incomplete if a checkpoint is cut off, ValueError (saying what it is) if its completeness
+    cannot be judged. Cheap: reads the zip directory or the safetensors header, never the weights."""
+    import zipfile
+
     with open(path, "rb") as f:
         head = f.read(9)
         kind = _format(head)
@@ -363,10 +363,11 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
             "or --checkpoint PATH for a local file."
         )
     root = Path(cache) if cache is not None else cache_dir()
-    return _fetch_cached(
-        url_cache_path(url, root), url, lambda part, fresh: _download_http(url, part, fresh),
-        root=root, sha256=sha256, force=force,
-    )  # fmt: skip
+
+    def download(part: Path, fresh: bool) -> _Download:
+        return _download_http(url, part, fresh)
+
+    return _fetch_cached(url_cache_path(url, root), url, download, root=root, sha256=sha256, force=force)
 
 
 def fetch_source(source: Source, *, sha256: str | None = None, force: bool = False) -> Path:
@@ -399,6 +400,8 @@ def cached_source(source: Source) -> Path | None:
 
 
 def _local_file(url: str, pin: str | None) -> Path:
+    from urllib.request import url2pathname
+
     parts = urlsplit(url)
     path = Path(url2pathname(parts.path))
     if parts.netloc not in ("", "localhost"):
@@ -677,9 +680,10 @@ def _stream(resp: requests.Response, part: Path, mode: str, have: int, total: in
                 bar.update(len(block))
         except requests.exceptions.RequestException as exc:
             f.flush()  # keep what we have so the next attempt resumes
-            kind, why = _classify(exc)
             got = f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
-            raise _Cut("stalled" if kind == "stalled" else "truncated", f"{why}, {got}") from None
+            if _classify(exc)[0] == "stalled":
+                raise _Cut("stalled", got) from None
+            raise _Cut("truncated", f"connection dropped, {got}") from None
     return size
 
 

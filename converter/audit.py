@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from converter.config import HEAD_DIM, Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
+from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
 from converter.errors import ConverterError, VerificationError
 from converter.oracle import OriginalHeads
-from converter.published import BENIGN_BUFFERS, Published, load_published
+from converter.published import BENIGN_BUFFERS, Published, load_published, oracle_heads
 from converter.registry import get_variant
 from converter.verify import DEFAULT_ATOL, Verification
 
@@ -191,7 +191,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def audit(
-    source: str | Path,
+    source: str | Path | Published,
     *,
     model_name: str | None = None,
     checkpoint: str | Path | None = None,
@@ -201,7 +201,8 @@ def audit(
     reference: str | Path | None = None,
     sha256: str | None = None,
 ) -> AuditReport:
-    """Compare the published model `source` (a folder or hub repo id) with the original checkpoint.
+    """Compare the published model `source` (a folder, a hub repo id, or one already loaded) with the
+    original checkpoint; the published model is read first, so a bad SOURCE fails before a download.
 
     The original is `checkpoint` (a path or URL), else `model_name`'s release (fetched). `config`
     (an XCLIPConfig or its JSON) states the original's hyperparameters where the checkpoint cannot
@@ -214,7 +215,7 @@ def audit(
     variant = get_variant(model_name) if model_name else None
     if checkpoint is None and variant is None:
         raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
-    published = load_published(source, revision=revision)  # before fetching GBs of original
+    published = source if isinstance(source, Published) else load_published(source, revision=revision)
     path, described = _resolve_original(checkpoint, variant, sha256)
     original = load_checkpoint(path)
     if isinstance(config, (str, Path)):
@@ -226,10 +227,14 @@ def audit(
         check_variant(hyper, variant, str(path))
     expected_config = config if config is not None else to_config(hyper)
 
-    report = AuditReport(str(source), described, atol, revision=published.revision)
+    report = AuditReport(published.source, described, atol, revision=published.revision)
     report.findings += config_findings(published.config, expected_config)
     report.findings += weight_findings(published.state_dict, original)
-    report.findings += output_findings(published, original, hyper, atol)
+    # A given config states the original's heads; otherwise the original's rule (width // 64) does.
+    heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
+    report.findings += output_findings(
+        published, original, hyper, atol, heads if config is not None else None
+    )
     report.findings += preprocessing_findings(published.image_processor, hyper.image_size, reference)
     report.findings += tokenizer_findings(published)
     return report
@@ -341,9 +346,15 @@ def weight_findings(
 
 
 def output_findings(
-    published: Published, original: Mapping[str, torch.Tensor], hyper: Hyper, atol: float
+    published: Published,
+    original: Mapping[str, torch.Tensor],
+    hyper: Hyper,
+    atol: float,
+    heads: OriginalHeads | None = None,
 ) -> list[Finding]:
-    """The published model (its config, its weights) against the oracle on the original weights."""
+    """The published model (its config, its weights) against the oracle on the original weights.
+
+    `heads`: the original's head counts; by default its own rule, width // 64 (see oracle_heads)."""
     from converter.build import build_model
     from converter.verify import verify
 
@@ -356,13 +367,13 @@ def output_findings(
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     try:
-        result = verify(model, rounded, hyper, atol, _oracle_heads(hyper))
+        result = verify(model, rounded, hyper, atol, heads or oracle_heads(hyper))
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({_one_line(err)})")]
     findings = []
     for name, diff in result.max_abs_diff.items():
         tol = _tolerance(result, name)
-        margin = "∞" if diff == 0 else f"{tol / diff:.3g}×"
+        ratio = diff / tol if tol > 0 else (math.inf if diff > 0 else 0.0)
         findings.append(
             Finding(
                 "outputs",
@@ -371,8 +382,8 @@ def output_findings(
                 tol,
                 diff <= tol,
                 True,
-                f"{name}: max |Δ| {diff:.2e} vs the oracle, atol {tol:g} (margin {margin})",
-                diff / tol if tol else diff,
+                f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}",
+                ratio,
             )  # fmt: skip
         )
     return findings
@@ -393,14 +404,6 @@ def _dominant_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
         if v.is_floating_point():
             sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
     return max(sizes, key=sizes.get) if sizes else torch.float32
-
-
-def _oracle_heads(hyper: Hyper) -> OriginalHeads | None:
-    """None: the oracle applies the original's own rule (width // 64); below width 64 (small test
-    models) only the original's config can say."""
-    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
-        return None
-    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
 
 
 # ---- preprocessing -----------------------------------------------------------------------------
@@ -600,14 +603,17 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
                 len(want) - first,
             )  # fmt: skip
         )
+    differ = sum(1 for f in findings if not f.ok)
+    padding = len(sentences) - same - differ
     findings.append(
         Finding(
             "tokenizer",
             "identical",
             same,
             len(sentences),
-            same == len(sentences),
-            detail=f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does",
+            differ == 0,
+            detail=f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does"
+            + (f", {padding} differ in the padding only" if padding else ""),
         )  # fmt: skip
     )
     return findings

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from converter.config import HEAD_DIM, Hyper
 from converter.errors import ConverterError
+from converter.oracle import OriginalHeads
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -99,6 +101,14 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
         revision=commit,
         files=sorted(p.name for p in folder.iterdir()),
     )
+
+
+def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
+    """Head counts for the oracle: None applies the original's own rule (width // 64), which a
+    published config is checked against; below width 64 (small test models) only a config can say."""
+    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
+        return None
+    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
 
 
 def is_inside(path: Path, folder: Path) -> bool:

@@ -1,0 +1,118 @@
+"""The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout.
+
+Writes `{'model': state_dict}` with the original's keys, derived from the same rule table as the
+forward direction (`converter.rules.hf_to_original`), and proves it: the written file is read back
+weights-only and the oracle, run on those original keys, must reproduce the HF model within the
+same tolerance as a forward conversion. The file is written beside FILE under a temporary name and
+renamed into place only after that check, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from converter.config import Hyper, hyper_from_config
+from converter.errors import ConverterError, VerificationError
+from converter.published import is_inside, load_published, oracle_heads
+from converter.verify import DEFAULT_ATOL, Verification
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BackConversion:
+    output: Path
+    hyper: Hyper
+    tensors: int
+    dtypes: tuple[str, ...]  # of the written tensors: the published ones, unchanged
+    verification: Verification
+
+
+def to_original(
+    source: str | Path,
+    output: str | Path,
+    *,
+    atol: float = DEFAULT_ATOL,
+    overwrite: bool = False,
+    revision: str | None = None,
+) -> BackConversion:
+    """Convert `source` back to an original checkpoint at `output`, verified; return the figures.
+
+    Raises ConverterError on bad input (nothing written) and VerificationError when the original
+    forward pass on the written weights does not reproduce the HF model (nothing written).
+    """
+    output = Path(output)
+    _check_output(output, overwrite, source)
+    published = load_published(source, revision=revision)
+    if is_inside(output, published.folder):  # a hub id resolves to a snapshot in the HF cache
+        raise ConverterError(f"--output {output} is inside the source {published.folder}: write it elsewhere")
+    hyper = hyper_from_config(published.config)
+    weights = published.model_state_dict()
+
+    from converter.layout import check_state_dict
+    from converter.rules import hf_to_original
+
+    check_state_dict(weights, hyper)  # every key, every shape, against the published config
+    original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
+    os.close(fd)
+    partial = Path(name)
+    try:
+        torch.save({"model": original}, partial)
+        verification = _verify_written(partial, published.config, weights, hyper, atol)
+        if not verification.passed:
+            raise VerificationError(
+                f"the original forward pass on the converted-back weights does not reproduce {source} "
+                f"({verification.summary()}); nothing was written"
+            )
+        if output.exists() and not overwrite:  # appeared meanwhile
+            raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
+        partial.replace(output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in original.values()}))
+    return BackConversion(output, hyper, len(original), dtypes, verification)
+
+
+def _check_output(output: Path, overwrite: bool, source: str | Path) -> None:
+    """Refuse before any work: an existing file without `overwrite`, a folder, the source itself."""
+    if output.is_dir():
+        raise ConverterError(f"--output {output} is a folder; give a file name such as model.pth")
+    if output.exists() and not overwrite:
+        raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
+    if Path(source).exists() and is_inside(output, Path(source)):
+        raise ConverterError(f"--output {output} is inside the source {source}: write it elsewhere")
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor that owns exactly its bytes: torch.save writes whole storages, so a view (a transpose,
+    or a slice of a memory-mapped file) would otherwise carry its base into the file."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.contiguous().clone()
+
+
+def _verify_written(
+    path: Path, config: object, weights: StateDict, hyper: Hyper, atol: float
+) -> Verification:
+    """The oracle on the keys as written (read back weights-only) against the HF model."""
+    from converter.build import build_model
+    from converter.load import load_checkpoint
+    from converter.verify import verify
+
+    written = load_checkpoint(path)
+    model = build_model(config, {k: v.float() for k, v in weights.items()})
+    try:
+        return verify(model, {k: v.float() for k, v in written.items()}, hyper, atol, oracle_heads(hyper))
+    except (RuntimeError, ValueError) as err:  # e.g. head counts that do not divide the width
+        raise VerificationError(
+            f"the original forward pass cannot run on the written weights: {err}"
+        ) from None

@@ -1,0 +1,318 @@
+"""The audit of published X-CLIP models (converter/audit.py, converter/published.py).
+
+Offline: "published" folders are built from synthetic checkpoints with each known upstream mistake
+(8 MIT/prompt heads on an L/14-shaped model, 0.5 mean/std, a 224 crop on a 336 model, a tokenizer
+that pads on the left, one changed weight), placed as plain folders and in a temporary HF cache
+(hub layout, HF_HUB_OFFLINE=1); the audit must name each mistake and fail, and pass a correct
+folder. `test_published` (release) audits microsoft/<model-name> against the real checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converter import fetch
+from converter.audit import EXIT_MISMATCH, KINDS, audit, fix_card, original_preprocessing, propose_fix
+from converter.build import build_model
+from converter.config import Hyper, to_config
+from converter.errors import ConverterError
+from converter.processing import build_tokenizer
+from converter.registry import VARIANTS
+from converter.rules import original_to_hf
+from converter.synthetic import make_state_dict
+from converter.verify import Verification, verify
+from tests.helpers import SQUARE
+
+REFERENCE = Path(__file__).parent / "data" / "preprocessing" / "reference.npz"
+
+# L/14-shaped where it matters: E = 768, so the original has 768 // 64 = 12 MIT and prompt heads and
+# 8 heads (head width 96) compute something else. Patch 14; the other widths small to stay fast.
+L14 = Hyper(
+    embed_dim=768, image_size=28, patch_size=14, frames=2,
+    vision_width=64, vision_layers=1, vision_heads=1, vision_mlp=128,
+    text_width=64, text_layers=1, text_heads=1, text_mlp=128,
+    vocab_size=100, context_length=77,
+    mit_layers=1, mit_heads=12, mit_mlp=256, prompt_layers=2, prompt_heads=12,
+)  # fmt: skip
+# A 336-px model (patch 28 keeps the token count small).
+S336 = dataclasses.replace(SQUARE, image_size=336, patch_size=28)
+
+# mistake -> (model, the failing checks, names the failing findings must include)
+MISTAKES = {
+    "correct": (SQUARE, set(), set()),
+    "8-heads": (
+        L14, {"config", "outputs"}, {"prompt_num_attention_heads", "vision_config.mit_num_attention_heads"}
+    ),
+    "0.5-stats": (SQUARE, {"preprocessing"}, {"mean", "std", "measured"}),
+    "224-crop": (S336, {"preprocessing"}, {"crop", "output shape"}),
+    "left-padding": (SQUARE, {"tokenizer"}, {"playing sports", "eating spaghetti"}),
+    "changed-weight": (SQUARE, {"weights", "outputs"}, {"text_projection.weight"}),
+}  # fmt: skip
+MODELS = {"square": SQUARE, "l14": L14, "s336": S336}
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> dict[Hyper, tuple[Path, dict[str, torch.Tensor]]]:
+    """One original checkpoint per model shape, saved as the trainer does ({'model': sd})."""
+    root = tmp_path_factory.mktemp("originals")
+    made = {}
+    for name, hyper in MODELS.items():
+        state_dict = make_state_dict(hyper, seed=len(made) + 1)
+        torch.save({"model": state_dict}, root / f"{name}.pth")
+        made[hyper] = (root / f"{name}.pth", state_dict)
+    return made
+
+
+def original_config(hyper: Hyper):
+    """The original's config where the widths (below 64) cannot say the heads; None: infer them."""
+    return None if hyper is L14 else to_config(hyper)
+
+
+def publish(folder: Path, hyper: Hyper, original: dict[str, torch.Tensor], mistake: str) -> Path:
+    """A folder laid out as the hub's X-CLIP repos are, carrying one known mistake."""
+    folder.mkdir(parents=True)
+    config = to_config(hyper)
+    weights = original_to_hf(original)
+    processor = {
+        **original_preprocessing(hyper.image_size),
+        "image_processor_type": "VideoMAEImageProcessor",
+        "processor_class": "XCLIPProcessor",
+    }
+    if mistake == "8-heads":  # the old conversion script's heads for the L/14 models
+        config.prompt_num_attention_heads = 8
+        config.vision_config.mit_num_attention_heads = 8
+    elif mistake == "0.5-stats":
+        processor.update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    elif mistake == "224-crop":
+        processor.update(crop_size={"height": 224, "width": 224})
+    elif mistake == "changed-weight":
+        weights["text_projection.weight"] = weights["text_projection.weight"] + 1e-3
+    config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors")
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    build_tokenizer().save_pretrained(folder)
+    if mistake == "left-padding":
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "padding_side": "left"}))
+    return folder
+
+
+def place_in_hub_cache(folder: Path, repo_id: str, monkeypatch) -> Path:
+    """Move `folder` into the (sandboxed) HF cache as snapshot_download leaves a repo; go offline."""
+    from huggingface_hub import constants
+
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots").mkdir()
+    folder.rename(repo / "snapshots" / commit)
+    go_offline(monkeypatch)
+    return repo / "snapshots" / commit
+
+
+def go_offline(monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def fingerprint(folder: Path) -> dict[str, tuple[int, str]]:
+    return {
+        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in folder.iterdir()
+    }
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypatch):
+    hyper, failing_kinds, names = MISTAKES[mistake]
+    path, original = originals[hyper]
+    folder = publish(tmp_path / "published", hyper, original, mistake)
+    source = str(folder)
+    if where == "hub":
+        source = f"someone/xclip-{mistake}"
+        folder = place_in_hub_cache(folder, source, monkeypatch)
+    before = fingerprint(folder)
+
+    report = audit(source, checkpoint=path, config=original_config(hyper), reference=REFERENCE)
+
+    failures = [f for f in report.findings if not f.ok]
+    assert {f.kind for f in failures} == failing_kinds, "\n".join(report.lines())
+    assert names <= {f.name for f in failures}, "\n".join(report.lines())
+    assert report.passed is (mistake == "correct")
+    if failing_kinds:
+        assert report.exit_code == EXIT_MISMATCH
+        worst = report.ordered()[0]
+        assert not worst.ok and worst.kind == min(failing_kinds, key=KINDS.index)
+        assert worst.line().removeprefix("FAIL").strip() in report.lines()[0]  # named first
+    # Never writes into the source.
+    assert fingerprint(folder) == before
+    data = json.loads(report.to_json())
+    assert data["passed"] is report.passed and len(data["findings"]) == len(report.findings)
+
+
+def test_eight_heads_output(originals, tmp_path, capsys):
+    """The L/14 case as a user sees it (the report's text, printed for the README and closing note)."""
+    path, original = originals[L14]
+    folder = publish(tmp_path / "xclip-large-patch14", L14, original, "8-heads")
+    report = audit(str(folder), checkpoint=path, reference=REFERENCE)
+    lines = report.lines()
+    assert "prompt_num_attention_heads 8 ≠ 12 (changes the computation)" in lines[0]
+    assert lines[1].split() == ["FAIL", "config", "prompt_num_attention_heads", "8", "≠", "12", "(changes",
+                                "the", "computation)"]  # fmt: skip
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+def test_padding_id_alone_is_a_note(originals, tmp_path):
+    """A pad id other than CLIP's changes no output: reported, not failed. (Not "!", the original's
+    pad id 0: as a special token it would also split "!!" in the text, which the audit reports.)"""
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "pub", SQUARE, original, "correct")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "<|startoftext|>"}))
+    report = audit(str(folder), checkpoint=path, config=to_config(SQUARE))
+    notes = [f for f in report.findings if f.kind == "tokenizer" and f.changes_computation is False]
+    assert notes and all(f.ok for f in notes) and "padding only" in notes[0].detail
+    assert report.passed, "\n".join(report.lines())
+
+
+# ---- bad input: ConverterError (exit 2) ----------------------------------------------------------
+
+
+def test_bad_input(originals, tmp_path, monkeypatch):
+    path, original = originals[SQUARE]
+    with pytest.raises(ConverterError, match="no such folder, and not a hub repo id"):
+        audit(str(tmp_path / "absent"), checkpoint=path)
+    with pytest.raises(ConverterError, match="needs --model-name or --checkpoint"):
+        audit(str(tmp_path))
+    folder = publish(tmp_path / "pub", SQUARE, original, "correct")
+    with pytest.raises(ConverterError, match="does not look like xclip-base-patch32"):
+        audit(str(folder), checkpoint=path, model_name="xclip-base-patch32", config=to_config(SQUARE))
+    # Pickled weights are never unpickled.
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(ConverterError, match=r"only pytorch_model.bin, a pickle"):
+        audit(str(folder), checkpoint=path, config=to_config(SQUARE))
+    go_offline(monkeypatch)
+    with pytest.raises(ConverterError, match=r"someone/absent: not in the local HF cache .*HF_HUB_OFFLINE=1"):
+        audit("someone/absent", checkpoint=path)
+
+
+# ---- the fix, as a pull request (HfApi mocked at the boundary) ---------------------------------
+
+
+class FakeHfApi:
+    calls: list[tuple[str, dict]] = []
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        files = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        self.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
+        return type("CommitInfo", (), {"pr_url": f"https://huggingface.co/{repo_id}/discussions/7"})()
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi
+
+
+def test_propose_fix_opens_a_pr_with_the_findings(originals, tmp_path, hub):
+    path, original = originals[L14]
+    broken = publish(tmp_path / "published", L14, original, "8-heads")
+    report = audit(str(broken), checkpoint=path)
+    ours = publish(tmp_path / "ours", L14, original, "correct")
+    (ours / "README.md").write_text("---\nlicense: mit\n---\n\n# xclip-large-patch14\n\nconverted\n")
+    verification = verify(build_model(to_config(L14), original_to_hf(original)), original, L14)
+    assert verification.passed
+
+    url = propose_fix(report, ours, verification, "microsoft/xclip-large-patch14")
+
+    assert url == "https://huggingface.co/microsoft/xclip-large-patch14/discussions/7"
+    (name, upload), = [c for c in hub.calls if c[0] == "upload_folder"]  # fmt: skip
+    assert upload["create_pr"] is True and upload["repo_id"] == "microsoft/xclip-large-patch14"
+    card = upload["files"]["README.md"].decode()
+    assert card.startswith("---\nlicense: mit\n---\n") and "## What this pull request fixes" in card
+    assert "prompt_num_attention_heads 8 ≠ 12" in card and "# xclip-large-patch14" in card
+    assert upload["files"]["model.safetensors"] == (ours / "model.safetensors").read_bytes()
+    assert (ours / "README.md").read_text().endswith("converted\n")  # the folder itself is not changed
+
+
+def test_propose_fix_refused_unless_verified(originals, tmp_path, hub):
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "pub", SQUARE, original, "0.5-stats")
+    report = audit(str(folder), checkpoint=path, config=to_config(SQUARE))
+    failed = Verification({"logits": 1.0}, {"logits": 1e-4}, 1e-4)
+    passed = Verification({"logits": 0.0}, {"logits": 1e-4}, 1e-4)
+    for verification in (None, failed):
+        with pytest.raises(ConverterError, match="not verified"):
+            propose_fix(report, folder, verification, "someone/repo")
+    report.findings = [f for f in report.findings if f.ok]
+    with pytest.raises(ConverterError, match="nothing to fix"):
+        propose_fix(report, folder, passed, "someone/repo")
+    assert hub.calls == []
+
+
+def test_fix_card_without_front_matter():
+    from converter.audit import AuditReport, Finding
+
+    report = AuditReport("a/b", "orig.pth", 1e-4, [Finding("config", "x", 1, 2, False, True)])
+    assert fix_card(report, "# card\n").startswith("## What this pull request fixes")
+    assert "| config | x 1 ≠ 2 (changes the computation) |" in fix_card(report, "")
+
+
+# ---- release: the published models on the hub ----------------------------------------------------
+
+
+def _unavailable(config, reason: str):
+    if config.getoption("--require-release"):
+        pytest.fail(f"--require-release: {reason}")
+    pytest.skip(reason)
+
+
+def _real_checkpoint(config, variant) -> Path:
+    directory = config.getoption("--checkpoint-dir")
+    for filename in (variant.source.filename, f"{variant.name}.pth"):
+        if directory and (Path(directory) / filename).is_file():
+            return Path(directory) / filename
+    if (cached := fetch.cached_source(variant.source)) is not None:
+        return cached
+    try:
+        return fetch.fetch_source(variant.source)
+    except ConverterError as err:
+        _unavailable(config, f"real checkpoint {variant.source.filename} for {variant.name}: {err}")
+
+
+@pytest.mark.release
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(n), id=n) for n in VARIANTS])
+def test_published(name, request, record_property):
+    """microsoft/<model-name> on the hub against the real original checkpoint."""
+    from converter.published import load_published
+
+    try:
+        published = load_published(f"microsoft/{name}")  # offline and not cached: skip before the checkpoint
+    except ConverterError as err:
+        if "not in the local HF cache" not in str(err):
+            raise
+        _unavailable(request.config, str(err))
+    checkpoint = _real_checkpoint(request.config, VARIANTS[name])
+    report = audit(published, model_name=name, checkpoint=checkpoint, reference=REFERENCE)
+    record_property("audit", report.summary())
+    assert report.passed, "\n".join(report.lines())

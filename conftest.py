@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+pytest_plugins = ("tests.report",)
+
 
 def pytest_addoption(parser) -> None:
     group = parser.getgroup("xclip", "X-CLIP per-model verification suite")

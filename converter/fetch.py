@@ -73,6 +73,20 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "xclip-converter"
 
 
+def cache_folder(*parts: str) -> Path:
+    """``<cache>/<parts...>``, created; a ConverterError naming the cache when it cannot be (a file, no
+    permission). For other users of the cache, e.g. the processor files."""
+    root = cache_dir()
+    folder = root.joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as exc:
+        raise _cache_error(exc, root) from None
+    return folder
+
+
 def url_cache_path(url: str, cache: Path) -> Path:
     """``<cache>/url/<hash of the URL>/<file name>``: the hash keeps same-named files from different
     sources apart, the name keeps the cache readable."""

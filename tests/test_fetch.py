@@ -723,3 +723,12 @@ def test_cache_dir_default_and_override(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert fetch.cache_dir() == tmp_path / "home" / ".cache" / "xclip-converter"
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "elsewhere"))
     assert fetch.cache_dir() == tmp_path / "elsewhere"
+
+
+def test_cache_folder_for_other_users_of_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert fetch.cache_folder("processor") == fetch.cache_dir() / "processor"
+    assert (fetch.cache_dir() / "processor").is_dir()
+    (tmp_path / "blocker").write_text("x")
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "blocker"))
+    with pytest.raises(ConverterError, match="blocker is a file, not a folder.*XCLIP_CACHE"):
+        fetch.cache_folder("processor")

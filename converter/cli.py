@@ -145,15 +145,28 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+class _Stderr(logging.StreamHandler):
+    """Progress lines to whatever sys.stderr is when each line is written (tests replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _show_progress(on: bool) -> None:
     logger = logging.getLogger("converter")
     logger.setLevel(logging.INFO if on else logging.WARNING)
-    if not any(getattr(h, "_xclip", False) for h in logger.handlers):
-        handler = logging.StreamHandler()  # stderr, looked up when each line is written
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        handler._xclip = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+    # urllib3 logs each retry as a warning; our own lines say what failed, once.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,6 +1,28 @@
 """Convert original X-CLIP checkpoints to transformers' XCLIPModel and prove each conversion right.
 
-Modules follow the pipeline: fetch -> load -> rules (map) -> config -> build -> verify -> export.
+    from converter import convert_checkpoint
+    result = convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")
+
+The pipeline, one module a stage: fetch -> load -> rules (map; config) -> build -> verify (against
+the oracle) -> export (processor_files, card; hub to publish). `pipeline` runs them, `cli` is its
+command line; `audit` and `to_original` check and invert published conversions.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+__all__ = ["ConversionResult", "convert_checkpoint", "push", "write_folder"]
+
+if TYPE_CHECKING:
+    from converter.pipeline import ConversionResult, convert_checkpoint, push, write_folder
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily: `xclip-convert --list` must not pay for importing torch.
+    if name in __all__:
+        from converter import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'converter' has no attribute {name!r}")

@@ -96,12 +96,14 @@ class Finding:
     detail: str = ""
     severity: float = 0.0  # orders findings of one kind: larger is worse
 
-    def line(self) -> str:
-        verdict = "ok  " if self.ok else "FAIL"
+    def describe(self) -> str:
         text = self.detail or f"{self.name} {_show(self.published)} ≠ {_show(self.original)}"
         if not self.ok and self.changes_computation is not None:
             text += " (changes the computation)" if self.changes_computation else " (no effect on outputs)"
-        return f"{verdict} {self.kind:13s} {text}"
+        return text
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'} {self.kind:13s} {self.describe()}"
 
 
 @dataclass
@@ -135,7 +137,7 @@ class AuditReport:
         if not failures:
             return f"audit {where}: MATCH (every check within tolerance)"
         kinds = sorted({f.kind for f in failures}, key=KINDS.index)
-        worst = failures[0].line().removeprefix("FAIL").strip()
+        worst = f"{failures[0].kind}: {failures[0].describe()}"
         return f"audit {where}: MISMATCH, {len(failures)} findings ({', '.join(kinds)}); worst: {worst}"
 
     def lines(self) -> list[str]:
@@ -633,9 +635,7 @@ def _window(ids: list[int], start: int) -> str:
 def fix_card(report: AuditReport, card: str) -> str:
     """The converted folder's model card with a section on what this conversion fixes, and why."""
     failures = [f for f in report.ordered() if not f.ok]
-    rows = "\n".join(
-        f"| {f.kind} | {f.line().removeprefix('FAIL').strip().split(None, 1)[1]} |" for f in failures
-    )
+    rows = "\n".join(f"| {f.kind} | {f.describe()} |" for f in failures)
     section = f"""## What this pull request fixes
 
 An audit by xclip-converter (`xclip-convert --audit {report.source}`) compared this repository

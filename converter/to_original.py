@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from converter.config import Hyper, hyper_from_config
+from converter.config import HEAD_DIM, Hyper, hyper_from_config
 from converter.errors import ConverterError, VerificationError
 from converter.published import is_inside, load_published, oracle_heads
 from converter.verify import DEFAULT_ATOL, Verification
@@ -54,8 +54,7 @@ def to_original(
     hyper = hyper_from_config(published.config)
     weights = published.model_state_dict()
 
-    from converter.layout import check_state_dict
-    from converter.rules import hf_to_original
+    from converter.rules import check_state_dict, hf_to_original
 
     check_state_dict(weights, hyper)  # every key, every shape, against the published config
     original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
@@ -65,12 +64,15 @@ def to_original(
     os.close(fd)
     partial = Path(name)
     try:
-        torch.save({"model": original}, partial)
+        try:
+            torch.save({"model": original}, partial)
+        except OSError as err:
+            raise ConverterError(f"could not write {output}: {err}") from None
         verification = _verify_written(partial, published.config, weights, hyper, atol)
         if not verification.passed:
             raise VerificationError(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "
-                f"({verification.summary()}); nothing was written"
+                f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
         if output.exists() and not overwrite:  # appeared meanwhile
             raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
@@ -116,3 +118,17 @@ def _verify_written(
         raise VerificationError(
             f"the original forward pass cannot run on the written weights: {err}"
         ) from None
+
+
+def _heads_hint(hyper: Hyper) -> str:
+    """Name the usual cause: head counts other than the original's width // 64 (the old port's 8)."""
+    rule = {
+        "vision_config.num_attention_heads": (hyper.vision_heads, hyper.vision_width // HEAD_DIM),
+        "text_config.num_attention_heads": (hyper.text_heads, hyper.text_width // HEAD_DIM),
+        "vision_config.mit_num_attention_heads": (hyper.mit_heads, hyper.embed_dim // HEAD_DIM),
+        "prompt_num_attention_heads": (hyper.prompt_heads, hyper.embed_dim // HEAD_DIM),
+    }
+    wrong = [f"{name} {got} ≠ {want}" for name, (got, want) in rule.items() if want and got != want]
+    if not wrong or oracle_heads(hyper) is not None:
+        return ""
+    return f". The config's heads differ from the original's width // 64: {', '.join(wrong)}"

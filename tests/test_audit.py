@@ -153,7 +153,7 @@ def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypat
         assert report.exit_code == EXIT_MISMATCH
         worst = report.ordered()[0]
         assert not worst.ok and worst.kind == min(failing_kinds, key=KINDS.index)
-        assert worst.line().removeprefix("FAIL").strip() in report.lines()[0]  # named first
+        assert f"worst: {worst.kind}: {worst.describe()}" in report.lines()[0]  # named first
     # Never writes into the source.
     assert fingerprint(folder) == before
     data = json.loads(report.to_json())

@@ -1,0 +1,129 @@
+"""The way back (converter/to_original.py): a transformers X-CLIP folder to the original layout.
+
+Round trip original -> HF -> original is bitwise identical (goldens, and a full-size synthetic
+base-patch32 marked slow); the written file is verified the other way round; the output is written
+only whole and only where allowed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from converter.config import hyper_for_variant, to_config
+from converter.errors import ConverterError, VerificationError
+from converter.load import load_checkpoint
+from converter.registry import VARIANTS
+from converter.rules import original_to_hf
+from converter.synthetic import make_state_dict
+from converter.to_original import to_original
+from tests import helpers
+from tests.test_audit import L14, publish
+
+
+def hf_folder(folder, original, config=None, case=None):
+    """A converted folder (config.json + model.safetensors), as the forward direction writes it."""
+    folder.mkdir()
+    if case is not None:
+        helpers.write_config(case, folder)
+    else:
+        config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in original_to_hf(original).items()}, folder / "model.safetensors")
+    return folder
+
+
+def assert_bitwise(written, original):
+    assert written.keys() == original.keys()
+    for key, tensor in original.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key], tensor), key
+
+
+@pytest.mark.parametrize("case", ["tiny-a", "tiny-a-fp16", "tiny-b"])
+def test_round_trip_goldens(case, tmp_path):
+    original = load_checkpoint(helpers.checkpoint(case))
+    folder = hf_folder(tmp_path / "hf", original, case=case)
+    result = to_original(folder, tmp_path / "back.pth")
+
+    assert result.verification.passed and result.tensors == len(original)
+    raw = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert list(raw) == ["model"]  # the trainer's layout, nothing else
+    assert_bitwise(raw["model"], original)
+    assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*partial*"))
+
+
+@pytest.mark.slow
+def test_round_trip_full_size(tmp_path):
+    hyper = hyper_for_variant(VARIANTS["xclip-base-patch32"])
+    original = make_state_dict(hyper, seed=3)
+    folder = hf_folder(tmp_path / "hf", original, config=to_config(hyper))
+    result = to_original(folder, tmp_path / "k400_32_8.pth")
+    assert result.verification.passed, result.verification.summary()
+    written = load_checkpoint(tmp_path / "k400_32_8.pth")
+    assert_bitwise(written, original)
+    # Compact tensors: no transposed view drags its base (or a whole mmap) into the file.
+    size = (tmp_path / "k400_32_8.pth").stat().st_size
+    assert size < 1.01 * sum(t.numel() * t.element_size() for t in original.values()) + 2**20
+
+
+def test_wrong_heads_are_not_written(tmp_path):
+    """An HF model with the old port's 8 heads computes something the original never did: the oracle
+    on the written keys (12 heads, width // 64) disagrees, and nothing is left behind."""
+    original = make_state_dict(L14, seed=5)
+    folder = publish(tmp_path / "published", L14, original, "8-heads")
+    with pytest.raises(VerificationError, match=r"prompt_num_attention_heads 8 ≠ 12.*nothing was written"):
+        to_original(folder, tmp_path / "out" / "model.pth")
+    assert list((tmp_path / "out").iterdir()) == []
+    # The same weights with the right config go back fine.
+    correct = publish(tmp_path / "correct", L14, original, "correct")
+    assert to_original(correct, tmp_path / "out" / "model.pth").verification.passed
+
+
+def test_output_safety(tmp_path):
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    folder = hf_folder(tmp_path / "hf", original, case="tiny-a")
+    existing = tmp_path / "mine.pth"
+    existing.write_bytes(b"a user's file")
+    with pytest.raises(ConverterError, match="exists; pass --overwrite"):
+        to_original(folder, existing)
+    assert existing.read_bytes() == b"a user's file"
+    with pytest.raises(ConverterError, match="is a folder"):
+        to_original(folder, folder)
+    with pytest.raises(ConverterError, match="inside the source"):
+        to_original(folder, folder / "model.pth")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    to_original(folder, existing, overwrite=True)
+    assert_bitwise(load_checkpoint(existing), original)
+
+
+def test_nothing_half_written(tmp_path, monkeypatch):
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    folder = hf_folder(tmp_path / "hf", original, case="tiny-a")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_full(obj, path):
+        with open(path, "wb") as fh:
+            fh.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ConverterError, match=r"could not write .*model.pth.*No space left"):
+        to_original(folder, out / "model.pth")
+    assert list(out.iterdir()) == []
+
+
+def test_bad_source(tmp_path, monkeypatch):
+    with pytest.raises(ConverterError, match="no such folder, and not a hub repo id"):
+        to_original(tmp_path / "absent", tmp_path / "x.pth")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(ConverterError, match="no config.json"):
+        to_original(folder, tmp_path / "x.pth")
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConverterError, match="not in the local HF cache"):
+        to_original("microsoft/xclip-base-patch32", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()

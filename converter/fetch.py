@@ -23,6 +23,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import socket
@@ -61,6 +62,7 @@ _OFFLINE_HINT = (
 )
 _LOCAL_COPY = "or download it yourself and pass --checkpoint PATH"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -752,7 +754,8 @@ def _content_range_total(header: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Progress: a bar on a terminal, a line every PROGRESS_EVERY seconds in a log, nothing for fast downloads
+# Progress: INFO lines on the "converter.fetch" logger (the CLI shows them unless -q) every PROGRESS_EVERY
+# seconds, so a fast download says nothing and a slow one is visibly alive; a tqdm bar instead on a terminal.
 
 
 def _stderr_is_tty() -> bool:
@@ -762,11 +765,14 @@ def _stderr_is_tty() -> bool:
         return False
 
 
+def _show_bar() -> bool:
+    return _log.isEnabledFor(logging.INFO) and _stderr_is_tty()
+
+
 class _LogProgress:
     def __init__(self, total: int | None, initial: int, name: str) -> None:
-        self.total, self.done, self.name = total, initial, name
+        self.total, self.done, self.initial, self.name = total, initial, initial, name
         self.start = self.last = time.monotonic()
-        self.initial = initial
 
     def update(self, n: int) -> None:
         self.done += n
@@ -775,10 +781,7 @@ class _LogProgress:
             self.last = now
             rate = (self.done - self.initial) / max(now - self.start, 1e-9)
             of = f" of {self.total / 1e6:.1f}" if self.total else ""
-            print(
-                f"downloading {self.name}: {self.done / 1e6:.1f}{of} MB, {rate / 1e6:.2f} MB/s",
-                file=sys.stderr,
-            )
+            _log.info("downloading %s: %.1f%s MB, %.2f MB/s", self.name, self.done / 1e6, of, rate / 1e6)
 
     def __enter__(self) -> _LogProgress:
         return self
@@ -788,7 +791,7 @@ class _LogProgress:
 
 
 def _progress(total: int | None, initial: int, name: str) -> Any:
-    if not _stderr_is_tty():
+    if not _show_bar():
         return _LogProgress(total, initial, name)
     from tqdm import tqdm
 
@@ -823,7 +826,7 @@ def _download_gdrive(file_id: str, part: Path) -> _Download:
             gdown.download(
                 id=file_id,
                 output=str(part),
-                quiet=not _stderr_is_tty(),
+                quiet=not _show_bar(),
                 resume=False,
                 retries=MAX_RETRIES,
                 timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT),

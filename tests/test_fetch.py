@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import socket
@@ -475,29 +476,39 @@ def test_a_stall_is_reported_as_a_stall(server: LoopbackServer, monkeypatch: pyt
 
 
 def test_a_slow_download_shows_progress_in_a_log(
-    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(fetch, "PROGRESS_EVERY", 0.05)
     server.add_faults(PATH, Fault(pace=0.03))
-    fetch.fetch_url(server.url(PATH))
-    lines = capsys.readouterr().err.splitlines()
+    with caplog.at_level(logging.INFO, logger="converter.fetch"):
+        fetch.fetch_url(server.url(PATH))
+    lines = [r.getMessage() for r in caplog.records]
     assert lines and all(line.startswith("downloading k400_32_8.pth: ") for line in lines)
     assert f"of {len(DATA) / 1e6:.1f} MB" in lines[-1]
 
 
-def test_a_fast_download_prints_nothing(server: LoopbackServer, capsys: pytest.CaptureFixture[str]) -> None:
-    fetch.fetch_url(server.url(PATH))
-    assert capsys.readouterr().err == ""
+def test_a_fast_download_says_nothing(
+    server: LoopbackServer, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="converter.fetch"):
+        fetch.fetch_url(server.url(PATH))
+    assert capsys.readouterr().err == "" and caplog.records == []
 
 
-def test_a_terminal_gets_a_progress_bar(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_terminal_gets_a_progress_bar_unless_quiet(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     import tqdm
 
     bars = []
-    monkeypatch.setattr(fetch, "_stderr_is_tty", lambda: True)
     real = tqdm.tqdm
+    monkeypatch.setattr(fetch, "_stderr_is_tty", lambda: True)
     monkeypatch.setattr(tqdm, "tqdm", lambda **kw: bars.append(kw) or real(**{**kw, "disable": True}))
-    fetch.fetch_url(server.url(PATH))
+    with caplog.at_level(logging.WARNING, logger="converter.fetch"):  # the CLI's -q
+        fetch.fetch_url(server.url(PATH))
+    assert bars == []
+    with caplog.at_level(logging.INFO, logger="converter.fetch"):
+        fetch.fetch_url(server.url(PATH), force=True)
     assert bars and bars[0]["total"] == len(DATA)
 
 

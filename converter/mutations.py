@@ -106,6 +106,11 @@ def _with_op(original: str, op: Op) -> Rules:
     return tuple(_copy(r, op=op) if r.original == original else r for r in RULES)
 
 
+def harmless(hyper: Hyper) -> list[Mistake]:
+    """The `HARMLESS` mistakes, planted: verification must pass them (|Δ| at rounding level)."""
+    return [Mistake("q/k swapped: message attn, layer 0", _swap_packed(PACKED["message attn"], 0, 0, 1))]
+
+
 def _wrong_heads(right: int) -> int:
     """12 -> 8 (the old port's L/14 MIT/prompt mistake), otherwise half."""
     return 8 if right == 12 else right // 2
@@ -127,10 +132,6 @@ def mistakes(hyper: Hyper) -> list[Mistake]:
             # Layer 1 is the first in which the message tokens differ between frames.
             planted.append(Mistake(f"q/k swapped: {family}, layer 1", _swap_packed(module, 1, 0, 1)))
         planted.append(Mistake(f"k/v swapped: {family}, layer {layer}", _swap_packed(module, layer, 1, 2)))
-    if hyper.vision_layers > 1:
-        planted.append(
-            Mistake("k/v swapped: message attn, layer 0", _swap_packed(PACKED["message attn"], 0, 1, 2))
-        )
     layer = hyper.prompt_layers // 2
     for a, b in (("q", "k"), ("k", "v")):
         planted.append(

@@ -12,7 +12,7 @@ Where a published checkpoint lives and where the cache keeps it is the registry'
   instead of splicing two versions. A ``.part`` without a validator starts over.
 - Connection and 5xx retries are urllib3's ``Retry``; a transfer that is cut off or stalls (no byte for
   ``STALL_TIMEOUT`` seconds) is resumed here, because only here is the resume validated.
-- A lock on ``<file>.lock`` makes concurrent processes (pytest-xdist workers, parallel runs) fetch once.
+- A lock in ``<cache>/locks/`` makes concurrent processes (pytest-xdist workers, parallel runs) fetch once.
 
 Every failure is a :class:`~converter.errors.ConverterError` with one line: what failed, what to do.
 """
@@ -113,8 +113,13 @@ def _validator_path(part: Path) -> Path:
     return _sidecar(part, ".json")  # "<file>.part.json": forget()'s "<file>.part*" covers it
 
 
-def _lock_path(path: Path) -> Path:
-    return _sidecar(path, ".lock")
+def _lock_path(path: Path, root: Path) -> Path:
+    # Apart from the file's own folder, so a failed first download can leave that folder empty and
+    # remove it; the lock file itself must outlive any process that may wait on it.
+    relative = "__".join(path.relative_to(root).parts) if root in path.parents else path.name
+    locks = root / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return locks / f"{relative}.lock"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def _fetch_cached(
         final.parent.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock
 
-        with FileLock(str(_lock_path(final))):
+        with FileLock(str(_lock_path(final, root))), _pruned_if_failed(final.parent, root):
             # Another process may have finished the download while we waited for the lock.
             if not force and final.is_file() and _cached_is_usable(final, pin):
                 return final
@@ -315,6 +320,21 @@ def _fetch_cached(
     except OSError as exc:  # the cache folder: a file, no permission, disk full
         raise _cache_error(exc, root) from None
     return final
+
+
+@contextmanager
+def _pruned_if_failed(folder: Path, root: Path) -> Iterator[None]:
+    """A failed first download leaves no empty folders behind in the cache (only its lock file)."""
+    try:
+        yield
+    except BaseException:
+        while folder != root and root in folder.parents:
+            try:
+                folder.rmdir()  # only when empty: a resumable .part or another file keeps it
+            except OSError:
+                break
+            folder = folder.parent
+        raise
 
 
 def _cached_is_usable(final: Path, pin: str | None) -> bool:

@@ -43,8 +43,9 @@ except ImportError:  # not POSIX: staging folders are then told apart by the pid
 
 WEIGHTS_NAME = "model.safetensors"
 # Mapped pages of the file being read back count towards the process's RSS until it is closed, so it
-# is reopened after this many bytes: the read-back adds ~this much to the peak, not the model's size.
-READ_BACK_BATCH_BYTES = 64 << 20
+# is reopened before mapping more than this (or one larger tensor): the read-back adds that much to
+# the peak RSS, not the model's size.
+READ_BACK_BATCH_BYTES = 32 << 20
 
 
 # --- signals ---------------------------------------------------------------------------------------
@@ -204,24 +205,32 @@ def check_written(
     from safetensors import SafetensorError, safe_open
 
     keys = list(state_dict)
-    done = 0
     try:
-        while True:
+        with safe_open(path, framework="pt") as f:
+            _same_keys(path, f.keys(), keys)
+        for batch in _batches(keys, state_dict, batch_bytes):
             with safe_open(path, framework="pt") as f:
-                if done == 0:
-                    _same_keys(path, f.keys(), keys)
-                mapped = 0
-                while done < len(keys) and mapped < batch_bytes:
+                for key in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    got = f.get_tensor(keys[done])
-                    _same_tensor(path, keys[done], got, state_dict[keys[done]])
-                    mapped += got.nbytes
-                    done += 1
-            if done == len(keys):
-                return
+                    _same_tensor(path, key, f.get_tensor(key), state_dict[key])
     except (OSError, SafetensorError) as err:
         raise ConverterError(f"could not read back {path}: {_short_io_error(err)}") from err
+
+
+def _batches(keys: list[str], state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[str]]:
+    """Consecutive keys whose tensors total at most `limit` bytes (or one larger tensor)."""
+    batch: list[str] = []
+    size = 0
+    for key in keys:
+        nbytes = state_dict[key].nbytes
+        if batch and size + nbytes > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += nbytes
+    if batch:
+        yield batch
 
 
 def _same_keys(path: Path, written: Iterable[str], expected: list[str]) -> None:
@@ -245,14 +254,29 @@ def _same_tensor(path: Path, key: str, got: torch.Tensor, expected: torch.Tensor
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bytes (NaN equals the same NaN, -0.0 differs from 0.0): compared as same-size integers,
-    a view that needs no copy even of a transposed tensor."""
+    """Equal bytes (NaN equals the same NaN, -0.0 differs from 0.0), for tensors of one dtype and shape.
+
+    memcmp where both are contiguous: torch.equal starts a parallel loop per call, ~1 s of CPU for
+    base-patch32's 443 tensors against ~0.1 s. Otherwise (a transposed view) torch.equal on the
+    same-size integers, a view that needs no copy."""
+    if a.nbytes == 0:
+        return True
+    if _memcmp is not None and a.is_contiguous() and b.is_contiguous() and a.is_cpu and b.is_cpu:
+        return _memcmp(a.data_ptr(), b.data_ptr(), a.nbytes) == 0
     import torch
 
     as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(a.element_size())
     if as_int is None or a.is_complex():
         return torch.equal(a, b)
     return torch.equal(a.view(as_int), b.view(as_int))
+
+
+_memcmp = None
+if os.name == "posix":
+    with suppress(OSError, AttributeError):
+        _memcmp = ctypes.CDLL(None).memcmp
+        _memcmp.restype = ctypes.c_int
+        _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
 def _short_io_error(err: BaseException) -> str:

@@ -1,8 +1,9 @@
-"""Writing the output folder: atomic, weights written on a second thread, and the cached processor
-files equal a fresh build."""
+"""Writing the output folder: atomic, weights written on a second thread and read back, and the
+cached processor files equal a fresh build."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -11,7 +12,13 @@ from safetensors.torch import load_file
 
 from converter import export
 from converter.errors import ConverterError
-from converter.export import WEIGHTS_NAME, staged_output, weights_written_meanwhile
+from converter.export import (
+    WEIGHTS_NAME,
+    check_written,
+    staged_output,
+    weights_written_meanwhile,
+    write_weights,
+)
 from converter.processing import build_processor
 from converter.processor_files import write_processor
 
@@ -93,3 +100,98 @@ def test_cached_processor_files_equal_a_fresh_build(tmp_path, monkeypatch, image
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in fresh.iterdir())
         for file in fresh.iterdir():
             assert (folder / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+# --- reading model.safetensors back ----------------------------------------------------------------
+
+MIXED = {
+    "f32": torch.randn(5, 7),
+    "t": torch.randn(7, 5).t(),  # a transposed view, as the mapping produces
+    "f16": torch.randn(4).half(),
+    "bf16": torch.randn(4).bfloat16(),
+    "nan": torch.tensor([float("nan"), -0.0, 1.0]),
+    "scalar": torch.tensor(3.0),
+    "ints": torch.arange(5),
+}
+
+
+def written(tmp_path, state_dict=MIXED):
+    write_weights(tmp_path, state_dict)
+    return tmp_path / WEIGHTS_NAME
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 64 << 20])
+def test_what_was_written_reads_back_equal(tmp_path, batch_bytes):
+    check_written(written(tmp_path), MIXED, batch_bytes=batch_bytes)  # NaN equals its own bits
+
+
+def altered(key, value):
+    return {**MIXED, key: value}
+
+
+@pytest.mark.parametrize(
+    ("expected", "what"),
+    [
+        (
+            altered(
+                "f32", MIXED["f32"].clone().index_put_((torch.tensor(4), torch.tensor(6)), torch.tensor(9.0))
+            ),
+            "'f32' has different values",
+        ),
+        (altered("t", (MIXED["t"].t() + 1e-6).t()), "'t' has different values"),  # a transposed view
+        (altered("nan", torch.tensor([float("nan"), 0.0, 1.0])), "'nan' has different values"),  # -0.0 vs 0.0
+        (altered("f16", MIXED["f16"].float()), "'f16' has dtype torch.float16 instead of torch.float32"),
+        (altered("f32", MIXED["f32"].reshape(7, 5)), "'f32' has shape (5, 7) instead of (7, 5)"),
+        ({k: v for k, v in MIXED.items() if k != "ints"}, "'ints' was not meant to be there"),
+        ({**MIXED, "more": torch.ones(1)}, "'more' is missing"),
+    ],
+)
+@pytest.mark.parametrize("batch_bytes", [1, 64 << 20])
+def test_a_difference_on_disk_is_named(tmp_path, expected, what, batch_bytes):
+    path = written(tmp_path)
+    with pytest.raises(ConverterError) as err:
+        check_written(path, expected, batch_bytes=batch_bytes)
+    assert str(err.value) == f"{path} read back does not hold the verified weights: {what}"
+
+
+def test_a_flipped_byte_in_the_file_is_caught(tmp_path):
+    path = written(tmp_path, {"a": torch.zeros(100), "b": torch.zeros(100)})
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last byte of the last tensor
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConverterError, match="'b' has different values"):
+        check_written(path, {"a": torch.zeros(100), "b": torch.zeros(100)}, batch_bytes=1)
+
+
+def test_a_writer_that_writes_other_bytes_fails_the_run_and_leaves_nothing(tmp_path, monkeypatch):
+    """What the read-back is for: bytes on disk that are not the verified tensors, even under
+    --no-verify, stop the run before anything is moved into place."""
+    import safetensors.torch
+
+    save_file = safetensors.torch.save_file
+
+    def off_by_one_ulp(tensors, filename, metadata=None):
+        tensors = dict(tensors)
+        tensors["a"] = torch.nextafter(tensors["a"], torch.tensor(float("inf")))
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", off_by_one_ulp)
+    out = tmp_path / "out"
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=False) as folder, weights_written_meanwhile(folder, WEIGHTS):
+            pass
+    assert str(err.value) == (
+        f"{out / WEIGHTS_NAME} read back does not hold the verified weights: 'a' has different values; "
+        f"--output {out} was not changed"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_abandoned_write_is_not_read_back(tmp_path, monkeypatch):
+    reads = []
+    monkeypatch.setattr(export, "check_written", lambda *args: reads.append(args))
+    cancel = threading.Event()
+    write_weights(tmp_path, WEIGHTS, cancel)
+    cancel.set()
+    write_weights(tmp_path, WEIGHTS, cancel)
+    assert len(reads) == 1

@@ -58,7 +58,10 @@ def probe(folder: str, work: str) -> None:
 
         hf_logging.set_verbosity_warning()
         hf_logging.add_handler(logging.StreamHandler(log))
+        import tokenizers
+
         result["transformers"] = transformers.__version__
+        result["tokenizers"] = tokenizers.__version__
         inputs = np.load(Path(work) / "inputs.npz")
 
         def check(name, fn):
@@ -254,7 +257,11 @@ def test_transformers_version(version, converted, reference, request, record_pro
     want, want_arrays = reference
     row = matrix_row(result, arrays, want, want_arrays)
     record_property("compat", row)
-    print(f"\ntransformers {result['transformers']}: {row}")
+    print(
+        f"\n| {result['transformers']} (tokenizers {result['tokenizers']}) | "
+        + " | ".join(row.values())
+        + " |"
+    )
     assert version == "installed" or result["transformers"] == version
     assert all(cell.startswith("✓") for cell in row.values()), row
     noisy = [
@@ -264,28 +271,28 @@ def test_transformers_version(version, converted, reference, request, record_pro
 
 
 def matrix_row(result: dict, arrays: dict, want: dict, want_arrays: dict) -> dict[str, str]:
-    """One cell per check: '✓ …' or '✗ <why>'."""
+    """One cell per check: '✓ <figure or class>' or '✗ <why>'."""
     import numpy as np
 
-    def cell(name: str, ok_when) -> str:
+    def cell(name: str, check) -> str:
         got = result[name]
         if "error" in got:
             return f"✗ {got['error']}"
-        why = ok_when(got)
-        return "✓" if why is None else f"✗ {why}"
+        ok, detail = check(got)
+        return f"{'✓' if ok else '✗'} {detail}"
 
     def model(got):
         if got["missing_keys"] or got["unexpected_keys"]:
-            return f"missing {got['missing_keys']}, unexpected {got['unexpected_keys']}"
+            return False, f"missing {got['missing_keys']}, unexpected {got['unexpected_keys']}"
         delta = float(np.abs(arrays["logits"] - want_arrays["logits"]).max())
-        return None if delta <= LOGITS_ATOL else f"logits Δ {delta:.1e}"
+        return delta <= LOGITS_ATOL, f"logits Δ {delta:.1e}"
 
     def processor(got):
         delta = float(np.abs(arrays["pixel_values"] - want_arrays["pixel_values"]).max())
-        return None if delta <= 1e-6 else f"pixel Δ {delta:.1e} ({got['classes']})"
+        return delta <= 1e-6, f"pixel Δ {delta:.1e}, {'/'.join(got['classes'][1:])}"
 
     def tokenizer(got):
-        return None if got["ids"] == CLIP_IDS else f"ids {got['ids']}"
+        return got["ids"] == CLIP_IDS, got["class"] if got["ids"] == CLIP_IDS else f"ids {got['ids']}"
 
     snippet = result["snippet"]
     if snippet["returncode"] != 0:
@@ -293,7 +300,8 @@ def matrix_row(result: dict, arrays: dict, want: dict, want_arrays: dict) -> dic
     else:
         got, expected = snippet_probs(result), snippet_probs(want)
         delta = max(abs(got[t] - expected[t]) for t in expected)
-        snippet_cell = "✓" if got.keys() == expected.keys() and delta <= PROBS_ATOL else f"✗ {got}"
+        ok = got.keys() == expected.keys() and delta <= PROBS_ATOL
+        snippet_cell = f"✓ probabilities Δ {delta:.1e}" if ok else f"✗ {got}"
     return {
         "model": cell("model", model),
         "processor": cell("processor", processor),
@@ -312,7 +320,7 @@ def test_card_snippet_runs_here(converted, reference):
     assert list(probs) == ["playing sports", "eating spaghetti", "go shopping"]
     assert abs(sum(probs.values()) - 1) < 1e-3
     row = matrix_row(result, arrays, result, arrays)
-    assert all(cell == "✓" for cell in row.values()), row
+    assert all(cell.startswith("✓") for cell in row.values()), row
     noisy = [
         w for w in result["warnings"] + result["snippet"]["stderr"].splitlines() if MISSING_FILE.search(w)
     ]

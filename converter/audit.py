@@ -127,7 +127,12 @@ class AuditReport:
         check (the config names a cause, the outputs its effect) and size."""
         return sorted(
             self.findings,
-            key=lambda f: (f.ok, f.changes_computation is not True, KINDS.index(f.kind), -f.severity),
+            key=lambda f: (
+                f.ok,
+                not f.ok and f.changes_computation is not True,
+                KINDS.index(f.kind),
+                -f.severity,
+            ),
         )
 
     def summary(self) -> str:
@@ -323,7 +328,7 @@ def weight_findings(
                     True,
                     f"{key}: shape {list(got.shape)} ≠ {list(want.shape)}",
                     math.inf,
-                )  # fmt: skip
+                )
             )
             continue
         diff = (got.float() - want.to(got.dtype).float()).abs().max().item() if got.numel() else 0.0
@@ -386,7 +391,7 @@ def output_findings(
                 True,
                 f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}",
                 ratio,
-            )  # fmt: skip
+            )
         )
     return findings
 
@@ -469,7 +474,8 @@ def preprocessing_findings(
     expected = original_preprocessing(image_size)
     got, want = _settings(raw), _settings(expected)
     findings = [
-        Finding("preprocessing", name, got[name], want[name], False, True)
+        # Severity 1: a setting is the cause, so it comes before the measured effect (severity 0).
+        Finding("preprocessing", name, got[name], want[name], False, True, severity=1.0)
         for name in want
         if not _close(got[name], want[name])
     ]
@@ -495,33 +501,57 @@ def _measured(
         published = [_run_processor(raw, f) for f in frames]
     except Exception as err:
         return Finding(
-            "preprocessing", "measured", None, None, False, True,
-            f"the published image processor fails on a frame ({_one_line(err)})", math.inf,
-        )  # fmt: skip
+            "preprocessing",
+            "measured",
+            None,
+            None,
+            False,
+            True,
+            f"the published image processor fails on a frame ({_one_line(err)})",
+            math.inf,
+        )
     best = [_run_processor(expected, f) for f in frames]
-    shapes = {tuple(p.shape) for p in published}
-    if shapes != {tuple(t.shape) for t in targets}:
+    shapes = sorted({tuple(p.shape) for p in published})
+    if shapes != sorted({tuple(t.shape) for t in targets}):
+        got = " / ".join(str(list(s)) for s in shapes)
         return Finding(
-            "preprocessing", "output shape", sorted(shapes), list(targets[0].shape), False, True,
-            f"output shape {sorted(shapes)} ≠ {list(targets[0].shape)} on {what}", math.inf,
-        )  # fmt: skip
+            "preprocessing",
+            "output shape",
+            got,
+            list(targets[0].shape),
+            ok=False,
+            changes_computation=True,
+            detail=f"output shape {got} ≠ {list(targets[0].shape)} on {what}",
+        )
     diff = max(float(np.abs(p - t).max()) for p, t in zip(published, targets, strict=True))
     floor = max(float(np.abs(b - t).max()) for b, t in zip(best, targets, strict=True))
     ok = diff <= floor + PREPROCESSING_SLACK
     return Finding(
-        "preprocessing", "measured", diff, floor, ok, True,
-        f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})",
+        "preprocessing",
+        "measured",
         diff,
-    )  # fmt: skip
+        floor,
+        ok,
+        True,
+        f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})",
+    )
 
 
 def _run_processor(settings: Mapping[str, Any], frame: np.ndarray) -> np.ndarray:
     from transformers import VideoMAEImageProcessorPil
 
     keys = (
-        "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-        "do_normalize", "image_mean", "image_std",
-    )  # fmt: skip
+        "do_resize",
+        "size",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+    )
     processor = VideoMAEImageProcessorPil(**{k: settings[k] for k in keys if k in settings})
     out = processor([frame], return_tensors="np", input_data_format="channels_last")["pixel_values"]
     return np.asarray(out)[0, 0]  # [3, S, S]
@@ -603,7 +633,7 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
                 f"({'before the end token' if content else 'padding only, after the end token'}): "
                 f"{_window(got, first)} ≠ {_window(want, first)}",
                 len(want) - first,
-            )  # fmt: skip
+            )
         )
     differ = sum(1 for f in findings if not f.ok)
     padding = len(sentences) - same - differ
@@ -616,7 +646,7 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
             differ == 0,
             detail=f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does"
             + (f", {padding} differ in the padding only" if padding else ""),
-        )  # fmt: skip
+        )
     )
     return findings
 

@@ -257,17 +257,11 @@ def test_transformers_version(version, converted, reference, request, record_pro
     want, want_arrays = reference
     row = matrix_row(result, arrays, want, want_arrays)
     record_property("compat", row)
-    print(
-        f"\n| {result['transformers']} (tokenizers {result['tokenizers']}) | "
-        + " | ".join(row.values())
-        + " |"
-    )
+    versions = f"{result['transformers']} (tokenizers {result['tokenizers']})"
+    print(f"\n| {versions} | " + " | ".join(row.values()) + " |")  # a row of README's matrix
     assert version == "installed" or result["transformers"] == version
     assert all(cell.startswith("✓") for cell in row.values()), row
-    noisy = [
-        w for w in result["warnings"] + result["snippet"]["stderr"].splitlines() if MISSING_FILE.search(w)
-    ]
-    assert not noisy, noisy
+    assert not missing_file_warnings(result), missing_file_warnings(result)
 
 
 def matrix_row(result: dict, arrays: dict, want: dict, want_arrays: dict) -> dict[str, str]:
@@ -321,10 +315,7 @@ def test_card_snippet_runs_here(converted, reference):
     assert abs(sum(probs.values()) - 1) < 1e-3
     row = matrix_row(result, arrays, result, arrays)
     assert all(cell.startswith("✓") for cell in row.values()), row
-    noisy = [
-        w for w in result["warnings"] + result["snippet"]["stderr"].splitlines() if MISSING_FILE.search(w)
-    ]
-    assert not noisy, noisy
+    assert not missing_file_warnings(result), missing_file_warnings(result)
     assert result["tokenizer_fast"]["ids"] == CLIP_IDS == result["tokenizer_slow"]["ids"]
 
 

@@ -191,7 +191,8 @@ def collect(models: list[str], repeats: int, skip_forward: bool, workdir: Path) 
     for model, path in checkpoints.items():
         timed = None if skip_forward else _worker_run("forward", model, path)
         if timed:
-            print(f"  forward {model}: {timed}", flush=True)
+            oracle, hf = (", ".join(f"{t:.2f}" for t in timed[k]) for k in ("oracle", "hf"))
+            print(f"  forward {model}: oracle {oracle} s, HF {hf} s", flush=True)
         data[model] = {"size_mb": path.stat().st_size / 1e6, "samples": samples[model], "forward": timed}
     return data
 

@@ -19,8 +19,7 @@ from converter.export import (
     weights_written_meanwhile,
     write_weights,
 )
-from converter.processing import build_processor
-from converter.processor_files import write_processor
+from converter.processor_files import build_processor_files, write_processor
 
 
 def test_failed_write_leaves_no_output_and_no_staging(tmp_path):
@@ -92,7 +91,7 @@ def test_the_blocks_own_error_wins_and_the_writer_is_waited_for(tmp_path, slow_w
 def test_cached_processor_files_equal_a_fresh_build(tmp_path, monkeypatch, image_size):
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
     fresh = tmp_path / "fresh"
-    build_processor(image_size).save_pretrained(fresh)
+    build_processor_files(fresh, image_size)  # what a cache miss writes
     for attempt in ("first", "cached"):
         folder = tmp_path / attempt
         folder.mkdir()

@@ -186,6 +186,17 @@ def test_overwrite_replaces_only_once_the_new_folder_is_complete(tmp_path, renam
     assert names(out) == ["new.txt"] and names(tmp_path) == ["out"]
 
 
+def test_an_output_given_through_a_symlink_is_replaced_where_it_lives(tmp_path, rename):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "old.txt").write_text("old")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with staged_output(tmp_path / "link", overwrite=True) as folder:
+        assert folder.parent == tmp_path
+        (folder / "new.txt").write_text("new")
+    assert (tmp_path / "link").is_symlink() and names(tmp_path / "link") == ["new.txt"]
+    assert names(tmp_path) == ["link", "real"]
+
+
 def test_an_empty_output_is_replaced_without_overwrite(tmp_path, rename):
     (tmp_path / "out").mkdir()
     with staged_output(tmp_path / "out", overwrite=False) as folder:

@@ -69,7 +69,6 @@ class Interrupted(BaseException):
 
 
 class _SignalState:
-    handling = False  # signals_as_exceptions is active
     raised = False  # one Interrupted is on its way: later signals are ignored while it unwinds
     deferring = 0  # inside _signals_deferred: remember the signal, raise it at the end
     pending: int | None = None
@@ -97,13 +96,12 @@ def signals_as_exceptions() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _on_signal) for s in _HANDLED}
-    _signals.handling, _signals.raised, _signals.pending = True, False, None
+    _signals.raised, _signals.pending = False, None
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _signals.handling = False
 
 
 @contextmanager
@@ -136,17 +134,18 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[tuple[str, P
         )
     if output.is_symlink() and not output.exists():
         raise ConverterError(f"--output {output} is a broken symlink; remove it or choose another folder")
+    protected = list(protected)
     try:
         target = output.resolve()
         cwd = Path.cwd().resolve()
-    except (OSError, RuntimeError) as err:
-        raise ConverterError(f"--output {output}: cannot resolve it ({err})") from err
+        places = [path.resolve() for _, path in protected]
+    except (OSError, RuntimeError) as err:  # a symlink loop, say
+        raise ConverterError(f"--output {output}: cannot resolve the paths to compare ({err})") from err
     if target == cwd or target in cwd.parents:
         raise ConverterError(
             f"--output {output} is the current folder or holds it ({target}); choose a folder below it"
         )
-    for label, path in protected:
-        place = path.resolve()
+    for (label, path), place in zip(protected, places, strict=True):
         if place == target:
             relation = "is"
         elif target in place.parents:
@@ -340,10 +339,11 @@ def staged_output(
         ) from err
     _remove_stale_staging(target)
     before = _identity(target)
-    with _signals_deferred():  # created and locked, or not at all
-        staging, lock = _create_staging(target, output)
+    staging = lock = None
     state = {"staging_is_ours": True, "committed": False}
     try:
+        with _signals_deferred():  # created and locked, or not at all
+            staging, lock = _create_staging(target, output)
         try:
             yield staging
         except OSError as err:
@@ -358,15 +358,15 @@ def staged_output(
             shown = str(err).replace(str(staging), str(output))
             raise ConverterError(f"{shown}; --output {output} was not changed") from err
         with _signals_deferred():
-            _honour_umask(staging)
+            _honour_umask(staging, output)
             _commit(staging, target, before, overwrite, output, state)
     except BaseException as err:
         with _signals_deferred():
-            if state["staging_is_ours"]:
+            if staging is not None and state["staging_is_ours"]:
                 shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, Interrupted) and not err.outcome:
-            err.outcome = (
-                f"{output} was written first" if state["committed"] else f"--output {output} was not changed"
+            err.outcome = f"--output {output} " + (
+                "was complete first" if state["committed"] else "was not changed"
             )
         raise
     finally:
@@ -470,18 +470,23 @@ def _umask() -> int:
     return mask
 
 
-def _honour_umask(folder: Path) -> None:
+def _honour_umask(folder: Path, output: Path) -> None:
     """Give every folder and file the mode a plain mkdir/open would have (safetensors writes 0600,
     a copied file keeps its source's mode)."""
     mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask, follow_symlinks=False)
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
+    try:
+        os.chmod(folder, 0o777 & ~mask)
+        for root, dirs, files in os.walk(folder):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask, follow_symlinks=False)
+            for name in files:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, 0o666 & ~mask)
+    except OSError as err:
+        raise ConverterError(
+            f"--output {output}: cannot set the mode of {err.filename}: {err.strerror}"
+        ) from err
 
 
 def _commit(
@@ -501,6 +506,8 @@ def _commit(
             retired = _swap(staging, target)
         except FileNotFoundError:
             retired = None  # it went away meanwhile: nothing to replace
+        except FileExistsError:
+            raise appeared from None
         except OSError as err:
             raise ConverterError(f"--output {output}: cannot replace it: {err.strerror}") from err
         if retired is not None:

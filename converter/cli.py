@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
     other.add_argument(
+        "--revision", metavar="REV", help="with --audit / --to-original: the hub revision of SOURCE"
+    )
+    other.add_argument(
         "--to-original",
         metavar="SOURCE",
         help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
@@ -220,8 +223,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.atol is not None:
         check_atol(args.atol)
     parse_sha256(args.sha256)
-    if args.report:
-        raise ConverterError("--report goes with --audit")
+    if args.report or args.revision:
+        raise ConverterError("--report and --revision go with --audit or --to-original")
     if args.video:
         _check_video(Path(args.video))
 
@@ -314,8 +317,11 @@ def _audit(args: argparse.Namespace) -> int:
         raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
     if args.to_original or args.video or args.output:
         raise ConverterError("--audit only reads: drop --to-original, --video and --output")
-    if not args.create_pr and args.push_to_hub is not None:
-        raise ConverterError("with --audit, --push-to-hub opens a pull request: add --create-pr")
+    if args.push_to_hub is not None and (args.no_verify or not args.create_pr):
+        raise ConverterError(
+            "with --audit, --push-to-hub opens a pull request of a verified conversion: "
+            "add --create-pr, drop --no-verify"
+        )
     report_file = Path(args.report) if args.report else None
     repo_id = _repo_id_for_fix(args)
     report = audit(
@@ -325,6 +331,7 @@ def _audit(args: argparse.Namespace) -> int:
         config=args.config,
         atol=_atol(args),
         sha256=args.sha256,
+        revision=args.revision,
     )
     for line in report.lines():
         print(line)
@@ -356,6 +363,10 @@ def _repo_id_for_fix(args: argparse.Namespace) -> str | None:
     from converter.hub import check_repo_id
 
     # The pull request goes to the audited repo unless another one is named.
+    if not args.push_to_hub and Path(args.audit).exists():
+        raise ConverterError(
+            f"--audit {escape(args.audit)} is a folder: name the repo with --push-to-hub REPO_ID"
+        )
     return check_repo_id(args.push_to_hub or args.audit)
 
 
@@ -364,9 +375,18 @@ def _to_original(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise ConverterError("--to-original needs --output FILE.pth")
-    if args.checkpoint or args.push_to_hub is not None or args.video:
-        raise ConverterError("--to-original reads SOURCE only: drop --checkpoint, --push-to-hub and --video")
-    result = to_original(args.to_original, Path(args.output), atol=_atol(args), overwrite=args.overwrite)
+    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--model-name", args.model_name),
+             ("--config", args.config), ("--push-to-hub", args.push_to_hub), ("--video", args.video),
+             ("--dtype", args.dtype != "float32")) if value not in (None, False)]  # fmt: skip
+    if given:
+        raise ConverterError(f"--to-original reads SOURCE only: drop {', '.join(given)}")
+    result = to_original(
+        args.to_original,
+        Path(args.output),
+        atol=_atol(args),
+        overwrite=args.overwrite,
+        revision=args.revision,
+    )
     print(result.verification.summary())
     print(f"wrote {escape(str(result.output))}")
     return EXIT_OK

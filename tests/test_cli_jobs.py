@@ -1,0 +1,74 @@
+"""The command line's other jobs, wired to the library: --to-original and --audit (the library's own
+tests prove what they compute; these prove the flags reach it and the exit codes come back)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converter.cli import main
+from tests import helpers
+
+
+def run(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The tiny-a golden converted by the CLI, with its config."""
+    root = tmp_path_factory.mktemp("jobs")
+    config = helpers.write_config("tiny-a", root / "cfg")
+    assert (
+        run("--checkpoint", helpers.checkpoint("tiny-a"), "--config", config, "--output", root / "hf", "-q")
+        == 0
+    )
+    return root / "hf", config
+
+
+def test_to_original_writes_the_original_layout(converted, tmp_path, capsys):
+    folder, _ = converted
+    assert run("--to-original", folder, "--output", tmp_path / "back.pth") == 0
+    out = capsys.readouterr().out
+    assert "verification OK" in out and f"wrote {tmp_path / 'back.pth'}" in out
+    original = torch.load(helpers.checkpoint("tiny-a"), weights_only=True)["model"]
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
+    assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    # An existing file is kept unless --overwrite.
+    assert run("--to-original", folder, "--output", tmp_path / "back.pth") == 2
+    assert run("--to-original", folder, "--output", tmp_path / "back.pth", "--overwrite") == 0
+
+
+def test_audit_of_a_faithful_folder_exits_0_with_a_json_report(converted, tmp_path, capsys):
+    folder, config = converted
+    report = tmp_path / "audit.json"
+    rc = run(
+        "--audit",
+        folder,
+        "--checkpoint",
+        helpers.checkpoint("tiny-a"),
+        "--config",
+        config,
+        "--report",
+        report,
+    )
+    assert rc == 0, capsys.readouterr()
+    assert "MATCH" in capsys.readouterr().out
+    assert json.loads(report.read_text())["passed"] is True
+
+
+def test_audit_of_a_changed_folder_exits_1_naming_the_tensor(converted, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    folder, config = converted
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for file in folder.iterdir():
+        (changed / file.name).write_bytes(file.read_bytes())
+    weights = load_file(folder / "model.safetensors")
+    weights["text_projection.weight"] = weights["text_projection.weight"] + 1e-2
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    assert run("--audit", changed, "--checkpoint", helpers.checkpoint("tiny-a"), "--config", config) == 1
+    assert "text_projection.weight" in capsys.readouterr().out

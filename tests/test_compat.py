@@ -232,23 +232,24 @@ def make_venv(version: str, root: Path) -> str:
     return python
 
 
-def compat_selected(config) -> bool:
-    return bool(os.environ.get("XCLIP_COMPAT")) or bool(config.getoption("--compat", default=False))
-
-
 def versions() -> list[str]:
     chosen = os.environ.get("XCLIP_COMPAT_VERSIONS", "").split()
     return chosen or list(VERSIONS)
 
 
-@pytest.mark.compat
-@pytest.mark.parametrize("version", versions())
-def test_transformers_version(version, converted, reference, request, record_property):
-    if not compat_selected(request.config):
+@pytest.fixture(scope="module")
+def compat(request) -> None:
+    """Skip unless asked for, before the module's other fixtures (module scope, listed first) convert."""
+    if not (os.environ.get("XCLIP_COMPAT") or request.config.getoption("--compat", default=False)):
         pytest.skip(
             "compatibility matrix: builds a virtualenv per transformers release from the package index "
             "(minutes, network); run with --compat or XCLIP_COMPAT=1"
         )
+
+
+@pytest.mark.compat
+@pytest.mark.parametrize("version", versions())
+def test_transformers_version(compat, version, converted, reference, record_property):
     with tempfile.TemporaryDirectory(prefix=f"xclip-compat-{version}-") as tmp:
         root = Path(tmp)
         python = sys.executable if version == "installed" else make_venv(version, root)

@@ -10,11 +10,13 @@ import torch
 from converter.build import build_model
 from converter.config import hyper_for_variant, to_config
 from converter.errors import ConverterError, VerificationError
+from converter.load import load_checkpoint
 from converter.mutations import HARMLESS, harmless, mistakes, plant
 from converter.registry import VARIANTS
 from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
 from converter.verify import (
+    DEFAULT_ATOL,
     ORACLE_KEYS,
     compare,
     hf_outputs,
@@ -22,6 +24,7 @@ from converter.verify import (
     synthetic_inputs,
     verify,
 )
+from tests import helpers
 from tests.helpers import SQUARE, UNEVEN, heads
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -128,6 +131,23 @@ def test_layer0_message_qk_swap_is_harmless_and_layer1_is_not():
     layer1 = next(m for m in mistakes(SQUARE) if m.name == "q/k swapped: message attn, layer 1")
     result = verify(plant(layer1, original, SQUARE), original, SQUARE, heads=heads(SQUARE))
     assert not result.passed, result.summary()
+
+
+@pytest.mark.parametrize("case", list(helpers.CASES))
+def test_default_tolerance_leaves_headroom_over_the_original_implementation(case, tmp_path):
+    """The goldens' outputs, computed by the ORIGINAL X-CLIP code, against the converted model:
+    every output within DEFAULT_ATOL / 100 of its scale (measured: <= 7.4e-7; `-s` prints them)."""
+    from transformers import XCLIPConfig
+
+    config = XCLIPConfig.from_pretrained(helpers.write_config(case, tmp_path).parent)
+    original = {k: v.float() for k, v in load_checkpoint(helpers.checkpoint(case)).items()}
+    pixel_values, input_ids = helpers.inputs(case)
+    expected = helpers.expected(case)
+    want = {name: torch.from_numpy(expected[key]) for name, key in ORACLE_KEYS.items()}
+    result = compare(want, hf_outputs(build_model(config, original_to_hf(original)), pixel_values, input_ids),
+                     DEFAULT_ATOL)  # fmt: skip
+    print(case, {name: f"{ratio * DEFAULT_ATOL:.1e}" for name, ratio in result.ratios.items()})
+    assert result.margin < 0.01, result.summary()
 
 
 # ---- power at full size --------------------------------------------------------------------------

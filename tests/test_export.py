@@ -109,6 +109,7 @@ MIXED = {
     "f16": torch.randn(4).half(),
     "bf16": torch.randn(4).bfloat16(),
     "nan": torch.tensor([float("nan"), -0.0, 1.0]),
+    "t_nan": torch.tensor([[float("nan"), -0.0], [1.0, 2.0]]).t(),  # compared without memcmp
     "scalar": torch.tensor(3.0),
     "ints": torch.arange(5),
 }
@@ -139,6 +140,10 @@ def altered(key, value):
         ),
         (altered("t", (MIXED["t"].t() + 1e-6).t()), "'t' has different values"),  # a transposed view
         (altered("nan", torch.tensor([float("nan"), 0.0, 1.0])), "'nan' has different values"),  # -0.0 vs 0.0
+        (
+            altered("t_nan", torch.tensor([[float("nan"), 0.0], [1.0, 2.0]]).t()),
+            "'t_nan' has different values",
+        ),
         (altered("f16", MIXED["f16"].float()), "'f16' has dtype torch.float16 instead of torch.float32"),
         (altered("f32", MIXED["f32"].reshape(7, 5)), "'f32' has shape (5, 7) instead of (7, 5)"),
         ({k: v for k, v in MIXED.items() if k != "ints"}, "'ints' was not meant to be there"),

@@ -399,13 +399,14 @@ def test_interrupted_carries_the_shells_exit_code():
 
 def test_a_signal_during_a_deferred_step_is_raised_after_it(tmp_path):
     steps = []
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as err, signals_as_exceptions():
         with export._signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)  # the handler has run by now, and did not raise here
             steps.append("finished")
     assert steps == ["finished"] and err.value.exit_code == 143
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the previous handler is back
+    assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
 
 
 _WRITER = """

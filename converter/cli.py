@@ -247,6 +247,7 @@ def _convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         repo_id=repo_id,
         hash_source=repo_id is not None,  # provenance on the hub
+        protect=[("the --video clip", Path(args.video))] if args.video else (),
     )
     _print_figures(result)
     if args.video:

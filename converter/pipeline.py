@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -78,6 +78,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     repo_id: str | None = None,
     hash_source: bool = False,
+    protect: Iterable[tuple[str, Path]] = (),
 ) -> ConversionResult:
     """Convert one original checkpoint: a local file, a URL, or (with `model_name` alone) the
     published variant fetched from its release.
@@ -85,6 +86,7 @@ def convert_checkpoint(
     With `output`, the folder is written while the model is verified and moved into place only
     when everything passed; `repo_id` is the hub repo its card's usage names. `hash_source` computes
     the sha256 of a local file for the card (publishing) when neither a pin nor a fetch record has it.
+    `protect` names more of the user's files, as (label, path), that the output must not touch.
     """
     from converter import fetch
     from converter.verify import DEFAULT_ATOL
@@ -94,11 +96,12 @@ def convert_checkpoint(
     variant = get_variant(model_name) if model_name else None
     sha256 = fetch.parse_sha256(sha256)
     given_config = _read_config(config)
+    protected = [*_protected(source, config), *protect]
     if output is not None:
         output = Path(output)
         from converter.export import check_output
 
-        check_output(output, overwrite, _protected(source, config))  # refuse before any work
+        check_output(output, overwrite, protected)  # refuse before any work
 
     with _stage("fetch") as note:
         provenance = _fetch(source, variant, sha256, force_download)
@@ -126,7 +129,7 @@ def convert_checkpoint(
 
             # The weights are written while transformers is imported and the model verified; a
             # failure below removes the staged folder, so nothing is left behind.
-            folder = writing.enter_context(staged_output(output, overwrite))
+            folder = writing.enter_context(staged_output(output, overwrite, protected))
             writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = given_config or to_config(hyper)
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
@@ -166,9 +169,11 @@ def write_folder(
 ) -> ConversionResult:
     """Write a converted model's folder (weights, config, processor, card) atomically."""
     from converter.export import staged_output, write_weights
+    from converter.fetch import cache_dir
 
     folder = Path(folder)
-    with staged_output(folder, overwrite) as staging:
+    protected = [("the input checkpoint", result.provenance.path), ("the download cache", cache_dir())]
+    with staged_output(folder, overwrite, protected) as staging:
         write_weights(staging, result.state_dict)
         write_small_files(result, staging, repo_id)
     return _with_folder(result, folder)

@@ -10,7 +10,7 @@ renamed into place only after that check, so a failure leaves nothing behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,9 +60,9 @@ def to_original(
     original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
-    os.close(fd)
-    partial = Path(name)
+    # Named by its owner like the forward direction's staging folders; created by torch.save's open(),
+    # so it gets the mode the umask gives (mkstemp would make it 0600).
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         try:
             torch.save({"model": original}, partial)

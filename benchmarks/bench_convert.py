@@ -189,7 +189,7 @@ def collect(models: list[str], repeats: int, skip_forward: bool, workdir: Path) 
                     samples[model][step].append(run)
     data = {}
     for model, path in checkpoints.items():
-        timed = None if skip_forward else _worker_run("forward", model, path)
+        timed = None if skip_forward else _worker_run("forward", model, path, repeats)
         if timed:
             oracle, hf = (", ".join(f"{t:.2f}" for t in timed[k]) for k in ("oracle", "hf"))
             print(f"  forward {model}: oracle {oracle} s, HF {hf} s", flush=True)

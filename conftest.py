@@ -8,6 +8,11 @@ pytest_plugins = ("tests.report",)
 
 
 def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--compat",
+        action="store_true",
+        help="run the transformers compatibility matrix (tests/test_compat.py): a virtualenv per release",
+    )
     group = parser.getgroup("xclip", "X-CLIP per-model verification suite")
     group.addoption(
         "--checkpoint-dir",

@@ -37,7 +37,7 @@ def write_processor(folder: Path, image_size: int) -> None:
     """
     try:
         source = _cached_processor(image_size)
-    except OSError:  # no writable cache: build in place
+    except (OSError, ConverterError):  # no usable cache (a local conversion needs none): build in place
         build_processor_files(folder, image_size)
         return
     for file in source.iterdir():
@@ -104,17 +104,17 @@ def _cached_processor(image_size: int) -> Path:
 
     from filelock import FileLock
 
-    from converter import processing
-    from converter.fetch import cache_dir
+    from converter import frames, processing, tokenizer
+    from converter.fetch import cache_folder
 
     code = hashlib.sha256()
-    for module in (processing.__file__, __file__):  # the files change when either module does
+    # The files change when any module that decides their content does.
+    for module in (processing.__file__, frames.__file__, tokenizer.__file__, __file__):
         code.update(Path(module).read_bytes())
     key = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
-    folder = cache_dir() / "processor" / key
+    folder = cache_folder("processor") / key
     if (folder / IMAGE_PROCESSOR_FILE).is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / IMAGE_PROCESSOR_FILE).is_file():
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))

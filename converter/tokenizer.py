@@ -48,6 +48,12 @@ def bpe_vocab_path() -> Path:
     return Path(str(resources.files("converter") / "data" / BPE_VOCAB_FILENAME))
 
 
+@functools.lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The packaged vocabulary, read once per process (plain data: sharing it is safe)."""
+    return load_clip_bpe()
+
+
 def load_clip_bpe(path: str | Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Vocabulary (49408 tokens) and merges (48894) exactly as OpenAI's ``SimpleTokenizer`` builds them."""
     path = Path(path) if path is not None else bpe_vocab_path()
@@ -73,15 +79,15 @@ def load_clip_bpe(path: str | Path | None = None) -> tuple[dict[str, int], list[
     return vocab, merges  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=1)
 def build_tokenizer() -> CLIPTokenizer:
     """CLIP tokenizer (49408 tokens, max length 77, pad = ``<|endoftext|>``) built offline from the BPE file.
 
-    Cached: the returned object is shared, so do not mutate it.
+    A new one each call: calling a tokenizer with padding changes its backend's state, which a
+    saved processor would then carry (``"padding": {"Fixed": 77}`` in tokenizer.json).
     """
     from transformers import CLIPTokenizer
 
-    vocab, merges = load_clip_bpe()
+    vocab, merges = _clip_bpe()
     # vocab=/merges= (not vocab_file=/merges_file=, which silently yields a 3-token tokenizer in
     # transformers 5). Merges must be (a, b) tuples: the tokenizers backend rejects "a b" strings.
     # Special tokens are CLIPTokenizer's defaults, which match openai/clip-vit-base-patch32.

@@ -33,7 +33,18 @@ def test_tokenizer_ids_are_stable() -> None:
     assert tokenizer("go shopping").input_ids == [49406, 861, 4266, 49407]
     # Case, whitespace and punctuation handled like OpenAI's SimpleTokenizer.
     assert tokenizer("Hello,  World!").input_ids == tokenizer("hello, world!").input_ids
-    assert T.build_tokenizer() is tokenizer  # cached
+
+
+
+def test_a_saved_processor_carries_no_state_from_an_earlier_run(tmp_path) -> None:
+    """encode_texts pads to 77 (as --video does); a processor saved afterwards must not say so."""
+    import json
+
+    from converter.processing import build_processor
+
+    T.encode_texts(["eating spaghetti"])
+    build_processor(224).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["padding"] is None
 
 
 def test_encode_texts_pads_to_77() -> None:

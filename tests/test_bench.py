@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -98,3 +99,26 @@ def test_all_targets_met_exit_0(bench, monkeypatch, tmp_path, capsys):
     assert status == 0
     assert "MISSED" not in out and "all targets met" in out
     assert saved["all_met"] is True
+
+
+def test_each_worker_is_called_with_the_arguments_it_takes(bench, monkeypatch, tmp_path):
+    """collect() starts the workers as child processes; a wrong argument list fails only there."""
+    calls = []
+
+    def fake_worker_run(kind: str, *args: object) -> dict | None:
+        calls.append([kind, *map(str, args)])
+        if kind == "generate":
+            Path(args[1]).write_bytes(b"checkpoint")
+        return {"oracle": [1.0], "hf": [1.0]} if kind == "forward" else None
+
+    def fake_measure(cmd: list[str], log: Path) -> dict[str, float]:
+        if "--worker" in cmd:
+            calls.append(cmd[cmd.index("--worker") + 1 :])
+        return run(1.0, 1.0)
+
+    monkeypatch.setattr(bench, "_worker_run", fake_worker_run)
+    monkeypatch.setattr(bench, "measure", fake_measure)
+    bench.collect([BASE], 1, False, tmp_path)
+    assert sorted({kind for kind, *_ in calls}) == ["forward", "generate", "old"]
+    for kind, *args in calls:
+        inspect.signature(bench.WORKERS[kind]).bind(*args)  # TypeError if the call and the worker differ

@@ -167,7 +167,6 @@ def _show_progress(on: bool) -> None:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
         logger.addHandler(handler)
-        logger.propagate = False
     # urllib3 logs each retry as a warning; our own lines say what failed, once.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 

@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument(
         "--no-verify", action="store_true", help="skip the comparison with the original forward pass"
     )
-    ver.add_argument("--atol", type=float, default=None, help="verification tolerance (see README)")
+    ver.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="largest difference allowed, relative to each output's magnitude (default 2e-5)",
+    )
     ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
     ver.add_argument(
         "--texts",

@@ -94,24 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     other = p.add_argument_group("other jobs")
-    other.add_argument(
+    jobs = other.add_mutually_exclusive_group()  # one job a run
+    jobs.add_argument(
         "--audit",
         metavar="SOURCE",
-        help="check a published transformers X-CLIP (folder or hub repo id) against the original "
-        "named by --model-name or --checkpoint",
+        help="check a published X-CLIP (folder or hub repo id) against --model-name or --checkpoint",
     )
     other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
     other.add_argument(
         "--revision", metavar="REV", help="with --audit / --to-original: the hub revision of SOURCE"
     )
-    other.add_argument(
+    jobs.add_argument(
         "--to-original",
         metavar="SOURCE",
         help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
         "at --output FILE.pth",
     )
-    other.add_argument("--list", action="store_true", help="list the published variants and exit")
-    other.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
+    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
+    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
     other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 

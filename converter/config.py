@@ -107,47 +107,72 @@ class Field:
     published: Callable[[Variant], int]
 
 
+def _dim(
+    name: str,
+    original: str | None,
+    paths: tuple[str, ...],
+    key: str,
+    dim: int,
+    published: Callable[[Variant], int],
+) -> Field:
+    """A size read off one dimension of one tensor."""
+    return Field(name, original, paths, lambda s: s(key, dim), published)
+
+
+def _depth(name: str, original: str, path: str, prefix: str, published: Callable[[Variant], int]) -> Field:
+    """A stack's depth, counted from its block keys."""
+    return Field(name, original, (path,), lambda s: s.layers(prefix), published)
+
+
+def _heads(name: str, original: str, path: str, key: str, dim: int, width: str) -> Field:
+    """Heads are not stored: the original derives them as width // 64 (`width` names the Arch field)."""
+    return Field(
+        name,
+        original,
+        (path,),
+        lambda s: s(key, dim) // HEAD_DIM,
+        lambda v: getattr(v.arch, width) // HEAD_DIM,
+    )
+
+
 FIELDS: tuple[Field, ...] = (
-    Field("embed_dim", "embed_dim", ("projection_dim", "vision_config.mit_hidden_size"),
-          lambda s: s("text_projection", 1), lambda v: v.arch.embed_dim),
+    _dim("embed_dim", "embed_dim", ("projection_dim", "vision_config.mit_hidden_size"), "text_projection", 1,
+         lambda v: v.arch.embed_dim),
     Field("image_size", "image_resolution", ("vision_config.image_size",),
           lambda s: s.grid() * s("visual.conv1.weight", 2), lambda v: v.image_size),
-    Field("patch_size", "vision_patch_size", ("vision_config.patch_size",),
-          lambda s: s("visual.conv1.weight", 2), lambda v: v.arch.patch_size),
-    Field("frames", "DATA.NUM_FRAMES", ("vision_config.num_frames",),
-          lambda s: s("mit.positional_embedding", 1), lambda v: v.frames),
-    Field("vision_width", "vision_width", ("vision_config.hidden_size",),
-          lambda s: s("visual.conv1.weight", 0), lambda v: v.arch.vision_width),
-    Field("vision_layers", "vision_layers", ("vision_config.num_hidden_layers",),
-          lambda s: s.layers("visual.transformer.resblocks."), lambda v: v.arch.vision_layers),
-    # Heads are not stored: the original derives them as width // 64.
-    Field("vision_heads", "vision_heads", ("vision_config.num_attention_heads",),
-          lambda s: s("visual.conv1.weight", 0) // HEAD_DIM, lambda v: v.arch.vision_width // HEAD_DIM),
-    Field("vision_mlp", None, ("vision_config.intermediate_size",),
-          lambda s: s("visual.transformer.resblocks.0.mlp.c_fc.weight", 0),
-          lambda v: 4 * v.arch.vision_width),
-    Field("text_width", "transformer_width", ("text_config.hidden_size",),
-          lambda s: s("text_projection", 0), lambda v: v.arch.embed_dim),
-    Field("text_layers", "transformer_layers", ("text_config.num_hidden_layers",),
-          lambda s: s.layers("transformer.resblocks."), lambda v: v.arch.text_layers),
-    Field("text_heads", "transformer_heads", ("text_config.num_attention_heads",),
-          lambda s: s("text_projection", 0) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
-    Field("text_mlp", None, ("text_config.intermediate_size",),
-          lambda s: s("transformer.resblocks.0.mlp.c_fc.weight", 0), lambda v: 4 * v.arch.embed_dim),
-    Field("vocab_size", "vocab_size", ("text_config.vocab_size",),
-          lambda s: s("token_embedding.weight", 0), lambda v: VOCAB_SIZE),
-    Field("context_length", "context_length", ("text_config.max_position_embeddings",),
-          lambda s: s("positional_embedding", 0), lambda v: CONTEXT_LENGTH),
-    Field("mit_layers", "mit_layers", ("vision_config.mit_num_hidden_layers",),
-          lambda s: s.layers("mit.resblocks."), lambda v: MIT_LAYERS),
-    Field("mit_heads", "mit_heads", ("vision_config.mit_num_attention_heads",),
-          lambda s: s("text_projection", 1) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
-    Field("mit_mlp", "mit_mlp_width", ("vision_config.mit_intermediate_size",),
-          lambda s: s("mit.resblocks.0.mlp.c_fc.weight", 0), lambda v: 4 * v.arch.embed_dim),
-    Field("prompt_layers", "prompts_layers", ("prompt_layers",),
-          lambda s: s.layers("prompts_generator.decoder."), lambda v: PROMPT_LAYERS),
-    Field("prompt_heads", "prompts_heads", ("prompt_num_attention_heads",),
-          lambda s: s("text_projection", 1) // HEAD_DIM, lambda v: v.arch.embed_dim // HEAD_DIM),
+    _dim("patch_size", "vision_patch_size", ("vision_config.patch_size",), "visual.conv1.weight", 2,
+         lambda v: v.arch.patch_size),
+    _dim("frames", "DATA.NUM_FRAMES", ("vision_config.num_frames",), "mit.positional_embedding", 1,
+         lambda v: v.frames),
+    _dim("vision_width", "vision_width", ("vision_config.hidden_size",), "visual.conv1.weight", 0,
+         lambda v: v.arch.vision_width),
+    _depth("vision_layers", "vision_layers", "vision_config.num_hidden_layers",
+           "visual.transformer.resblocks.", lambda v: v.arch.vision_layers),
+    _heads("vision_heads", "vision_heads", "vision_config.num_attention_heads", "visual.conv1.weight", 0,
+           "vision_width"),
+    _dim("vision_mlp", None, ("vision_config.intermediate_size",),
+         "visual.transformer.resblocks.0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.vision_width),
+    _depth("text_layers", "transformer_layers", "text_config.num_hidden_layers", "transformer.resblocks.",
+           lambda v: v.arch.text_layers),
+    _dim("text_width", "transformer_width", ("text_config.hidden_size",), "text_projection", 0,
+         lambda v: v.arch.embed_dim),
+    _heads("text_heads", "transformer_heads", "text_config.num_attention_heads", "text_projection", 0,
+           "embed_dim"),
+    _dim("text_mlp", None, ("text_config.intermediate_size",), "transformer.resblocks.0.mlp.c_fc.weight", 0,
+         lambda v: 4 * v.arch.embed_dim),
+    _dim("vocab_size", "vocab_size", ("text_config.vocab_size",), "token_embedding.weight", 0,
+         lambda v: VOCAB_SIZE),
+    _dim("context_length", "context_length", ("text_config.max_position_embeddings",), "positional_embedding",
+         0, lambda v: CONTEXT_LENGTH),
+    _depth("mit_layers", "mit_layers", "vision_config.mit_num_hidden_layers", "mit.resblocks.",
+           lambda v: MIT_LAYERS),
+    _heads("mit_heads", "mit_heads", "vision_config.mit_num_attention_heads", "text_projection", 1,
+           "embed_dim"),
+    _dim("mit_mlp", "mit_mlp_width", ("vision_config.mit_intermediate_size",),
+         "mit.resblocks.0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.embed_dim),
+    _depth("prompt_layers", "prompts_layers", "prompt_layers", "prompts_generator.decoder.",
+           lambda v: PROMPT_LAYERS),
+    _heads("prompt_heads", "prompts_heads", "prompt_num_attention_heads", "text_projection", 1, "embed_dim"),
 )  # fmt: skip
 
 # (family, width field, heads field): each attention family's heads must divide its width.

@@ -146,16 +146,9 @@ def convert_checkpoint(
                     f"the converted model does not reproduce the original ({origin}); nothing was written",
                     verification,
                 )
+        provenance = Provenance(provenance.path, provenance.origin, digest.result())
         result = ConversionResult(
-            name=name,
-            hyper=hyper,
-            config=xclip_config,
-            state_dict=state_dict,
-            dtype=out_dtype,
-            provenance=Provenance(provenance.path, provenance.origin, digest.result()),
-            verification=verification,
-            written_vs_float32=written,
-            model=model,
+            name, hyper, xclip_config, state_dict, out_dtype, provenance, verification, written, model=model
         )
         if folder is None:
             return result

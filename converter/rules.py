@@ -200,22 +200,30 @@ def _match(rules: tuple[Rule, ...], key: str, side: str) -> tuple[int, int, str 
     return None
 
 
-def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule] = RULES) -> StateDict:
-    """Map an original state dict to XCLIPModel keys. Every source key must be consumed."""
-    rules = tuple(rules)
-    converted: StateDict = {}
-    unmapped: list[str] = []
+def _matched(
+    rules: tuple[Rule, ...], state_dict: Mapping[str, torch.Tensor], side: str
+) -> tuple[list[tuple[torch.Tensor, Rule, int, str | None]], list[str]]:
+    """Each tensor with (rule, position among the rule's keys, layer index), and the keys no rule matches."""
+    matched, unmapped = [], []
     for key, tensor in state_dict.items():
-        found = _match(rules, key, "original")
+        found = _match(rules, key, side)
         if found is None:
             unmapped.append(f"{escape(key)} {_shape(tensor)}")
-            continue
-        rule, index = rules[found[0]], found[2]
+        else:
+            matched.append((tensor, rules[found[0]], found[1], found[2]))
+    return matched, unmapped
+
+
+def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule] = RULES) -> StateDict:
+    """Map an original state dict to XCLIPModel keys. Every source key must be consumed."""
+    matched, unmapped = _matched(tuple(rules), state_dict, "original")
+    converted: StateDict = {}
+    for tensor, rule, _, index in matched:
         if rule.op is CHUNK_QKV and tensor.shape[0] % 3:
+            key = _fill(rule.original, index)
             unmapped.append(f"{escape(key)} {_shape(tensor)} (dim 0 does not split into q, k, v)")
             continue
-        parts = rule.op.forward(tensor)
-        for pattern, part in zip(rule.hf, parts, strict=True):
+        for pattern, part in zip(rule.hf, rule.op.forward(tensor), strict=True):
             converted[_fill(pattern, index)] = part
     if unmapped:
         raise MappingReport(unmapped=unmapped).error("original -> HF")
@@ -224,20 +232,14 @@ def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
 
 def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule] = RULES) -> StateDict:
     """Map XCLIPModel keys back to the original layout (the exact reverse of `original_to_hf`)."""
-    rules = tuple(rules)
-    groups: dict[tuple[int, str | None], dict[int, torch.Tensor]] = {}
-    unmapped: list[str] = []
-    for key, tensor in state_dict.items():
-        found = _match(rules, key, "hf")
-        if found is None:
-            unmapped.append(f"{escape(key)} {_shape(tensor)}")
-            continue
-        number, position, index = found
-        groups.setdefault((number, index), {})[position] = tensor
+    matched, unmapped = _matched(tuple(rules), state_dict, "hf")
+    # A rule's HF keys (q, k, v) come back together: group the parts by rule and layer.
+    groups: dict[tuple[Rule, str | None], dict[int, torch.Tensor]] = {}
+    for tensor, rule, position, index in matched:
+        groups.setdefault((rule, index), {})[position] = tensor
     restored: StateDict = {}
     missing: list[str] = []
-    for (rule_index, index), parts in groups.items():
-        rule = rules[rule_index]
+    for (rule, index), parts in groups.items():
         absent = [_fill(p, index) for n, p in enumerate(rule.hf) if n not in parts]
         if absent:
             missing.extend(escape(key) for key in absent)

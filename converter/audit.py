@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
-from converter.errors import ConverterError, VerificationError
+from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
-from converter.published import BENIGN_BUFFERS, Published, load_published, oracle_heads
+from converter.published import BENIGN_BUFFERS, Published, load_published
 from converter.registry import get_variant
-from converter.verify import DEFAULT_ATOL, Verification
+from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -370,13 +370,13 @@ def output_findings(
     try:
         model = build_model(published.config, {k: v.float() for k, v in weights.items()})
     except Exception as err:  # a key or shape transformers refuses: already named by the weights check
-        return [_cannot_run(f"the published model does not load its own weights ({_one_line(err)})")]
+        return [_cannot_run(f"the published model does not load its own weights ({reason(err)})")]
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     try:
         result = verify(model, rounded, hyper, atol, heads or oracle_heads(hyper))
     except (VerificationError, RuntimeError, ValueError) as err:
-        return [_cannot_run(f"the published model cannot run the original's inputs ({_one_line(err)})")]
+        return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
     findings = []
     for name, diff in result.max_abs_diff.items():
         tol = _tolerance(result, name)
@@ -507,7 +507,7 @@ def _measured(
             None,
             False,
             True,
-            f"the published image processor fails on a frame ({_one_line(err)})",
+            f"the published image processor fails on a frame ({reason(err)})",
             math.inf,
         )
     best = [_run_processor(expected, f) for f in frames]
@@ -612,7 +612,7 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
             got = _ids(tokenizer, sentence)
         except Exception as err:
             findings.append(
-                Finding("tokenizer", sentence, None, want, False, True, f"{sentence!r}: {_one_line(err)}")
+                Finding("tokenizer", sentence, None, want, False, True, f"{sentence!r}: {reason(err)}")
             )
             continue
         if got == want:
@@ -719,8 +719,3 @@ def propose_fix(
         card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
         (staged / "README.md").write_text(fix_card(report, card))
         return push_folder(staged, repo_id, create_pr=True, private=private)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

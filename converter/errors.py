@@ -43,7 +43,8 @@ def listed(items: Iterable[str], limit: int = MAX_LISTED) -> list[str]:
     return shown
 
 
-def reason(err: BaseException) -> str:
-    """An exception as one short line: its first line, or its type when it says nothing."""
-    text = str(err).strip()
-    return escape(text.splitlines()[0])[:300] if text else type(err).__name__
+def reason(err: BaseException | None) -> str:
+    """An exception as one short line: its first line, white space folded, or its type when it says
+    nothing."""
+    text = str(err).strip() if err is not None else "unknown error"
+    return escape(" ".join(text.splitlines()[0].split()))[:300] if text else type(err).__name__

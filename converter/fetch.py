@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, reason
 
 if TYPE_CHECKING:
     import requests
@@ -238,7 +238,7 @@ def _check_complete(path: Path) -> None:
             try:
                 zipfile.ZipFile(f).close()  # reads the end-of-archive record and the central directory
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise _Incomplete(f"zip archive without its central directory: {_one_line(exc)}") from None
+                raise _Incomplete(f"zip archive without its central directory: {reason(exc)}") from None
             return
         if kind == "safetensors":
             size = os.fstat(f.fileno()).st_size
@@ -274,7 +274,7 @@ def _cache_error(exc: BaseException, root: Path) -> ConverterError:
             why = f"{p} is a file, not a folder"
             break
     else:
-        why = f"{where}: {(getattr(exc, 'strerror', None) or _one_line(exc)).lower()}"
+        why = f"{where}: {(getattr(exc, 'strerror', None) or reason(exc)).lower()}"
     return ConverterError(
         f"cannot use the download cache {root} ({why}): set XCLIP_CACHE to a writable folder with free "
         "space, or pass --checkpoint PATH for a local file."
@@ -532,26 +532,26 @@ def _classify(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, e.ReadTimeout):
         return "stalled", "no answer"
     if isinstance(exc, (e.SSLError, e.ProxyError)):
-        return "fatal", _one_line(exc)
+        return "fatal", reason(exc)
     if isinstance(exc, (e.ChunkedEncodingError, e.ContentDecodingError)):
         return "truncated", "connection dropped"
     if isinstance(exc, e.ConnectionError):
         inner = exc.args[0] if exc.args else None
-        reason = getattr(inner, "reason", inner)
-        if isinstance(reason, u.NameResolutionError):
+        cause_of = getattr(inner, "reason", inner)  # urllib3 keeps the cause in .reason
+        if isinstance(cause_of, u.NameResolutionError):
             return "unreachable", "host name could not be resolved"
-        if isinstance(reason, u.NewConnectionError):
-            cause = reason.__cause__ or reason.__context__
+        if isinstance(cause_of, u.NewConnectionError):
+            cause = cause_of.__cause__ or cause_of.__context__
             if isinstance(cause, ConnectionRefusedError):
                 return "unreachable", "connection refused"
             strerror = cause.strerror if isinstance(cause, OSError) else None
             return "unreachable", (strerror or "connection failed").lower()
-        if isinstance(reason, u.ConnectTimeoutError):
+        if isinstance(cause_of, u.ConnectTimeoutError):
             return "unreachable", "connection timed out"
-        if isinstance(reason, u.ReadTimeoutError):
+        if isinstance(cause_of, u.ReadTimeoutError):
             return "stalled", "no data"
         return "truncated", "connection dropped"
-    return "fatal", _one_line(exc)
+    return "fatal", reason(exc)
 
 
 def _download_http(url: str, part: Path, fresh: bool) -> _Download:
@@ -748,11 +748,6 @@ def _status_hint(status: int) -> str:
     return "check the URL (or XCLIP_RELEASE_URL), or pass --checkpoint PATH for a local copy."
 
 
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc) if exc is not None else "unknown error"
-    return " ".join(text.split())[:300] or type(exc).__name__
-
-
 def _int_or_none(text: str | None) -> int | None:
     try:
         return int(text) if text is not None else None
@@ -858,12 +853,12 @@ def _download_gdrive(file_id: str, part: Path) -> _Download:
                     "Google Drive quota exceeded: too many downloads of this file lately; try again in a day"
                 )
             else:
-                why = f"{_one_line(exc).split('. ')[0]}; it may be private or removed"
+                why = f"{reason(exc).split('. ')[0]}; it may be private or removed"
             raise ConverterError(
                 f"Google Drive would not serve file id {file_id} ({why}); {options}."
             ) from None
         except (DownloadError, requests.exceptions.RequestException) as exc:
-            text = _one_line(exc)
+            text = reason(exc)
             what = "stalled" if "timed out" in text.lower() else "failed"
             raise ConverterError(
                 f"download of Google Drive file id {file_id} {what} ({text}); re-run to retry, or {options}."

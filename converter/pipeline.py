@@ -22,10 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter.clip import HEAD_DIM
 from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError, VerificationError, escape
-from converter.oracle import OriginalHeads
 from converter.registry import Variant, get_variant
 from converter.rules import check_state_dict, original_to_hf
 
@@ -214,18 +212,6 @@ def check_atol(atol: float) -> float:
     return float(atol)
 
 
-def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
-    """None: the oracle applies the original's own rule (width // 64, hard-coded in its code).
-
-    Only below width 64 (tiny test models built with explicit heads) does the config decide.
-    """
-    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
-        return None
-    return OriginalHeads(
-        vision=hyper.vision_heads, text=hyper.text_heads, mit=hyper.mit_heads, prompts=hyper.prompt_heads
-    )
-
-
 # ---- stages --------------------------------------------------------------------------------------
 
 
@@ -313,7 +299,7 @@ def _verify(
     computed in float32), so only a mapping mistake can fail it. With a reduced dtype the written
     model is also compared with the float32 original: the rounding's cost, reported not gated."""
     from converter.build import build_model
-    from converter.verify import verify
+    from converter.verify import oracle_heads, verify
 
     model = build_model(config, {k: v.float() for k, v in state_dict.items()})
     heads = oracle_heads(hyper)

@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from converter.config import HEAD_DIM, Hyper
-from converter.errors import ConverterError
-from converter.oracle import OriginalHeads
+from converter.errors import ConverterError, reason
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -74,7 +72,7 @@ class Published:
         try:
             return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, KeyError... for broken files
-            raise ConverterError(f"{self.source}: cannot load the tokenizer ({_one_line(err)})") from None
+            raise ConverterError(f"{self.source}: cannot load the tokenizer ({reason(err)})") from None
 
 
 def load_published(source: str | Path, *, revision: str | None = None) -> Published:
@@ -101,14 +99,6 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
         revision=commit,
         files=sorted(p.name for p in folder.iterdir()),
     )
-
-
-def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
-    """Head counts for the oracle: None applies the original's own rule (width // 64), which a
-    published config is checked against; below width 64 (small test models) only a config can say."""
-    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
-        return None
-    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
 
 
 def is_inside(path: Path, folder: Path) -> bool:
@@ -148,9 +138,7 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
                     f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
                     "where it was downloaded before), or pass a local folder instead"
                 ) from None
-            raise ConverterError(
-                f"{repo_id}: cannot download from the hub ({name}: {_one_line(err)})"
-            ) from None
+            raise ConverterError(f"{repo_id}: cannot download from the hub ({name}: {reason(err)})") from None
 
     folder = download(METADATA_PATTERNS + WEIGHT_PATTERNS)
     if not (folder / "config.json").is_file():
@@ -169,7 +157,7 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConverterError(f"{source}: cannot read {path.name} ({_one_line(err)})") from None
+        raise ConverterError(f"{source}: cannot read {path.name} ({reason(err)})") from None
     if not isinstance(data, dict):
         raise ConverterError(f"{source}: {path.name} is not a JSON object")
     return data
@@ -189,7 +177,7 @@ def _read_config(folder: Path, source: str) -> XCLIPConfig:
     try:
         return XCLIPConfig.from_dict(data)
     except Exception as err:
-        raise ConverterError(f"{source}: config.json is not a valid XCLIPConfig ({_one_line(err)})") from None
+        raise ConverterError(f"{source}: config.json is not a valid XCLIPConfig ({reason(err)})") from None
 
 
 def _weights_files(folder: Path, source: str) -> list[Path]:
@@ -224,7 +212,7 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
         try:
             state_dict.update(load_file(file))
         except (SafetensorError, OSError) as err:
-            raise ConverterError(f"{source}: cannot read {file.name} ({_one_line(err)})") from None
+            raise ConverterError(f"{source}: cannot read {file.name} ({reason(err)})") from None
     if not state_dict:
         raise ConverterError(f"{source}: {files[0].name} holds no tensors")
     return state_dict
@@ -244,8 +232,3 @@ def read_image_processor(folder: Path) -> dict[str, Any] | None:
         if isinstance(data.get("image_processor"), dict):
             return data["image_processor"]
     return None
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

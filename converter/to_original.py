@@ -18,8 +18,8 @@ import torch
 
 from converter.config import HEAD_DIM, Hyper, hyper_from_config
 from converter.errors import ConverterError, VerificationError
-from converter.published import is_inside, load_published, oracle_heads
-from converter.verify import DEFAULT_ATOL, Verification
+from converter.published import is_inside, load_published
+from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
 StateDict = dict[str, torch.Tensor]
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from converter.clip import HEAD_DIM
 from converter.config import Hyper
 from converter.errors import VerificationError
 from converter.oracle import OriginalHeads, original_forward
@@ -213,3 +214,12 @@ def verify(
     pixel_values, input_ids = synthetic_inputs(hyper)
     expected = oracle_outputs(original_state_dict, pixel_values, input_ids, heads)
     return compare(expected, hf_outputs(model, pixel_values, input_ids), atol)
+
+
+def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
+    """Head counts for the oracle. None: the original's own rule (width // 64, hard-coded in its code),
+    NOT the config's, so a config with wrong heads is caught rather than reproduced. Only below width
+    64 (small test models built with explicit heads) does the config decide."""
+    if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
+        return None
+    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)

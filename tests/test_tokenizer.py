@@ -35,7 +35,6 @@ def test_tokenizer_ids_are_stable() -> None:
     assert tokenizer("Hello,  World!").input_ids == tokenizer("hello, world!").input_ids
 
 
-
 def test_a_saved_processor_carries_no_state_from_an_earlier_run(tmp_path) -> None:
     """encode_texts pads to 77 (as --video does); a processor saved afterwards must not say so."""
     import json

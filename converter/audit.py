@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
 from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
@@ -76,7 +77,6 @@ SENTENCES = (
     "café au lait, naïve résumé",
     "",
 )
-MAX_TEXT_LENGTH = 77
 PREPROCESSING_SLACK = 1e-6  # float rounding between two runs of the same processor settings
 
 
@@ -652,7 +652,7 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
 
 
 def _ids(tokenizer: Any, sentence: str) -> list[int]:
-    return list(tokenizer(sentence, padding="max_length", max_length=MAX_TEXT_LENGTH)["input_ids"])
+    return list(tokenizer(sentence, padding="max_length", max_length=CONTEXT_LENGTH)["input_ids"])
 
 
 def _window(ids: list[int], start: int) -> str:

@@ -1,7 +1,7 @@
 """Load an original X-CLIP checkpoint safely: weights only, never code from the file.
 
 Accepted files: `.pth`/`.pt`/`.bin` (torch zip or legacy format) and `.safetensors`.
-Accepted layouts: the training saver's dict (`{'model': sd, 'optimizer', ..., 'config'}`),
+Accepted containers: the training saver's dict (`{'model': sd, 'optimizer', ..., 'config'}`),
 `{'state_dict': sd}`, or a bare state dict; an optional `module.` prefix (DataParallel) is removed.
 Refused, naming what and where: pickled objects outside the allow-list, keys that are not strings or
 collide once the prefix is stripped, tensors that are not real floating-point, dense and on the CPU,

@@ -1,8 +1,11 @@
 """An independent implementation of the ORIGINAL X-CLIP forward pass on an original state dict.
 
-It is the project's oracle: written from `ORIGINAL.md` (microsoft/VideoX, X-CLIP), using only
-torch.nn.functional, and sharing no code with transformers' XCLIP modelling, so that a converted
-model is checked against something that cannot share its mistakes.
+It is the project's oracle: written from the original's architecture (microsoft/VideoX, X-CLIP:
+the cross-frame message attention, the MIT with its residual around the whole stack, the prompt
+generator's own cross-attention, heads = width // 64), checked against the outputs the ORIGINAL
+code computed for the golden fixtures (tests/data/goldens), using only torch.nn.functional and
+sharing no code with transformers' XCLIP modelling, so that a converted model is checked against
+something that cannot share its mistakes.
 """
 
 from __future__ import annotations

@@ -277,7 +277,7 @@ class MappingReport:
         return ConverterError("\n".join(lines))
 
 
-def check_against(
+def compare_layouts(
     converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
 ) -> MappingReport:
     """Compare keys and shapes of `converted` with those of `expected` (e.g. a meta-device model)."""
@@ -320,6 +320,6 @@ def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
     """Raise one error listing every unexpected, missing and mis-shaped key against `h`."""
-    report = check_against(state_dict, hf_shapes(h))
+    report = compare_layouts(state_dict, hf_shapes(h))
     if report:
         raise report.error("checkpoint vs config")

@@ -11,17 +11,18 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from converter.clip import CONTEXT_LENGTH, VOCAB_SIZE
 from converter.errors import ConverterError
 
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPTokenizer
 
-# CLIP's text context length; the original pads every prompt to it.
-MAX_TEXT_LENGTH = 77
+# CLIP's text context length (the original pads every prompt to it) and vocabulary size.
+MAX_TEXT_LENGTH = CONTEXT_LENGTH
+CLIP_VOCAB_SIZE = VOCAB_SIZE
 
 BPE_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-CLIP_VOCAB_SIZE = 49408
 CLIP_NUM_MERGES = 48894
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -39,6 +39,12 @@ def inputs(case: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data["pixel_values"]), torch.from_numpy(data["input_ids"])
 
 
+def golden_heads(case: str) -> OriginalHeads:
+    """The explicit head counts of a golden (its widths are below 64, so no rule gives them)."""
+    hp = json.loads((GOLDENS / CASES[case][0] / "hparams.json").read_text())
+    return OriginalHeads(hp["vision_heads"], hp["transformer_heads"], hp["mit_heads"], hp["prompts_heads"])
+
+
 def write_config(case: str, folder: Path) -> Path:
     """The goldens' XCLIPConfig (explicit heads: their widths are below 64), as save_pretrained writes it."""
     from transformers import XCLIPConfig

@@ -2,46 +2,34 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from converter.oracle import OriginalHeads, causal_mask, original_forward
+from tests import helpers
 
 SD = dict[str, torch.Tensor]
-GOLDENS = Path(__file__).parent / "data" / "goldens"
 TOLERANCE = 1e-5
-CASES = [
-    ("tiny-a", "checkpoint.pth", "expected.npz"),
-    ("tiny-a", "checkpoint_fp16.pth", "expected_fp16.npz"),
-    ("tiny-b", "checkpoint.pth", "expected.npz"),
-]
+CASES = ["tiny-a", "tiny-a-fp16", "tiny-b"]
 
 
-def _load(fixture: str, checkpoint: str) -> tuple[SD, SD, OriginalHeads]:
+def _load(case: str) -> tuple[SD, SD, OriginalHeads]:
     """State dict, inputs and the explicit head counts of one golden (widths < 64 there)."""
-    folder = GOLDENS / fixture
-    state_dict = torch.load(folder / checkpoint, weights_only=True, map_location="cpu")["model"]
-    with np.load(folder / "inputs.npz") as npz:
-        inputs = {key: torch.from_numpy(npz[key]) for key in npz.files}
-    hp = json.loads((folder / "hparams.json").read_text())
-    heads = OriginalHeads(hp["vision_heads"], hp["transformer_heads"], hp["mit_heads"], hp["prompts_heads"])
-    return state_dict, inputs, heads
+    state_dict = torch.load(helpers.checkpoint(case), weights_only=True, map_location="cpu")["model"]
+    pixel_values, input_ids = helpers.inputs(case)
+    return state_dict, {"pixel_values": pixel_values, "input_ids": input_ids}, helpers.golden_heads(case)
 
 
 def _logits(state_dict: SD, inputs: SD, heads: OriginalHeads) -> torch.Tensor:
     return original_forward(state_dict, inputs["pixel_values"], inputs["input_ids"], heads)["logits"]
 
 
-@pytest.mark.parametrize(("fixture", "checkpoint", "expected"), CASES, ids=lambda v: str(v).split(".")[0])
-def test_reproduces_every_golden_array(fixture, checkpoint, expected, record_property):
-    state_dict, inputs, heads = _load(fixture, checkpoint)
+@pytest.mark.parametrize("case", CASES)
+def test_reproduces_every_golden_array(case, record_property):
+    state_dict, inputs, heads = _load(case)
     out = original_forward(state_dict, inputs["pixel_values"], inputs["input_ids"], heads)
-    with np.load(GOLDENS / fixture / expected) as npz:
-        golden = {key: npz[key] for key in npz.files}
+    golden = helpers.expected(case)
     assert set(out) == set(golden)
     deltas = {}
     for key, want in golden.items():
@@ -50,7 +38,7 @@ def test_reproduces_every_golden_array(fixture, checkpoint, expected, record_pro
         assert got.dtype == np.float32, key
         deltas[key] = float(np.abs(got - want).max())
     record_property("max_abs_delta", deltas)
-    print(f"{fixture}/{checkpoint}: " + ", ".join(f"{k}={v:.1e}" for k, v in deltas.items()))
+    print(f"{case}: " + ", ".join(f"{k}={v:.1e}" for k, v in deltas.items()))
     assert max(deltas.values()) <= TOLERANCE, {k: v for k, v in deltas.items() if v > TOLERANCE}
 
 
@@ -72,7 +60,7 @@ def _swap_rows(state_dict: SD, key: str, first: slice, second: slice) -> SD:
 )
 def test_swapping_q_and_k_moves_logits(key):
     """The comparison can fail: exchanging the q and k rows of one packed in_proj is seen."""
-    state_dict, inputs, heads = _load("tiny-a", "checkpoint.pth")
+    state_dict, inputs, heads = _load("tiny-a")
     d = state_dict[key].shape[1]
     perturbed = _swap_rows(state_dict, key, slice(0, d), slice(d, 2 * d))
     delta = (_logits(perturbed, inputs, heads) - _logits(state_dict, inputs, heads)).abs().max().item()
@@ -80,7 +68,7 @@ def test_swapping_q_and_k_moves_logits(key):
 
 
 def test_wrong_head_count_moves_logits():
-    state_dict, inputs, heads = _load("tiny-a", "checkpoint.pth")
+    state_dict, inputs, heads = _load("tiny-a")
     wrong = OriginalHeads(heads.vision, heads.text, heads.mit, heads.prompts * 2)
     delta = (_logits(state_dict, inputs, wrong) - _logits(state_dict, inputs, heads)).abs().max().item()
     assert delta > 1e-4, delta
@@ -107,7 +95,7 @@ def test_heads_from_state_dict_are_width_over_64(widths, want):
 
 
 def test_widths_below_64_need_explicit_heads():
-    state_dict, inputs, _ = _load("tiny-a", "checkpoint.pth")
+    state_dict, inputs, _ = _load("tiny-a")
     with pytest.raises(ValueError, match="heads"):
         original_forward(state_dict, inputs["pixel_values"], inputs["input_ids"])
 

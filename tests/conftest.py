@@ -44,3 +44,14 @@ def sandbox(request, tmp_path_factory, monkeypatch):
     ):
         monkeypatch.setattr(constants, name, value, raising=False)
     return root
+
+
+@pytest.fixture
+def fast_network(monkeypatch):
+    """Short timeouts and backoff, so that every network failure path takes well under a second."""
+    from converter import fetch
+
+    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 2.0)
+    monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
+    monkeypatch.setattr(fetch, "BACKOFF_MAX", 0.05)

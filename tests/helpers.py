@@ -79,3 +79,10 @@ SQUARE = dataclasses.replace(
 def heads(h: Hyper) -> OriginalHeads:
     """The explicit head counts of a small test model (its widths may be below 64)."""
     return OriginalHeads(vision=h.vision_heads, text=h.text_heads, mit=h.mit_heads, prompts=h.prompt_heads)
+
+
+def run(*args: object) -> int:
+    """xclip-convert's main() on any argument objects (paths included), as a shell would pass them."""
+    from converter.cli import main
+
+    return main([str(a) for a in args])

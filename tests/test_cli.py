@@ -13,16 +13,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, XCLIPModel
 
-from converter.cli import main
 from converter.config import to_config
 from converter.processing import build_image_processor
 from converter.synthetic import make_state_dict
 from tests import helpers
-from tests.helpers import SQUARE
-
-
-def run(*args: str) -> int:
-    return main([str(a) for a in args])
+from tests.helpers import SQUARE, run
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,12 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from converter import fetch
-from converter.cli import main
 from converter.errors import ConverterError
 from converter.fetch import sha256_file
 from converter.synthetic import make_state_dict
 from tests import helpers
 from tests._http import Fault, LoopbackServer
-from tests.helpers import SQUARE
-
-
-def run(*args: object) -> int:
-    return main([str(a) for a in args])
-
-
-@pytest.fixture
-def fast_network(monkeypatch, tmp_path):
-    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
-    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 5.0)
+from tests.helpers import SQUARE, run
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,8 @@ import json
 import pytest
 import torch
 
-from converter.cli import main
 from tests import helpers
-
-
-def run(*args: object) -> int:
-    return main([str(a) for a in args])
+from tests.helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ PATH = "/v1.0/k400_32_8.pth"
 
 
 @pytest.fixture(autouse=True)
-def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    # Short timeouts and backoff keep every failure path well under a second.
-    monkeypatch.setattr(fetch, "CONNECT_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 2.0)
-    monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
-    monkeypatch.setattr(fetch, "BACKOFF_MAX", 0.05)
+def _fast_and_isolated(fast_network, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("XCLIP_RELEASE_URL", raising=False)
     return tmp_path / "cache"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,11 @@ from converter.errors import ConverterError
 from converter.load import load_checkpoint
 from converter.processing import preprocess_video
 from converter.registry import VARIANTS, Variant
-from converter.synthetic import make_state_dict, save_training_layout
+from converter.synthetic import save_training_layout
 from converter.verify import DEFAULT_ATOL, compare, hf_outputs, oracle_outputs
 from tests._http import LoopbackServer
 from tests.release_clips import load_spaghetti_clip
+from tests.update_synthetic import stored_path, synthetic_clip, synthetic_original, write
 
 EXPECTED = Path(__file__).parent.parent / "expected"
 # The oracle's outputs on each model's seeded synthetic checkpoint and clip (open_clip-style stored
@@ -41,7 +41,6 @@ EXPECTED = Path(__file__).parent.parent / "expected"
 # 2 cores. `--live-oracle` recomputes them and checks they are current; `--update-synthetic` rewrites
 # them; CROSS_CHECKED always runs the oracle live, so the stored values are proven reproducible on
 # every run.
-SYNTHETIC_EXPECTED = Path(__file__).parent / "data" / "synthetic"
 CROSS_CHECKED = "xclip-base-patch32"
 STORED_ATOL = 1e-5
 # Tolerances are relative to each output's magnitude (converter/verify.py). XCLIPModel and the live
@@ -68,9 +67,8 @@ class ReleaseMirror:
 
     def publish(self, variant: Variant) -> dict[str, torch.Tensor]:
         """Place a seeded full-size checkpoint in the training layout at the model's release path."""
-        hyper = hyper_for_variant(variant)
-        original = make_state_dict(hyper, seed=zlib.crc32(variant.name.encode()))
-        save_training_layout(self.root / variant.source.filename, original, hyper)
+        original = synthetic_original(variant)
+        save_training_layout(self.root / variant.source.filename, original, hyper_for_variant(variant))
         return original
 
     def withdraw(self, variant: Variant) -> None:
@@ -97,15 +95,6 @@ def output_dir(request, tmp_path):
     shutil.rmtree(tmp_path / name, ignore_errors=True)
 
 
-def synthetic_clip(frames: int, seed: int = 0) -> np.ndarray:
-    """A uint8 clip [T, 240, 320, 3]: smooth gradients plus noise, so preprocessing matters."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:240, 0:320]
-    base = np.stack([x / 320, y / 240, (x + y) / 560], axis=-1) * 200
-    clip = base[None] + rng.normal(0, 25, (frames, 240, 320, 3)) + np.arange(frames)[:, None, None, None]
-    return np.clip(clip, 0, 255).astype(np.uint8)
-
-
 def convert_with_cli(args: list[object], output: Path) -> XCLIPModel:
     """Run xclip-convert, then load its folder with strict key checks."""
     assert main([str(a) for a in args] + ["--output", str(output), "--overwrite", "--no-verify"]) == 0
@@ -126,20 +115,20 @@ def compare_with_oracle(model, original, pixel_values, input_ids):
 
 def synthetic_oracle_outputs(config, name, original, pixel_values, input_ids) -> dict[str, torch.Tensor]:
     """The oracle's outputs: stored, or computed live (and then checked against the stored ones)."""
-    stored_file = SYNTHETIC_EXPECTED / f"{name}.npz"
+    stored_file = stored_path(name)
     update = config.getoption("--update-synthetic")
     live = update or config.getoption("--live-oracle") or name == CROSS_CHECKED or not stored_file.exists()
     if not live:
         return {k: torch.from_numpy(v) for k, v in np.load(stored_file).items()}
     computed = oracle_outputs(original, pixel_values, input_ids)
     if update:
-        SYNTHETIC_EXPECTED.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(stored_file, **{k: v.numpy() for k, v in computed.items()})
+        write(name, computed)
     elif stored_file.exists():
         stored = {k: torch.from_numpy(v) for k, v in np.load(stored_file).items()}
         check = compare({k: computed[k] for k in stored}, stored, STORED_ATOL)
         assert check.passed, (
-            f"stored oracle outputs for {name} are stale ({check.summary()}); rerun with --update-synthetic"
+            f"stored oracle outputs for {name} are stale ({check.summary()}); "
+            "rerun python -m tests.update_synthetic"
         )
     return computed
 

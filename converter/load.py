@@ -42,8 +42,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _REFETCH = "if it came from the download cache, fetch it again with --force-download"
 
 
-def load_checkpoint(path: str | Path) -> StateDict:
-    """Return the original state dict stored in `path` (tensors may be mmap-backed views)."""
+def load_checkpoint(path: str | Path, *, check_values: bool = True) -> StateDict:
+    """Return the original state dict stored in `path` (tensors may be mmap-backed views).
+
+    `check_values=False` leaves `check_finite` (a pass over every byte) to the caller."""
     path = Path(path)
     if path.is_dir():
         raise ConverterError(
@@ -53,7 +55,9 @@ def load_checkpoint(path: str | Path) -> StateDict:
         raise ConverterError(f"checkpoint not found: {escape(str(path))}")
     obj: object = _load_safetensors(path) if path.suffix == ".safetensors" else _load_torch(path)
     state_dict = extract_state_dict(obj, path)
-    check_tensors(state_dict, path)
+    check_kinds(state_dict, path)
+    if check_values:
+        check_finite(state_dict, path)
     return state_dict
 
 
@@ -102,12 +106,23 @@ def extract_state_dict(obj: object, source: str | Path = "<checkpoint>") -> Stat
 def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
     """Refuse, naming every offending tensor: what is not a real floating-point dense CPU tensor, and
     non-finite values (a NaN anywhere would make every output NaN and verification meaningless)."""
+    check_kinds(state_dict, source)
+    check_finite(state_dict, source)
+
+
+def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
+    """Refuse what is not a real floating-point dense CPU tensor (reads no values)."""
     unusable = [f"{escape(k)} ({_kind(t)})" for k, t in state_dict.items() if _kind(t)]
     if unusable:
         raise ConverterError(
             f"{escape(str(source))}: {len(unusable):,} tensors are not real floating-point weights: "
             f"{', '.join(listed(unusable, 5))}. An original X-CLIP checkpoint holds float32 tensors only"
         )
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
+    """Refuse NaN and inf values, naming each tensor with its count. Reads every value: the
+    conversion pipeline runs it beside the weight write, which reads them anyway."""
     non_finite = [
         f"{escape(k)} ({n:,} of {t.numel():,})" for k, t in state_dict.items() if (n := _non_finite(t))
     ]

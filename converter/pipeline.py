@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from converter.verify import Verification
 
 StateDict = dict[str, torch.Tensor]
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger("converter")
 
@@ -108,6 +109,9 @@ def convert_checkpoint(
     with _stage("load") as note:
         original = _load(provenance.path)
         note(f"{len(original)} tensors, {_megabytes(original)} MB")
+    # NaN/inf are looked for on a second core while the weights are mapped, written and verified (the
+    # pass reads every byte, as the write does); found, they stop the run before anything lands.
+    values_checked = _in_background(_check_finite, original, provenance.path)
     with _stage("map") as note:
         hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
         if variant is not None:
@@ -130,6 +134,7 @@ def convert_checkpoint(
             folder = writing.enter_context(staged_output(output, overwrite, protected))
             writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = given_config or to_config(hyper)
+        values_checked.result()
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
         if verify:
@@ -276,13 +281,26 @@ def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
         done: Future[str | None] = Future()
         done.set_result(known)
         return done
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256").submit(sha256_file, provenance.path)
+    return _in_background(sha256_file, provenance.path)
 
 
 def _load(path: Path) -> StateDict:
     from converter.load import load_checkpoint
 
-    return load_checkpoint(path)
+    return load_checkpoint(path, check_values=False)
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    from converter.load import check_finite
+
+    check_finite(state_dict, path)
+
+
+def _in_background(function: Callable[..., T], *args: object) -> Future[T]:
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=function.__name__.strip("_"))
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # the submitted call still runs; nothing else will
+    return future
 
 
 def _verify(

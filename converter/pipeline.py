@@ -109,11 +109,7 @@ def convert_checkpoint(
     with _stage("load") as note:
         original = _load(provenance.path)
         note(f"{len(original)} tensors, {_megabytes(original)} MB")
-    # NaN/inf: the pass reads every byte. Before a verification (which would only see NaN) it runs
-    # first; a --no-verify write runs it after the writer has paged the checkpoint in, where it costs
-    # a memory pass instead of a second set of page faults, and before anything is moved into place.
-    check_values_now = verify or output is None
-    if check_values_now:
+        # NaN/inf refused before any work; the pass pages the checkpoint in, which the write reuses.
         _check_finite(original, provenance.path)
     with _stage("map") as note:
         hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
@@ -135,8 +131,6 @@ def convert_checkpoint(
             # The weights are written while transformers is imported and the model verified; a
             # failure below removes the staged folder, so nothing is left behind.
             folder = writing.enter_context(staged_output(output, overwrite, protected))
-            if not check_values_now:
-                writing.enter_context(_on_success(_check_finite, original, provenance.path))
             writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = given_config or to_config(hyper)
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
@@ -298,13 +292,6 @@ def _check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
     from converter.load import check_finite
 
     check_finite(state_dict, path)
-
-
-@contextmanager
-def _on_success(function: Callable[..., object], *args: object) -> Iterator[None]:
-    """Call `function(*args)` when the block ends without an error (not while one unwinds)."""
-    yield
-    function(*args)
 
 
 def _in_background(function: Callable[..., T], *args: object) -> Future[T]:

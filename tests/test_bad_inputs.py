@@ -286,7 +286,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "ln_final.bias (32 of 32)",
     ),
     (
-        "nan-found-after-the-write",  # --no-verify looks for NaN once the writer has read the file
+        "nan-with-no-verify-and-output",  # refused before the write starts, as with verification
         lambda w: [
             "--checkpoint",
             w.saved("c.pth", {**w.state_dict(), "ln_final.bias": torch.full((32,), float("nan"))}),

@@ -153,7 +153,8 @@ def convert_checkpoint(
         )
         if folder is None:
             return result
-        writing.enter_context(_stage("write")).__call__(escape(str(output)))
+        note = writing.enter_context(_stage("write"))
+        note(escape(str(output)))
         write_small_files(result, folder, repo_id)
     return _with_folder(result, output)
 

@@ -1,5 +1,6 @@
-"""The release tests' clip: "eating spaghetti" from the hub (hf-internal-testing/spaghetti-video), and a
-quick probe of whether the hub is reachable, so an offline run skips at once instead of retrying."""
+"""What the release tests share: the clip ("eating spaghetti" from the hub,
+hf-internal-testing/spaghetti-video), a quick probe of whether the hub is reachable (so an offline run
+skips at once instead of retrying), and the real checkpoint or a skip naming what is missing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from converter import fetch
 from converter.errors import ConverterError
 from converter.video import load_npy
 
@@ -115,3 +118,32 @@ def load_spaghetti_clip(num_frames: int, cache_dir: str | Path | None = None) ->
             f"(shape {tuple(frames.shape)}): delete it from the HF cache and retry."
         )
     return frames
+
+
+# ---- the real checkpoint, shared by tests/test_models.py and tests/test_audit.py ------------------
+
+
+def unavailable(config, reason: str):
+    if config.getoption("--require-release"):
+        pytest.fail(f"--require-release: {reason}")
+    pytest.skip(reason)
+
+
+def real_checkpoint(config, variant) -> Path:
+    """--checkpoint-dir, then the cache, then the network; skip (or fail) naming what is missing."""
+    directory = config.getoption("--checkpoint-dir")
+    if directory:
+        for filename in (variant.source.filename, f"{variant.name}.pth"):
+            if (Path(directory) / filename).is_file():
+                return Path(directory) / filename
+    if (cached := fetch.cached_source(variant.source)) is not None:
+        return cached
+    try:
+        return fetch.fetch_source(variant.source)
+    except ConverterError as err:
+        where = f"--checkpoint-dir {directory}" if directory else "no --checkpoint-dir"
+        unavailable(
+            config,
+            f"real checkpoint {variant.source.filename} for {variant.name} not found ({where}, not in "
+            f"{fetch.cache_dir()}) and not downloadable: {err}",
+        )

@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from converter import fetch
 from converter.audit import EXIT_MISMATCH, KINDS, audit, fix_card, original_preprocessing, propose_fix
 from converter.build import build_model
 from converter.config import Hyper, to_config
@@ -29,6 +28,7 @@ from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
 from converter.verify import Verification, verify
 from tests.helpers import SQUARE
+from tests.release_clips import real_checkpoint, unavailable
 
 REFERENCE = Path(__file__).parent / "data" / "preprocessing" / "reference.npz"
 
@@ -281,25 +281,6 @@ def test_fix_card_without_front_matter():
 # ---- release: the published models on the hub ----------------------------------------------------
 
 
-def _unavailable(config, reason: str):
-    if config.getoption("--require-release"):
-        pytest.fail(f"--require-release: {reason}")
-    pytest.skip(reason)
-
-
-def _real_checkpoint(config, variant) -> Path:
-    directory = config.getoption("--checkpoint-dir")
-    for filename in (variant.source.filename, f"{variant.name}.pth"):
-        if directory and (Path(directory) / filename).is_file():
-            return Path(directory) / filename
-    if (cached := fetch.cached_source(variant.source)) is not None:
-        return cached
-    try:
-        return fetch.fetch_source(variant.source)
-    except ConverterError as err:
-        _unavailable(config, f"real checkpoint {variant.source.filename} for {variant.name}: {err}")
-
-
 @pytest.mark.release
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xdist_group(n), id=n) for n in VARIANTS])
 def test_published(name, request, record_property):
@@ -311,8 +292,8 @@ def test_published(name, request, record_property):
     except ConverterError as err:
         if "not in the local HF cache" not in str(err):
             raise
-        _unavailable(request.config, str(err))
-    checkpoint = _real_checkpoint(request.config, VARIANTS[name])
+        unavailable(request.config, str(err))
+    checkpoint = real_checkpoint(request.config, VARIANTS[name])
     report = audit(published, model_name=name, checkpoint=checkpoint, reference=REFERENCE)
     record_property("audit", report.summary())
     if not report.passed:

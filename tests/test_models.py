@@ -32,7 +32,7 @@ from converter.registry import VARIANTS, Variant
 from converter.synthetic import save_training_layout
 from converter.verify import DEFAULT_ATOL, compare, hf_outputs, oracle_outputs
 from tests._http import LoopbackServer
-from tests.release_clips import load_spaghetti_clip
+from tests.release_clips import load_spaghetti_clip, real_checkpoint, unavailable
 from tests.update_synthetic import stored_path, synthetic_clip, synthetic_original, write
 
 EXPECTED = Path(__file__).parent.parent / "expected"
@@ -169,32 +169,6 @@ def test_synthetic(name, release_mirror, output_dir, record_property, monkeypatc
 
 
 # ---- release: real weights ---------------------------------------------------------------------
-
-
-def unavailable(config, reason: str):
-    if config.getoption("--require-release"):
-        pytest.fail(f"--require-release: {reason}")
-    pytest.skip(reason)
-
-
-def real_checkpoint(config, variant: Variant) -> Path:
-    """--checkpoint-dir, then the cache, then the network; skip (or fail) naming what is missing."""
-    directory = config.getoption("--checkpoint-dir")
-    if directory:
-        for filename in (variant.source.filename, f"{variant.name}.pth"):
-            if (Path(directory) / filename).is_file():
-                return Path(directory) / filename
-    if (cached := fetch.cached_source(variant.source)) is not None:
-        return cached
-    try:
-        return fetch.fetch_source(variant.source)
-    except ConverterError as err:
-        where = f"--checkpoint-dir {directory}" if directory else "no --checkpoint-dir"
-        unavailable(
-            config,
-            f"real checkpoint {variant.source.filename} for {variant.name} not found ({where}, not in "
-            f"{fetch.cache_dir()}) and not downloadable: {err}",
-        )
 
 
 def expected_pixel_values(preprocessing: dict, clip: np.ndarray, image_size: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from contextlib import contextmanager, suppress
@@ -286,14 +286,18 @@ def _short_io_error(err: BaseException) -> str:
 
 
 @contextmanager
-def weights_written_meanwhile(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def weights_written_meanwhile(
+    folder: Path, state_dict: Mapping[str, torch.Tensor]
+) -> Iterator[Callable[[], None]]:
     """Write (and read back) model.safetensors on a second thread while the block runs, and wait for
     it at the end.
 
     Conversion is I/O-bound and safetensors' writer releases the GIL, so the write overlaps with
-    importing transformers, verifying and writing the small files. If the block raises (or a signal
-    arrives while waiting), that error wins: the writer is told to skip the read-back and is waited
-    for, so nothing writes into a folder being removed.
+    importing transformers, verifying and writing the small files. The block gets a `wait()` that
+    returns once the weights are written and read back (or raises the writer's error), for work that
+    should follow the write. If the block raises (or a signal arrives while waiting), that error
+    wins: the writer is told to skip the read-back and is waited for, so nothing writes into a
+    folder being removed.
     """
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights")
@@ -301,7 +305,7 @@ def weights_written_meanwhile(folder: Path, state_dict: Mapping[str, torch.Tenso
     pool.shutdown(wait=False)  # the submitted write still runs; nothing else will be
     finished = False
     try:
-        yield
+        yield written.result
         written.result()
         finished = True
     finally:

@@ -109,8 +109,6 @@ def convert_checkpoint(
     with _stage("load") as note:
         original = _load(provenance.path)
         note(f"{len(original)} tensors, {_megabytes(original)} MB")
-        # NaN/inf refused before any work; the pass pages the checkpoint in, which the write reuses.
-        _check_finite(original, provenance.path)
     with _stage("map") as note:
         hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
         if variant is not None:
@@ -124,15 +122,22 @@ def convert_checkpoint(
 
     name = model_name or Path(provenance.origin).stem
     with ExitStack() as writing:
-        folder = None
+        folder = weights_written = None
         if output is not None:
             from converter.export import staged_output, weights_written_meanwhile
 
             # The weights are written while transformers is imported and the model verified; a
             # failure below removes the staged folder, so nothing is left behind.
             folder = writing.enter_context(staged_output(output, overwrite, protected))
-            writing.enter_context(weights_written_meanwhile(folder, state_dict))
+            weights_written = writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = given_config or to_config(hyper)
+        if weights_written is not None and not verify:
+            weights_written()
+        # NaN/inf are refused before verification (where they would read as a mapping mistake) and
+        # before anything but the staged weights is written. Not before the write: a pass over the
+        # mmap'd checkpoint just before it made the write itself slower, in kernel time (README,
+        # Performance); after the write the pass is cheap.
+        _check_finite(original, provenance.path)
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
         if verify:

@@ -286,7 +286,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "ln_final.bias (32 of 32)",
     ),
     (
-        "nan-with-no-verify-and-output",  # refused before the write starts, as with verification
+        "nan-with-no-verify-and-output",  # refused after the staged write, before anything lands
         lambda w: [
             "--checkpoint",
             w.saved("c.pth", {**w.state_dict(), "ln_final.bias": torch.full((32,), float("nan"))}),

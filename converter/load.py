@@ -121,8 +121,8 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<c
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
-    """Refuse NaN and inf values, naming each tensor with its count. Reads every value: the
-    conversion pipeline runs it beside the weight write, which reads them anyway."""
+    """Refuse NaN and inf values, naming each tensor with its count. Reads every value, so the
+    conversion pipeline runs it after the weight write has paged the checkpoint in, not before."""
     non_finite = [
         f"{escape(k)} ({n:,} of {t.numel():,})" for k, t in state_dict.items() if (n := _non_finite(t))
     ]

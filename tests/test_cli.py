@@ -213,7 +213,7 @@ def recorded(module, name, before, after=None):
     function = getattr(module, name)
     def probe(*args, **kwargs):
         events.append(before)
-        if before == "write starts":
+        if name == "weights_written_meanwhile":  # the main thread, as the writer is started
             seen["transformers_before_write"] = "transformers" in sys.modules
         result = function(*args, **kwargs)
         if after:
@@ -221,7 +221,8 @@ def recorded(module, name, before, after=None):
         return result
     setattr(module, name, probe)
 
-recorded(export, "write_weights", "write starts", "write ends")
+recorded(export, "weights_written_meanwhile", "writer started")
+recorded(export, "write_weights", "write starts", "write ends")  # on the writer's thread
 recorded(load, "check_finite", "NaN/inf pass")
 from converter.cli import main
 
@@ -243,7 +244,7 @@ def test_the_weights_start_writing_before_transformers_is_imported(tmp_path):
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {
         "rc": 0,
-        "events": ["write starts", "write ends", "NaN/inf pass"],
+        "events": ["writer started", "write starts", "write ends", "NaN/inf pass"],
         "transformers_before_write": False,
         "modelling_imported": False,
     }

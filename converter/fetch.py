@@ -37,7 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from converter.errors import ConverterError, reason
+from converter.errors import ConverterError, escape, reason
 
 if TYPE_CHECKING:
     import requests
@@ -297,9 +297,7 @@ def _fetch_cached(
         if not force and final.is_file() and (pin is None or recorded_sha256(final) == pin):
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        from filelock import FileLock
-
-        with FileLock(str(_lock_path(final, root))), _pruned_if_failed(final.parent, root):
+        with _lock_announced(_lock_path(final, root), describe), _pruned_if_failed(final.parent, root):
             # Another process may have finished the download while we waited for the lock.
             if not force and final.is_file() and _cached_is_usable(final, pin):
                 return final
@@ -320,6 +318,25 @@ def _fetch_cached(
     except OSError as exc:  # the cache folder: a file, no permission, disk full
         raise _cache_error(exc, root) from None
     return final
+
+
+@contextmanager
+def _lock_announced(lock_path: Path, describe: str) -> Iterator[None]:
+    """Hold the fetch lock; a process that has to wait for another one's download says so once,
+    rather than sitting silent for minutes."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        what, where = escape(describe), escape(str(lock_path))
+        _log.info("waiting for another process fetching %s (lock: %s)", what, where)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

@@ -259,6 +259,30 @@ def test_two_processes_fetch_once(server: LoopbackServer, tmp_path: Path, _fast_
     assert len(server.hits_for(PATH)) == 1 and server.full_gets(PATH) == 1
 
 
+def test_a_process_waiting_for_another_ones_download_says_so(
+    server: LoopbackServer, _fast_and_isolated: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from filelock import FileLock
+
+    url = server.url(PATH)
+    lock = FileLock(str(fetch._lock_path(fetch.url_cache_path(url, _fast_and_isolated), _fast_and_isolated)))
+    result: dict[str, object] = {}
+    with caplog.at_level(logging.INFO, logger="converter"), lock:  # "another process" holds the lock
+        waiter = threading.Thread(target=lambda: result.update(path=fetch.fetch_url(url)))
+        waiter.start()
+        deadline = time.monotonic() + 15
+        while "waiting for another process" not in caplog.text:
+            assert time.monotonic() < deadline and waiter.is_alive(), "the waiting fetch said nothing"
+            time.sleep(0.01)
+        assert server.hits_for(PATH) == []  # it waits; it does not download meanwhile
+    waiter.join(15)
+    assert Path(result["path"]).read_bytes() == DATA
+    said = [r.getMessage() for r in caplog.records if "waiting for another process" in r.getMessage()]
+    assert said == [f"waiting for another process fetching {url} (lock: {lock.lock_file})"]
+
+
 # -- offline ----------------------------------------------------------------------------------------------
 
 

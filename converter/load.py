@@ -103,13 +103,6 @@ def extract_state_dict(obj: object, source: str | Path = "<checkpoint>") -> Stat
     return state_dict
 
 
-def check_tensors(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
-    """Refuse, naming every offending tensor: what is not a real floating-point dense CPU tensor, and
-    non-finite values (a NaN anywhere would make every output NaN and verification meaningless)."""
-    check_kinds(state_dict, source)
-    check_finite(state_dict, source)
-
-
 def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
     """Refuse what is not a real floating-point dense CPU tensor (reads no values)."""
     unusable = [f"{escape(k)} ({_kind(t)})" for k, t in state_dict.items() if _kind(t)]
@@ -121,8 +114,9 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<c
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
-    """Refuse NaN and inf values, naming each tensor with its count. Reads every value, so the
-    conversion pipeline runs it after the weight write has paged the checkpoint in, not before."""
+    """Refuse NaN and inf values, naming each tensor with its count (a NaN anywhere makes every
+    output NaN and verification meaningless). Reads every value, so the conversion pipeline runs it
+    after the weight write has paged the checkpoint in, not before."""
     non_finite = [
         f"{escape(k)} ({n:,} of {t.numel():,})" for k, t in state_dict.items() if (n := _non_finite(t))
     ]

@@ -52,14 +52,9 @@ class Published:
     folder: Path  # the local folder (the user's, or the hub snapshot in the HF cache)
     config: XCLIPConfig
     state_dict: StateDict  # as stored: the published keys and dtype
-    weights_files: list[Path]
     image_processor: dict[str, Any] | None  # the published image processor's settings
     revision: str | None = None  # the hub commit read, for a repo id
     files: list[str] = field(default_factory=list)
-
-    @property
-    def is_hub(self) -> bool:
-        return self.revision is not None
 
     def model_state_dict(self) -> StateDict:
         """The state dict without the buffers older transformers versions stored beside the weights."""
@@ -88,13 +83,11 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     config = _read_config(folder, text)
-    weights = _weights_files(folder, text)
     return Published(
         source=text,
         folder=folder,
         config=config,
-        state_dict=_read_weights(weights, text),
-        weights_files=weights,
+        state_dict=_read_weights(_weights_files(folder, text), text),
         image_processor=read_image_processor(folder),
         revision=commit,
         files=sorted(p.name for p in folder.iterdir()),

@@ -91,7 +91,7 @@ def convert_checkpoint(
     from converter.verify import DEFAULT_ATOL
 
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
-    out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    out_dtype = _output_dtype(dtype)
     variant = get_variant(model_name) if model_name else None
     sha256 = fetch.parse_sha256(sha256)
     given_config = _read_config(config)
@@ -213,6 +213,13 @@ def write_small_files(result: ConversionResult, folder: Path, repo_id: str | Non
         float32_distance=written.max_abs_diff if written is not None else None,
     )
     (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    by_name = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if by_name not in DTYPES.values():
+        raise ConverterError(f"dtype must be one of {', '.join(DTYPES)}, got {escape(str(dtype))}")
+    return by_name
 
 
 def check_atol(atol: float) -> float:

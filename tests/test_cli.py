@@ -249,3 +249,19 @@ def test_the_weights_start_writing_before_transformers_is_imported(tmp_path):
         "modelling_imported": False,
     }
     assert XCLIPModel.from_pretrained(tmp_path / "out") is not None
+
+
+def test_the_cli_offers_exactly_the_dtypes_the_library_writes():
+    # cli.py names them without importing torch (fast --help/--list); the pipeline maps them.
+    from converter import cli, pipeline
+
+    assert cli.DTYPES == tuple(pipeline.DTYPES)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int8", torch.int8])
+def test_the_library_names_an_unknown_dtype(dtype):
+    from converter.errors import ConverterError
+    from converter.pipeline import convert_checkpoint
+
+    with pytest.raises(ConverterError, match="dtype must be one of float32, float16, bfloat16, got"):
+        convert_checkpoint("never-read.pth", dtype=dtype)

@@ -327,7 +327,7 @@ def _audit(args: argparse.Namespace) -> int:
             "with --audit, --push-to-hub opens a pull request of a verified conversion: "
             "add --create-pr, drop --no-verify"
         )
-    report_file = Path(args.report) if args.report else None
+    report_file = _check_report(args)
     repo_id = _repo_id_for_fix(args)
     report = audit(
         args.audit,
@@ -360,6 +360,23 @@ def _audit(args: argparse.Namespace) -> int:
             )
             print(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
     return report.exit_code
+
+
+def _check_report(args: argparse.Namespace) -> Path | None:
+    """The audit only reads: its report never replaces an input, the audited folder or the cache."""
+    if not args.report:
+        return None
+    from converter.export import check_not_protected
+    from converter.fetch import cache_dir
+
+    report = Path(args.report)
+    if report.is_dir():
+        raise ConverterError(f"--report {escape(args.report)} is a folder: name a file, e.g. report.json")
+    inputs = [("--checkpoint", args.checkpoint), ("--config", args.config)]
+    inputs.append(("the audited folder", args.audit))
+    protected = [(label, Path(value)) for label, value in inputs if value and Path(value).exists()]
+    check_not_protected("--report", report, [*protected, ("the download cache", cache_dir())])
+    return report
 
 
 def _repo_id_for_fix(args: argparse.Namespace) -> str | None:

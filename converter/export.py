@@ -31,7 +31,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, escape
 
 if TYPE_CHECKING:
     import torch
@@ -134,27 +134,15 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[tuple[str, P
         )
     if output.is_symlink() and not output.exists():
         raise ConverterError(f"--output {output} is a broken symlink; remove it or choose another folder")
-    protected = list(protected)
     try:
-        target = output.resolve()
-        cwd = Path.cwd().resolve()
-        places = [path.resolve() for _, path in protected]
+        target, cwd = output.resolve(), Path.cwd().resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop, say
         raise ConverterError(f"--output {output}: cannot resolve the paths to compare ({err})") from err
     if target == cwd or target in cwd.parents:
         raise ConverterError(
             f"--output {output} is the current folder or holds it ({target}); choose a folder below it"
         )
-    for (label, path), place in zip(protected, places, strict=True):
-        if place == target:
-            relation = "is"
-        elif target in place.parents:
-            relation = "contains"
-        elif place in target.parents:
-            relation = "lies inside"
-        else:
-            continue
-        raise ConverterError(f"--output {output} {relation} {label} {path}; choose another --output")
+    check_not_protected("--output", output, protected)
     for ancestor in target.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
@@ -169,6 +157,30 @@ def check_output(output: Path, overwrite: bool, protected: Iterable[tuple[str, P
             raise ConverterError(f"--output {output}: cannot read it ({err.strerror})") from err
         if not empty:
             raise ConverterError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+    return target
+
+
+def check_not_protected(flag: str, path: Path, protected: Iterable[tuple[str, Path]]) -> Path:
+    """Refuse `path` (what `flag` names) when it is, contains or lies inside one of the `protected`
+    (label, path) pairs; return it resolved."""
+    protected = list(protected)
+    try:
+        target = path.resolve()
+        places = [place.resolve() for _, place in protected]
+    except (OSError, RuntimeError) as err:  # a symlink loop, say
+        what = escape(str(path))
+        raise ConverterError(f"{flag} {what}: cannot resolve the paths to compare ({err})") from err
+    for (label, place_given), place in zip(protected, places, strict=True):
+        if place == target:
+            relation = "is"
+        elif target in place.parents:
+            relation = "contains"
+        elif place in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        what, where = escape(str(path)), escape(str(place_given))
+        raise ConverterError(f"{flag} {what} {relation} {label} {where}; choose another {flag}")
     return target
 
 

@@ -401,6 +401,15 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("unreachable-host", lambda w: ["--checkpoint", "http://127.0.0.1:9/x.pth"], 2, "127.0.0.1"),
     ("to-original-without-output", lambda w: ["--to-original", w.root], 2, "--output"),
     ("audit-without-original", lambda w: ["--audit", w.root], 2, "--model-name or --checkpoint"),
+    ("report-is-the-checkpoint", lambda w: _audited(w, w.checkpoint), 2, "tiny-a.pth is --checkpoint"),
+    ("report-is-the-config", lambda w: _audited(w, w.config), 2, "is --config"),
+    (
+        "report-inside-the-audited-folder",
+        lambda w: _audited(w, w.root / "converted" / "config.json"),
+        2,
+        "lies inside the audited folder",
+    ),
+    ("report-is-a-folder", lambda w: _audited(w, w.root), 2, "is a folder: name a file"),
     ("bad-dtype", lambda w: w.convert("--dtype", "int8"), 2, "invalid choice"),
     ("verification-fails", lambda w: _wrong_heads(w), 1, "does not reproduce the original"),
 ]
@@ -416,6 +425,15 @@ def _folder_with_file(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "mine.txt").write_text("the user's")
     return folder
+
+
+def _audited(w: Workspace, report: Path) -> list[object]:
+    """An audit of a correct conversion of the golden whose --report would overwrite `report`."""
+    from converter.pipeline import convert_checkpoint
+
+    convert_checkpoint(w.checkpoint, config=w.config, output=w.root / "converted")
+    audited = ["--audit", w.root / "converted", "--checkpoint", w.checkpoint, "--config", w.config]
+    return [*audited, "--report", report]
 
 
 def _wrong_heads(w: Workspace) -> list[object]:

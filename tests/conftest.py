@@ -13,12 +13,23 @@ CACHE_VARIABLES = ("XCLIP_CACHE", "HF_HOME", "HF_HUB_CACHE", "HF_XET_CACHE", "XD
 _GIVEN_AT_START = {name: os.environ.get(name) for name in ("XCLIP_CACHE", "HF_HOME", "HF_HUB_CACHE")}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_sandbox(tmp_path_factory):
+    """The same sandbox for the whole session, so that module- and session-scoped fixtures (which
+    run before any test's own sandbox) never write to the user's home or caches either."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield _sandboxed(tmp_path_factory.mktemp("session-sandbox"), monkeypatch, keep_given=False)
+
+
 @pytest.fixture(autouse=True)
 def sandbox(request, tmp_path_factory, monkeypatch):
     """Point every cache (and HOME) at a temporary folder for the test; a `release` test keeps the
     caches that were set explicitly when pytest started, so real downloads are made once."""
-    root = tmp_path_factory.mktemp("sandbox")
     keep_given = request.node.get_closest_marker("release") is not None
+    return _sandboxed(tmp_path_factory.mktemp("sandbox"), monkeypatch, keep_given)
+
+
+def _sandboxed(root, monkeypatch, keep_given: bool):
     for name in CACHE_VARIABLES:
         if keep_given and _GIVEN_AT_START.get(name):
             monkeypatch.setenv(name, _GIVEN_AT_START[name])

@@ -112,7 +112,7 @@ def probe(folder: str, work: str) -> None:
 
 
 def subprocess_env(root: Path) -> dict[str, str]:
-    """Offline, with every cache and HOME under `root` (module fixtures run outside the sandbox)."""
+    """Offline, with every cache and HOME under `root` (its own, apart from the session sandbox)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XCLIP_", "PYTHON"))}
     env.update(HOME=str(root / "home"), XCLIP_CACHE=str(root / "xclip"), HF_HOME=str(root / "hf"))
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")

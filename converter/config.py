@@ -231,12 +231,13 @@ def _get(config: object, path: str) -> Any:
     return config
 
 
-def load_config_file(path: str | Path) -> XCLIPConfig:
-    """Read and validate an XCLIPConfig JSON as `save_pretrained` writes it, field by field."""
+def load_config_file(path: str | Path, *, where: str | None = None) -> XCLIPConfig:
+    """Read and validate an XCLIPConfig JSON as `save_pretrained` writes it, field by field; errors
+    start with `where` (default: "--config PATH")."""
     from transformers import XCLIPConfig
 
     path = Path(path)
-    where = f"--config {escape(str(path))}"
+    where = where or f"--config {escape(str(path))}"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except IsADirectoryError:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from converter.errors import ConverterError, reason
+from converter.errors import ConverterError, escape, reason
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -160,17 +160,11 @@ def _read_config(folder: Path, source: str) -> XCLIPConfig:
     path = folder / "config.json"
     if not path.is_file():
         raise ConverterError(f"{source}: no config.json (not a transformers model folder)")
-    data = _read_json(path, source)
-    if data.get("model_type") != "xclip":
-        raise ConverterError(
-            f"{source}: config.json has model_type {data.get('model_type')!r}, not 'xclip' (an X-CLIP model)"
-        )
-    from transformers import XCLIPConfig
+    from converter.config import load_config_file
 
-    try:
-        return XCLIPConfig.from_dict(data)
-    except Exception as err:
-        raise ConverterError(f"{source}: config.json is not a valid XCLIPConfig ({reason(err)})") from None
+    # The same field-by-field validation as --config: a bad size or head count is named here, not
+    # met later as a shape error deep inside torch.
+    return load_config_file(path, where=f"{escape(source)}: config.json")
 
 
 def _weights_files(folder: Path, source: str) -> list[Path]:

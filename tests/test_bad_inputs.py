@@ -410,6 +410,18 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "lies inside the audited folder",
     ),
     ("report-is-a-folder", lambda w: _audited(w, w.root), 2, "is a folder: name a file"),
+    (
+        "published-config-heads-not-dividing",
+        lambda w: _back(w, "text_config.num_attention_heads", 3),
+        2,
+        "config.json: 3 text heads do not divide the width 32",
+    ),
+    (
+        "published-config-negative-size",
+        lambda w: _back(w, "text_config.hidden_size", -32),
+        2,
+        "config.json: text_config.hidden_size must be a positive integer",
+    ),
     ("bad-dtype", lambda w: w.convert("--dtype", "int8"), 2, "invalid choice"),
     ("verification-fails", lambda w: _wrong_heads(w), 1, "does not reproduce the original"),
 ]
@@ -427,13 +439,26 @@ def _folder_with_file(folder: Path) -> Path:
     return folder
 
 
-def _audited(w: Workspace, report: Path) -> list[object]:
-    """An audit of a correct conversion of the golden whose --report would overwrite `report`."""
+def _converted(w: Workspace, change: Callable[[dict], object] = lambda config: config) -> Path:
+    """The golden converted to `converted/` (its config.json passed through `change`)."""
     from converter.pipeline import convert_checkpoint
 
-    convert_checkpoint(w.checkpoint, config=w.config, output=w.root / "converted")
-    audited = ["--audit", w.root / "converted", "--checkpoint", w.checkpoint, "--config", w.config]
+    folder = w.root / "converted"
+    convert_checkpoint(w.checkpoint, config=w.config, output=folder)
+    config = folder / "config.json"
+    config.write_text(json.dumps(change(json.loads(config.read_text()))))
+    return folder
+
+
+def _audited(w: Workspace, report: Path) -> list[object]:
+    """An audit of a correct conversion of the golden whose --report would overwrite `report`."""
+    audited = ["--audit", _converted(w), "--checkpoint", w.checkpoint, "--config", w.config]
     return [*audited, "--report", report]
+
+
+def _back(w: Workspace, path: str, value: object) -> list[object]:
+    """--to-original of a converted folder whose config.json has `path` set to `value`."""
+    return ["--to-original", _converted(w, lambda d: _set(d, path, value)), "--output", w.root / "back.pth"]
 
 
 def _wrong_heads(w: Workspace) -> list[object]:

@@ -375,6 +375,7 @@ def staged_output(
             raise ConverterError(f"{shown}; --output {output} was not changed") from err
         with _signals_deferred():
             _honour_umask(staging, output)
+        with _commit_lock(target.parent), _signals_deferred():
             _commit(staging, target, before, overwrite, output, state)
     except BaseException as err:
         with _signals_deferred():
@@ -503,6 +504,25 @@ def _honour_umask(folder: Path, output: Path) -> None:
         raise ConverterError(
             f"--output {output}: cannot set the mode of {err.filename}: {err.strerror}"
         ) from err
+
+
+@contextmanager
+def _commit_lock(folder: Path) -> Iterator[None]:
+    """One run at a time moves an output into `folder`. Without renameat2 a swap is several renames,
+    and two runs interleaving them could each undo the other's; the wait is interruptible (signals are
+    deferred only once the lock is held)."""
+    fd = None
+    if fcntl is not None:
+        with suppress(OSError):
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        if fd is not None:
+            with suppress(OSError):  # no locks on this filesystem: the checks in _commit still hold
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _commit(

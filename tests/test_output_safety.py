@@ -305,6 +305,37 @@ def test_two_racing_runs_exactly_one_wins(tmp_path, rename, overwrite):
     assert names(work) == ["out"]
 
 
+@pytest.mark.parametrize("then", ["released", "interrupted"])
+def test_a_run_waits_to_move_into_place_while_another_is_moving_into_the_same_folder(tmp_path, rename, then):
+    """Moves into place are serialised by a lock on the parent folder (the fallback's swap is several
+    renames that two runs could interleave); waiting for it can still be interrupted."""
+    work, go = tmp_path / "work", tmp_path / "go"
+    work.mkdir()
+    out = work / "out"
+    holder = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        racer = subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(out), "a", str(go), "0", rename],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert racer.stdout.readline() == "ready\n"
+        go.touch()
+        time.sleep(1.0)
+        assert racer.poll() is None and not out.exists()  # staged, complete, and waiting
+        if then == "interrupted":
+            racer.send_signal(signal.SIGINT)
+            assert racer.wait(timeout=60) != 0
+            assert names(work) == []  # its staging folder went with it
+            return
+    finally:
+        os.close(holder)
+    assert racer.wait(timeout=60) == 0, racer.stderr.read()
+    assert names(work) == ["out"] and (out / "who").read_text() == "a"
+
+
 # --- failures and signals leave nothing behind -----------------------------------------------------
 
 

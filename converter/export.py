@@ -8,6 +8,7 @@
   folder that appeared meanwhile; --overwrite swaps the old folder out only once the new one is
   complete. Any failure, including SIGINT/SIGTERM (`signals_as_exceptions`), removes the staging
   folder; a staging folder whose owner died (SIGKILL) is removed by the next run to that output.
+  `staged_file` is the same for one file (--to-original's checkpoint).
 - `write_weights` reads model.safetensors back through an mmap and confirms it holds exactly the
   tensors it was given, before anything is moved into place.
 """
@@ -347,32 +348,15 @@ def staged_output(
     level); it is then removed. An OSError in the block becomes a ConverterError naming the file.
     """
     target = check_output(output, overwrite, protected)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConverterError(
-            f"--output {output}: cannot create {err.filename or target.parent}: {err.strerror}"
-        ) from err
-    _remove_stale_staging(target)
+    _prepare_parent(target, output, folders=True)
     before = _identity(target)
     staging = lock = None
     state = {"staging_is_ours": True, "committed": False}
     try:
         with _signals_deferred():  # created and locked, or not at all
-            staging, lock = _create_staging(target, output)
-        try:
+            staging, lock = _create_staging(target, output, os.mkdir)
+        with _named_as_output(staging, output):
             yield staging
-        except OSError as err:
-            shown = str(err.filename or staging).replace(str(staging), str(output), 1)
-            raise ConverterError(
-                f"could not write {shown}: {err.strerror or err}; --output {output} was not changed"
-            ) from err
-        except ConverterError as err:
-            if str(staging) not in str(err):
-                raise
-            # name the file as the user knows it, not the staging folder about to be removed
-            shown = str(err).replace(str(staging), str(output))
-            raise ConverterError(f"{shown}; --output {output} was not changed") from err
         with _signals_deferred():
             _honour_umask(staging, output)
         with _commit_lock(target.parent), _signals_deferred():
@@ -381,40 +365,108 @@ def staged_output(
         with _signals_deferred():
             if staging is not None and state["staging_is_ours"]:
                 shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, Interrupted) and not err.outcome:
-            err.outcome = f"--output {output} " + (
-                "was complete first" if state["committed"] else "was not changed"
-            )
+        _tell_outcome(err, output, state["committed"])
         raise
     finally:
         if lock is not None:
             os.close(lock)
 
 
+@contextmanager
+def staged_file(output: Path, overwrite: bool) -> Iterator[Path]:
+    """`staged_output` for one file: a partial file beside `output`, named and locked by its owner
+    (mode from the umask), renamed onto `output` when the block succeeds and removed when it fails or
+    is interrupted. Without `overwrite`, a file that appeared meanwhile is kept and the run refused."""
+    _prepare_parent(output, output, folders=False)
+    partial = lock = None
+    committed = False
+    try:
+        with _signals_deferred():
+            partial, lock = _create_staging(output, output, _create_file)
+        with _named_as_output(partial, output):
+            yield partial
+        with _commit_lock(output.parent), _signals_deferred():
+            if not overwrite and os.path.lexists(output):
+                raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
+            try:
+                os.replace(partial, output)
+            except OSError as err:
+                raise ConverterError(f"--output {output}: cannot move it into place: {err.strerror}") from err
+            committed = True
+    except BaseException as err:
+        with _signals_deferred():
+            if partial is not None and not committed:
+                with suppress(OSError):
+                    os.unlink(partial)
+        _tell_outcome(err, output, committed)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _prepare_parent(target: Path, output: Path, folders: bool) -> None:
+    """The output's folder exists, and no staging left by a dead run to this output remains in it."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConverterError(
+            f"--output {output}: cannot create {err.filename or target.parent}: {err.strerror}"
+        ) from err
+    _remove_stale_staging(target, folders)
+
+
+@contextmanager
+def _named_as_output(staging: Path, output: Path) -> Iterator[None]:
+    """The block's failures name the output as the user knows it, not the staging about to go."""
+    try:
+        yield
+    except OSError as err:
+        shown = str(err.filename or staging).replace(str(staging), str(output), 1)
+        raise ConverterError(
+            f"could not write {shown}: {err.strerror or err}; --output {output} was not changed"
+        ) from err
+    except ConverterError as err:
+        if str(staging) not in str(err):
+            raise
+        shown = str(err).replace(str(staging), str(output))
+        raise ConverterError(f"{shown}; --output {output} was not changed") from err
+
+
+def _tell_outcome(err: BaseException, output: Path, committed: bool) -> None:
+    if isinstance(err, Interrupted) and not err.outcome:
+        err.outcome = f"--output {output} " + ("was complete first" if committed else "was not changed")
+
+
 _STAGING_FORMAT = ".{name}.partial-{pid}-{token}"
 
 
-def _create_staging(target: Path, output: Path) -> tuple[Path, int | None]:
-    """An empty folder (mode from the umask, unlike mkdtemp's 0700) beside `target`, named after this
-    process, locked for as long as the returned descriptor is open."""
+def _create_staging(target: Path, output: Path, create: Callable[[Path], None]) -> tuple[Path, int | None]:
+    """An empty folder or file (`create`; mode from the umask, unlike mkdtemp's 0700 or mkstemp's
+    0600) beside `target`, named after this process, locked for as long as the returned descriptor
+    is open."""
     for _ in range(100):
         name = _STAGING_FORMAT.format(name=target.name, pid=os.getpid(), token=secrets.token_hex(4))
         staging = target.parent / name
         try:
-            os.mkdir(staging)
+            create(staging)
         except FileExistsError:
             continue
         except OSError as err:
             raise ConverterError(f"--output {output}: cannot create {staging}: {err.strerror}") from err
         return staging, _lock(staging)
-    raise ConverterError(f"--output {output}: cannot create a staging folder in {target.parent}")
+    raise ConverterError(f"--output {output}: cannot create a staging name in {target.parent}")
 
 
-def _lock(folder: Path) -> int | None:
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _lock(path: Path) -> int | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -424,9 +476,9 @@ def _lock(folder: Path) -> int | None:
     return fd
 
 
-def _remove_stale_staging(target: Path) -> None:
-    """Remove staging folders of earlier runs to this output whose owner is gone: its pid is not
-    running and nobody holds its lock. Nothing else is touched."""
+def _remove_stale_staging(target: Path, folders: bool) -> None:
+    """Remove staging folders (or, for a file output, staging files) of earlier runs to this output
+    whose owner is gone: its pid is not running and nobody holds its lock. Nothing else is touched."""
     pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)-[0-9a-f]{8}")
     try:
         entries = list(os.scandir(target.parent))
@@ -434,12 +486,11 @@ def _remove_stale_staging(target: Path) -> None:
         return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        if not found or not entry.is_dir(follow_symlinks=False) or _pid_alive(int(found[1])):
+        kind_ok = entry.is_dir(follow_symlinks=False) if folders else entry.is_file(follow_symlinks=False)
+        if not found or not kind_ok or _pid_alive(int(found[1])):
             continue
         try:
-            fd = os.open(
-                entry.path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
-            )
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             continue
         try:
@@ -449,7 +500,11 @@ def _remove_stale_staging(target: Path) -> None:
                 except OSError as err:
                     if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                         continue  # held: its owner runs (in another pid namespace, say)
-            shutil.rmtree(entry.path, ignore_errors=True)
+            if folders:
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with suppress(OSError):
+                    os.unlink(entry.path)
         finally:
             os.close(fd)
 

@@ -3,14 +3,14 @@
 Writes `{'model': state_dict}` with the original's keys, derived from the same rule table as the
 forward direction (`converter.rules.hf_to_original`), and proves it: the written file is read back
 weights-only and the oracle, run on those original keys, must reproduce the HF model within the
-same tolerance as a forward conversion. The file is written beside FILE under a temporary name and
-renamed into place only after that check, so a failure leaves nothing behind.
+same tolerance as a forward conversion. The file is staged beside FILE as the forward direction's
+folder is (`export.staged_file`: owner-named and locked, removed on failure or interrupt, or by the
+next run if its owner was killed) and renamed into place only after that check, so a failure leaves
+nothing behind.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import torch
 
 from converter.config import HEAD_DIM, Hyper, hyper_from_config
 from converter.errors import ConverterError, VerificationError
+from converter.export import staged_file
 from converter.published import is_inside, load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
@@ -59,27 +60,14 @@ def to_original(
     check_state_dict(weights, hyper)  # every key, every shape, against the published config
     original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    # Named by its owner like the forward direction's staging folders; created by torch.save's open(),
-    # so it gets the mode the umask gives (mkstemp would make it 0600).
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        try:
-            torch.save({"model": original}, partial)
-        except OSError as err:
-            raise ConverterError(f"could not write {output}: {err}") from None
+    with staged_file(output, overwrite) as partial:
+        torch.save({"model": original}, partial)
         verification = _verify_written(partial, published.config, weights, hyper, atol)
         if not verification.passed:
             raise VerificationError(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
-        if output.exists() and not overwrite:  # appeared meanwhile
-            raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
-        partial.replace(output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in original.values()}))
     return BackConversion(output, hyper, len(original), dtypes, verification)
 

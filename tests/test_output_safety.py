@@ -24,6 +24,7 @@ from converter.export import (
     Interrupted,
     check_output,
     signals_as_exceptions,
+    staged_file,
     staged_output,
     weights_written_meanwhile,
 )
@@ -556,3 +557,79 @@ def test_a_locked_staging_folder_of_a_dead_pid_is_kept(tmp_path):
     with staged_output(tmp_path / "out", overwrite=True):
         pass
     assert names(tmp_path) == ["out"]
+
+
+# --- one file (--to-original): the same staging ----------------------------------------------------
+
+
+def _dead_pid() -> int:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(gone.stdout)
+
+
+def test_a_staged_file_names_its_owner_is_locked_and_honours_the_umask(tmp_path):
+    out = tmp_path / "back.pth"
+    previous = os.umask(0o022)
+    try:
+        with staged_file(out, overwrite=False) as partial:
+            assert partial.parent == tmp_path and partial.name.startswith(f".back.pth.partial-{os.getpid()}-")
+            assert stat.S_IMODE(partial.stat().st_mode) == 0o644  # mkstemp would give 0o600
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # its owner holds it
+            finally:
+                os.close(fd)
+            partial.write_bytes(b"new")
+    finally:
+        os.umask(previous)
+    assert names(tmp_path) == ["back.pth"] and out.read_bytes() == b"new"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_that_appears_during_the_run_is_kept_without_overwrite(tmp_path, overwrite):
+    out = tmp_path / "back.pth"
+    run = staged_file(out, overwrite)
+    if overwrite:
+        with run as partial:
+            partial.write_bytes(b"new")
+            out.write_bytes(b"user's")
+        assert out.read_bytes() == b"new"
+    else:
+        with pytest.raises(ConverterError, match="exists; pass --overwrite"), run as partial:
+            partial.write_bytes(b"new")
+            out.write_bytes(b"user's")
+        assert out.read_bytes() == b"user's"
+    assert names(tmp_path) == ["back.pth"]
+
+
+def test_a_failed_or_interrupted_staged_file_leaves_nothing(tmp_path):
+    out = tmp_path / "back.pth"
+    with pytest.raises(ConverterError, match=f"could not write {out}: No space left on device"):
+        with staged_file(out, overwrite=False) as partial:
+            raise OSError(errno.ENOSPC, "No space left on device", str(partial))
+    with pytest.raises(Interrupted) as err, signals_as_exceptions():
+        with staged_file(out, overwrite=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    assert err.value.outcome == f"--output {out} was not changed"
+    assert names(tmp_path) == []
+
+
+def test_a_killed_runs_partial_file_is_removed_by_the_next_run_and_nothing_else(tmp_path):
+    pid = _dead_pid()
+    leftover = tmp_path / f".back.pth.partial-{pid}-0123abcd"
+    leftover.write_bytes(b"half a checkpoint")
+    kept = [
+        f".back.pth.partial-{pid}-89abcdef",  # a folder: the folder staging's kind, not this one's
+        f".back.pth.partial-{os.getpid()}-0123abcd",  # its owner runs
+        f".other.pth.partial-{pid}-0123abcd",  # another output's
+    ]
+    (tmp_path / kept[0]).mkdir()
+    for name in kept[1:]:
+        (tmp_path / name).write_bytes(b"not ours to remove")
+    with staged_file(tmp_path / "back.pth", overwrite=False) as partial:
+        partial.write_bytes(b"new")
+    assert names(tmp_path) == sorted(["back.pth", *kept])

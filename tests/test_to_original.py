@@ -134,3 +134,17 @@ def test_bad_source(tmp_path, monkeypatch):
     with pytest.raises(ConverterError, match="not in the local HF cache"):
         to_original("microsoft/xclip-base-patch32", tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_a_killed_runs_partial_file_is_removed_by_the_next_run(tmp_path):
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    leftover = tmp_path / f".back.pth.partial-{int(gone.stdout)}-0123abcd"
+    leftover.write_bytes(b"half a checkpoint")  # what SIGKILL leaves (no handler runs)
+    folder = hf_folder(tmp_path / "hf", load_checkpoint(helpers.checkpoint("tiny-a")), case="tiny-a")
+    to_original(folder, tmp_path / "back.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.pth", "hf"]

@@ -9,10 +9,12 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from converter import fetch, registry
 from converter.errors import ConverterError
@@ -262,10 +264,6 @@ def test_two_processes_fetch_once(server: LoopbackServer, tmp_path: Path, _fast_
 def test_a_process_waiting_for_another_ones_download_says_so(
     server: LoopbackServer, _fast_and_isolated: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import threading
-
-    from filelock import FileLock
-
     url = server.url(PATH)
     lock = FileLock(str(fetch._lock_path(fetch.url_cache_path(url, _fast_and_isolated), _fast_and_isolated)))
     result: dict[str, object] = {}

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoProcessor, XCLIPModel
 
 from converter import fetch
-from converter.cli import DEFAULT_TEXTS, main
+from converter.cli import main
 from converter.config import hyper_for_variant
 from converter.errors import ConverterError
 from converter.load import load_checkpoint
@@ -33,7 +33,7 @@ from converter.synthetic import save_training_layout
 from converter.verify import DEFAULT_ATOL, compare, hf_outputs, oracle_outputs
 from tests._http import LoopbackServer
 from tests.release_clips import load_spaghetti_clip, real_checkpoint, unavailable
-from tests.update_synthetic import stored_path, synthetic_clip, synthetic_original, write
+from tests.update_synthetic import stored_path, suite_inputs, synthetic_original, write
 
 EXPECTED = Path(__file__).parent.parent / "expected"
 # The oracle's outputs on each model's seeded synthetic checkpoint and clip (open_clip-style stored
@@ -148,12 +148,7 @@ def test_synthetic(name, release_mirror, output_dir, record_property, monkeypatc
         original = load_checkpoint(fetched)
 
         processor = AutoProcessor.from_pretrained(output_dir)
-        inputs = processor(
-            text=list(DEFAULT_TEXTS),
-            videos=list(synthetic_clip(hyper.frames)),
-            return_tensors="pt",
-            padding=True,
-        )
+        inputs = suite_inputs(processor, hyper.frames)  # as the stored outputs were computed
         assert inputs["pixel_values"].shape == (1, hyper.frames, 3, hyper.image_size, hyper.image_size)
         pixel_values, input_ids = inputs["pixel_values"], inputs["input_ids"]
         expected = synthetic_oracle_outputs(request.config, name, original, pixel_values, input_ids)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +41,13 @@ def synthetic_clip(frames: int, seed: int = 0) -> np.ndarray:
     return np.clip(clip, 0, 255).astype(np.uint8)
 
 
+def suite_inputs(processor: Any, frames: int) -> dict[str, torch.Tensor]:
+    """What the suite feeds both models: the default texts and the synthetic clip, through `processor`."""
+    return processor(
+        text=list(DEFAULT_TEXTS), videos=list(synthetic_clip(frames)), return_tensors="pt", padding=True
+    )
+
+
 def stored_path(name: str) -> Path:
     return STORED / f"{name}.npz"
 
@@ -57,13 +65,7 @@ def main(names: list[str]) -> int:
 
     for name in names or list(VARIANTS):
         variant = VARIANTS[name]
-        processor = build_processor(variant.image_size)
-        inputs = processor(
-            text=list(DEFAULT_TEXTS),
-            videos=list(synthetic_clip(variant.frames)),
-            return_tensors="pt",
-            padding=True,
-        )
+        inputs = suite_inputs(build_processor(variant.image_size), variant.frames)
         outputs = oracle_outputs(synthetic_original(variant), inputs["pixel_values"], inputs["input_ids"])
         print(f"wrote {write(name, outputs)}")
     return 0

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from converter import paths
 from converter.config import HEAD_DIM, Hyper, hyper_from_config
-from converter.errors import ConverterError, VerificationError
-from converter.export import staged_file
-from converter.published import is_inside, load_published
+from converter.errors import VerificationError
+from converter.export import staged_file, torch_save
+from converter.published import load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
 StateDict = dict[str, torch.Tensor]
@@ -47,21 +48,17 @@ def to_original(
     Raises ConverterError on bad input (nothing written) and VerificationError when the original
     forward pass on the written weights does not reproduce the HF model (nothing written).
     """
-    output = Path(output)
-    _check_output(output, overwrite, source)
-    published = load_published(source, revision=revision)
-    if is_inside(output, published.folder):  # a hub id resolves to a snapshot in the HF cache
-        raise ConverterError(f"--output {output} is inside the source {published.folder}: write it elsewhere")
-    hyper = hyper_from_config(published.config)
-    weights = published.model_state_dict()
+    # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
+    with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
+        published = load_published(source, revision=revision)
+        hyper = hyper_from_config(published.config)
+        weights = published.model_state_dict()
 
-    from converter.rules import check_state_dict, hf_to_original
+        from converter.rules import check_state_dict, hf_to_original
 
-    check_state_dict(weights, hyper)  # every key, every shape, against the published config
-    original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
-
-    with staged_file(output, overwrite) as partial:
-        torch.save({"model": original}, partial)
+        check_state_dict(weights, hyper)  # every key, every shape, against the published config
+        original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
+        torch_save({"model": original}, partial)
         verification = _verify_written(partial, published.config, weights, hyper, atol)
         if not verification.passed:
             raise VerificationError(
@@ -69,17 +66,7 @@ def to_original(
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
     dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in original.values()}))
-    return BackConversion(output, hyper, len(original), dtypes, verification)
-
-
-def _check_output(output: Path, overwrite: bool, source: str | Path) -> None:
-    """Refuse before any work: an existing file without `overwrite`, a folder, the source itself."""
-    if output.is_dir():
-        raise ConverterError(f"--output {output} is a folder; give a file name such as model.pth")
-    if output.exists() and not overwrite:
-        raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
-    if Path(source).exists() and is_inside(output, Path(source)):
-        raise ConverterError(f"--output {output} is inside the source {source}: write it elsewhere")
+    return BackConversion(Path(output), hyper, len(original), dtypes, verification)
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -359,7 +359,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
             "--overwrite",
         ],
         2,
-        "input checkpoint",
+        "contains --checkpoint",
     ),
     (
         "output-is-input",

@@ -19,7 +19,6 @@ import torch
 
 from converter import export
 from converter.errors import ConverterError
-from converter.paths import check_output
 from converter.export import (
     WEIGHTS_NAME,
     Interrupted,
@@ -28,6 +27,7 @@ from converter.export import (
     staged_output,
     weights_written_meanwhile,
 )
+from converter.paths import check_output
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
 

@@ -50,14 +50,16 @@ def protected(
     config: str | Path | None = None,
     video: str | Path | None = None,
     source: str | Path | None = None,
+    source_label: str = "the source",
 ) -> list[Protected]:
     """What a run reads, as `check_target` protects it: the inputs that are local paths (a `file://`
-    checkpoint too; hub ids and http URLs are not paths) and every cache."""
+    checkpoint too; hub ids and http URLs are not paths) and every cache. `source` is a folder read
+    (an audited or converted-back model; a hub id is in the Hugging Face cache)."""
     given = [
         ("--checkpoint", local_path(checkpoint)),
         ("--config", local_path(config)),
         ("--video", local_path(video)),
-        ("the source", local_path(source) if source is not None and Path(source).exists() else None),
+        (source_label, local_path(source) if source is not None and Path(source).exists() else None),
     ]
     return [(label, path) for label, path in given if path is not None] + caches()
 
@@ -94,18 +96,26 @@ def check_target(
             raise ConverterError(
                 f"{flag} {shown} is the current folder or holds it ({target}); choose a folder below it"
             )
-    check_not_protected(flag, path, protected)
+    protected = list(protected)
+    # Being an input is the first thing to say; then what is there; then what it holds or lies in.
+    check_not_protected(
+        flag, path, [(label, place) for label, place in protected if _resolved(flag, place) == target]
+    )
     for ancestor in target.parents:
         if ancestor.exists():
             if not ancestor.is_dir():
                 raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")
             break
     existing = what_is_there(path)
+    if existing not in (None, "a folder" if kind == "folder" else "a regular file"):
+        if kind == "folder":
+            raise ConverterError(f"{flag} {shown} is {existing}, not a folder; choose another {flag}")
+        name = "report.json" if flag.endswith("report") else "model.pth"
+        example = f", e.g. {flag} {escape(str(path / name))}" if existing == "a folder" else ""
+        raise ConverterError(f"{flag} {shown} is {existing}: name a file to write{example}")
+    check_not_protected(flag, path, protected)
     if existing is None:
         return target
-    wanted = "a folder" if kind == "folder" else "a regular file"
-    if existing != wanted:
-        raise ConverterError(f"{flag} {shown} is {existing}, not {wanted}; choose another {flag}")
     if not overwrite:
         if kind == "file":
             raise ConverterError(f"{flag} {shown} exists; pass --overwrite to replace it")

@@ -128,6 +128,16 @@ def check_target(
     return target
 
 
+def check_writable(flag: str, target: Path) -> None:
+    """Refuse a target whose nearest existing folder cannot be written, for a writer entered only
+    at the end of a long run (the test suite's outputs): the staging entry proves it otherwise."""
+    folder = next((p for p in [target, *target.parents] if p.is_dir()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        readonly = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1)
+        why = "read-only file system" if readonly else "permission denied"
+        raise ConverterError(f"{flag} {escape(str(target))}: cannot write in {escape(str(folder))} ({why})")
+
+
 def check_not_protected(flag: str, path: Path, protected: Iterable[Protected]) -> Path:
     """Refuse `path` when it is, contains or lies inside one of the `protected` paths; return it
     resolved."""

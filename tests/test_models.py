@@ -96,7 +96,8 @@ def output_dir(request, tmp_path):
         # Replaced only when this session wrote it (test_synthetic, then test_release): a folder of
         # the user's there is never lost.
         if folder not in SAVED_THIS_SESSION and folder.exists() and any(folder.iterdir()):
-            pytest.fail(f"--save-dir {save_dir}: {folder} exists and is not empty; remove it or choose another dir")
+            kept = f"{folder} exists and is not empty; remove it or choose another"
+            pytest.fail(f"--save-dir {save_dir}: {kept}")
         SAVED_THIS_SESSION.add(folder)
         yield folder
         return

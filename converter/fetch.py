@@ -33,11 +33,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from converter.errors import ConverterError, escape, reason
+from converter.registry import url_cache_path
 
 if TYPE_CHECKING:
     import requests
@@ -87,14 +88,6 @@ def cache_folder(*parts: str) -> Path:
     except OSError as exc:
         raise _cache_error(exc, root) from None
     return folder
-
-
-def url_cache_path(url: str, cache: Path) -> Path:
-    """``<cache>/url/<hash of the URL>/<file name>``: the hash keeps same-named files from different
-    sources apart, the name keeps the cache readable."""
-    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
-    return cache / "url" / key / (name or "download")
 
 
 def _sidecar(path: Path, suffix: str) -> Path:

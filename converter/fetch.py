@@ -143,9 +143,9 @@ def recorded_sha256(path: Path | str) -> str | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    # Write-then-rename so a reader never sees a half-written file; the callers hold the fetch lock.
-    _beside(path, ".tmp").write_text(text, encoding="utf-8")
-    os.replace(_beside(path, ".tmp"), path)
+    from converter.export import write_file  # the one writer: whole or not at all
+
+    write_file(path, text, flag="the download cache")
 
 
 def forget(path: Path | str) -> None:

@@ -26,19 +26,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-import requests
-import tqdm
-from filelock import FileLock, Timeout
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTimeoutError
-from urllib3.util import Retry
-
 from converter.errors import ConverterError, escape, reason
 from converter.registry import Source, url_cache_path
+
+if TYPE_CHECKING:
+    import requests
+
+# The HTTP client, tqdm and filelock are imported where a download needs them: a local conversion,
+# which uses this module for the cache's paths and sha256 records, does not pay for them.
 
 # Module constants rather than arguments so that tests (and impatient users) can shorten them in one place.
 CONNECT_TIMEOUT = 10.0  # seconds to establish a TCP connection
@@ -280,6 +279,8 @@ def _fetch_cached(
 def _lock_announced(lock_path: Path, describe: str) -> Iterator[None]:
     """Hold the fetch lock; a process that has to wait for another one's download says so once,
     rather than sitting silent for minutes."""
+    from filelock import FileLock, Timeout
+
     lock = FileLock(lock_path)
     try:
         lock.acquire(blocking=False)
@@ -402,6 +403,8 @@ def _progress(part: Path, done: int, total: int | None) -> Iterator[Callable[[in
     """Yield ``report(bytes so far, total)`` for the download into ``part``: it moves a tqdm bar on a
     terminal (tqdm decides), and elsewhere logs a line every PROGRESS_EVERY seconds, so that a slow
     download is visibly alive in a log and a fast one says nothing. Silent when INFO is off (-q)."""
+    import tqdm
+
     if not _log.isEnabledFor(logging.INFO):
         yield lambda done, total: None
         return
@@ -437,6 +440,10 @@ class _Cut(Exception):
 
 
 def _session() -> requests.Session:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util import Retry
+
     retry = Retry(
         total=None,
         connect=0,  # a host that never answered is reported at once (offline); later drops are resumed
@@ -457,6 +464,9 @@ def _session() -> requests.Session:
 
 def _classify(exc: requests.RequestException) -> tuple[str, str]:
     """(kind, why) of a requests error: kind is "unreachable", "stalled", "truncated" or "fatal"."""
+    import requests
+    from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTimeoutError
+
     inner = exc.args[0] if exc.args else None  # the urllib3 error that requests wraps
     cause = getattr(inner, "reason", None)  # a MaxRetryError's: why no connection was made
     if isinstance(exc, requests.ConnectTimeout):
@@ -476,6 +486,8 @@ def _classify(exc: requests.RequestException) -> tuple[str, str]:
 
 def _download_http(url: str, part: Path, fresh: bool) -> _Download:
     """Download ``url`` into ``part``, resuming a validated partial file unless ``fresh``."""
+    import requests
+
     if fresh:
         _discard_partial(part)
     cuts: list[_Cut] = []
@@ -581,6 +593,8 @@ def _attempt_http(session: requests.Session, url: str, part: Path) -> _Download:
 
 def _stream(resp: requests.Response, part: Path, have: int, total: int | None) -> int:
     """Append the body to ``part`` (which holds ``have`` bytes); returns its size."""
+    import requests
+
     size = have
     with open(part, "ab" if have else "wb") as f, _progress(part, have, total) as report:
         try:
@@ -602,6 +616,7 @@ def _stream(resp: requests.Response, part: Path, have: int, total: int | None) -
 
 def _download_gdrive(file_id: str, part: Path) -> _Download:
     import gdown
+    import requests
     from gdown.exceptions import DownloadError, FileURLRetrievalError
 
     options = "download it in a browser and pass --checkpoint PATH, or set XCLIP_RELEASE_URL to a mirror"

@@ -154,27 +154,53 @@ def check_written(
     try:
         with safe_open(path, framework="pt") as f:
             _same_keys(path, f.keys(), keys)
+            for key in keys:
+                _same_layout(path, key, f.get_slice(key), state_dict[key])
         for batch in _batches(keys, state_dict, batch_bytes):
             with safe_open(path, framework="pt") as f:
-                for key in batch:
+                for key, rows in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    _same_tensor(path, key, f.get_tensor(key), state_dict[key])
+                    got = f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+                    want = state_dict[key][rows] if rows is not None else state_dict[key]
+                    if not _bitwise_equal(got, want):
+                        raise ConverterError(
+                            f"{path} read back does not hold the verified weights: {key!r} has {_DIFFERENT}"
+                        )
     except (OSError, SafetensorError) as err:
         raise ConverterError(f"could not read back {path}: {_short_io_error(err)}") from err
 
 
-def _batches(keys: list[str], state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[str]]:
-    """Consecutive keys whose tensors total at most `limit` bytes (or one larger tensor)."""
-    batch: list[str] = []
+_DIFFERENT = "different values"
+Piece = tuple[str, "slice | None"]  # a key, and the rows of it to compare (None: all of it)
+
+
+def _batches(keys: list[str], state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[Piece]]:
+    """Pieces of at most `limit` bytes in all (a tensor larger than that is cut into runs of rows), so
+    that no more of the file is mapped at once: mapped pages count towards the peak RSS."""
+    batch: list[Piece] = []
     size = 0
     for key in keys:
-        nbytes = state_dict[key].nbytes
-        if batch and size + nbytes > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(key)
-        size += nbytes
+        tensor = state_dict[key]
+        row_bytes = tensor.nbytes // tensor.shape[0] if tensor.dim() and tensor.shape[0] else tensor.nbytes
+        rows = max(1, limit // max(row_bytes, 1))
+        pieces = (
+            [(None, tensor.nbytes)]
+            if tensor.nbytes <= limit or not tensor.dim()
+            else [
+                (
+                    slice(start, start + rows),
+                    row_bytes * len(range(start, min(start + rows, tensor.shape[0]))),
+                )
+                for start in range(0, tensor.shape[0], rows)
+            ]
+        )
+        for rows_slice, nbytes in pieces:
+            if batch and size + nbytes > limit:
+                yield batch
+                batch, size = [], 0
+            batch.append((key, rows_slice))
+            size += nbytes
     if batch:
         yield batch
 
@@ -187,13 +213,15 @@ def _same_keys(path: Path, written: Iterable[str], expected: list[str]) -> None:
         raise ConverterError(f"{path} read back does not hold the verified weights: {what}")
 
 
-def _same_tensor(path: Path, key: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    if got.dtype != expected.dtype:
-        what = f"dtype {got.dtype} instead of {expected.dtype}"
-    elif got.shape != expected.shape:
-        what = f"shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
-    elif not _bitwise_equal(got, expected):
-        what = "different values"
+def _same_layout(path: Path, key: str, got: object, expected: torch.Tensor) -> None:
+    """The dtype and shape safetensors' header gives `key` (a slice's, so no data is read)."""
+    from safetensors.torch import _TYPES  # safetensors' names of torch dtypes ("F32": torch.float32)
+
+    dtype, shape = _TYPES.get(got.get_dtype(), got.get_dtype()), tuple(got.get_shape())
+    if dtype != expected.dtype:
+        what = f"dtype {dtype} instead of {expected.dtype}"
+    elif shape != tuple(expected.shape):
+        what = f"shape {shape} instead of {tuple(expected.shape)}"
     else:
         return
     raise ConverterError(f"{path} read back does not hold the verified weights: {key!r} has {what}")

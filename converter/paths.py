@@ -101,11 +101,6 @@ def check_target(
     check_not_protected(
         flag, path, [(label, place) for label, place in protected if _resolved(flag, place) == target]
     )
-    for ancestor in target.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")
-            break
     existing = what_is_there(path)
     if existing not in (None, "a folder" if kind == "folder" else "a regular file"):
         if kind == "folder":
@@ -114,6 +109,11 @@ def check_target(
         example = f", e.g. {flag} {escape(str(path / name))}" if existing == "a folder" else ""
         raise ConverterError(f"{flag} {shown} is {existing}: name a file to write{example}")
     check_not_protected(flag, path, protected)
+    for ancestor in target.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")
+            break
     if existing is None:
         return target
     if not overwrite:
@@ -188,7 +188,7 @@ def what_is_there(path: Path) -> str | None:
     pipe where `resolve` cannot."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
         raise ConverterError(f"{escape(str(path))}: cannot inspect it ({err.strerror})") from err

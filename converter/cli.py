@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from converter import DTYPES
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
 if TYPE_CHECKING:
     from converter.pipeline import ConversionResult
 
-DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"

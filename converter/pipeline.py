@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from converter import paths
+from converter import DTYPES, paths
 from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError, VerificationError, escape
 from converter.registry import Variant, get_variant
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger("converter")
 
 
@@ -217,8 +216,8 @@ def write_small_files(result: ConversionResult, folder: Path, repo_id: str | Non
 
 
 def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    by_name = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if by_name not in DTYPES.values():
+    by_name = getattr(torch, dtype) if dtype in DTYPES else dtype
+    if by_name not in [getattr(torch, name) for name in DTYPES]:
         raise ConverterError(f"dtype must be one of {', '.join(DTYPES)}, got {escape(str(dtype))}")
     return by_name
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from converter.config import HEAD_DIM, Hyper, hyper_from_config
-from converter.errors import ConverterError, VerificationError
+from converter.config import HEAD_DIM, Hyper, check_fits_weights, hyper_from_config
+from converter.errors import ConverterError, VerificationError, escape
 from converter.export import staged_file
 from converter.published import is_inside, load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
@@ -58,6 +58,7 @@ def to_original(
     from converter.rules import check_state_dict, hf_to_original
 
     check_state_dict(weights, hyper)  # every key, every shape, against the published config
+    check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
     original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
 
     with staged_file(output, overwrite) as partial:

@@ -587,7 +587,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "config-string-with-escapes",
         lambda w: _given(w, "text_config.hidden_act", "\x1b[2Kquick_gelu\r\nwrote out"),
         2,
-        "\\x1b[2Kquick_gelu\\r\\nwrote out",
+        "text_config.hidden_act must be an activation transformers knows (the original uses quick_gelu), "
+        "found '\\x1b[2Kquick_gelu\\r\\nwrote out'",
     ),
     (
         "to-original-hidden-act-unknown",

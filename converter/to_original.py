@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from converter import paths
-from converter.config import HEAD_DIM, Hyper, hyper_from_config
-from converter.errors import VerificationError
+from converter.config import HEAD_DIM, Hyper, check_fits_weights, hyper_from_config
+from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
 from converter.published import load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
@@ -57,6 +57,7 @@ def to_original(
         from converter.rules import check_state_dict, hf_to_original
 
         check_state_dict(weights, hyper)  # every key, every shape, against the published config
+        check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
         original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
         torch_save({"model": original}, partial)
         verification = _verify_written(partial, published.config, weights, hyper, atol)

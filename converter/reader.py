@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConverterError, escape, reason
+from converter.paths import kind_of
 
 MiB = 1 << 20
 # The caps hold the largest real file of each kind many times over; a file above them is not one.
@@ -31,14 +32,6 @@ INDEX_LIMIT = 16 * MiB  # model.safetensors.index.json: ≈ 100 bytes a tensor, 
 TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json ≈ 2.2 MB for CLIP, vocab.json ≈ 0.9 MB, merges.txt ≈ 0.5 MB
 MAX_DEPTH = 64  # a config is 3 levels deep, tokenizer.json 5
 MAX_INT_DIGITS = 19  # a signed 64-bit integer: no size, id or count in these files needs more
-
-_KINDS = (
-    (stat.S_ISFIFO, "FIFO"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISDIR, "folder"),
-)
 
 
 def check_regular(path: Path, what: str) -> os.stat_result:
@@ -56,10 +49,10 @@ def check_regular(path: Path, what: str) -> os.stat_result:
 def _refuse_unless_regular(info: os.stat_result, what: str) -> None:
     if stat.S_ISREG(info.st_mode):
         return
-    kind = next((name for test, name in _KINDS if test(info.st_mode)), "special file")
-    if kind == "folder":
+    kind = kind_of(info.st_mode)
+    if kind == "a folder":
         raise ConverterError(f"{what} is a folder: give the file inside it")
-    raise ConverterError(f"{what} is a {kind}, not a regular file: give a file")
+    raise ConverterError(f"{what} is {kind}, not a regular file: give a file")
 
 
 def read_bytes(path: Path, what: str, limit: int) -> bytes:

@@ -457,13 +457,13 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "report-is-a-fifo",
         lambda w: _audited(w, _fifo(w.root / "pipe")),
         2,
-        "is a FIFO (named pipe): name a file",
+        "is a FIFO: name a file",
     ),
     (
         "report-through-a-link-to-a-fifo",
         lambda w: _audited(w, _link(w.root / "r.json", _fifo(w.root / "pipe"))),
         2,
-        "is a FIFO (named pipe)",
+        "is a FIFO",
     ),
     (
         "report-inside-the-hf-cache",
@@ -483,7 +483,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "output-is-a-fifo",
         lambda w: w.convert()[:4] + ["--output", _fifo(w.root / "pipe")],
         2,
-        "is a FIFO (named pipe), not a folder",
+        "is a FIFO, not a folder",
     ),
     (
         "output-links-to-a-device",
@@ -530,7 +530,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "to-original-onto-a-fifo",
         lambda w: ["--to-original", _converted(w), "--output", _fifo(w.root / "pipe"), "--overwrite"],
         2,
-        "is a FIFO (named pipe)",
+        "is a FIFO",
     ),
     (
         "to-original-is-the-source",

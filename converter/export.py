@@ -23,12 +23,12 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from converter.errors import ConverterError, escape
 from converter.paths import Protected, check_target, what_is_there
@@ -41,6 +41,7 @@ try:
 except ImportError:  # not POSIX: staging folders are then told apart by the pid alone
     fcntl = None  # type: ignore[assignment]
 
+T = TypeVar("T")
 WEIGHTS_NAME = "model.safetensors"
 # Mapped pages of the file being read back count towards the process's RSS until it is closed, so it
 # is reopened before mapping more than this (or one larger tensor): the read-back adds that much to
@@ -260,6 +261,14 @@ def _short_io_error(err: BaseException) -> str:
     return re.sub(r" \(os error \d+\)$", "", str(err).split("I/O error: ", 1)[-1])
 
 
+def in_background(function: Callable[..., T], *args: object) -> Future[T]:
+    """`function(*args)` on a thread of its own; the future says when it is done and what it raised."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=function.__name__.strip("_"))
+    future = pool.submit(function, *args)
+    pool.shutdown(wait=False)  # the submitted call still runs; nothing else will
+    return future
+
+
 @contextmanager
 def weights_written_meanwhile(
     folder: Path, state_dict: Mapping[str, torch.Tensor]
@@ -275,9 +284,7 @@ def weights_written_meanwhile(
     folder being removed.
     """
     cancel = threading.Event()
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights")
-    written = pool.submit(write_weights, folder, state_dict, cancel)
-    pool.shutdown(wait=False)  # the submitted write still runs; nothing else will be
+    written = in_background(write_weights, folder, state_dict, cancel)
     finished = False
     try:
         yield written.result

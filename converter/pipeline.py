@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
     from converter.verify import Verification
 
 StateDict = dict[str, torch.Tensor]
-T = TypeVar("T")
 log = logging.getLogger("converter")
 
 
@@ -295,7 +294,9 @@ def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
         done: Future[str | None] = Future()
         done.set_result(known)
         return done
-    return _in_background(sha256_file, provenance.path)
+    from converter.export import in_background
+
+    return in_background(sha256_file, provenance.path)
 
 
 def _load(path: Path) -> StateDict:
@@ -308,13 +309,6 @@ def _check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
     from converter.load import check_finite
 
     check_finite(state_dict, path)
-
-
-def _in_background(function: Callable[..., T], *args: object) -> Future[T]:
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=function.__name__.strip("_"))
-    future = pool.submit(function, *args)
-    pool.shutdown(wait=False)  # the submitted call still runs; nothing else will
-    return future
 
 
 def _verify(

@@ -123,7 +123,8 @@ def run_pytest(tmp_path: Path, files: dict[str, str], *args: str, env: dict | No
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     # Never the real job summary of a CI run: only the one a test passes in `env`.
     environ = {k: v for k, v in os.environ.items() if k != "GITHUB_STEP_SUMMARY"}
-    environ.update(PYTHONPATH=str(ROOT), **(env or {}))
+    # A terminal wide enough for every row on one line, unless a test asks for another width.
+    environ.update({"PYTHONPATH": str(ROOT), "COLUMNS": "400", **(env or {})})
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "tests.report", "-p", "no:cacheprovider", *args],
         cwd=tmp_path,
@@ -196,3 +197,73 @@ def test_report_under_xdist(tmp_path):
 def test_no_report_without_the_per_model_suite(tmp_path):
     done = run_pytest(tmp_path, {"test_other.py": SUITE}, "-p", "no:xdist", "--report", "r.md")
     assert "X-CLIP per-model report" not in done.stdout and not (tmp_path / "r.md").exists()
+
+
+REASONS = textwrap.dedent(
+    """
+    import pytest
+
+    MODELS = ["xclip-base-patch32", "xclip-base-patch16-kinetics-600-16-frames"]
+
+    @pytest.mark.parametrize("name", MODELS)
+    def test_synthetic(name, record_property):
+        record_property("synthetic_max_abs_diff", 1.5e-6)
+        where = f"/tmp/pytest-of-someone/pytest-7/sandbox3/out/{name}"
+        assert name != MODELS[1], f"could not write {where}: disk full"
+
+    @pytest.mark.parametrize("name", MODELS)
+    def test_release(name):
+        pytest.skip(
+            f"real checkpoint k.pth for {name} not found (no --checkpoint-dir, not in "
+            "/tmp/pytest-of-someone/pytest-7/sandbox12/xclip_cache) and not downloadable: "
+            "https://example.org/k.pth: cannot connect (Errno 101 Network is unreachable)"
+        )
+
+    @pytest.mark.parametrize("name", MODELS)
+    def test_published(name):
+        pytest.skip(
+            f"microsoft/{name}: not in the local HF cache and the hub is unreachable: connect to the "
+            "internet once (or run where it was downloaded before), or pass a local folder instead"
+        )
+    """
+)
+
+
+def test_report_reasons_say_why_without_temporary_paths_and_fit_the_terminal(tmp_path):
+    files = {"test_models.py": REASONS, "test_audit.py": REASONS.replace("test_synthetic", "_unused")}
+    done = run_pytest(tmp_path, files, "-p", "no:xdist", "--report", "r.json", env={"COLUMNS": "80"})
+    assert done.returncode == 1, done.stdout
+    table = done.stdout.split("X-CLIP per-model report", 1)[1].split("per-model report written", 1)[0]
+    lines = table.splitlines()[1:]
+    assert lines and all(len(line) <= 80 for line in lines), "\n".join(lines)
+    # One line per model starts with its name; its other lines start with spaces.
+    starts = [line.split()[0] for line in lines if not line.startswith((" ", "-"))]
+    assert starts == ["model", "xclip-base-patch32", "xclip-base-patch16-kinetics-600-16-frames"]
+    assert "/tmp" not in table
+    models = {row["model"]: row["tests"] for row in json.loads((tmp_path / "r.json").read_text())["models"]}
+    assert models["xclip-base-patch32"] == {
+        "synthetic": {"outcome": "passed", "reason": None},
+        "release": {
+            "outcome": "skipped",
+            "reason": "real checkpoint k.pth for xclip-base-patch32 not found and not downloadable",
+        },
+        "audit": {"outcome": "skipped", "reason": "not in the local HF cache and the hub is unreachable"},
+    }
+    failed = models["xclip-base-patch16-kinetics-600-16-frames"]["synthetic"]
+    assert failed == {
+        "outcome": "failed",
+        "reason": "AssertionError: could not write xclip-base-patch16-kinetics-600-16-frames: disk full",
+    }
+
+
+@pytest.mark.parametrize("suffix", [".md", ".json"])
+def test_report_is_written_under_an_ascii_locale(tmp_path, suffix):
+    ascii_only = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii"}
+    done = run_pytest(
+        tmp_path, {"test_models.py": SUITE}, "-p", "no:xdist", "--report", f"r{suffix}", env=ascii_only
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
+    report = (tmp_path / f"r{suffix}").read_text(encoding="utf-8")
+    assert "xclip-base-patch32" in report and ("Δ" in report or suffix == ".json")
+    table = done.stdout.split("X-CLIP per-model report", 1)[1]
+    assert "synthetic max |d|" in table and "\\u" not in table  # ASCII stand-ins, not escapes

@@ -1,22 +1,36 @@
-"""Synthetic checkpoints in the exact original layout, for tests and benchmarks.
+"""Synthetic checkpoints in the exact original layout: for a first conversion without the network,
+and for the tests and benchmarks.
 
-Keys and shapes come from `converter.layout`, which the tests check against the inventory of the
-18 real checkpoints. Values are seeded and scaled like a trained CLIP so outputs are not
-degenerate.
+    python -m converter.synthetic xclip-base-patch32 k400_32_8.pth --clip clip.npy
+
+writes one of the 18 published variants' checkpoints as the original trainer saved it (model,
+optimizer, lr_scheduler, config, ...), with seeded random weights instead of the trained ones, and
+optionally a clip of random frames to classify. Keys and shapes come from `converter.rules`, which
+the tests check against the inventory of the 18 real checkpoints. Values are scaled like a trained
+CLIP so outputs are not degenerate; its predictions mean nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import sys
 import types
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from converter.config import Hyper
+from converter.config import Hyper, hyper_for_variant
+from converter.errors import ConverterError, escape
+from converter.registry import VARIANTS, Variant, get_variant
 from converter.rules import original_shapes
+
+PROG = "python -m converter.synthetic"
+CLIP_SIZE = (240, 320)  # a clip's frame height and width: 240p, as the Kinetics clips are stored
 
 StateDict = dict[str, torch.Tensor]
 
@@ -86,3 +100,99 @@ def save_training_layout(path: str | Path, state_dict: StateDict, hyper: Hyper) 
             },
             path,
         )
+
+
+def make_clip(frames: int, seed: int = 0) -> np.ndarray:
+    """`frames` seeded random RGB frames, [T, H, W, 3] uint8: a clip `--video` and the card's usage read."""
+    return np.random.default_rng(seed).integers(0, 256, (frames, *CLIP_SIZE, 3), dtype=np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Write a synthetic checkpoint of a published X-CLIP variant in its original training "
+        "layout: seeded random weights, so that converting, loading and classifying can be tried with no "
+        "network. Its predictions mean nothing.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model_name", metavar="MODEL_NAME", help=f"one of: {', '.join(VARIANTS)}")
+    parser.add_argument("file", metavar="FILE", type=Path, help="the checkpoint to write, e.g. k400_32_8.pth")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (and the clip)")
+    parser.add_argument("--clip", metavar="FILE.npy", type=Path, help="also write a clip of random frames")
+    parser.add_argument("--overwrite", action="store_true", help="replace FILE (and the clip) if they exist")
+    args = parser.parse_args(argv)
+    from converter.export import Interrupted, signals_as_exceptions
+
+    try:
+        with signals_as_exceptions():
+            variant = _write(args)
+    except ConverterError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, permissions
+        where = f"{escape(str(err.filename))}: " if err.filename else ""
+        print(f"{PROG}: error: {where}{err.strerror or err}; nothing was written", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"{PROG}: {err}; nothing was written", file=sys.stderr)
+        return err.exit_code
+    megabytes = args.file.stat().st_size / 1e6
+    print(
+        f"wrote {escape(str(args.file))}: a synthetic {variant.name} checkpoint ({megabytes:,.0f} MB): "
+        f"seeded random weights (--seed {args.seed}) in the original training layout, not the released "
+        "weights, so its predictions mean nothing"
+    )
+    if args.clip:
+        print(
+            f"wrote {escape(str(args.clip))}: {variant.frames} random RGB frames, "
+            f"{CLIP_SIZE[1]}x{CLIP_SIZE[0]}"
+        )
+    video = f" --video {escape(str(args.clip))}" if args.clip else ""
+    print(
+        f"next, with no network: xclip-convert --checkpoint {escape(str(args.file))} "
+        f"--model-name {variant.name} --output out{video}"
+    )
+    return 0
+
+
+def _write(args: argparse.Namespace) -> Variant:
+    variant = get_variant(args.model_name)
+    _check_targets([args.file, *([args.clip] if args.clip else [])], args.overwrite, args.clip)
+    hyper = hyper_for_variant(variant)
+    with _written_whole(args.file) as partial:
+        save_training_layout(partial, make_state_dict(hyper, seed=args.seed), hyper)
+    if args.clip:
+        with _written_whole(args.clip) as partial, open(partial, "wb") as fh:
+            np.save(fh, make_clip(hyper.frames, args.seed))
+    return variant
+
+
+def _check_targets(targets: list[Path], overwrite: bool, clip: Path | None) -> None:
+    """Refuse before any work: a folder, an existing file without --overwrite, a clip not named .npy."""
+    if clip is not None and clip.suffix != ".npy":
+        raise ConverterError(f"--clip {escape(str(clip))}: name it FILE.npy (a NumPy array of frames)")
+    if len({t.resolve() for t in targets}) < len(targets):
+        raise ConverterError("FILE and --clip name the same file: give them different names")
+    for target in targets:
+        if target.is_dir():
+            raise ConverterError(f"{escape(str(target))} is a folder: give a file name")
+        if target.exists() and not overwrite:
+            raise ConverterError(f"{escape(str(target))} exists; pass --overwrite to replace it")
+        if not target.parent.is_dir():
+            raise ConverterError(f"{escape(str(target.parent))}: no such folder")
+
+
+@contextmanager
+def _written_whole(path: Path) -> Iterator[Path]:
+    """A partial file beside `path`, renamed onto it when the block succeeds, removed when it fails or
+    is interrupted: never a half-written checkpoint under the name asked for."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,13 @@
 """The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout.
 
-Writes `{'model': state_dict}` with the original's keys, derived from the same rule table as the
-forward direction (`converter.rules.hf_to_original`), and proves it: the written file is read back
-weights-only and the oracle, run on those original keys, must reproduce the HF model within the
-same tolerance as a forward conversion. The file is staged beside FILE as the forward direction's
-folder is (`export.staged_file`: owner-named and locked, removed on failure or interrupt, or by the
-next run if its owner was killed) and renamed into place only after that check, so a failure leaves
-nothing behind.
+Writes `{'model': state_dict}` with the original's keys in the original checkpoint's order, derived
+from the same rule table as the forward direction (`converter.rules.hf_to_original`), and proves it:
+the written file is read back weights-only and the oracle, run on those original keys, must reproduce
+the HF model within the same tolerance as a forward conversion. The file is staged beside FILE as the
+forward direction's folder is (`export.staged_file`: owner-named and locked, removed on failure or
+interrupt, or by the next run if its owner was killed) and renamed into place only after that check,
+so a failure leaves nothing behind. Progress is one line per stage (load, map, write, verify), as the
+forward direction's.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 import torch
 
 from converter.config import HEAD_DIM, Hyper, hyper_from_config
-from converter.errors import ConverterError, VerificationError
+from converter.errors import ConverterError, VerificationError, escape
 from converter.export import staged_file
+from converter.pipeline import stage
 from converter.published import is_inside, load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
@@ -49,20 +51,32 @@ def to_original(
     """
     output = Path(output)
     _check_output(output, overwrite, source)
-    published = load_published(source, revision=revision)
-    if is_inside(output, published.folder):  # a hub id resolves to a snapshot in the HF cache
-        raise ConverterError(f"--output {output} is inside the source {published.folder}: write it elsewhere")
-    hyper = hyper_from_config(published.config)
-    weights = published.model_state_dict()
+    with stage("load") as note:
+        published = load_published(source, revision=revision)
+        if is_inside(output, published.folder):  # a hub id resolves to a snapshot in the HF cache
+            raise ConverterError(
+                f"--output {output} is inside the source {published.folder}: write it elsewhere"
+            )
+        hyper = hyper_from_config(published.config)
+        weights = published.model_state_dict()
+        note(f"{escape(str(source))}, {len(weights)} tensors")
 
-    from converter.rules import check_state_dict, hf_to_original
+    from converter.rules import check_state_dict, hf_to_original, original_shapes
 
-    check_state_dict(weights, hyper)  # every key, every shape, against the published config
-    original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
+    with stage("map") as note:
+        check_state_dict(weights, hyper)  # every key, every shape, against the published config
+        back = hf_to_original(weights)
+        # In the order the original trainer saved them: what a reader of the original file expects.
+        original = {k: _compact(back[k]) for k in original_shapes(hyper)}
+        note(f"{len(original)} tensors in the original layout")
 
     with staged_file(output, overwrite) as partial:
-        torch.save({"model": original}, partial)
-        verification = _verify_written(partial, published.config, weights, hyper, atol)
+        with stage("write") as note:
+            torch.save({"model": original}, partial)
+            note(escape(str(output)))
+        with stage("verify") as note:
+            verification = _verify_written(partial, published.config, weights, hyper, atol)
+            note(verification.summary().split(";")[0])
         if not verification.passed:
             raise VerificationError(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "

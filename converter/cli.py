@@ -12,9 +12,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from converter import __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
@@ -25,6 +27,33 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"
+ATOL_SHOWN = "2e-05"  # converter.verify.DEFAULT_ATOL as --help shows it: --help must not import torch
+EPILOG = """\
+exit status:
+  0        converted, verified and written (--audit: the published model matches)
+  1        a verification ran and failed; nothing written (--audit: a mismatch, named)
+  2        any other refusal: one line naming the file, key or flag, and what to do
+  130/143  interrupted by Ctrl-C / SIGTERM; nothing left behind
+
+environment:
+  XCLIP_CACHE        where fetched checkpoints are kept (default: ~/.cache/xclip-converter)
+  XCLIP_RELEASE_URL  a mirror holding the released checkpoints by file name, fetched from instead
+                     of the release (the model card still cites the release)
+  HF_TOKEN           hub token for --push-to-hub and private repos (or `hf auth login` once)
+  HF_HUB_OFFLINE     1: never contact the hub (--audit and --to-original read the local HF cache)
+  XCLIP_DEBUG        1: show the traceback of an internal error
+"""
+_IMPORTED = time.perf_counter()  # where start-up is measured from when /proc cannot tell
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, where it has one the help does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     src = p.add_argument_group("source")
     src.add_argument("--checkpoint", metavar="PATH|URL", help="original checkpoint: a local file or URL")
     src.add_argument(
@@ -48,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
     src.add_argument(
-        "--force-download", action="store_true", help="fetch again even if the cache holds the checkpoint"
+        "--force-download",
+        action="store_true",
+        help="fetch again even if the cache ($XCLIP_CACHE) holds the checkpoint",
     )
 
     out = p.add_argument_group("output")
@@ -82,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--atol",
         type=float,
         default=None,
-        help="largest difference allowed, relative to each output's magnitude (default 2e-5)",
+        help=f"largest difference allowed, relative to each output's magnitude (default: {ATOL_SHOWN})",
     )
     ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
     ver.add_argument(
@@ -151,6 +185,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
+
+
+def _log_start_up() -> None:
+    """The progress line before the first stage's, so that the stages' times add up to the run's."""
+    since_start = _seconds_since_process_start()
+    if since_start is not None:
+        covers = "Python, the imports and the checks of the flags, since the process started"
+    else:  # no /proc: from this module's import on
+        since_start, covers = time.perf_counter() - _IMPORTED, "the imports and the checks of the flags"
+    logging.getLogger("converter").info("start-up: %s (%.1f s)", covers, since_start)
+
+
+def _seconds_since_process_start() -> float | None:
+    """From the kernel's record of this process's start (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return max(0.0, float(uptime.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _Stderr(logging.StreamHandler):
@@ -238,6 +293,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     repo_id = _repo_id(args) if args.push_to_hub is not None else None  # fail fast offline
+    if args.output is None and repo_id is None:
+        logging.getLogger("converter").warning("no --output: nothing will be written")
+    _log_start_up()
     result = convert_checkpoint(
         args.checkpoint,
         model_name=args.model_name,
@@ -402,6 +460,7 @@ def _to_original(args: argparse.Namespace) -> int:
              ("--dtype", args.dtype != "float32")) if value not in (None, False)]  # fmt: skip
     if given:
         raise ConverterError(f"--to-original reads SOURCE only: drop {', '.join(given)}")
+    _log_start_up()
     result = to_original(
         args.to_original,
         Path(args.output),

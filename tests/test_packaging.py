@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import converter
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
@@ -98,3 +100,4 @@ def test_the_wheel_has_the_licences_and_the_vocabulary(built):
         "License-Expression: MIT" in metadata
         and "Project-URL: Paper, https://arxiv.org/abs/2208.02816" in metadata
     )
+    assert f"\nVersion: {converter.__version__}\n" in metadata  # the one version, which --version prints

@@ -90,3 +90,15 @@ def test_the_clip_is_what_video_reads(tmp_path):
     np.save(tmp_path / "clip.npy", make_clip(16, seed=1))
     frames = load_video(tmp_path / "clip.npy", 16)
     assert frames.shape == (16, 240, 320, 3) and frames.dtype == np.uint8
+
+
+def test_readme_first_screen_shows_these_steps():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    first_block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert readme.index("```bash") < 1000  # on the first screen
+    commands = [line.split("  #")[0].strip() for line in first_block.splitlines()]
+    assert f"python -m converter.synthetic {NAME} {FILE} --clip clip.npy" in commands
+    assert f"xclip-convert --checkpoint {FILE} --model-name {NAME} --output out --video clip.npy" in commands
+    assert "--index-url https://download.pytorch.org/whl/cpu" in commands[0]  # the CPU build of torch

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from huggingface_hub import ModelCard, ModelCardData
 
 from converter.config import Hyper
-from converter.registry import RELEASE_BASE_URL, Variant
+from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
 
 if TYPE_CHECKING:
     from converter.verify import Verification
@@ -68,12 +68,11 @@ def model_card(
     """README.md for the output folder.
 
     `source` is where the checkpoint came from: a URL, or a local path of which only the file name is
-    recorded (a card is published; a user's directory names are not). `verification` is the mapping
+    recorded (a card is published; a user's directory names are not); a published variant's copy from a
+    mirror is recorded as its release (`recorded_source`). `verification` is the mapping
     check gated by `--atol`, done on the weights as written; for a reduced `dtype`, `float32_distance`
     is the max |Δ| per output between the written model and the float32 original (reported, not gated).
     """
-    from converter.registry import VARIANTS
-
     source, how = recorded_source(source, VARIANTS.get(name))
     metadata = _front_matter(hyper, source, sha256)
     load_from = repo_id or PLACEHOLDER

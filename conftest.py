@@ -69,7 +69,34 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(_threads_per_worker())
+    _check_output_options(config)
     _interruptible_children()
+
+
+def _check_output_options(config) -> None:
+    """--save-dir, --report and the files --update-expected rewrites go through the converter's path
+    policy before any test runs: no device, FIFO or file in place of a folder, nothing inside an input
+    or a cache, and a folder that can be written."""
+    from pathlib import Path
+
+    import pytest
+
+    from converter import paths
+    from converter.errors import ConverterError
+
+    inputs = paths.caches()
+    if config.getoption("--checkpoint-dir"):
+        inputs.append(("--checkpoint-dir", Path(config.getoption("--checkpoint-dir"))))
+    outputs = [("--save-dir", "folder"), ("--report", "file")]
+    try:
+        for flag, kind in outputs:
+            value = config.getoption(flag)
+            if value:
+                target = Path(config.invocation_params.dir, value)
+                paths.check_target(target, kind=kind, overwrite=True, protected=inputs, flag=flag)
+                paths.check_writable(flag, target)
+    except ConverterError as err:
+        raise pytest.UsageError(str(err)) from None
 
 
 def _interruptible_children() -> None:

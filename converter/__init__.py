@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+DTYPES = ("float32", "float16", "bfloat16")  # what a conversion can write (`--dtype`)
 __all__ = ["ConversionResult", "convert_checkpoint", "push", "write_folder"]
 
 if TYPE_CHECKING:

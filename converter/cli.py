@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converter import __version__
+from converter import DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
 if TYPE_CHECKING:
     from converter.pipeline import ConversionResult
 
-DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"
@@ -54,6 +53,30 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
+
+
+# The flags each job reads (argparse dests); any other flag given is refused, naming the job.
+_COMMON = {"quiet", "atol"}
+JOB_FLAGS = {
+    "convert": _COMMON | {
+        "checkpoint", "model_name", "config", "sha256", "force_download", "output", "overwrite", "dtype",
+        "push_to_hub", "create_pr", "private", "no_verify", "video", "texts",
+    },
+    "audit": _COMMON | {
+        "audit", "checkpoint", "model_name", "config", "sha256", "report", "revision", "push_to_hub",
+        "create_pr",
+    },
+    "to_original": _COMMON | {"to_original", "output", "overwrite", "revision"},
+    "list": {"list", "quiet"},
+    "show_config": {"show_config", "model_name", "quiet"},
+}  # fmt: skip
+_JOB_NAMES = {
+    "convert": "a conversion",
+    "audit": "--audit",
+    "to_original": "--to-original",
+    "list": "--list",
+    "show_config": "--show-config",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except VerificationError as err:
         if err.verification is not None:
-            print(err.verification.summary())
+            _out(err.verification.summary())
         _say(str(err))
         return EXIT_VERIFICATION_FAILED
     except Interrupted as err:
@@ -181,20 +204,36 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
         return EXIT_BAD_INPUT
+    finally:
+        logging.getLogger("converter").removeHandler(_PROGRESS)  # a library call after main() logs as usual
+
+
+def _out(text: str) -> None:
+    """A result on stdout. Every line printed, here and in `_say`, has its control characters escaped,
+    so nothing read from a file or a server (a key, a config string, a finding) can forge a line."""
+    print("\n".join(escape(line) for line in text.splitlines()))
 
 
 def _say(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    lines = message.splitlines() or [""]
+    print("\n".join(escape(line) for line in [f"{PROG}: {lines[0]}", *lines[1:]]), file=sys.stderr)
 
 
-def _log_start_up() -> None:
-    """The progress line before the first stage's, so that the stages' times add up to the run's."""
+def _start_up() -> float:
+    """Seconds from the process start to now: called just before the first stage, what Python, the
+    imports (torch) and the checks of the flags took."""
     since_start = _seconds_since_process_start()
-    if since_start is not None:
-        covers = "Python, the imports and the checks of the flags, since the process started"
-    else:  # no /proc: from this module's import on
-        since_start, covers = time.perf_counter() - _IMPORTED, "the imports and the checks of the flags"
-    logging.getLogger("converter").info("start-up: %s (%.1f s)", covers, since_start)
+    return since_start if since_start is not None else time.perf_counter() - _IMPORTED
+
+
+def _log_times(start_up: float) -> None:
+    """The last progress line of a run that worked: with it the stages' times add up to the run's."""
+    logging.getLogger("converter").info(
+        "start-up: Python, the imports and the checks of the flags, before the first stage (%.1f s); "
+        "%.1f s in all",
+        start_up,
+        _start_up(),
+    )
 
 
 def _seconds_since_process_start() -> float | None:
@@ -208,46 +247,62 @@ def _seconds_since_process_start() -> float | None:
         return None
 
 
-class _Stderr(logging.StreamHandler):
-    """Progress lines to whatever sys.stderr is when each line is written (tests replace it)."""
+class _EscapedLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(escape(line) for line in super().format(record).splitlines())
 
-    @property
-    def stream(self):  # type: ignore[override]
-        return sys.stderr
 
-    @stream.setter
-    def stream(self, value: object) -> None:
-        pass
+_PROGRESS = logging.StreamHandler()
+_PROGRESS.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
 
 
 def _show_progress(on: bool) -> None:
     logger = logging.getLogger("converter")
     logger.setLevel(logging.INFO if on else logging.WARNING)
-    if not any(isinstance(h, _Stderr) for h in logger.handlers):
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
-        logger.addHandler(handler)
+    _PROGRESS.stream = sys.stderr  # this run's: main() may run again in one process
+    logger.addHandler(_PROGRESS)
     # urllib3 logs each retry as a warning; our own lines say what failed, once.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.list:
-        return _list_variants()
-    if args.show_config:
-        return _show_config(args)
-    if args.audit:
-        return _audit(args)
-    if args.to_original:
-        return _to_original(args)
-    return _convert(args)
+    jobs = ("list", "show_config", "audit", "to_original")
+    job = next((name for name in jobs if getattr(args, name)), "convert")
+    _check_flags_apply(args, job)
+    run = {
+        "list": _list_variants,
+        "show_config": _show_config,
+        "audit": _audit,
+        "to_original": _to_original,
+        "convert": _convert,
+    }[job]
+    return run(args)
 
 
-def _list_variants() -> int:
+def _check_flags_apply(args: argparse.Namespace, job: str) -> None:
+    """Refuse, before any work, every flag given that `job` does not read (`JOB_FLAGS`)."""
+    defaults = vars(build_parser().parse_args([]))
+    given = [dest for dest, value in vars(args).items() if value != defaults[dest]]
+    unused = [dest for dest in given if dest not in JOB_FLAGS[job]]
+    if not unused:
+        return
+    flag = _flag(unused[0])
+    users = [_JOB_NAMES[other] for other, dests in JOB_FLAGS.items() if unused[0] in dests]
+    more = f" (nor {', '.join(map(_flag, unused[1:]))})" if unused[1:] else ""
+    raise ConverterError(
+        f"{_JOB_NAMES[job]} does not use {flag}{more}: drop it; {flag} goes with {' or '.join(users)}"
+    )
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _list_variants(args: argparse.Namespace) -> int:
     from converter.fetch import source_url
 
     for v in VARIANTS.values():
-        print(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {source_url(v.source)}")
+        _out(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {source_url(v.source)}")
     return EXIT_OK
 
 
@@ -256,7 +311,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
     if not args.model_name:
         raise ConverterError("--show-config needs --model-name")
-    print(to_config(hyper_for_variant(get_variant(args.model_name))).to_json_string(use_diff=False))
+    _out(to_config(hyper_for_variant(get_variant(args.model_name))).to_json_string(use_diff=False))
     return EXIT_OK
 
 
@@ -282,8 +337,6 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.atol is not None:
         check_atol(args.atol)
     parse_sha256(args.sha256)
-    if args.report or args.revision:
-        raise ConverterError("--report and --revision go with --audit or --to-original")
     if args.video:
         _check_video(Path(args.video))
 
@@ -295,7 +348,7 @@ def _convert(args: argparse.Namespace) -> int:
     repo_id = _repo_id(args) if args.push_to_hub is not None else None  # fail fast offline
     if args.output is None and repo_id is None:
         logging.getLogger("converter").warning("no --output: nothing will be written")
-    _log_start_up()
+    start_up = _start_up()
     result = convert_checkpoint(
         args.checkpoint,
         model_name=args.model_name,
@@ -315,21 +368,22 @@ def _convert(args: argparse.Namespace) -> int:
     if args.video:
         _classify(result, Path(args.video), args.texts or list(DEFAULT_TEXTS))
     if result.folder is not None:
-        print(f"wrote {escape(str(result.folder))}")
+        _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
-        print("no --output given: nothing written")
+        _out("no --output given: nothing written")
     if repo_id is not None:
-        print(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
+        _out(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
+    _log_times(start_up)
     return EXIT_OK
 
 
 def _print_figures(result: ConversionResult) -> None:
     if result.verification is not None:
-        print(result.verification.summary())
+        _out(result.verification.summary())
     if result.written_vs_float32 is not None:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
         dtype = str(result.dtype).removeprefix("torch.")
-        print(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
+        _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
 
 
 def _repo_id(args: argparse.Namespace) -> str:
@@ -367,39 +421,53 @@ def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
             input_ids=encode_texts(texts), pixel_values=preprocess_video(frames, result.hyper.image_size)
         )
     for text, prob in zip(texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
-        print(f"{prob:.4f}  {escape(text)}")
+        _out(f"{prob:.4f}  {escape(text)}")
 
 
 # ---- the other jobs ------------------------------------------------------------------------------
 
 
 def _audit(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from converter import paths
     from converter.audit import audit, propose_fix
+    from converter.export import staged_file
 
     if not args.checkpoint and not args.model_name:
         raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
-    if args.to_original or args.video or args.output:
-        raise ConverterError("--audit only reads: drop --to-original, --video and --output")
+    _check_revision(args.audit, args.revision)
     if args.push_to_hub is not None and (args.no_verify or not args.create_pr):
         raise ConverterError(
             "with --audit, --push-to-hub opens a pull request of a verified conversion: "
             "add --create-pr, drop --no-verify"
         )
-    report_file = _check_report(args)
     repo_id = _repo_id_for_fix(args)
-    report = audit(
-        args.audit,
-        model_name=args.model_name,
-        checkpoint=args.checkpoint,
-        config=args.config,
-        atol=_atol(args),
-        sha256=args.sha256,
-        revision=args.revision,
-    )
-    for line in report.lines():
-        print(line)
-    if report_file is not None:
-        _write_text(report_file, report.to_json())
+    with ExitStack() as stack:
+        report_file = None
+        if args.report:
+            # Staged before the audit: a --report that cannot be written is refused first.
+            protected = paths.protected(
+                checkpoint=args.checkpoint,
+                config=args.config,
+                source=args.audit,
+                source_label="the audited folder",
+            )
+            staged = staged_file(Path(args.report), True, protected, flag="--report")
+            report_file = stack.enter_context(staged)
+        report = audit(
+            args.audit,
+            model_name=args.model_name,
+            checkpoint=args.checkpoint,
+            config=args.config,
+            atol=_atol(args),
+            sha256=args.sha256,
+            revision=args.revision,
+        )
+        for line in report.lines():
+            _out(line)
+        if report_file is not None:
+            report_file.write_text(report.to_json(), encoding="utf-8")
     if repo_id is not None:
         import tempfile
 
@@ -416,25 +484,8 @@ def _audit(args: argparse.Namespace) -> int:
                 repo_id=repo_id,
                 hash_source=True,
             )
-            print(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
+            _out(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
     return report.exit_code
-
-
-def _check_report(args: argparse.Namespace) -> Path | None:
-    """The audit only reads: its report never replaces an input, the audited folder or the cache."""
-    if not args.report:
-        return None
-    from converter.export import check_not_protected
-    from converter.fetch import cache_dir
-
-    report = Path(args.report)
-    if report.is_dir():
-        raise ConverterError(f"--report {escape(args.report)} is a folder: name a file, e.g. report.json")
-    inputs = [("--checkpoint", args.checkpoint), ("--config", args.config)]
-    inputs.append(("the audited folder", args.audit))
-    protected = [(label, Path(value)) for label, value in inputs if value and Path(value).exists()]
-    check_not_protected("--report", report, [*protected, ("the download cache", cache_dir())])
-    return report
 
 
 def _repo_id_for_fix(args: argparse.Namespace) -> str | None:
@@ -455,12 +506,8 @@ def _to_original(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise ConverterError("--to-original needs --output FILE.pth")
-    given = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--model-name", args.model_name),
-             ("--config", args.config), ("--push-to-hub", args.push_to_hub), ("--video", args.video),
-             ("--dtype", args.dtype != "float32")) if value not in (None, False)]  # fmt: skip
-    if given:
-        raise ConverterError(f"--to-original reads SOURCE only: drop {', '.join(given)}")
-    _log_start_up()
+    _check_revision(args.to_original, args.revision)
+    start_up = _start_up()
     result = to_original(
         args.to_original,
         Path(args.output),
@@ -468,9 +515,18 @@ def _to_original(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         revision=args.revision,
     )
-    print(result.verification.summary())
-    print(f"wrote {escape(str(result.output))}")
+    _out(result.verification.summary())
+    _out(f"wrote {escape(str(result.output))}")
+    _log_times(start_up)
     return EXIT_OK
+
+
+def _check_revision(source: str, revision: str | None) -> None:
+    if revision is not None and Path(source).exists():
+        raise ConverterError(
+            f"--revision {escape(revision)} names a commit of a hub repo, but {escape(source)} is a local "
+            "folder: drop --revision"
+        )
 
 
 def _atol(args: argparse.Namespace) -> float:
@@ -478,16 +534,6 @@ def _atol(args: argparse.Namespace) -> float:
     from converter.verify import DEFAULT_ATOL
 
     return DEFAULT_ATOL if args.atol is None else check_atol(args.atol)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a small file whole or not at all (open() honours the umask; mkstemp would not)."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

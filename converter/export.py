@@ -1,16 +1,14 @@
-"""Write the converted folder safely.
+"""The one writer: every file and folder the tool writes is staged beside its target and moved into place.
 
-- `check_output` refuses, before any work, an --output that would destroy something: the input, the
-  config or the cache (or a folder holding them), the current folder, a non-empty folder without
-  --overwrite.
-- `staged_output` builds the folder beside the output under a name its owner can be told by (pid,
-  plus a lock held for the run's life), then moves it into place in one step that cannot clobber a
-  folder that appeared meanwhile; --overwrite swaps the old folder out only once the new one is
-  complete. Any failure, including SIGINT/SIGTERM (`signals_as_exceptions`), removes the staging
-  folder; a staging folder whose owner died (SIGKILL) is removed by the next run to that output.
-  `staged_file` is the same for one file (--to-original's checkpoint).
-- `write_weights` reads model.safetensors back through an mmap and confirms it holds exactly the
-  tensors it was given, before anything is moved into place.
+- `staged_output` (a folder) and `staged_file` (a file) check the target against the path policy
+  (`converter.paths`), create a staging entry beside it under a name its owner can be told by (pid,
+  plus a lock held for the run's life) — which proves the folder writable before any work — and
+  move it into place in one step that cannot clobber what appeared meanwhile; `--overwrite` swaps
+  the old one out only once the new one is complete. Any failure, including SIGINT/SIGTERM/SIGHUP
+  (`signals_as_exceptions`), removes the staging entry; one whose owner died (SIGKILL) is removed
+  by the next run to that target. `write_file` writes a small file through `staged_file`.
+- `write_weights` writes model.safetensors and reads it back through an mmap, confirming it holds
+  exactly the tensors it was given, before anything is moved into place.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from converter.errors import ConverterError, escape
+from converter.paths import Protected, check_target, what_is_there
 
 if TYPE_CHECKING:
     import torch
@@ -120,71 +119,6 @@ def _signals_deferred() -> Iterator[None]:
             raise Interrupted(signum)
 
 
-# --- checking the output ---------------------------------------------------------------------------
-
-
-def check_output(output: Path, overwrite: bool, protected: Iterable[tuple[str, Path]] = ()) -> Path:
-    """Refuse early (before any work) an --output that cannot be written safely; return it resolved.
-
-    `protected` are (label, path) pairs, e.g. ("--checkpoint", ckpt): the output may not be, contain
-    or lie inside any of them.
-    """
-    if output.name in ("", ".", ".."):
-        raise ConverterError(
-            f"--output {output}: name the folder to write, e.g. --output {output}/xclip-model"
-        )
-    if output.is_symlink() and not output.exists():
-        raise ConverterError(f"--output {output} is a broken symlink; remove it or choose another folder")
-    try:
-        target, cwd = output.resolve(), Path.cwd().resolve()
-    except (OSError, RuntimeError) as err:  # a symlink loop, say
-        raise ConverterError(f"--output {output}: cannot resolve the paths to compare ({err})") from err
-    if target == cwd or target in cwd.parents:
-        raise ConverterError(
-            f"--output {output} is the current folder or holds it ({target}); choose a folder below it"
-        )
-    check_not_protected("--output", output, protected)
-    for ancestor in target.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ConverterError(f"--output {output}: {ancestor} is a file, not a folder")
-            break
-    if target.exists() and not target.is_dir():
-        raise ConverterError(f"--output {output} exists and is not a folder")
-    if target.is_dir() and not overwrite:
-        try:
-            empty = next(os.scandir(target), None) is None
-        except OSError as err:
-            raise ConverterError(f"--output {output}: cannot read it ({err.strerror})") from err
-        if not empty:
-            raise ConverterError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
-    return target
-
-
-def check_not_protected(flag: str, path: Path, protected: Iterable[tuple[str, Path]]) -> Path:
-    """Refuse `path` (what `flag` names) when it is, contains or lies inside one of the `protected`
-    (label, path) pairs; return it resolved."""
-    protected = list(protected)
-    try:
-        target = path.resolve()
-        places = [place.resolve() for _, place in protected]
-    except (OSError, RuntimeError) as err:  # a symlink loop, say
-        what = escape(str(path))
-        raise ConverterError(f"{flag} {what}: cannot resolve the paths to compare ({err})") from err
-    for (label, place_given), place in zip(protected, places, strict=True):
-        if place == target:
-            relation = "is"
-        elif target in place.parents:
-            relation = "contains"
-        elif place in target.parents:
-            relation = "lies inside"
-        else:
-            continue
-        what, where = escape(str(path)), escape(str(place_given))
-        raise ConverterError(f"{flag} {what} {relation} {label} {where}; choose another {flag}")
-    return target
-
-
 # --- writing and reading back the weights ----------------------------------------------------------
 
 
@@ -220,27 +154,53 @@ def check_written(
     try:
         with safe_open(path, framework="pt") as f:
             _same_keys(path, f.keys(), keys)
+            for key in keys:
+                _same_layout(path, key, f.get_slice(key), state_dict[key])
         for batch in _batches(keys, state_dict, batch_bytes):
             with safe_open(path, framework="pt") as f:
-                for key in batch:
+                for key, rows in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    _same_tensor(path, key, f.get_tensor(key), state_dict[key])
+                    got = f.get_slice(key)[rows] if rows is not None else f.get_tensor(key)
+                    want = state_dict[key][rows] if rows is not None else state_dict[key]
+                    if not _bitwise_equal(got, want):
+                        raise ConverterError(
+                            f"{path} read back does not hold the verified weights: {key!r} has {_DIFFERENT}"
+                        )
     except (OSError, SafetensorError) as err:
         raise ConverterError(f"could not read back {path}: {_short_io_error(err)}") from err
 
 
-def _batches(keys: list[str], state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[str]]:
-    """Consecutive keys whose tensors total at most `limit` bytes (or one larger tensor)."""
-    batch: list[str] = []
+_DIFFERENT = "different values"
+Piece = tuple[str, "slice | None"]  # a key, and the rows of it to compare (None: all of it)
+
+
+def _batches(keys: list[str], state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[Piece]]:
+    """Pieces of at most `limit` bytes in all (a tensor larger than that is cut into runs of rows), so
+    that no more of the file is mapped at once: mapped pages count towards the peak RSS."""
+    batch: list[Piece] = []
     size = 0
     for key in keys:
-        nbytes = state_dict[key].nbytes
-        if batch and size + nbytes > limit:
-            yield batch
-            batch, size = [], 0
-        batch.append(key)
-        size += nbytes
+        tensor = state_dict[key]
+        row_bytes = tensor.nbytes // tensor.shape[0] if tensor.dim() and tensor.shape[0] else tensor.nbytes
+        rows = max(1, limit // max(row_bytes, 1))
+        pieces = (
+            [(None, tensor.nbytes)]
+            if tensor.nbytes <= limit or not tensor.dim()
+            else [
+                (
+                    slice(start, start + rows),
+                    row_bytes * len(range(start, min(start + rows, tensor.shape[0]))),
+                )
+                for start in range(0, tensor.shape[0], rows)
+            ]
+        )
+        for rows_slice, nbytes in pieces:
+            if batch and size + nbytes > limit:
+                yield batch
+                batch, size = [], 0
+            batch.append((key, rows_slice))
+            size += nbytes
     if batch:
         yield batch
 
@@ -253,13 +213,15 @@ def _same_keys(path: Path, written: Iterable[str], expected: list[str]) -> None:
         raise ConverterError(f"{path} read back does not hold the verified weights: {what}")
 
 
-def _same_tensor(path: Path, key: str, got: torch.Tensor, expected: torch.Tensor) -> None:
-    if got.dtype != expected.dtype:
-        what = f"dtype {got.dtype} instead of {expected.dtype}"
-    elif got.shape != expected.shape:
-        what = f"shape {tuple(got.shape)} instead of {tuple(expected.shape)}"
-    elif not _bitwise_equal(got, expected):
-        what = "different values"
+def _same_layout(path: Path, key: str, got: object, expected: torch.Tensor) -> None:
+    """The dtype and shape safetensors' header gives `key` (a slice's, so no data is read)."""
+    from safetensors.torch import _TYPES  # safetensors' names of torch dtypes ("F32": torch.float32)
+
+    dtype, shape = _TYPES.get(got.get_dtype(), got.get_dtype()), tuple(got.get_shape())
+    if dtype != expected.dtype:
+        what = f"dtype {dtype} instead of {expected.dtype}"
+    elif shape != tuple(expected.shape):
+        what = f"shape {shape} instead of {tuple(expected.shape)}"
     else:
         return
     raise ConverterError(f"{path} read back does not hold the verified weights: {key!r} has {what}")
@@ -314,7 +276,7 @@ def weights_written_meanwhile(
     """
     cancel = threading.Event()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-weights")
-    written = pool.submit(_write_weights, folder, state_dict, cancel)
+    written = pool.submit(write_weights, folder, state_dict, cancel)
     pool.shutdown(wait=False)  # the submitted write still runs; nothing else will be
     finished = False
     try:
@@ -328,44 +290,46 @@ def weights_written_meanwhile(
                 wait_for([written])
 
 
-def _write_weights(folder: Path, state_dict: Mapping[str, torch.Tensor], cancel: threading.Event) -> None:
-    write_weights(folder, state_dict, cancel)  # looked up when called, so tests can slow it down
-
-
 # --- staging and moving into place -----------------------------------------------------------------
 
 
 @contextmanager
 def staged_output(
-    output: Path, overwrite: bool, protected: Iterable[tuple[str, Path]] = ()
+    output: Path,
+    overwrite: bool,
+    protected: Iterable[Protected] = (),
+    *,
+    flag: str = "--output",
 ) -> Iterator[Path]:
     """A staging folder beside `output`, moved into place when the block succeeds and removed when it
     fails or is interrupted, so a failed, refused or interrupted run never leaves a half-written output.
 
+    `output` must pass the path policy (`converter.paths.check_target`; `flag` names it in messages).
     The move cannot replace a folder that appeared during the run (ConverterError instead). With
     `overwrite`, an existing output is swapped out in one step only after the new folder is complete,
     and only if it is still the folder that was there when the block began (unchanged at its top
     level); it is then removed. An OSError in the block becomes a ConverterError naming the file.
     """
-    target = check_output(output, overwrite, protected)
-    _prepare_parent(target, output, folders=True)
+    where = f"{flag} {escape(str(output))}"
+    target = check_target(output, kind="folder", overwrite=overwrite, protected=protected, flag=flag)
+    _prepare_parent(target, where, folders=True)
     before = _identity(target)
     staging = lock = None
     state = {"staging_is_ours": True, "committed": False}
     try:
         with _signals_deferred():  # created and locked, or not at all
-            staging, lock = _create_staging(target, output, os.mkdir)
-        with _named_as_output(staging, output):
+            staging, lock = _create_staging(target, where, os.mkdir)
+        with _named_as(staging, output, where):
             yield staging
         with _signals_deferred():
-            _honour_umask(staging, output)
+            _honour_umask(staging, where)
         with _commit_lock(target.parent), _signals_deferred():
-            _commit(staging, target, before, overwrite, output, state)
+            _commit(staging, target, before, overwrite, where, state)
     except BaseException as err:
         with _signals_deferred():
             if staging is not None and state["staging_is_ours"]:
                 shutil.rmtree(staging, ignore_errors=True)
-        _tell_outcome(err, output, state["committed"])
+        _tell_outcome(err, where, state["committed"])
         raise
     finally:
         if lock is not None:
@@ -373,75 +337,115 @@ def staged_output(
 
 
 @contextmanager
-def staged_file(output: Path, overwrite: bool) -> Iterator[Path]:
-    """`staged_output` for one file: a partial file beside `output`, named and locked by its owner
-    (mode from the umask), renamed onto `output` when the block succeeds and removed when it fails or
-    is interrupted. Without `overwrite`, a file that appeared meanwhile is kept and the run refused."""
-    _prepare_parent(output, output, folders=False)
+def staged_file(
+    output: Path,
+    overwrite: bool,
+    protected: Iterable[Protected] = (),
+    *,
+    flag: str = "--output",
+) -> Iterator[Path]:
+    """`staged_output` for one file: a partial file beside `output` (beside where a symlink points),
+    named and locked by its owner (mode from the umask), renamed onto it when the block succeeds and
+    removed when it fails or is interrupted. Without `overwrite`, a file that appeared meanwhile is
+    kept and the run refused."""
+    where = f"{flag} {escape(str(output))}"
+    target = check_target(output, kind="file", overwrite=overwrite, protected=protected, flag=flag)
+    _prepare_parent(target, where, folders=False)
     partial = lock = None
     committed = False
     try:
         with _signals_deferred():
-            partial, lock = _create_staging(output, output, _create_file)
-        with _named_as_output(partial, output):
+            partial, lock = _create_staging(target, where, _create_file)
+        with _named_as(partial, output, where):
             yield partial
-        with _commit_lock(output.parent), _signals_deferred():
-            if not overwrite and os.path.lexists(output):
-                raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
+        with _commit_lock(target.parent), _signals_deferred():
+            if not overwrite and os.path.lexists(target):
+                raise ConverterError(f"{where} exists; pass --overwrite to replace it")
+            if (there := what_is_there(target)) not in (None, "a regular file"):
+                raise ConverterError(f"{where} became {there} while writing; it was left as it is")
             try:
-                os.replace(partial, output)
+                os.replace(partial, target)
             except OSError as err:
-                raise ConverterError(f"--output {output}: cannot move it into place: {err.strerror}") from err
+                raise ConverterError(f"{where}: cannot move it into place: {err.strerror}") from err
             committed = True
     except BaseException as err:
         with _signals_deferred():
             if partial is not None and not committed:
                 with suppress(OSError):
                     os.unlink(partial)
-        _tell_outcome(err, output, committed)
+        _tell_outcome(err, where, committed)
         raise
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _prepare_parent(target: Path, output: Path, folders: bool) -> None:
+def write_file(
+    path: Path,
+    data: str | bytes,
+    *,
+    flag: str,
+    overwrite: bool = True,
+    protected: Iterable[Protected] = (),
+) -> None:
+    """A small file (a report, a record, a fixture), written whole or not at all by `staged_file`."""
+    with staged_file(path, overwrite, protected, flag=flag) as partial:
+        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """`torch.save` to `path`, failing with the OSError (ENOSPC, EIO) that `staged_file` names.
+
+    Written through a Python file, so the failure is the file's OSError; torch's zip writer then
+    replaces it with its own RuntimeError ("enforce fail at inline_container.cc") while closing,
+    keeping the OSError as its context, which is the error put back here."""
+    import torch
+
+    try:
+        with open(path, "wb") as file:
+            torch.save(obj, file)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
+
+
+def _prepare_parent(target: Path, where: str, folders: bool) -> None:
     """The output's folder exists, and no staging left by a dead run to this output remains in it."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConverterError(
-            f"--output {output}: cannot create {err.filename or target.parent}: {err.strerror}"
-        ) from err
+        missing = err.filename or target.parent
+        raise ConverterError(f"{where}: cannot create {missing}: {err.strerror}") from err
     _remove_stale_staging(target, folders)
 
 
 @contextmanager
-def _named_as_output(staging: Path, output: Path) -> Iterator[None]:
+def _named_as(staging: Path, output: Path, where: str) -> Iterator[None]:
     """The block's failures name the output as the user knows it, not the staging about to go."""
     try:
         yield
     except OSError as err:
         shown = str(err.filename or staging).replace(str(staging), str(output), 1)
         raise ConverterError(
-            f"could not write {shown}: {err.strerror or err}; --output {output} was not changed"
+            f"could not write {escape(shown)}: {err.strerror or err}; {where} was not changed"
         ) from err
     except ConverterError as err:
         if str(staging) not in str(err):
             raise
         shown = str(err).replace(str(staging), str(output))
-        raise ConverterError(f"{shown}; --output {output} was not changed") from err
+        raise ConverterError(f"{shown}; {where} was not changed") from err
 
 
-def _tell_outcome(err: BaseException, output: Path, committed: bool) -> None:
+def _tell_outcome(err: BaseException, where: str, committed: bool) -> None:
     if isinstance(err, Interrupted) and not err.outcome:
-        err.outcome = f"--output {output} " + ("was complete first" if committed else "was not changed")
+        err.outcome = f"{where} " + ("was complete first" if committed else "was not changed")
 
 
 _STAGING_FORMAT = ".{name}.partial-{pid}-{token}"
 
 
-def _create_staging(target: Path, output: Path, create: Callable[[Path], None]) -> tuple[Path, int | None]:
+def _create_staging(target: Path, where: str, create: Callable[[Path], None]) -> tuple[Path, int | None]:
     """An empty folder or file (`create`; mode from the umask, unlike mkdtemp's 0700 or mkstemp's
     0600) beside `target`, named after this process, locked for as long as the returned descriptor
     is open."""
@@ -453,9 +457,9 @@ def _create_staging(target: Path, output: Path, create: Callable[[Path], None]) 
         except FileExistsError:
             continue
         except OSError as err:
-            raise ConverterError(f"--output {output}: cannot create {staging}: {err.strerror}") from err
+            raise ConverterError(f"{where}: cannot create {staging}: {err.strerror}") from err
         return staging, _lock(staging)
-    raise ConverterError(f"--output {output}: cannot create a staging name in {target.parent}")
+    raise ConverterError(f"{where}: cannot create a staging name in {target.parent}")
 
 
 def _create_file(path: Path) -> None:
@@ -529,23 +533,12 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)  # elsewhere: read it by setting it, briefly
-    os.umask(mask)
-    return mask
-
-
-def _honour_umask(folder: Path, output: Path) -> None:
+def _honour_umask(folder: Path, where: str) -> None:
     """Give every folder and file the mode a plain mkdir/open would have (safetensors writes 0600,
-    a copied file keeps its source's mode)."""
-    mask = _umask()
+    a copied file keeps its source's mode). The umask is read by setting it: a moment no thread of
+    ours creates a file in (the writer thread has finished)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
     try:
         os.chmod(folder, 0o777 & ~mask)
         for root, dirs, files in os.walk(folder):
@@ -556,9 +549,7 @@ def _honour_umask(folder: Path, output: Path) -> None:
                 if not os.path.islink(path):
                     os.chmod(path, 0o666 & ~mask)
     except OSError as err:
-        raise ConverterError(
-            f"--output {output}: cannot set the mode of {err.filename}: {err.strerror}"
-        ) from err
+        raise ConverterError(f"{where}: cannot set the mode of {err.filename}: {err.strerror}") from err
 
 
 @contextmanager
@@ -585,11 +576,11 @@ def _commit(
     target: Path,
     before: tuple[int, int, int] | None,
     overwrite: bool,
-    output: Path,
+    where: str,
     state: dict[str, bool],
 ) -> None:
     appeared = ConverterError(
-        f"--output {output} appeared or changed while converting (another run?); it was left as it was "
+        f"{where} appeared or changed while converting (another run?); it was left as it was "
         f"and nothing was written; run again{'' if overwrite else ' with --overwrite to replace it'}"
     )
     if before is not None:
@@ -600,11 +591,11 @@ def _commit(
         except FileExistsError:
             raise appeared from None
         except OSError as err:
-            raise ConverterError(f"--output {output}: cannot replace it: {err.strerror}") from err
+            raise ConverterError(f"{where}: cannot replace it: {err.strerror}") from err
         if retired is not None:
             state["staging_is_ours"] = False  # it holds the old folder now, or nothing
             if _identity(retired) != before or (not overwrite and _has_entries(retired)):
-                _swap_back(staging, target, retired, output, state)
+                _swap_back(staging, target, retired, where, state)
                 raise appeared
             state["committed"] = True
             if overwrite:
@@ -618,7 +609,7 @@ def _commit(
     except FileExistsError:
         raise appeared from None
     except OSError as err:
-        raise ConverterError(f"--output {output}: cannot move {staging} into place: {err.strerror}") from err
+        raise ConverterError(f"{where}: cannot move {staging} into place: {err.strerror}") from err
     state["staging_is_ours"] = False
     state["committed"] = True
 
@@ -651,7 +642,7 @@ def _swap(staging: Path, target: Path) -> Path:
     return retired
 
 
-def _swap_back(staging: Path, target: Path, retired: Path, output: Path, state: dict[str, bool]) -> None:
+def _swap_back(staging: Path, target: Path, retired: Path, where: str, state: dict[str, bool]) -> None:
     """Undo `_swap`: the old folder back at `target`, ours back at `staging`."""
     try:
         if retired == staging:
@@ -662,7 +653,7 @@ def _swap_back(staging: Path, target: Path, retired: Path, output: Path, state: 
             os.rename(retired, target)
     except OSError as err:
         raise ConverterError(
-            f"--output {output} changed while converting and could not be put back: the folder that was "
+            f"{where} changed while converting and could not be put back: the folder that was "
             f"there is now {retired} ({err.strerror})"
         ) from err
     state["staging_is_ours"] = True

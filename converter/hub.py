@@ -4,28 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError, HTTPError
+
 from converter.errors import ConverterError, escape, reason
 
-
-def hub_errors() -> tuple[type[BaseException], ...]:
-    """What a hub call raises when the network or the hub says no: OSError (offline mode, tokens,
-    HTTP status errors) and the HTTP client's own errors (httpx2 in huggingface_hub 2, httpx in 1)."""
-    import importlib
-
-    from huggingface_hub.errors import HfHubHTTPError
-
-    errors: list[type[BaseException]] = [OSError, HfHubHTTPError, ValueError]
-    for client in ("httpx2", "httpx"):
-        try:
-            errors.append(importlib.import_module(client).HTTPError)
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+# What a hub call raises when the network or the hub says no: OSError (offline mode, a missing token, and
+# HfHubHTTPError for an HTTP status), ValueError (arguments the hub refuses) and the HTTP client's own
+# errors, whose base huggingface_hub.errors names (httpx's in huggingface_hub 1, httpx2's in 2).
+HUB_ERRORS = (OSError, ValueError, HTTPError)
 
 
 def check_repo_id(repo_id: str) -> str:
     """A repo id as the hub accepts it (`name` or `namespace/name`), checked before any work."""
-    from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
@@ -45,7 +35,7 @@ def default_repo_id(model_name: str | None) -> str:
         raise ConverterError("--push-to-hub needs a REPO_ID when --model-name is not given")
     try:
         user = HfApi().whoami()["name"]
-    except (*hub_errors(), KeyError) as err:  # offline, no token, a revoked one
+    except (*HUB_ERRORS, KeyError) as err:  # offline, no token, a revoked one
         raise ConverterError(
             f"cannot determine your hub namespace ({reason(err)}): pass --push-to-hub ORG/NAME "
             "and log in with `hf auth login` or HF_TOKEN"
@@ -67,6 +57,6 @@ def push_folder(folder: Path, repo_id: str, *, create_pr: bool = False, private:
             commit_message=f"Add X-CLIP model converted by xclip-converter ({folder.name})",
             create_pr=create_pr,
         )
-    except hub_errors() as err:
+    except HUB_ERRORS as err:
         raise ConverterError(f"pushing to {repo_id} failed: {reason(err)}") from None
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
+from converter import DTYPES, paths
 from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper, to_config
 from converter.errors import ConverterError, VerificationError, escape
 from converter.registry import Variant, get_variant
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 StateDict = dict[str, torch.Tensor]
 T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 log = logging.getLogger("converter")
 
 
@@ -95,40 +95,41 @@ def convert_checkpoint(
     variant = get_variant(model_name) if model_name else None
     sha256 = fetch.parse_sha256(sha256)
     given_config = _read_config(config)
-    protected = [*_protected(source, config), *protect]
-    if output is not None:
-        output = Path(output)
-        from converter.export import check_output
+    protected = [*paths.protected(checkpoint=source, config=_config_path(config)), *protect]
 
-        check_output(output, overwrite, protected)  # refuse before any work
-
-    with stage("fetch") as note:
-        provenance = _fetch(source, variant, sha256, force_download)
-        note(escape(str(provenance.path)))
-    digest = _digest(provenance, hash_source)
-    with stage("load") as note:
-        original = _load(provenance.path)
-        note(f"{len(original)} tensors, {_megabytes(original)} MB")
-    with stage("map") as note:
-        hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
-        if variant is not None:
-            check_variant(hyper, variant, escape(str(provenance.origin)))
-        if given_config is None:
-            check_heads(hyper)
-        converted = original_to_hf(original)
-        check_state_dict(converted, hyper)
-        state_dict = {k: v.to(out_dtype) for k, v in converted.items()}
-        note(f"{len(state_dict)} tensors, {str(out_dtype).removeprefix('torch.')}")
-
-    name = model_name or Path(provenance.origin).stem
     with ExitStack() as writing:
-        folder = weights_written = None
+        folder = None
         if output is not None:
-            from converter.export import staged_output, weights_written_meanwhile
+            from converter.export import staged_output
 
-            # The weights are written while transformers is imported and the model verified; a
-            # failure below removes the staged folder, so nothing is left behind.
+            # Staged before any work: a folder that cannot be written is refused now, not after the
+            # download; a failure below removes the staging, so nothing is left behind.
+            output = Path(output)
             folder = writing.enter_context(staged_output(output, overwrite, protected))
+        with stage("fetch") as note:
+            provenance = _fetch(source, variant, sha256, force_download)
+            note(escape(str(provenance.path)))
+        digest = _digest(provenance, hash_source)
+        with stage("load") as note:
+            original = _load(provenance.path)
+            note(f"{len(original)} tensors, {_megabytes(original)} MB")
+        with stage("map") as note:
+            hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
+            if variant is not None:
+                check_variant(hyper, variant, escape(str(provenance.origin)))
+            if given_config is None:
+                check_heads(hyper)
+            converted = original_to_hf(original)
+            check_state_dict(converted, hyper)
+            state_dict = {k: v.to(out_dtype) for k, v in converted.items()}
+            note(f"{len(state_dict)} tensors, {str(out_dtype).removeprefix('torch.')}")
+
+        name = model_name or Path(provenance.origin).stem
+        weights_written = None
+        if folder is not None:
+            from converter.export import weights_written_meanwhile
+
+            # The weights are written while transformers is imported and the model verified.
             weights_written = writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = given_config or to_config(hyper)
         if weights_written is not None and not verify:
@@ -169,10 +170,9 @@ def write_folder(
 ) -> ConversionResult:
     """Write a converted model's folder (weights, config, processor, card) atomically."""
     from converter.export import staged_output, write_weights
-    from converter.fetch import cache_dir
 
     folder = Path(folder)
-    protected = [("the input checkpoint", result.provenance.path), ("the download cache", cache_dir())]
+    protected = paths.protected(checkpoint=result.provenance.path)
     with staged_output(folder, overwrite, protected) as staging:
         write_weights(staging, result.state_dict)
         write_small_files(result, staging, repo_id)
@@ -216,8 +216,8 @@ def write_small_files(result: ConversionResult, folder: Path, repo_id: str | Non
 
 
 def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    by_name = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if by_name not in DTYPES.values():
+    by_name = getattr(torch, dtype) if dtype in DTYPES else dtype
+    if by_name not in [getattr(torch, name) for name in DTYPES]:
         raise ConverterError(f"dtype must be one of {', '.join(DTYPES)}, got {escape(str(dtype))}")
     return by_name
 
@@ -249,16 +249,8 @@ def _read_config(config: XCLIPConfig | str | Path | None) -> XCLIPConfig | None:
     return load_config_file(config)
 
 
-def _protected(source: str | Path | None, config: object) -> list[tuple[str, Path]]:
-    """Paths an output folder must never be, contain or lie inside."""
-    from converter.fetch import cache_dir
-
-    protected = [("the download cache", cache_dir())]
-    if source is not None and "://" not in str(source):
-        protected.append(("the input checkpoint", Path(source)))
-    if isinstance(config, str | Path):
-        protected.append(("the --config file", Path(config)))
-    return protected
+def _config_path(config: XCLIPConfig | str | Path | None) -> str | Path | None:
+    return config if isinstance(config, str | Path) else None
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +116,8 @@ def _cached_processor(image_size: int) -> Path:
         return folder
     with FileLock(str(folder) + ".lock"):
         if not (folder / IMAGE_PROCESSOR_FILE).is_file():
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-            try:
+            from converter.export import staged_output
+
+            with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
                 build_processor_files(staging, image_size)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
-            staging.rename(folder)
     return folder

@@ -113,27 +113,25 @@ def _offline() -> bool:
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The repo's metadata and safetensors weights in the HF cache; offline, the cache only."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from converter.hub import HUB_ERRORS
 
     offline = _offline()
-
-    def download(patterns: list[str]) -> Path:
-        try:
-            return Path(
-                snapshot_download(
-                    repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline
-                )
-            )
-        except Exception as err:  # huggingface_hub's errors: not found, gated, offline, incomplete
-            name = type(err).__name__
-            if offline or name in ("LocalEntryNotFoundError", "IncompleteSnapshotError"):
-                raise ConverterError(
-                    f"{repo_id}: not in the local HF cache and the hub is unreachable"
-                    f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
-                    "where it was downloaded before), or pass a local folder instead"
-                ) from None
-            raise ConverterError(f"{repo_id}: cannot download from the hub ({name}: {reason(err)})") from None
-
-    folder = download(METADATA_PATTERNS + WEIGHT_PATTERNS)
+    patterns = METADATA_PATTERNS + WEIGHT_PATTERNS
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+        )
+    except HUB_ERRORS as err:  # not found, gated, offline, an incomplete snapshot
+        if offline or isinstance(err, LocalEntryNotFoundError):
+            raise ConverterError(
+                f"{repo_id}: not in the local HF cache and the hub is unreachable"
+                f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
+                "where it was downloaded before), or pass a local folder instead"
+            ) from None
+        why = f"{type(err).__name__}: {reason(err)}"
+        raise ConverterError(f"{repo_id}: cannot download from the hub ({why})") from None
     if not (folder / "config.json").is_file():
         # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
         raise ConverterError(

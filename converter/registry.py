@@ -1,15 +1,16 @@
-"""The 18 published X-CLIP checkpoints: where each comes from and what it is."""
+"""The 18 published X-CLIP checkpoints: what each is, where it comes from and where the cache keeps it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from converter.errors import ConverterError
-from converter.fetch import url_cache_path
 
 # The original release; ``$XCLIP_RELEASE_URL`` replaces it with a mirror that holds every file by name.
 RELEASE_BASE_URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0"
@@ -42,6 +43,15 @@ def release_base_url() -> str:
     """Base URL of the released checkpoints: ``$XCLIP_RELEASE_URL`` (a mirror) or the GitHub release."""
     env = os.environ.get("XCLIP_RELEASE_URL")
     return env.rstrip("/") if env else RELEASE_BASE_URL
+
+
+def url_cache_path(url: str, cache: Path) -> Path:
+    """Where the cache rooted at `cache` keeps the file downloaded from `url`:
+    ``<cache>/url/<hash of the URL>/<file name>``. The hash keeps same-named files from different sources
+    apart, the name keeps the cache readable."""
+    key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
+    return cache / "url" / key / (name or "download")
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
+from converter import paths
 from converter.config import HEAD_DIM, Hyper, hyper_from_config
-from converter.errors import ConverterError, VerificationError, escape
-from converter.export import staged_file
+from converter.errors import VerificationError, escape
+from converter.export import staged_file, torch_save
 from converter.pipeline import stage
-from converter.published import is_inside, load_published
+from converter.published import load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
 StateDict = dict[str, torch.Tensor]
@@ -49,30 +50,24 @@ def to_original(
     Raises ConverterError on bad input (nothing written) and VerificationError when the original
     forward pass on the written weights does not reproduce the HF model (nothing written).
     """
-    output = Path(output)
-    _check_output(output, overwrite, source)
-    with stage("load") as note:
-        published = load_published(source, revision=revision)
-        if is_inside(output, published.folder):  # a hub id resolves to a snapshot in the HF cache
-            raise ConverterError(
-                f"--output {output} is inside the source {published.folder}: write it elsewhere"
-            )
-        hyper = hyper_from_config(published.config)
-        weights = published.model_state_dict()
-        note(f"{escape(str(source))}, {len(weights)} tensors")
+    # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
+    with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
+        with stage("load") as note:
+            published = load_published(source, revision=revision)
+            hyper = hyper_from_config(published.config)
+            weights = published.model_state_dict()
+            note(f"{escape(str(source))}, {len(weights)} tensors")
 
-    from converter.rules import check_state_dict, hf_to_original, original_shapes
+        from converter.rules import check_state_dict, hf_to_original, original_shapes
 
-    with stage("map") as note:
-        check_state_dict(weights, hyper)  # every key, every shape, against the published config
-        back = hf_to_original(weights)
-        # In the order the original trainer saved them: what a reader of the original file expects.
-        original = {k: _compact(back[k]) for k in original_shapes(hyper)}
-        note(f"{len(original)} tensors in the original layout")
-
-    with staged_file(output, overwrite) as partial:
+        with stage("map") as note:
+            check_state_dict(weights, hyper)  # every key, every shape, against the published config
+            back = hf_to_original(weights)
+            # In the order the original trainer saved them: what a reader of the original file expects.
+            original = {k: _compact(back[k]) for k in original_shapes(hyper)}
+            note(f"{len(original)} tensors in the original layout")
         with stage("write") as note:
-            torch.save({"model": original}, partial)
+            torch_save({"model": original}, partial)
             note(escape(str(output)))
         with stage("verify") as note:
             verification = _verify_written(partial, published.config, weights, hyper, atol)
@@ -83,17 +78,7 @@ def to_original(
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
     dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in original.values()}))
-    return BackConversion(output, hyper, len(original), dtypes, verification)
-
-
-def _check_output(output: Path, overwrite: bool, source: str | Path) -> None:
-    """Refuse before any work: an existing file without `overwrite`, a folder, the source itself."""
-    if output.is_dir():
-        raise ConverterError(f"--output {output} is a folder; give a file name such as model.pth")
-    if output.exists() and not overwrite:
-        raise ConverterError(f"--output {output} exists; pass --overwrite to replace it")
-    if Path(source).exists() and is_inside(output, Path(source)):
-        raise ConverterError(f"--output {output} is inside the source {source}: write it elsewhere")
+    return BackConversion(Path(output), hyper, len(original), dtypes, verification)
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -66,3 +67,24 @@ def fast_network(monkeypatch):
     monkeypatch.setattr(fetch, "STALL_TIMEOUT", 2.0)
     monkeypatch.setattr(fetch, "BACKOFF_FACTOR", 0.01)
     monkeypatch.setattr(fetch, "BACKOFF_MAX", 0.05)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (needs root and a mount-capable container; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
+            capture_output=True,
+            text=True,
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command: the patched disk-full test covers this")
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the patched test covers this")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -119,13 +119,16 @@ class ModelReport:
             terminalreporter.write_line(line)
         target = self.config.getoption("--report")
         if target:
+            from converter.errors import ConverterError
+            from converter.export import write_file
+            from converter.paths import caches
+
             path = Path(self.config.invocation_params.dir, target)
+            text = to_json(rows) if path.suffix == ".json" else to_markdown(rows)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                text = to_json(rows) if path.suffix == ".json" else to_markdown(rows)
-                path.write_text(text, encoding="utf-8")
-            except OSError as err:
-                terminalreporter.write_line(f"--report {target}: could not write it: {err}", red=True)
+                write_file(path, text, flag="--report", protected=caches())  # checked at configure too
+            except ConverterError as err:
+                terminalreporter.write_line(str(err), red=True)
             else:
                 terminalreporter.write_line(f"per-model report written to {path}")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +63,7 @@ class Workspace:
 def _evil() -> object:
     class Payload:
         def __reduce__(self):
-            return (os.system, ("echo pwned > /dev/null",))
+            return (os.system, ("touch PWNED",))  # in the test's working folder, checked after the run
 
     return Payload()
 
@@ -359,7 +361,7 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
             "--overwrite",
         ],
         2,
-        "input checkpoint",
+        "contains --checkpoint",
     ),
     (
         "output-is-input",
@@ -422,9 +424,223 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "config.json: text_config.hidden_size must be a positive integer",
     ),
+    # ---- every path the tool writes goes through one policy (--output, --report, --to-original) ----
+    (
+        "output-holds-a-file-url-checkpoint",
+        lambda w: [
+            "--checkpoint",
+            w.checkpoint.as_uri(),
+            "--config",
+            w.config,
+            "--output",
+            w.root,
+            "--overwrite",
+        ],
+        2,
+        "contains --checkpoint",
+    ),
+    (
+        "report-is-a-file-url-checkpoint",
+        lambda w: [
+            *_audited(w, w.checkpoint)[:2],
+            "--checkpoint",
+            w.checkpoint.as_uri(),
+            "--report",
+            w.checkpoint,
+        ],
+        2,
+        "is --checkpoint",
+    ),
+    ("report-is-a-device", lambda w: _audited(w, Path("/dev/full")), 2, "is a character device: name a file"),
+    ("report-is-a-fifo", lambda w: _audited(w, _fifo(w)), 2, "is a FIFO (named pipe): name a file"),
+    (
+        "report-through-a-link-to-a-fifo",
+        lambda w: _audited(w, _link(w, "r.json", _fifo(w))),
+        2,
+        "is a FIFO (named pipe)",
+    ),
+    (
+        "report-inside-the-hf-cache",
+        lambda w: _audited(
+            w, Path(os.environ["HF_HUB_CACHE"]) / "models--o--n" / "snapshots" / "c" / "config.json"
+        ),
+        2,
+        "lies inside the Hugging Face cache",
+    ),
+    (
+        "report-inside-the-download-cache",
+        lambda w: _audited(w, Path(os.environ["XCLIP_CACHE"]) / "r.json"),
+        2,
+        "lies inside the download cache",
+    ),
+    (
+        "output-is-a-fifo",
+        lambda w: w.convert()[:4] + ["--output", _fifo(w)],
+        2,
+        "is a FIFO (named pipe), not a folder",
+    ),
+    (
+        "output-links-to-a-device",
+        lambda w: w.convert()[:4] + ["--output", _link(w, "out", Path("/dev/null")), "--overwrite"],
+        2,
+        "is a character device, not a folder",
+    ),
+    (
+        "output-inside-the-hf-cache",
+        lambda w: w.convert()[:4] + ["--output", Path(os.environ["HF_HUB_CACHE"]) / "out"],
+        2,
+        "lies inside the Hugging Face cache",
+    ),
+    (
+        "output-holds-the-config",
+        lambda w: w.convert()[:4] + ["--output", w.config.parent, "--overwrite"],
+        2,
+        "contains --config",
+    ),
+    (
+        "output-is-the-video",
+        lambda w: w.convert()[:4] + ["--video", _clip(w), "--output", _clip(w), "--overwrite"],
+        2,
+        "is the --video clip",
+    ),
+    (
+        "to-original-onto-a-device",
+        lambda w: ["--to-original", _converted(w), "--output", "/dev/full", "--overwrite"],
+        2,
+        "is a character device: name a file",
+    ),
+    (
+        "to-original-into-the-download-cache",
+        lambda w: [
+            "--to-original",
+            _converted(w),
+            "--output",
+            Path(os.environ["XCLIP_CACHE"]) / "url" / "k400_32_8.pth",
+        ],
+        2,
+        "lies inside the download cache",
+    ),
+    (
+        "to-original-onto-a-fifo",
+        lambda w: ["--to-original", _converted(w), "--output", _fifo(w), "--overwrite"],
+        2,
+        "is a FIFO (named pipe)",
+    ),
+    (
+        "to-original-is-the-source",
+        lambda w: ["--to-original", _converted(w), "--output", w.root / "converted", "--overwrite"],
+        2,
+        "is the source",
+    ),
+    (
+        "to-original-existing-file",
+        lambda w: ["--to-original", _converted(w), "--output", w.file("mine.pth", "a user's file")],
+        2,
+        "exists; pass --overwrite",
+    ),
+    # ---- flags a job does not read are refused, naming the job ------------------------------------
+    (
+        "to-original-with-report",
+        lambda w: ["--to-original", w.root, "--output", w.root / "b.pth", "--report", w.root / "r.json"],
+        2,
+        "--to-original does not use --report",
+    ),
+    (
+        "to-original-with-no-verify",
+        lambda w: ["--to-original", w.root, "--output", "b.pth", "--no-verify"],
+        2,
+        "--to-original does not use --no-verify",
+    ),
+    (
+        "to-original-with-sha256",
+        lambda w: ["--to-original", w.root, "--output", "b.pth", "--sha256", "0" * 64],
+        2,
+        "--to-original does not use --sha256",
+    ),
+    (
+        "to-original-with-dtype",
+        lambda w: ["--to-original", w.root, "--output", "b.pth", "--dtype", "float16"],
+        2,
+        "--to-original does not use --dtype",
+    ),
+    (
+        "audit-with-dtype",
+        lambda w: ["--audit", w.root, "--checkpoint", w.checkpoint, "--dtype", "float16"],
+        2,
+        "--audit does not use --dtype",
+    ),
+    (
+        "audit-with-overwrite",
+        lambda w: ["--audit", w.root, "--checkpoint", w.checkpoint, "--overwrite"],
+        2,
+        "--audit does not use --overwrite",
+    ),
+    (
+        "audit-with-output",
+        lambda w: ["--audit", w.root, "--checkpoint", w.checkpoint, "--output", "o"],
+        2,
+        "--audit does not use --output",
+    ),
+    (
+        "audit-with-video",
+        lambda w: ["--audit", w.root, "--checkpoint", w.checkpoint, "--video", "c.npy"],
+        2,
+        "--audit does not use --video",
+    ),
+    (
+        "revision-on-an-audited-folder",
+        lambda w: ["--audit", w.root, "--checkpoint", w.checkpoint, "--revision", "main"],
+        2,
+        "drop --revision",
+    ),
+    (
+        "revision-on-a-folder-to-convert-back",
+        lambda w: ["--to-original", w.root, "--output", "b.pth", "--revision", "main"],
+        2,
+        "drop --revision",
+    ),
+    (
+        "revision-when-converting",
+        lambda w: w.convert("--revision", "main"),
+        2,
+        "a conversion does not use --revision",
+    ),
+    ("list-with-output", lambda w: ["--list", "--output", "o"], 2, "--list does not use --output"),
+    (
+        "show-config-with-checkpoint",
+        lambda w: ["--show-config", "--model-name", "xclip-base-patch32", "--checkpoint", w.checkpoint],
+        2,
+        "--show-config does not use --checkpoint",
+    ),
+    # ---- what is printed is escaped --------------------------------------------------------------
+    (
+        "escaped-path-in-a-message",
+        lambda w: ["--checkpoint", w.root / "\x1b[2Kwrote out\r.pth"],
+        2,
+        "\\x1b[2Kwrote out\\r.pth",
+    ),
     ("bad-dtype", lambda w: w.convert("--dtype", "int8"), 2, "invalid choice"),
     ("verification-fails", lambda w: _wrong_heads(w), 1, "does not reproduce the original"),
 ]
+
+
+def _fifo(w: Workspace, name: str = "pipe") -> Path:
+    path = w.root / name
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _link(w: Workspace, name: str, target: Path) -> Path:
+    (w.root / name).symlink_to(target)
+    return w.root / name
+
+
+def _clip(w: Workspace) -> Path:
+    path = w.root / "clip.npy"
+    if not path.exists():
+        np.save(path, np.zeros((2, 8, 8, 3), np.uint8))
+    return path
 
 
 def _npy(w: Workspace, array: np.ndarray) -> Path:
@@ -499,7 +715,7 @@ def _snapshot(*folders: Path) -> dict[str, bytes | None]:
 
 
 def test_the_corpus_is_large_and_distinct():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 90
     assert len({case_id for case_id, *_ in CASES}) == len(CASES)
 
 
@@ -510,10 +726,13 @@ def test_bad_input(workspace, build, code, words, capsys, monkeypatch):
     cache = Path(os.environ["XCLIP_CACHE"])
     before = _snapshot(workspace.root, cache)
 
+    peak_before, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
     try:
         rc = main(argv)
     except SystemExit as exit_:  # argparse refuses unknown choices itself, with its usage line
         rc = exit_.code
+    seconds = time.monotonic() - start
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     out, err = capsys.readouterr()
 
     assert rc == code, (argv, out, err)
@@ -526,3 +745,6 @@ def test_bad_input(workspace, build, code, words, capsys, monkeypatch):
     # Nothing left behind, nothing of the user's touched (a cache may keep its lock files, no more).
     after = _snapshot(workspace.root, cache)
     assert {k: v for k, v in after.items() if not Path(k).is_relative_to(cache / "locks")} == before
+    assert not (workspace.root.parent / "PWNED").exists()  # nothing from a file was executed
+    # Bounded: a refusal never reads a device or FIFO, nor allocates what a file asks for.
+    assert seconds < 60 and grown_mb < 1024, (seconds, grown_mb)

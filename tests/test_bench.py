@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_convert.py"
-BASE, LARGE = "xclip-base-patch32", "xclip-large-patch14-16-frames"
+# BASE: a model under the default bounds; base-patch32 has raised ones (TARGETS' per-model bounds).
+BASE, LARGE, RAISED = "xclip-base-patch16", "xclip-large-patch14-16-frames", "xclip-base-patch32"
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,14 @@ def test_old_over_convert_bound_is_per_model(bench):
     rows = ratios(bench, {BASE: fake(old_s=9.0), LARGE: fake(old_s=9.0)})  # old / convert = 3
     assert (rows[BASE, "old / convert"]["bound"], rows[BASE, "old / convert"]["met"]) == (2.5, True)
     assert (rows[LARGE, "old / convert"]["bound"], rows[LARGE, "old / convert"]["met"]) == (4.0, False)
+
+
+def test_base_patch32_is_held_to_raised_bounds(bench):
+    rows = ratios(bench, {RAISED: fake(old_s=12.0)})  # the fake's ratios: 1.0, 4.0, 1.25
+    bounds = {target: (row["bound"], row["met"]) for (_, target), row in rows.items()}
+    assert bounds["(convert - floor) / copy"] == (1.5, True)
+    assert bounds["old / convert"] == (3.0, True)
+    assert bounds["(convert RSS - floor RSS) / size"] == (1.1, False)
 
 
 def test_skipped_forward_skips_only_its_target(bench):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -302,9 +303,23 @@ def test_without_output_the_run_says_so_before_the_work(golden, capsys, quiet):
     captured = capsys.readouterr()
     err = captured.err.splitlines()
     assert err[0] == "xclip-convert: no --output: nothing will be written"
-    if not quiet:  # then the start-up line, then the stages: their times add up to the run's
-        assert err[1].startswith("xclip-convert: start-up: Python, the imports and the checks of the flags")
-        assert [line.split(":")[1].strip() for line in err[2:]] == ["fetch", "load", "map", "verify"]
+    if not quiet:  # then the stages, and last the start-up and the total: the times add up
+        assert [line.split(":")[1].strip() for line in err[1:]] == [
+            "fetch",
+            "load",
+            "map",
+            "verify",
+            "start-up",
+        ]
+        start_up, total = re.fullmatch(
+            r"xclip-convert: start-up: Python, the imports and the checks of the flags, before the first "
+            r"stage \((\d+\.\d) s\); (\d+\.\d) s in all",
+            err[-1],
+        ).groups()
+        stages = sum(float(re.search(r"\((\d+\.\d) s\)$", line)[1]) for line in err[1:-1])
+        assert float(start_up) + stages <= float(total) + 0.2  # rounding of five figures
+    else:
+        assert len(err) == 1
     assert captured.out.splitlines()[-1] == "no --output given: nothing written"
 
 

@@ -35,7 +35,7 @@ def test_to_original_writes_the_original_layout(converted, tmp_path, capsys):
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
     assert list(back) == list(original)  # in the original checkpoint's order
     stages = [line.split(":")[1].strip() for line in captured.err.splitlines()]
-    assert stages == ["load", "map", "write", "verify"]  # as the forward direction reports progress
+    assert stages == ["load", "map", "write", "verify", "start-up"]  # as the forward direction's progress
     # An existing file is kept unless --overwrite.
     assert run("--to-original", folder, "--output", tmp_path / "back.pth") == 2
     assert run("--to-original", folder, "--output", tmp_path / "back.pth", "--overwrite") == 0

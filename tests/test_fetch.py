@@ -519,7 +519,7 @@ def test_a_terminal_gets_a_progress_bar_unless_quiet(
 
     bars = []
     real = tqdm.tqdm
-    monkeypatch.setattr(fetch, "_stderr_is_tty", lambda: True)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     monkeypatch.setattr(tqdm, "tqdm", lambda **kw: bars.append(kw) or real(**{**kw, "disable": True}))
     with caplog.at_level(logging.WARNING, logger="converter.fetch"):  # the CLI's -q
         fetch.fetch_url(server.url(PATH))

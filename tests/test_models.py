@@ -26,6 +26,7 @@ from converter import fetch
 from converter.cli import main
 from converter.config import hyper_for_variant
 from converter.errors import ConverterError
+from converter.export import write_file
 from converter.load import load_checkpoint
 from converter.processing import preprocess_video
 from converter.registry import VARIANTS, Variant
@@ -82,13 +83,23 @@ def release_mirror(tmp_path_factory):
         yield ReleaseMirror(root, tmp_path_factory.mktemp("cache"), server)
 
 
+SAVED_THIS_SESSION: set[Path] = set()  # one worker converts each model (xdist_group)
+
+
 @pytest.fixture
 def output_dir(request, tmp_path):
     """Where xclip-convert writes the model: --save-dir/<model-name>, or a temporary folder."""
     save_dir = request.config.getoption("--save-dir")
     name = request.node.callspec.params["name"]
     if save_dir:
-        yield Path(save_dir) / name
+        folder = Path(request.config.invocation_params.dir, save_dir, name)
+        # Replaced only when this session wrote it (test_synthetic, then test_release): a folder of
+        # the user's there is never lost.
+        if folder not in SAVED_THIS_SESSION and folder.exists() and any(folder.iterdir()):
+            kept = f"{folder} exists and is not empty; remove it or choose another"
+            pytest.fail(f"--save-dir {save_dir}: {kept}")
+        SAVED_THIS_SESSION.add(folder)
+        yield folder
         return
     yield tmp_path / name
     # Up to 2.3 GB a model: pytest keeps the last runs' temporary folders, so drop it now.
@@ -240,7 +251,7 @@ def test_release(name, request, output_dir, record_property):
             confirmed=True,
             unconfirmed_reason=None,
         )
-        expected_file.write_text(json.dumps(expected, indent=2) + "\n")
+        write_file(expected_file, json.dumps(expected, indent=2) + "\n", flag="--update-expected")
         return
 
     preprocessing = expected["preprocessing"]

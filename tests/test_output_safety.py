@@ -22,12 +22,12 @@ from converter.errors import ConverterError
 from converter.export import (
     WEIGHTS_NAME,
     Interrupted,
-    check_output,
     signals_as_exceptions,
     staged_file,
     staged_output,
     weights_written_meanwhile,
 )
+from converter.paths import check_output
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
 
@@ -367,27 +367,6 @@ def test_a_disk_full_weights_write_is_named_and_leaves_nothing(tmp_path, monkeyp
         ):
             pass
     assert names(tmp_path) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MB tmpfs (needs root and a mount-capable container; skipped elsewhere)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    try:
-        mounted = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
-            capture_output=True,
-            text=True,
-        )
-    except FileNotFoundError:
-        pytest.skip("no mount command: the patched disk-full test covers this")
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): the patched test covers this")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_while_writing_the_weights(small_disk):

@@ -96,7 +96,7 @@ def test_output_safety(tmp_path):
     with pytest.raises(ConverterError, match="exists; pass --overwrite"):
         to_original(folder, existing)
     assert existing.read_bytes() == b"a user's file"
-    with pytest.raises(ConverterError, match="is a folder"):
+    with pytest.raises(ConverterError, match="is the source"):
         to_original(folder, folder)
     with pytest.raises(ConverterError, match="inside the source"):
         to_original(folder, folder / "model.pth")
@@ -111,15 +111,27 @@ def test_nothing_half_written(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
 
-    def disk_full(obj, path):
-        with open(path, "wb") as fh:
-            fh.write(b"PK\x03\x04 half")
+    def disk_full(obj, file):
+        file.write(b"PK\x03\x04 half")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(ConverterError, match=r"could not write .*model.pth.*No space left"):
         to_original(folder, out / "model.pth")
     assert list(out.iterdir()) == []
+
+
+def test_a_real_full_disk_is_named_and_leaves_nothing(tmp_path, small_disk):
+    """torch.save's own failure on a full disk (not a mocked OSError) is one line naming the file."""
+    from converter.config import to_config
+    from converter.synthetic import make_state_dict
+
+    original = make_state_dict(helpers.UNEVEN, seed=1)  # 5 MB, on a 2 MB disk
+    folder = hf_folder(tmp_path / "hf", original, config=to_config(helpers.UNEVEN))
+    out = small_disk / "back.pth"
+    with pytest.raises(ConverterError, match=rf"could not write {out}: No space left on device; --output"):
+        to_original(folder, out)
+    assert list(small_disk.iterdir()) == []
 
 
 def test_bad_source(tmp_path, monkeypatch):

@@ -246,7 +246,9 @@ def _read_config(config: XCLIPConfig | str | Path | None) -> XCLIPConfig | None:
         return config
     from converter.config import load_config_file
 
-    return load_config_file(config)
+    with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
+        note(escape(str(config)))
+        return load_config_file(config)
 
 
 def _config_path(config: XCLIPConfig | str | Path | None) -> str | Path | None:

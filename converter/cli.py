@@ -29,10 +29,10 @@ PROG = "xclip-convert"
 ATOL_SHOWN = "2e-05"  # converter.verify.DEFAULT_ATOL as --help shows it: --help must not import torch
 EPILOG = """\
 exit status:
-  0        converted, verified and written (--audit: the published model matches)
-  1        a verification ran and failed; nothing written (--audit: a mismatch, named)
-  2        any other refusal: one line naming the file, key or flag, and what to do
-  130/143  interrupted by Ctrl-C / SIGTERM; nothing left behind
+  0            converted, verified and written (--audit: the published model matches)
+  1            a verification ran and failed; nothing written (--audit: a mismatch, named)
+  2            any other refusal: one line naming the file, key or flag, and what to do
+  130/143/129  interrupted by Ctrl-C / SIGTERM / SIGHUP; nothing left behind
 
 environment:
   XCLIP_CACHE        where fetched checkpoints are kept (default: ~/.cache/xclip-converter)

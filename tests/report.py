@@ -217,17 +217,19 @@ def text_table(rows: list[Row], width: int = 120, encoding: str = "utf-8") -> li
     if not _encodes(header + [c for r in body for c in r], encoding):
         header, body = [c.translate(_ASCII) for c in header], [[c.translate(_ASCII) for c in r] for r in body]
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    # The model names stay whole; other columns give way, widest first, down to their longest word
-    # (a figure is one word), and words longer than _MIN_WRAPPED break.
+    # The model names stay whole. Text columns (cells with spaces) give way first, widest first, then the
+    # figures' headers; each down to its longest word (a figure is one word), words past _MIN_WRAPPED break.
     floors = [widths[0]] + [
         min(_MIN_WRAPPED, max(len(word) for r in [header, *body] for word in r[i].split()))
         for i in range(1, len(header))
     ]
+    text = {i for i in range(1, len(header)) if any(" " in r[i] for r in body)}
     while sum(widths) + 3 * (len(widths) - 1) > width:
         narrower = [i for i in range(len(widths)) if widths[i] > floors[i]]
         if not narrower:
             break
-        widths[max(narrower, key=lambda i: widths[i])] -= 1
+        first = [i for i in narrower if i in text] or narrower
+        widths[max(first, key=lambda i: widths[i])] -= 1
     lines = []
     for number, cells in enumerate([header, *body]):
         wrapped = [_wrap(cell, w) for cell, w in zip(cells, widths, strict=True)]

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import types
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,13 +78,15 @@ def _yacs_cfgnode_importable():
 
 def save_training_layout(path: str | Path, state_dict: StateDict, hyper: Hyper) -> None:
     """Save like the original trainer: model, optimizer, lr_scheduler, max_accuracy, epoch, config."""
+    from converter.export import torch_save  # a full disk as the OSError it is
+
     with _yacs_cfgnode_importable() as cfgnode:
         config = cfgnode(
             MODEL=cfgnode(ARCH=f"ViT-?/{hyper.patch_size}", DROP_PATH_RATE=0.0, FIX_TEXT=True),
             DATA=cfgnode(NUM_FRAMES=hyper.frames, INPUT_SIZE=hyper.image_size),
             TRAIN=cfgnode(EPOCHS=30, LR=8e-6),
         )
-        torch.save(
+        torch_save(
             {
                 "model": state_dict,
                 "optimizer": {
@@ -98,7 +98,7 @@ def save_training_layout(path: str | Path, state_dict: StateDict, hyper: Hyper) 
                 "epoch": 29,
                 "config": config,
             },
-            path,
+            Path(path),
         )
 
 
@@ -156,42 +156,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace) -> Variant:
+    """Both files checked against the path policy before any work, then each written whole."""
+    from converter import paths
+    from converter.export import staged_file
+
     variant = get_variant(args.model_name)
-    _check_targets([args.file, *([args.clip] if args.clip else [])], args.overwrite, args.clip)
+    targets = [("FILE", args.file)]
+    if args.clip is not None:
+        if args.clip.suffix != ".npy":
+            raise ConverterError(
+                f"--clip {escape(str(args.clip))}: name it FILE.npy (a NumPy array of frames)"
+            )
+        if args.clip.resolve() == args.file.resolve():
+            raise ConverterError("FILE and --clip name the same file: give them different names")
+        targets.append(("--clip", args.clip))
+    for flag, target in targets:
+        paths.check_target(target, kind="file", overwrite=args.overwrite, protected=paths.caches(), flag=flag)
     hyper = hyper_for_variant(variant)
-    with _written_whole(args.file) as partial:
+    with staged_file(args.file, args.overwrite, paths.caches(), flag="FILE") as partial:
         save_training_layout(partial, make_state_dict(hyper, seed=args.seed), hyper)
-    if args.clip:
-        with _written_whole(args.clip) as partial, open(partial, "wb") as fh:
-            np.save(fh, make_clip(hyper.frames, args.seed))
+    if args.clip is not None:
+        with staged_file(args.clip, args.overwrite, paths.caches(), flag="--clip") as partial:
+            with open(partial, "wb") as fh:  # np.save given a name would add .npy to the partial's
+                np.save(fh, make_clip(hyper.frames, args.seed))
     return variant
-
-
-def _check_targets(targets: list[Path], overwrite: bool, clip: Path | None) -> None:
-    """Refuse before any work: a folder, an existing file without --overwrite, a clip not named .npy."""
-    if clip is not None and clip.suffix != ".npy":
-        raise ConverterError(f"--clip {escape(str(clip))}: name it FILE.npy (a NumPy array of frames)")
-    if len({t.resolve() for t in targets}) < len(targets):
-        raise ConverterError("FILE and --clip name the same file: give them different names")
-    for target in targets:
-        if target.is_dir():
-            raise ConverterError(f"{escape(str(target))} is a folder: give a file name")
-        if target.exists() and not overwrite:
-            raise ConverterError(f"{escape(str(target))} exists; pass --overwrite to replace it")
-        if not target.parent.is_dir():
-            raise ConverterError(f"{escape(str(target.parent))}: no such folder")
-
-
-@contextmanager
-def _written_whole(path: Path) -> Iterator[Path]:
-    """A partial file beside `path`, renamed onto it when the block succeeds, removed when it fails or
-    is interrupted: never a half-written checkpoint under the name asked for."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

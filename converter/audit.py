@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from converter.clip import CONTEXT_LENGTH
-from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper
+from converter.config import (
+    Hyper,
+    check_fits_weights,
+    check_heads,
+    check_variant,
+    config_source,
+    hyper_from_config,
+    infer_hyper,
+)
 from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
 from converter.published import BENIGN_BUFFERS, Published, load_published
@@ -218,6 +226,7 @@ def audit(
     """
     from converter.config import load_config_file, to_config
     from converter.load import load_checkpoint
+    from converter.rules import original_to_hf
 
     variant = get_variant(model_name) if model_name else None
     if checkpoint is None and variant is None:
@@ -225,11 +234,14 @@ def audit(
     published = source if isinstance(source, Published) else load_published(source, revision=revision)
     path, described = _resolve_original(checkpoint, variant, sha256)
     original = load_checkpoint(path)
+    where = config_source(config)
     if isinstance(config, (str, Path)):
-        config = load_config_file(config)
+        config = load_config_file(config, where=where)
     hyper = hyper_from_config(config) if config is not None else infer_hyper(original)
     if config is None:
         check_heads(hyper)
+    else:  # what no shape shows: image_size's grid, num_channels
+        check_fits_weights(config, original_to_hf(original), where)
     if variant is not None:
         check_variant(hyper, variant, str(path))
     expected_config = config if config is not None else to_config(hyper)

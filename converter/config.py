@@ -8,10 +8,9 @@ common currency: comparing two of them names exactly the fields that disagree.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from converter.clip import CONTEXT_LENGTH, HEAD_DIM, MIT_LAYERS, PROMPT_LAYERS, VOCAB_SIZE
-from converter.errors import ConverterError, escape
+from converter.errors import ConverterError, escape, reason
+from converter.reader import CONFIG_LIMIT, finite_number, read_json_object, shown
 from converter.registry import Variant
 
 if TYPE_CHECKING:
@@ -231,38 +231,50 @@ def _get(config: object, path: str) -> Any:
     return config
 
 
+# The largest value each size may take: far above every published X-CLIP (the largest is L/14 at
+# 336 px, width 1024, 24 layers; B/16 with 32 frames), so only a typo or a hostile file reaches them,
+# and below where shapes, inputs or storage sizes would overflow or allocate without bound.
+MAX_IMAGE_SIZE = 1024
+LIMITS: dict[str, int] = {
+    "embed_dim": 16384, "image_size": MAX_IMAGE_SIZE, "patch_size": MAX_IMAGE_SIZE, "frames": 128,
+    "vision_width": 16384, "vision_layers": 256, "vision_heads": 1024, "vision_mlp": 65536,
+    "text_width": 16384, "text_layers": 256, "text_heads": 1024, "text_mlp": 65536,
+    "vocab_size": 1 << 20, "context_length": 4096,
+    "mit_layers": 256, "mit_heads": 1024, "mit_mlp": 65536, "prompt_layers": 256, "prompt_heads": 1024,
+}  # fmt: skip
+MAX_CHANNELS = 64
+# The other XCLIPConfig fields building the model reads, by kind (paths as in FIELDS).
+ACTIVATIONS = ("text_config.hidden_act", "vision_config.hidden_act", "prompt_hidden_act")
+EPSILONS = ("text_config.layer_norm_eps", "vision_config.layer_norm_eps")
+PROBABILITIES = (
+    "text_config.attention_dropout", "vision_config.attention_dropout", "vision_config.drop_path_rate",
+    "prompt_attention_dropout", "prompt_projection_dropout",
+)  # fmt: skip
+FINITE = (
+    "logit_scale_init_value", "prompt_alpha", "initializer_factor", "text_config.initializer_range",
+    "text_config.initializer_factor", "vision_config.initializer_range", "vision_config.initializer_factor",
+)  # fmt: skip
+
+
+def config_source(config: object) -> str:
+    """How messages name a config: `--config PATH` for a file, else "the config"."""
+    return f"--config {escape(str(config))}" if isinstance(config, str | Path) else "the config"
+
+
 def load_config_file(path: str | Path, *, where: str | None = None) -> XCLIPConfig:
     """Read and validate an XCLIPConfig JSON as `save_pretrained` writes it, field by field; errors
-    start with `where` (default: "--config PATH")."""
+    start with `where` (default: "--config PATH"). Read with `converter.reader`'s bounds."""
     from transformers import XCLIPConfig
 
-    path = Path(path)
-    where = where or f"--config {escape(str(path))}"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except IsADirectoryError:
-        raise ConverterError(f"{where} is a folder: give the config.json file inside it") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConverterError(f"{where}: cannot read JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ConverterError(f"{where}: expected a JSON object, found {type(data).__name__}")
-    if data.get("model_type") != "xclip":
-        raise ConverterError(f'{where}: expected an XCLIPConfig JSON ("model_type": "xclip")')
-    for section in ("text_config", "vision_config"):
-        if section in data and not isinstance(data[section], dict):
-            raise ConverterError(
-                f"{where}: {section} must be an object, found {type(data[section]).__name__}"
-            )
-    for f in FIELDS:
-        for path_ in f.config_paths:
-            *parent, leaf = path_.split(".")
-            value = (data.get(parent[0], {}) if parent else data).get(leaf)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConverterError(f"{where}: {path_} must be a positive integer, found {value!r}")
+    where = where or config_source(path)
+    data = read_json_object(Path(path), where, CONFIG_LIMIT)
+    check_config_values(data, where)
     try:
         config = XCLIPConfig.from_dict(data)
     except Exception as err:  # noqa: BLE001 - transformers raises many types; the message is what matters
-        raise ConverterError(f"{where}: transformers cannot build an XCLIPConfig from it ({err})") from None
+        raise ConverterError(
+            f"{where}: transformers cannot build an XCLIPConfig from it ({reason(err)})"
+        ) from None
     hyper = hyper_from_config(config)
     for family, width_field, heads_field in HEAD_FAMILIES:
         width, heads = getattr(hyper, width_field), getattr(hyper, heads_field)
@@ -272,7 +284,91 @@ def load_config_file(path: str | Path, *, where: str | None = None) -> XCLIPConf
         values = {path_: _get(config, path_) for path_ in f.config_paths}
         if len(set(values.values())) > 1:
             raise ConverterError(f"{where}: {' and '.join(f'{k} {v}' for k, v in values.items())} must agree")
+    if hyper.patch_size > hyper.image_size:
+        raise ConverterError(
+            f"{where}: vision_config.patch_size {hyper.patch_size} is larger than vision_config.image_size "
+            f"{hyper.image_size}: not one patch fits"
+        )
     return config
+
+
+def check_config_values(data: Mapping[str, Any], where: str) -> None:
+    """Every XCLIPConfig field the converter reads, checked by type and range in the JSON as given
+    (absent fields take transformers' defaults); one line naming the first wrong field."""
+    from transformers.activations import ACT2FN
+
+    if data.get("model_type") != "xclip":
+        raise ConverterError(f'{where}: expected an XCLIPConfig JSON ("model_type": "xclip")')
+    for section in ("text_config", "vision_config"):
+        if section in data and not isinstance(data[section], dict):
+            raise ConverterError(
+                f"{where}: {section} must be an object, found {type(data[section]).__name__}"
+            )
+
+    def values(paths: Iterable[str]) -> Iterator[tuple[str, Any]]:
+        for path in paths:
+            *section, name = path.split(".")
+            value = (data.get(section[0], {}) if section else data).get(name)
+            if value is not None:
+                yield path, value
+
+    def refuse(name: str, want: str, value: object) -> ConverterError:
+        return ConverterError(f"{where}: {name} must be {want}, found {shown(value)}")
+
+    for f in FIELDS:
+        for name, value in values(f.config_paths):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise refuse(name, "a positive integer", value)
+            if value > LIMITS[f.name]:
+                raise refuse(
+                    name, f"at most {LIMITS[f.name]:,}, far above any X-CLIP's (fix the file)", value
+                )
+    for name, value in values(["vision_config.num_channels"]):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CHANNELS:
+            raise refuse(name, f"a positive integer of at most {MAX_CHANNELS} (3 for RGB)", value)
+    for name, value in values(ACTIVATIONS):
+        if not isinstance(value, str) or value not in ACT2FN:
+            raise refuse(name, "an activation transformers knows (the original uses quick_gelu)", value)
+    for name, value in values(EPSILONS):
+        if not finite_number(value) or not 0 < value < 1:
+            raise refuse(name, "a number between 0 and 1 (the original uses 1e-05)", value)
+    for name, value in values(PROBABILITIES):
+        if not finite_number(value) or not 0 <= value <= 1:
+            raise refuse(name, "a probability from 0 to 1", value)
+    for name, value in values(FINITE):
+        if not finite_number(value):
+            raise refuse(name, "a finite number", value)
+
+
+# Where an XCLIPModel keeps the two tensors whose shapes say what image_size and num_channels must be.
+POSITION_EMBEDDING = "vision_model.embeddings.position_embedding.weight"
+PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
+
+
+def check_fits_weights(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """The config fields no weight shape shows, against the weights (XCLIPModel keys).
+
+    `check_state_dict` compares every shape the config implies, but image_size only through its
+    patch grid — at patch 32, image sizes 224 and 240 both give 7×7, and a processor cropping 240
+    changes every output — and the patch embedding's input channels are not a config shape at all.
+    """
+    vision = config.vision_config
+    positions = state_dict.get(POSITION_EMBEDDING)
+    if positions is not None and positions.ndim == 2:
+        grid = math.isqrt(max(positions.shape[0] - 1, 0))
+        if grid * grid == positions.shape[0] - 1 and vision.image_size != vision.patch_size * grid:
+            raise ConverterError(
+                f"{where}: vision_config.image_size {vision.image_size} is not vision_config.patch_size "
+                f"{vision.patch_size} × the {grid}×{grid} patch grid of the weights' position embedding: "
+                f"set image_size to {vision.patch_size * grid}"
+            )
+    patches = state_dict.get(PATCH_EMBEDDING)
+    if patches is not None and patches.ndim == 4 and patches.shape[1] != vision.num_channels:
+        raise ConverterError(
+            f"{where}: vision_config.num_channels {vision.num_channels} does not match the "
+            f"{patches.shape[1]} input channels of the weights' patch embedding (conv1): "
+            f"set num_channels to {patches.shape[1]}"
+        )
 
 
 def check_variant(hyper: Hyper, variant: Variant, source: str) -> None:

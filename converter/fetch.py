@@ -134,9 +134,16 @@ def sha256_file(path: Path | str) -> str:
 
 def recorded_sha256(path: Path | str) -> str | None:
     """The digest recorded when `path` was fetched, if any (no hashing)."""
-    try:
-        text = _beside(Path(path), ".sha256").read_text(encoding="ascii").strip().lower()
-    except (OSError, UnicodeDecodeError):
+    from converter.reader import CONFIG_LIMIT, read_bytes
+
+    try:  # bounded: a FIFO or a huge file in the cache's place is no record
+        text = (
+            read_bytes(_beside(Path(path), ".sha256"), "a record", CONFIG_LIMIT)
+            .decode("ascii")
+            .strip()
+            .lower()
+        )
+    except (ConverterError, UnicodeDecodeError):
         return None
     return text if _SHA256.fullmatch(text) else None
 
@@ -527,9 +534,11 @@ def _download_http(url: str, part: Path, fresh: bool) -> _Download:
 
 def _read_validator(part: Path) -> dict[str, Any] | None:
     """The validator recorded when ``part`` was started, if it has one."""
-    try:
-        data = json.loads(_beside(part, ".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    from converter.reader import read_json
+
+    try:  # bounded, as every record read back from the cache
+        data = read_json(_beside(part, ".json"), "a validator")
+    except ConverterError:
         return None
     return data if isinstance(data, dict) and isinstance(data.get("validator"), str) else None
 

@@ -177,14 +177,14 @@ _KINDS = (
     (stat.S_ISREG, "a regular file"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISSOCK, "a socket"),
 )
 
 
 def what_is_there(path: Path) -> str | None:
     """What an existing `path` is once links are followed (None when nothing is there), with its
-    article: "a folder", "a regular file", "a FIFO (named pipe)", ... `stat` follows /dev/stdout's link to a
+    article (`kind_of`). `stat` follows /dev/stdout's link to a
     pipe where `resolve` cannot."""
     try:
         mode = os.stat(path).st_mode
@@ -192,7 +192,12 @@ def what_is_there(path: Path) -> str | None:
         return None
     except OSError as err:
         raise ConverterError(f"{escape(str(path))}: cannot inspect it ({err.strerror})") from err
-    return next((name for test, name in _KINDS if test(mode)), "neither a file nor a folder")
+    return kind_of(mode)
+
+
+def kind_of(mode: int) -> str:
+    """What a stat mode is, with its article: "a folder", "a regular file", "a FIFO", ..."""
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
 def check_output(output: Path, overwrite: bool, protected: Iterable[Protected] = ()) -> Path:

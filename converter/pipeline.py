@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from converter import DTYPES, paths
-from converter.config import Hyper, check_heads, check_variant, hyper_from_config, infer_hyper, to_config
+from converter.config import (
+    Hyper,
+    check_fits_weights,
+    check_heads,
+    check_variant,
+    config_source,
+    hyper_from_config,
+    infer_hyper,
+    to_config,
+)
 from converter.errors import ConverterError, VerificationError, escape
 from converter.registry import Variant, get_variant
 from converter.rules import check_state_dict, original_to_hf
@@ -121,6 +130,8 @@ def convert_checkpoint(
                 check_heads(hyper)
             converted = original_to_hf(original)
             check_state_dict(converted, hyper)
+            if given_config is not None:  # what no shape shows: image_size's grid, num_channels
+                check_fits_weights(given_config, converted, config_source(config))
             state_dict = {k: v.to(out_dtype) for k, v in converted.items()}
             note(f"{len(state_dict)} tensors, {str(out_dtype).removeprefix('torch.')}")
 

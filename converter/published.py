@@ -8,16 +8,27 @@ unpickled), and the processor and tokenizer files. A hub repo is fetched with hu
 
 from __future__ import annotations
 
-import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from converter.errors import ConverterError, escape, reason
+from converter.errors import ConverterError, escape, listed, reason
+from converter.reader import (
+    CONFIG_LIMIT,
+    INDEX_LIMIT,
+    TOKENIZER_LIMIT,
+    check_regular,
+    check_size,
+    finite_number,
+    read_json,
+    read_json_object,
+    shown,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -39,6 +50,19 @@ METADATA_PATTERNS = [
     "merges.txt",
 ]
 WEIGHT_PATTERNS = [WEIGHTS, WEIGHTS_INDEX, "model-*-of-*.safetensors"]
+# The tokenizer files transformers may read from a folder, with the reader's cap for each; they are
+# checked (regular file, size, and for JSON nesting and integers) before AutoTokenizer opens them.
+TOKENIZER_FILES = {
+    "tokenizer.json": TOKENIZER_LIMIT,
+    "vocab.json": TOKENIZER_LIMIT,
+    "merges.txt": TOKENIZER_LIMIT,
+    "tokenizer_config.json": CONFIG_LIMIT,
+    "special_tokens_map.json": CONFIG_LIMIT,
+    "added_tokens.json": CONFIG_LIMIT,
+}
+# The largest side an image processor may resize or crop to: L/14 at 336 px resizes to 384, and a
+# frame at this side is already 50 MB in float32.
+MAX_PROCESSOR_SIDE = 2048
 # Buffers older transformers versions saved with the weights; recomputed on load, not parameters.
 BENIGN_BUFFERS = re.compile(r".*\.position_ids\Z")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -64,6 +88,14 @@ class Published:
         """The published tokenizer, from its JSON/text files only."""
         from transformers import AutoTokenizer
 
+        for name, limit in TOKENIZER_FILES.items():
+            path = self.folder / name
+            if _present(path):
+                what = f"{escape(self.source)}: {name}"
+                if name.endswith(".json"):
+                    read_json(path, what, limit)
+                else:
+                    check_size(path, what, limit)
         try:
             return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, KeyError... for broken files
@@ -83,12 +115,14 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     config = _read_config(folder, text)
+    # Shards must lie inside SOURCE; a hub snapshot's files are links into its repo's cache folder.
+    root = folder if commit is None else folder.parents[1]
     return Published(
         source=text,
         folder=folder,
         config=config,
-        state_dict=_read_weights(_weights_files(folder, text), text),
-        image_processor=read_image_processor(folder),
+        state_dict=_read_weights(_weights_files(folder, root, text), text),
+        image_processor=read_image_processor(folder, text),
         revision=commit,
         files=sorted(p.name for p in folder.iterdir()),
     )
@@ -144,20 +178,14 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
 # ---- files -------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, source: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConverterError(f"{source}: cannot read {path.name} ({reason(err)})") from None
-    if not isinstance(data, dict):
-        raise ConverterError(f"{source}: {path.name} is not a JSON object")
-    return data
+def _read_json(path: Path, source: str, limit: int = CONFIG_LIMIT) -> dict[str, Any]:
+    return read_json_object(path, f"{escape(source)}: {path.name}", limit)
 
 
 def _read_config(folder: Path, source: str) -> XCLIPConfig:
     path = folder / "config.json"
-    if not path.is_file():
-        raise ConverterError(f"{source}: no config.json (not a transformers model folder)")
+    if not _present(path):
+        raise ConverterError(f"{escape(source)}: no config.json (not a transformers model folder)")
     from converter.config import load_config_file
 
     # The same field-by-field validation as --config: a bad size or head count is named here, not
@@ -165,27 +193,62 @@ def _read_config(folder: Path, source: str) -> XCLIPConfig:
     return load_config_file(path, where=f"{escape(source)}: config.json")
 
 
-def _weights_files(folder: Path, source: str) -> list[Path]:
-    if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
-    if (folder / WEIGHTS_INDEX).is_file():
-        index = _read_json(folder / WEIGHTS_INDEX, source)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if not shards or missing:
-            raise ConverterError(
-                f"{source}: {WEIGHTS_INDEX} names missing shards: {missing or 'none listed'}"
-            )
-        return [folder / s for s in shards]
+def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
+    """The safetensors files holding the weights: model.safetensors, or the shards its index names,
+    each a regular file inside `root`."""
+    weights = folder / WEIGHTS
+    if _present(weights):
+        check_regular(weights, f"{escape(source)}: {WEIGHTS}")
+        return [weights]
+    if _present(folder / WEIGHTS_INDEX):
+        return _shards(folder, root, source)
     pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
     if pickled:
         why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
     else:
         why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
     raise ConverterError(
-        f"{source}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, which "
-        "writes safetensors"
+        f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
+        "which writes safetensors"
     )
+
+
+def _shards(folder: Path, root: Path, source: str) -> list[Path]:
+    """The shard files `model.safetensors.index.json`'s weight_map names (tensor name -> file name)."""
+    what = f"{escape(source)}: {WEIGHTS_INDEX}"
+    weight_map = _read_json(folder / WEIGHTS_INDEX, source, INDEX_LIMIT).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConverterError(
+            f"{what}: weight_map must be an object naming each tensor's shard file, found "
+            f"{shown(weight_map)}; re-save the model with transformers' save_pretrained"
+        )
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise ConverterError(
+                f"{what}: weight_map[{shown(tensor)}] must be a shard file name, found {shown(shard)}"
+            )
+    shards, missing = [], []
+    for name in sorted(set(weight_map.values())):
+        relative = PurePosixPath(name)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+            raise ConverterError(
+                f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only "
+                "files inside its own folder"
+            )
+        path = folder / name
+        if not _present(path):
+            missing.append(escape(name))
+            continue
+        check_regular(path, f"{what}: shard {escape(name)}")
+        if not is_inside(path, root):
+            raise ConverterError(
+                f"{what}: shard {escape(name)} is a link to {escape(str(path.resolve()))}, outside "
+                f"{escape(source)}: copy the file into the folder"
+            )
+        shards.append(path)
+    if missing:
+        raise ConverterError(f"{what} names missing shards: {', '.join(listed(missing))}")
+    return shards
 
 
 def _read_weights(files: list[Path], source: str) -> StateDict:
@@ -197,23 +260,76 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
         try:
             state_dict.update(load_file(file))
         except (SafetensorError, OSError) as err:
-            raise ConverterError(f"{source}: cannot read {file.name} ({reason(err)})") from None
+            raise ConverterError(
+                f"{escape(source)}: cannot read {escape(file.name)} ({reason(err)})"
+            ) from None
     if not state_dict:
-        raise ConverterError(f"{source}: {files[0].name} holds no tensors")
+        raise ConverterError(f"{escape(source)}: {escape(files[0].name)} holds no tensors")
     return state_dict
 
 
-def read_image_processor(folder: Path) -> dict[str, Any] | None:
+def read_image_processor(folder: Path, source: str | None = None) -> dict[str, Any] | None:
     """The image processor's settings: a flat `preprocessor_config.json` (the hub's usual file) or
-    the `image_processor` entry of `processor_config.json` (what transformers 5 writes)."""
-    flat, nested = folder / "preprocessor_config.json", folder / "processor_config.json"
-    if flat.is_file():
-        data = _read_json(flat, str(folder))
-        if isinstance(data.get("image_processor"), dict):
-            return data["image_processor"]
+    the `image_processor` entry of `processor_config.json` (what transformers 5 writes), checked by
+    `check_image_processor`."""
+    source = str(folder) if source is None else source
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        path = folder / name
+        if not _present(path):
+            continue
+        data = _read_json(path, source)
+        nested = data.get("image_processor")
+        if isinstance(nested, dict):
+            data = nested
+        elif name == "processor_config.json":
+            return None  # only the processor's class: the image processor is not in this file
+        check_image_processor(data, f"{escape(source)}: {name}")
         return data
-    if nested.is_file():
-        data = _read_json(nested, str(folder))
-        if isinstance(data.get("image_processor"), dict):
-            return data["image_processor"]
     return None
+
+
+def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
+    """The settings a VideoMAE image processor reads, by type and range (absent or null: its default),
+    so that running it can neither fail unnamed nor allocate without bound."""
+    from PIL import Image
+
+    def refuse(name: str, want: str) -> ConverterError:
+        return ConverterError(f"{what}: {name} must be {want}, found {shown(settings[name])}")
+
+    given = {name: value for name, value in settings.items() if value is not None}
+    for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
+        if name in given and not isinstance(given[name], bool):
+            raise refuse(name, "true or false")
+    for name in ("size", "crop_size"):
+        if name not in given:
+            continue
+        value = given[name]
+        sides = (
+            list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        )
+        if not sides or not all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides):
+            raise refuse(
+                name, f'sizes in pixels from 1 to {MAX_PROCESSOR_SIDE} (e.g. {{"height": 224, ...}})'
+            )
+    filters = {int(r) for r in Image.Resampling}
+    if "resample" in given and not (_whole(given["resample"]) and given["resample"] in filters):
+        raise refuse("resample", f"a PIL resampling filter, 0 to {max(filters)} (2 is bilinear)")
+    if "rescale_factor" in given and not finite_number(given["rescale_factor"]):
+        raise refuse("rescale_factor", "a finite number (1/255 for 8-bit frames)")
+    for name in ("image_mean", "image_std"):
+        value = given.get(name)
+        if name in given and not (
+            isinstance(value, list) and len(value) == 3 and all(map(finite_number, value))
+        ):
+            raise refuse(name, "a list of 3 finite numbers, one per RGB channel")
+    if "image_std" in given and 0 in given["image_std"]:
+        raise refuse("image_std", "nonzero in every channel")
+
+
+def _present(path: Path) -> bool:
+    """Whether there is anything at `path`: a file, a folder, a FIFO, or a link (even a broken one)."""
+    return path.exists() or path.is_symlink()
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

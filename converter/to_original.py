@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from converter import paths
-from converter.config import HEAD_DIM, Hyper, hyper_from_config
+from converter.config import HEAD_DIM, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
 from converter.pipeline import stage
@@ -62,6 +62,7 @@ def to_original(
 
         with stage("map") as note:
             check_state_dict(weights, hyper)  # every key, every shape, against the published config
+            check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
             back = hf_to_original(weights)
             # In the order the original trainer saved them: what a reader of the original file expects.
             original = {k: _compact(back[k]) for k in original_shapes(hyper)}

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import resource
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -452,12 +453,17 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "is --checkpoint",
     ),
     ("report-is-a-device", lambda w: _audited(w, Path("/dev/full")), 2, "is a character device: name a file"),
-    ("report-is-a-fifo", lambda w: _audited(w, _fifo(w)), 2, "is a FIFO (named pipe): name a file"),
+    (
+        "report-is-a-fifo",
+        lambda w: _audited(w, _fifo(w.root / "pipe")),
+        2,
+        "is a FIFO: name a file",
+    ),
     (
         "report-through-a-link-to-a-fifo",
-        lambda w: _audited(w, _link(w, "r.json", _fifo(w))),
+        lambda w: _audited(w, _link(w.root / "r.json", _fifo(w.root / "pipe"))),
         2,
-        "is a FIFO (named pipe)",
+        "is a FIFO",
     ),
     (
         "report-inside-the-hf-cache",
@@ -475,13 +481,13 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ),
     (
         "output-is-a-fifo",
-        lambda w: w.convert()[:4] + ["--output", _fifo(w)],
+        lambda w: w.convert()[:4] + ["--output", _fifo(w.root / "pipe")],
         2,
-        "is a FIFO (named pipe), not a folder",
+        "is a FIFO, not a folder",
     ),
     (
         "output-links-to-a-device",
-        lambda w: w.convert()[:4] + ["--output", _link(w, "out", Path("/dev/null")), "--overwrite"],
+        lambda w: w.convert()[:4] + ["--output", _link(w.root / "out", Path("/dev/null")), "--overwrite"],
         2,
         "is a character device, not a folder",
     ),
@@ -522,9 +528,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ),
     (
         "to-original-onto-a-fifo",
-        lambda w: ["--to-original", _converted(w), "--output", _fifo(w), "--overwrite"],
+        lambda w: ["--to-original", _converted(w), "--output", _fifo(w.root / "pipe"), "--overwrite"],
         2,
-        "is a FIFO (named pipe)",
+        "is a FIFO",
     ),
     (
         "to-original-is-the-source",
@@ -619,21 +625,359 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "\\x1b[2Kwrote out\\r.pth",
     ),
+    # ---- issue 18 item 3 / issue 19 item 4: every non-checkpoint input read with bounds ----------
+    # The reader: regular files only (a FIFO must not block, a device must not be read), a size cap,
+    # a nesting cap and bounded integers, for --config and for a published folder's files.
+    ("config-fifo", lambda w: w.convert()[:2] + ["--config", _fifo(w.root / "c.json")], 2, "is a FIFO"),
+    (
+        "config-link-to-fifo",
+        lambda w: w.convert()[:2] + ["--config", _link(w.root / "l.json", _fifo(w.root / "c.json"))],
+        2,
+        "l.json is a FIFO",
+    ),
+    ("config-dev-zero", lambda w: w.convert()[:2] + ["--config", "/dev/zero"], 2, "is a character device"),
+    (
+        "config-2gb-sparse",
+        lambda w: w.convert()[:2] + ["--config", _sparse(w, "c.json")],
+        2,
+        "more than the 4 MiB",
+    ),
+    (
+        "config-nested-100000-deep",
+        lambda w: w.convert()[:2] + ["--config", w.file("c.json", "[" * 100_000 + "]" * 100_000)],
+        2,
+        "nested more than 64 levels",
+    ),
+    (
+        "config-5000-digit-size",
+        lambda w: w.convert()[:2] + ["--config", _config_text(w, "text_config.hidden_size", "9" * 5000)],
+        2,
+        "an integer of 5,000 digits",
+    ),
+    (
+        "config-not-utf8",
+        lambda w: w.convert()[:2] + ["--config", w.file("c.json", b'{"model_type": "\xff"}')],
+        2,
+        "not UTF-8",
+    ),
+    (
+        "audit-config-fifo",
+        lambda w: [
+            "--audit",
+            _converted(w),
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            _fifo(w.root / "c.json"),
+        ],
+        2,
+        "is a FIFO",
+    ),
+    ("published-config-fifo", lambda w: _back_with(w, "config.json", _fifo), 2, "config.json is a FIFO"),
+    (
+        "published-config-2gb-sparse",
+        lambda w: _back_with(w, "config.json", lambda path: _truncated(path, 2 << 30), outside=True),
+        2,
+        "config.json is 2,147,483,648 bytes",
+    ),
+    (
+        "published-config-nested-deep",
+        lambda w: _back_with(
+            w, "config.json", lambda path: path.write_text('{"a": ' * 50_000 + "1" + "}" * 50_000)
+        ),
+        2,
+        "config.json: JSON nested more than 64 levels",
+    ),
+    (
+        "published-preprocessor-fifo",
+        lambda w: _back_with(w, "preprocessor_config.json", _fifo),
+        2,
+        "preprocessor_config.json is a FIFO",
+    ),
+    (
+        "published-weights-fifo",
+        lambda w: _back_with(w, "model.safetensors", _fifo),
+        2,
+        "model.safetensors is a FIFO",
+    ),
+    # Every config field the converter reads: type and range, sizes bounded by name.
+    *[
+        (
+            f"config-{name.split('.')[-1]}-1e9",
+            lambda w, name=name: _given(w, name, 10**9),
+            2,
+            f"{name} must be at most",
+        )
+        for name in (
+            "vision_config.hidden_size",
+            "text_config.num_hidden_layers",
+            "vision_config.num_frames",
+            "vision_config.image_size",
+            "text_config.vocab_size",
+            "text_config.max_position_embeddings",
+            "vision_config.mit_intermediate_size",
+        )
+    ],
+    (
+        "config-size-float",
+        lambda w: _given(w, "projection_dim", 32.0),
+        2,
+        "projection_dim must be a positive integer",
+    ),
+    (
+        "config-size-bool",
+        lambda w: _given(w, "prompt_layers", True),
+        2,
+        "prompt_layers must be a positive integer",
+    ),
+    (
+        "config-hidden-act-unknown",
+        lambda w: _given(w, "vision_config.hidden_act", "swishy"),
+        2,
+        "vision_config.hidden_act must be an activation transformers knows",
+    ),
+    (
+        "config-prompt-hidden-act-number",
+        lambda w: _given(w, "prompt_hidden_act", 3),
+        2,
+        "prompt_hidden_act must be an activation",
+    ),
+    (
+        "config-layer-norm-eps-negative",
+        lambda w: _given(w, "text_config.layer_norm_eps", -1e-5),
+        2,
+        "text_config.layer_norm_eps must be a number between 0 and 1",
+    ),
+    (
+        "config-layer-norm-eps-string",
+        lambda w: _given(w, "vision_config.layer_norm_eps", "tiny"),
+        2,
+        "vision_config.layer_norm_eps must be a number",
+    ),
+    (
+        "config-dropout-above-one",
+        lambda w: _given(w, "text_config.attention_dropout", 2),
+        2,
+        "text_config.attention_dropout must be a probability",
+    ),
+    (
+        "config-logit-scale-string",
+        lambda w: _given(w, "logit_scale_init_value", "abc"),
+        2,
+        "logit_scale_init_value must be a finite number",
+    ),
+    (
+        "config-prompt-alpha-list",
+        lambda w: _given(w, "prompt_alpha", [0.1]),
+        2,
+        "prompt_alpha must be a finite",
+    ),
+    (
+        "config-num-channels-zero",
+        lambda w: _given(w, "vision_config.num_channels", 0),
+        2,
+        "vision_config.num_channels must be a positive integer",
+    ),
+    (
+        "config-patch-larger-than-image",
+        lambda w: _given(w, "vision_config.patch_size", 64),
+        2,
+        "vision_config.patch_size 64 is larger than vision_config.image_size 32",
+    ),
+    (
+        "config-string-with-escapes",
+        lambda w: _given(w, "text_config.hidden_act", "\x1b[2Kquick_gelu\r\nwrote out"),
+        2,
+        "text_config.hidden_act must be an activation transformers knows (the original uses quick_gelu), "
+        "found '\\x1b[2Kquick_gelu\\r\\nwrote out'",
+    ),
+    (
+        "to-original-hidden-act-unknown",
+        lambda w: _back(w, "vision_config.hidden_act", "swishy"),
+        2,
+        "config.json: vision_config.hidden_act must be an activation",
+    ),
+    (
+        "to-original-size-1e9",
+        lambda w: _back(w, "vision_config.intermediate_size", 10**9),
+        2,
+        "config.json: vision_config.intermediate_size must be at most",
+    ),
+    # Config fields the weights' shapes cannot show: image_size's patch grid, num_channels.
+    (
+        "config-image-size-off-grid",
+        lambda w: _given(w, "vision_config.image_size", 36),
+        2,
+        "vision_config.image_size 36 is not vision_config.patch_size 8 × the 4×4 patch grid",
+    ),
+    (
+        "config-image-size-240-on-b32-grid",
+        lambda w: _b32_grid_at_240(w),
+        2,
+        "vision_config.image_size 240 is not vision_config.patch_size 32 × the 7×7 patch grid of the "
+        "weights' position embedding: set image_size to 224",
+    ),
+    (
+        "config-num-channels-1",
+        lambda w: _given(w, "vision_config.num_channels", 1),
+        2,
+        "vision_config.num_channels 1 does not match the 3 input channels",
+    ),
+    (
+        "config-num-channels-1-no-verify",  # refused before --no-verify would write a folder that cannot load
+        lambda w: [*_given(w, "vision_config.num_channels", 1), "--output", w.parent / "out", "--no-verify"],
+        2,
+        "num_channels 1 does not match",
+    ),
+    (
+        "audit-config-image-size-off-grid",
+        lambda w: [
+            "--audit",
+            _converted(w),
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config_with("c.json", lambda d: _set(d, "vision_config.image_size", 36)),
+        ],
+        2,
+        "set image_size to 32",
+    ),
+    (
+        "to-original-num-channels-1",
+        lambda w: _back(w, "vision_config.num_channels", 1),
+        2,
+        "config.json: vision_config.num_channels 1 does not match the 3 input channels",
+    ),
+    (
+        "to-original-image-size-off-grid",
+        lambda w: _back(w, "vision_config.image_size", 39),
+        2,
+        "config.json: vision_config.image_size 39 is not vision_config.patch_size 8",
+    ),
+    # model.safetensors.index.json: weight_map an object of shard files, each inside SOURCE.
+    *[
+        (
+            f"index-weight-map-{kind}",
+            lambda w, value=value: _sharded(w, lambda i: {**i, "weight_map": value}),
+            2,
+            "weight_map must be an object naming each tensor's shard file",
+        )
+        for kind, value in (
+            ("list", ["model-00001-of-00001.safetensors"]),
+            ("int", 7),
+            ("str", "model-00001-of-00001.safetensors"),
+            ("null", None),
+            ("empty", {}),
+        )
+    ],
+    (
+        "index-weight-map-absent",
+        lambda w: _sharded(w, lambda i: {"metadata": i["metadata"]}),
+        2,
+        "weight_map must be an object",
+    ),
+    *[
+        (
+            f"index-shard-name-{kind}",
+            lambda w, value=value: _sharded(w, lambda i: _one_shard(i, value)),
+            2,
+            "must be a shard file name",
+        )
+        for kind, value in (("int", 5), ("null", None), ("list", ["a"]), ("empty", ""))
+    ],
+    ("index-not-object", lambda w: _sharded(w, lambda i: [i]), 2, "index.json: expected a JSON object"),
+    (
+        "index-shard-dotdot",
+        lambda w: _sharded(
+            w, lambda i: _one_shard(i, "../elsewhere/model.safetensors"), place="../elsewhere"
+        ),
+        2,
+        "lies outside",
+    ),
+    (
+        "index-shard-absolute",
+        lambda w: _sharded(
+            w,
+            lambda i: _one_shard(i, str(w.root / "elsewhere" / "m.safetensors")),
+            place=str(w.root / "elsewhere" / "m.safetensors"),
+        ),
+        2,
+        "lies outside",
+    ),
+    ("index-shard-link-out", lambda w: _sharded(w, lambda i: i, link_out=True), 2, "outside"),
+    (
+        "index-shard-fifo",
+        lambda w: _sharded(w, lambda i: _one_shard(i, "fifo.safetensors"), fifo="fifo.safetensors"),
+        2,
+        "shard fifo.safetensors is a FIFO",
+    ),
+    (
+        "index-shard-missing",
+        lambda w: _sharded(w, lambda i: _one_shard(i, "model-00009-of-00009.safetensors")),
+        2,
+        "names missing shards: model-00009-of-00009.safetensors",
+    ),
+    (
+        "index-nested-deep",
+        lambda w: _index_replaced(w, lambda p: p.write_text("[" * 100_000 + "]" * 100_000)),
+        2,
+        "nested more than 64 levels",
+    ),
+    (
+        "index-huge-sparse",
+        lambda w: _index_replaced(w, lambda p: _truncated(p, 17 << 20)),
+        2,
+        "more than the 16 MiB",
+    ),
+    # The published image processor's settings: by type and range before anything runs them.
+    *[
+        (f"processor-{kind}", lambda w, change=change: _processor(w, change), 2, words)
+        for kind, change, words in (
+            ("image-mean-string", {"image_mean": "abc"}, "image_mean must be a list of 3 finite numbers"),
+            ("image-mean-number", {"image_mean": 5}, "image_mean must be a list of 3 finite numbers"),
+            ("image-mean-null-item", {"image_mean": [None]}, "image_mean must be a list of 3 finite numbers"),
+            ("image-std-zero", {"image_std": [0.2, 0, 0.2]}, "image_std must be nonzero"),
+            (
+                "crop-30000",
+                {"crop_size": {"height": 30000, "width": 30000}},
+                "crop_size must be sizes in pixels",
+            ),
+            (
+                "shortest-edge-1e9",
+                {"size": {"shortest_edge": 10**9}},
+                "size must be sizes in pixels from 1 to",
+            ),
+            ("resample-string", {"resample": "bilinear"}, "resample must be a PIL resampling filter"),
+            ("do-resize-string", {"do_resize": "yes"}, "do_resize must be true or false"),
+            (
+                "rescale-factor-nan",
+                {"rescale_factor": float("nan")},
+                "rescale_factor must be a finite number",
+            ),
+        )
+    ],
+    (
+        "processor-not-object",
+        lambda w: _back_with(w, "preprocessor_config.json", lambda p: p.write_text("[224]")),
+        2,
+        "preprocessor_config.json: expected a JSON object",
+    ),
+    (
+        "audit-processor-crop-30000",
+        lambda w: [
+            "--audit",
+            _converted_with_processor(w, {"crop_size": {"height": 30000, "width": 30000}}),
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config,
+        ],
+        2,
+        "preprocessor_config.json: crop_size must be sizes in pixels",
+    ),
     ("bad-dtype", lambda w: w.convert("--dtype", "int8"), 2, "invalid choice"),
     ("verification-fails", lambda w: _wrong_heads(w), 1, "does not reproduce the original"),
 ]
-
-
-def _fifo(w: Workspace, name: str = "pipe") -> Path:
-    path = w.root / name
-    if not path.exists():
-        os.mkfifo(path)
-    return path
-
-
-def _link(w: Workspace, name: str, target: Path) -> Path:
-    (w.root / name).symlink_to(target)
-    return w.root / name
 
 
 def _clip(w: Workspace) -> Path:
@@ -694,6 +1038,144 @@ def _wrong_heads(w: Workspace) -> list[object]:
     ]
 
 
+# ---- builders for the bounded reader's cases (issue 18 item 3, issue 19 item 4) ----------------
+
+
+def _fifo(path: Path) -> Path:
+    """A FIFO at `path`. Should the code regress and open it for reading (which blocks until a writer
+    comes), a watcher opens it for writing after a while: the read then ends, and the case fails on
+    its words instead of hanging the suite."""
+    os.mkfifo(path)
+
+    def release_a_blocked_reader() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and path.parent.exists():
+            try:  # succeeds only while a reader has the FIFO open (or is blocked opening it)
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:
+                time.sleep(0.2)
+
+    threading.Thread(target=release_a_blocked_reader, daemon=True).start()
+    return path
+
+
+def _link(path: Path, target: Path) -> Path:
+    path.symlink_to(target)
+    return path
+
+
+def _truncated(path: Path, size: int) -> Path:
+    """`path` as a sparse file of `size` bytes: no disk used, but reading it whole would take `size`."""
+    path.unlink(missing_ok=True)
+    with open(path, "wb") as file:
+        file.truncate(size)
+    return path
+
+
+def _sparse(w: Workspace, name: str) -> Path:
+    """A 2 GB sparse file beside the workspace (the corpus' snapshot reads every file in it)."""
+    return _truncated(w.root.parent / name, 2 << 30)
+
+
+def _config_text(w: Workspace, path: str, raw: str) -> Path:
+    """The golden config with `path` set to `raw`, spliced into the JSON text unparsed."""
+    data = _set(json.loads(w.config.read_text()), path, "RAW")
+    return w.file("c.json", json.dumps(data).replace('"RAW"', raw))
+
+
+def _given(w: Workspace, path: str, value: object) -> list[object]:
+    """A conversion of the golden whose --config has `path` set to `value`."""
+    return ["--checkpoint", w.checkpoint, "--config", w.config_with("c.json", lambda d: _set(d, path, value))]
+
+
+def _b32_grid_at_240(w: Workspace) -> list[object]:
+    """A B/32-shaped checkpoint (patch 32 on a 7×7 grid, small widths) with a --config saying 240 px:
+    240 // 32 is the same 7×7 grid, so no shape disagrees."""
+    import dataclasses
+
+    from converter.config import to_config
+    from converter.synthetic import make_state_dict
+
+    b32 = dataclasses.replace(helpers.SQUARE, image_size=224, patch_size=32)
+    checkpoint = w.saved("b32.pth", {"model": make_state_dict(b32, seed=1)})
+    to_config(dataclasses.replace(b32, image_size=240)).save_pretrained(w.root / "b32")
+    return ["--checkpoint", checkpoint, "--config", w.root / "b32" / "config.json"]
+
+
+def _back_with(
+    w: Workspace, name: str, spoil: Callable[[Path], object], outside: bool = False
+) -> list[object]:
+    """--to-original of a converted golden whose file `name` is replaced by `spoil(path)`; `outside`
+    builds the folder beside the workspace (for files the corpus' snapshot must not read whole)."""
+    folder = _converted(w)
+    if outside:
+        folder = folder.rename(w.root.parent / "converted")
+    (folder / name).unlink(missing_ok=True)
+    spoil(folder / name)
+    return ["--to-original", folder, "--output", w.root / "back.pth"]
+
+
+SHARD = "model-00001-of-00001.safetensors"
+
+
+def _sharded(
+    w: Workspace,
+    change: Callable[[dict], object],
+    place: str | None = None,
+    link_out: bool = False,
+    fifo: str | None = None,
+) -> list[object]:
+    """--to-original of the converted golden with its weights as one shard named by an index, the
+    index passed through `change`. `place` moves the shard there (relative to the folder), `link_out`
+    leaves a link to a shard outside the folder, `fifo` puts a FIFO of that name in the folder."""
+    folder = _converted(w)
+    weights = folder / "model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        keys = list(f.keys())
+    shard = folder / SHARD
+    weights.rename(shard)
+    if place is not None:
+        target = folder / place
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shard.rename(target)
+    if link_out:
+        (w.root / "elsewhere").mkdir()
+        shard.rename(w.root / "elsewhere" / SHARD)
+        shard.symlink_to(w.root / "elsewhere" / SHARD)
+    if fifo is not None:
+        _fifo(folder / fifo)
+    index = {"metadata": {"total_size": 0}, "weight_map": dict.fromkeys(keys, SHARD)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(change(index)))
+    return ["--to-original", folder, "--output", w.root / "back.pth"]
+
+
+def _index_replaced(w: Workspace, spoil: Callable[[Path], object]) -> list[object]:
+    """`_sharded` with its index file then replaced by `spoil(path)`."""
+    argv = _sharded(w, lambda index: index)
+    spoil(Path(argv[1]) / "model.safetensors.index.json")
+    return argv
+
+
+def _one_shard(index: dict, name: object) -> dict:
+    """The index with every tensor in the shard `name`."""
+    return {**index, "weight_map": dict.fromkeys(index["weight_map"], name)}
+
+
+def _converted_with_processor(w: Workspace, change: dict) -> Path:
+    folder = _converted(w)
+    processor = folder / "preprocessor_config.json"
+    processor.write_text(json.dumps({**json.loads(processor.read_text()), **change}))
+    return folder
+
+
+def _processor(w: Workspace, change: dict) -> list[object]:
+    """--to-original of a converted golden whose preprocessor_config.json has `change` applied."""
+    return ["--to-original", _converted_with_processor(w, change), "--output", w.root / "back.pth"]
+
+
 @pytest.fixture
 def workspace(tmp_path) -> Workspace:
     root = tmp_path / "user"
@@ -715,7 +1197,7 @@ def _snapshot(*folders: Path) -> dict[str, bytes | None]:
 
 
 def test_the_corpus_is_large_and_distinct():
-    assert len(CASES) >= 90
+    assert len(CASES) >= 120
     assert len({case_id for case_id, *_ in CASES}) == len(CASES)
 
 
@@ -737,6 +1219,7 @@ def test_bad_input(workspace, build, code, words, capsys, monkeypatch):
 
     assert rc == code, (argv, out, err)
     assert "Traceback" not in err and "Traceback" not in out
+    assert "internal error" not in err  # a bug's catch-all line is never a refusal
     assert words in err, err
     assert "\x1b" not in err and len(err) < 8000, err[:500]
     message = [line for line in err.splitlines() if "error" in line or "does not reproduce" in line]

@@ -60,7 +60,7 @@ def _below_a_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("option", "make", "words"),
     [
-        ("--report", _fifo, "is a FIFO (named pipe): name a file"),
+        ("--report", _fifo, "is a FIFO: name a file"),
         ("--report", _folder, "is a folder: name a file"),
         ("--save-dir", _file, "is a regular file, not a folder"),
         ("--save-dir", _below_a_file, "afile is a file, not a folder"),

@@ -1,0 +1,169 @@
+"""Read a small input file — a config, a processor or tokenizer file, a shard index — with bounds.
+
+Every non-checkpoint file the converter reads comes through here, so no such file can block, exhaust
+memory or the stack, or end in `internal error`:
+
+- regular files only: the path is stat'ed (links followed) before it is opened, and opened
+  non-blocking and fstat'ed again, so a FIFO or a device is never read — not even one swapped in
+  between the two;
+- a size cap per kind of file, checked before anything is read, and the read itself stops there;
+- JSON nested at most `MAX_DEPTH` deep, and integers of at most `MAX_INT_DIGITS` digits.
+
+Every refusal is a `ConverterError` whose one line starts with `what`, the caller's name for the file
+(e.g. "--config c.json" or "org/name: config.json").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from converter.errors import ConverterError, escape, reason
+from converter.paths import kind_of
+
+MiB = 1 << 20
+# The caps hold the largest real file of each kind many times over; a file above them is not one.
+CONFIG_LIMIT = 4 * MiB  # config.json, --config, preprocessor/processor/tokenizer_config.json: ≈ 5 KB real
+INDEX_LIMIT = 16 * MiB  # model.safetensors.index.json: ≈ 100 bytes a tensor, ≈ 60 KB for L/14
+TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json ≈ 2.2 MB for CLIP, vocab.json ≈ 0.9 MB, merges.txt ≈ 0.5 MB
+MAX_DEPTH = 64  # a config is 3 levels deep, tokenizer.json 5
+MAX_INT_DIGITS = 19  # a signed 64-bit integer: no size, id or count in these files needs more
+
+
+def check_regular(path: Path, what: str) -> os.stat_result:
+    """The file's stat when `path` is a regular file (links followed); else one line saying what it is."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ConverterError(f"{what}: no such file") from None
+    except OSError as err:
+        raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
+    _refuse_unless_regular(info, what)
+    return info
+
+
+def _refuse_unless_regular(info: os.stat_result, what: str) -> None:
+    if stat.S_ISREG(info.st_mode):
+        return
+    kind = kind_of(info.st_mode)
+    if kind == "a folder":
+        raise ConverterError(f"{what} is a folder: give the file inside it")
+    raise ConverterError(f"{what} is {kind}, not a regular file: give a file")
+
+
+def read_bytes(path: Path, what: str, limit: int) -> bytes:
+    """The whole file, refused unread when it is not a regular file or holds more than `limit` bytes."""
+    check_regular(path, what)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as err:
+        raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
+    try:
+        info = os.fstat(fd)
+        _refuse_unless_regular(info, what)  # what was opened, should the path have changed since
+        _refuse_above(info.st_size, what, limit)
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(limit + 1 - size, 4 * MiB)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:  # grew while being read
+                _refuse_above(size, what, limit)
+    except OSError as err:
+        raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _refuse_above(size: int, what: str, limit: int) -> None:
+    if size > limit:
+        raise ConverterError(
+            f"{what} is {size:,} bytes, more than the {limit // MiB} MiB such a file may have: "
+            "is it the right file?"
+        )
+
+
+def check_size(path: Path, what: str, limit: int) -> None:
+    """A regular file of at most `limit` bytes, left unread (for files another library parses)."""
+    _refuse_above(check_regular(path, what).st_size, what, limit)
+
+
+class _IntegerTooLong(ValueError):
+    def __init__(self, digits: int):
+        super().__init__(digits)
+        self.digits = digits
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise _IntegerTooLong(digits)
+    return int(text)
+
+
+def read_json(path: Path, what: str, limit: int = CONFIG_LIMIT) -> Any:
+    """A JSON file's value, read with `read_bytes`' checks, nested at most MAX_DEPTH deep, integers
+    of at most MAX_INT_DIGITS digits."""
+    data = read_bytes(path, what, limit)
+    try:
+        value = json.loads(data.decode("utf-8"), parse_int=_bounded_int)
+    except UnicodeDecodeError as err:
+        raise ConverterError(f"{what}: not UTF-8 text ({reason(err)})") from None
+    except _IntegerTooLong as err:
+        raise ConverterError(
+            f"{what}: an integer of {err.digits:,} digits (at most {MAX_INT_DIGITS}): not a real value"
+        ) from None
+    except RecursionError:  # deeper than the interpreter's stack: certainly deeper than MAX_DEPTH
+        raise ConverterError(_too_deep(what)) from None
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise ConverterError(f"{what}: cannot read JSON ({reason(err)})") from None
+    if _depth(value) > MAX_DEPTH:
+        raise ConverterError(_too_deep(what))
+    return value
+
+
+def read_json_object(path: Path, what: str, limit: int = CONFIG_LIMIT) -> dict[str, Any]:
+    """`read_json`, refused unless the file holds a JSON object."""
+    value = read_json(path, what, limit)
+    if not isinstance(value, dict):
+        raise ConverterError(f"{what}: expected a JSON object, found {_json_type(value)}")
+    return value
+
+
+def _too_deep(what: str) -> str:
+    return f"{what}: JSON nested more than {MAX_DEPTH} levels deep: not a config file"
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def shown(value: object) -> str:
+    """A value read from a file, for a message: on one short line, control characters escaped."""
+    text = escape(repr(value))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def finite_number(value: object) -> bool:
+    """A JSON number (not a boolean) that is finite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_type(value: Any) -> str:
+    """JSON's own name for a parsed value's type."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -1,8 +1,10 @@
-"""Project-wide pytest setup: the per-model suite's options, and torch threads sized for xdist workers."""
+"""Project-wide pytest setup: the per-model suite's options, torch threads sized for xdist workers, and
+Ctrl-C as a terminal gives it to the processes the tests start."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 pytest_plugins = ("tests.report",)
 
@@ -68,6 +70,7 @@ def pytest_configure(config) -> None:
 
     torch.set_num_threads(_threads_per_worker())
     _check_output_options(config)
+    _interruptible_children()
 
 
 def _check_output_options(config) -> None:
@@ -94,3 +97,12 @@ def _check_output_options(config) -> None:
                 paths.check_writable(flag, target)
     except ConverterError as err:
         raise pytest.UsageError(str(err)) from None
+
+
+def _interruptible_children() -> None:
+    """Launched with SIGINT ignored (`cmd &` from a script, nohup), every process the tests start
+    inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler in it: the tests that
+    interrupt a child would wait for nothing. Give this process SIGINT's usual handler, so that its
+    children (xdist workers included) start with the default disposition, as from a terminal."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

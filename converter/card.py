@@ -1,5 +1,6 @@
-"""The model card (README.md) of a converted folder: hub front matter, provenance, verification,
-preprocessing, config and a usage snippet that runs unchanged on transformers 4.40 .. 5.x."""
+"""The model card (README.md) of a converted folder: hub front matter (huggingface_hub's ModelCardData),
+provenance, verification, preprocessing, config, an install line and a usage snippet that runs
+unchanged on transformers 4.40 .. 5.x, and the paper to cite."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from huggingface_hub import ModelCard, ModelCardData
+
 from converter.config import Hyper
+from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
 
 if TYPE_CHECKING:
     from converter.verify import Verification
@@ -24,14 +28,30 @@ _CLIP_BASES = {
     (14, 1024, 224): "openai/clip-vit-large-patch14",
     (14, 1024, 336): "openai/clip-vit-large-patch14-336",
 }
-# Hub dataset ids of the training data, by the registry name's marker (first match wins).
-_DATASETS = (
-    ("kinetics-600", ["kinetics-600"]),
-    ("hmdb", ["hmdb51"]),
-    ("ucf", ["ucf101"]),
-    ("zero-shot", ["kinetics-400"]),  # trained on Kinetics-400, evaluated zero-shot on the others
-    ("xclip-", ["kinetics-400"]),
-)
+# No `pipeline_tag`: no transformers pipeline loads an XCLIPModel folder (video-classification wants a
+# *ForVideoClassification model, zero-shot-image-classification fails on the video model's shapes;
+# tests/test_card.py checks both). No `datasets`: Kinetics, HMDB-51 and UCF-101 have no canonical hub
+# dataset, only third-party uploads, so the training data is named in the text instead.
+TAGS = ["vision", "video", "x-clip"]
+INSTALL = 'pip install "transformers>=4.40" torch pillow numpy'
+CITATION = """@article{ni2022expanding,
+  title={Expanding Language-Image Pretrained Models for General Video Recognition},
+  author={Ni, Bolin and Peng, Houwen and Chen, Minghao and Zhang, Songyang and Meng, Gaofeng and
+          Fu, Jianlong and Xiang, Shiming and Ling, Haibin},
+  journal={arXiv preprint arXiv:2208.02816},
+  year={2022}
+}"""
+MIRRORED = "fetched through a mirror"
+# The front matter's key order: license first (the hub and our tests read the card's first line).
+_ORDER = [
+    "license",
+    "library_name",
+    "language",
+    "tags",
+    "base_model",
+    "base_model_relation",
+    "converted_from",
+]
 
 
 def model_card(
@@ -48,24 +68,24 @@ def model_card(
     """README.md for the output folder.
 
     `source` is where the checkpoint came from: a URL, or a local path of which only the file name is
-    recorded (a card is published; a user's directory names are not). `verification` is the mapping
+    recorded (a card is published; a user's directory names are not); a published variant's copy from a
+    mirror is recorded as its release (`recorded_source`). `verification` is the mapping
     check gated by `--atol`, done on the weights as written; for a reduced `dtype`, `float32_distance`
     is the max |Δ| per output between the written model and the float32 original (reported, not gated).
     """
-    from converter.registry import VARIANTS
-
-    source = public_source(source)
-    metadata = _front_matter(name, hyper, source, sha256, known=name in VARIANTS)
+    source, how = recorded_source(source, VARIANTS.get(name))
+    metadata = _front_matter(hyper, source, sha256)
     load_from = repo_id or PLACEHOLDER
-    return f"""---
-{metadata}---
+    card = f"""---
+{metadata}
+---
 
 # {name}
 
 X-CLIP ("Expanding Language-Image Pretrained Models for General Video Recognition", ECCV 2022), converted
 from the original checkpoint of microsoft/VideoX to transformers' `XCLIPModel` by xclip-converter.
 {_trained_on(name)}
-- Source: {source}
+- Source: {source}{f" ({how})" if how else ""}
 - Source sha256: {sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)"}
 - Weights: {dtype}
 
@@ -79,7 +99,12 @@ from the original checkpoint of microsoft/VideoX to transformers' `XCLIPModel` b
 
 ## Usage
 
-Runs unchanged on transformers 4.40 through 5.x:
+Runs unchanged on transformers 4.40 through 5.x. Pillow is needed: the image processor resizes with it,
+and without it loading the processor fails.
+
+```bash
+{INSTALL}
+```
 
 ```python
 {usage_snippet(load_from, hyper.frames)}```
@@ -95,7 +120,14 @@ verified with, to use in place of `processor.image_processor`.
 | field | value |
 |---|---|
 {_config_rows(hyper)}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
 """
+    return str(ModelCard(card))
 
 
 def usage_snippet(load_from: str, frames: int) -> str:
@@ -129,25 +161,38 @@ def public_source(source: str) -> str:
     return PurePath(path.replace("\\", "/")).name or source
 
 
-def _front_matter(name: str, hyper: Hyper, source: str, sha256: str | None, known: bool) -> str:
-    import yaml
+def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
+    """The source a card records, and how the file was had when that is not the source itself.
 
-    data: dict[str, object] = {
-        "license": "mit",  # first: the hub and our tests read the card's first line
-        "library_name": "transformers",
-        "pipeline_tag": "video-classification",
-        "language": ["en"],
-        "tags": ["vision", "video-classification", "x-clip"],
-    }
+    A published variant's copy from anywhere but its release (a mirror set with XCLIP_RELEASE_URL, or
+    another URL serving the release's file) is recorded as the release, "fetched through a mirror":
+    a mirror's host is a private detail. Anything else as `public_source` has it."""
+    public = public_source(source)
+    parts = urlsplit(source)
+    if variant is None or parts.scheme not in ("http", "https"):
+        return public, ""
+    release = release_url(variant)
+    if public == release or PurePath(parts.path).name != variant.source.filename:
+        return public, ""
+    return release, MIRRORED
+
+
+def release_url(variant: Variant) -> str:
+    """Where the authors published `variant`'s checkpoint, whatever mirror is configured."""
+    if variant.source.kind == "release":
+        return f"{RELEASE_BASE_URL}/{variant.source.filename}"
+    return f"https://drive.google.com/file/d/{variant.source.ref}"
+
+
+def _front_matter(hyper: Hyper, source: str, sha256: str | None) -> str:
+    data = ModelCardData(license="mit", library_name="transformers", language=["en"], tags=TAGS)
     base = _CLIP_BASES.get((hyper.patch_size, hyper.vision_width, hyper.image_size))
     if base is not None:
-        data.update(base_model=base, base_model_relation="finetune")
-    if known:
-        data["datasets"] = next(ids for marker, ids in _DATASETS if marker in name)
+        data.base_model, data.base_model_relation = base, "finetune"
     # Provenance beyond what `base_model` can hold: the exact file this folder was converted from.
-    data["converted_from"] = {"source": source, "sha256": sha256}
-    data["architectures"] = ["XCLIPModel"]
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    data.converted_from = {"source": source, "sha256": sha256}
+    data.architectures = ["XCLIPModel"]
+    return data.to_yaml(original_order=_ORDER)
 
 
 def _trained_on(name: str) -> str:

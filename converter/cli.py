@@ -12,10 +12,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converter import DTYPES
+from converter import DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
@@ -25,6 +26,34 @@ if TYPE_CHECKING:
 DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"
+ATOL_SHOWN = "2e-05"  # converter.verify.DEFAULT_ATOL as --help shows it: --help must not import torch
+EPILOG = """\
+exit status:
+  0            converted, verified and written (--audit: the published model matches)
+  1            a verification ran and failed; nothing written (--audit: a mismatch, named)
+  2            any other refusal: one line naming the file, key or flag, and what to do
+  130/143/129  interrupted by Ctrl-C / SIGTERM / SIGHUP; nothing left behind
+
+environment:
+  XCLIP_CACHE        where fetched checkpoints are kept (default: ~/.cache/xclip-converter)
+  XCLIP_RELEASE_URL  a mirror holding the released checkpoints by file name, fetched from instead
+                     of the release (the model card still cites the release)
+  HF_TOKEN           hub token for --push-to-hub and private repos (or `hf auth login` once)
+  HF_HUB_OFFLINE     1: never contact the hub (--audit and --to-original read the local HF cache)
+  XCLIP_DEBUG        1: show the traceback of an internal error
+"""
+_IMPORTED = time.perf_counter()  # where start-up is measured from when /proc cannot tell
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, where it has one the help does not already state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
 
 # The flags each job reads (argparse dests); any other flag given is refused, naming the job.
 _COMMON = {"quiet", "atol"}
@@ -55,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     src = p.add_argument_group("source")
     src.add_argument("--checkpoint", metavar="PATH|URL", help="original checkpoint: a local file or URL")
     src.add_argument(
@@ -71,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
     src.add_argument(
-        "--force-download", action="store_true", help="fetch again even if the cache holds the checkpoint"
+        "--force-download",
+        action="store_true",
+        help="fetch again even if the cache ($XCLIP_CACHE) holds the checkpoint",
     )
 
     out = p.add_argument_group("output")
@@ -105,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--atol",
         type=float,
         default=None,
-        help="largest difference allowed, relative to each output's magnitude (default 2e-5)",
+        help=f"largest difference allowed, relative to each output's magnitude (default: {ATOL_SHOWN})",
     )
     ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
     ver.add_argument(
@@ -183,6 +217,34 @@ def _out(text: str) -> None:
 def _say(message: str) -> None:
     lines = message.splitlines() or [""]
     print("\n".join(escape(line) for line in [f"{PROG}: {lines[0]}", *lines[1:]]), file=sys.stderr)
+
+
+def _start_up() -> float:
+    """Seconds from the process start to now: called just before the first stage, what Python, the
+    imports (torch) and the checks of the flags took."""
+    since_start = _seconds_since_process_start()
+    return since_start if since_start is not None else time.perf_counter() - _IMPORTED
+
+
+def _log_times(start_up: float) -> None:
+    """The last progress line of a run that worked: with it the stages' times add up to the run's."""
+    logging.getLogger("converter").info(
+        "start-up: Python, the imports and the checks of the flags, before the first stage (%.1f s); "
+        "%.1f s in all",
+        start_up,
+        _start_up(),
+    )
+
+
+def _seconds_since_process_start() -> float | None:
+    """From the kernel's record of this process's start (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return max(0.0, float(uptime.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class _EscapedLines(logging.Formatter):
@@ -284,6 +346,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     _check_flags(args)
     repo_id = _repo_id(args) if args.push_to_hub is not None else None  # fail fast offline
+    if args.output is None and repo_id is None:
+        logging.getLogger("converter").warning("no --output: nothing will be written")
+    start_up = _start_up()
     result = convert_checkpoint(
         args.checkpoint,
         model_name=args.model_name,
@@ -308,6 +373,7 @@ def _convert(args: argparse.Namespace) -> int:
         _out("no --output given: nothing written")
     if repo_id is not None:
         _out(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
+    _log_times(start_up)
     return EXIT_OK
 
 
@@ -441,6 +507,7 @@ def _to_original(args: argparse.Namespace) -> int:
     if not args.output:
         raise ConverterError("--to-original needs --output FILE.pth")
     _check_revision(args.to_original, args.revision)
+    start_up = _start_up()
     result = to_original(
         args.to_original,
         Path(args.output),
@@ -450,6 +517,7 @@ def _to_original(args: argparse.Namespace) -> int:
     )
     _out(result.verification.summary())
     _out(f"wrote {escape(str(result.output))}")
+    _log_times(start_up)
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -162,7 +163,9 @@ def _load_torch(path: Path) -> object:
     # mmap keeps the file's pages out of anonymous memory; only the zip format supports it.
     mmap = zipfile.is_zipfile(path)
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+            # A plain pickle of protocol 3+ makes torch warn before it fails; the failure is explained.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - torch raises many types; we explain in our own words
         # torch's message advises `weights_only=False`, the opposite of this tool's promise: never relay it.
@@ -223,19 +226,78 @@ def _globals_in_stream(data: bytes) -> Iterator[str]:
 
 
 def _unreadable(path: Path, err: BaseException) -> ConverterError:
+    """Why `path` cannot be read, in words found by looking at the file (never torch's message,
+    which names internals and advises loading unsafely)."""
+    what = _what_is_wrong(path, err)
+    advice = _RESAVE if what.startswith(_NOT_A_CHECKPOINT) else _REFETCH
+    return ConverterError(f"{escape(str(path))}: cannot read checkpoint: {what}; {advice}")
+
+
+_NOT_A_CHECKPOINT = "it is not a checkpoint"
+_RESAVE = "give a file that torch.save wrote (.pth) or a .safetensors file"
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy (pre-1.6) format
+
+
+def _what_is_wrong(path: Path, err: BaseException) -> str:
     head = _head(path)
+    if not head:
+        return "the file is empty"
     if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
-        what = "it is a web page (HTML), not a checkpoint"
-    elif not head:
-        what = "the file is empty"
-    else:
-        what = reason(err).split(". ")[0]
-        if "weights_only" in what:  # torch's advice to load unsafely: never passed on
-            what = "not a PyTorch checkpoint this tool can read weights-only"
-    return ConverterError(
-        f"{escape(str(path))}: cannot read checkpoint ({what}). "
-        f"The file may be truncated or corrupt; {_REFETCH}"
+        return "it is a web page (HTML), not a checkpoint"
+    if path.suffix == ".safetensors":
+        return f"it is not a valid safetensors file ({reason(err)})"
+    if head.startswith(_ZIP_MAGIC):
+        return _what_is_wrong_in_zip(path)
+    if head.startswith(b"\x80"):  # pickle protocol 2 or later: torch's legacy format or a plain pickle
+        return _what_is_wrong_in_pickles(path, protocol=head[1])
+    return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
+
+
+def _what_is_wrong_in_zip(path: Path) -> str:
+    if not zipfile.is_zipfile(path):
+        return "it is a zip archive (PyTorch's format) whose end is missing: the file was cut short"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                return f"{_NOT_A_CHECKPOINT}: a zip archive without the data.pkl that torch.save writes"
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return f"it is a damaged zip archive ({reason(err)})"
+    if damaged is not None:
+        return f"it is a damaged zip archive: {escape(damaged)} fails its checksum"
+    return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
+
+
+def _what_is_wrong_in_pickles(path: Path, protocol: int) -> str:
+    """Walk the file's pickles without unpickling: torch's legacy format is five in a row, then the
+    tensors' bytes; a plain pickle is one."""
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        try:
+            first = list(pickletools.genops(stream))
+        except ValueError:
+            return _cut_or_damaged(stream.tell(), size)
+        if not any(op.name in ("LONG1", "LONG4") and arg == _LEGACY_MAGIC for op, arg, _ in first):
+            return (
+                f"{_NOT_A_CHECKPOINT}: a plain pickle (protocol {protocol}) holding what weights-only "
+                "loading cannot read"
+            )
+        for _ in range(4):  # protocol version, system info, the state dict's structure, storage keys
+            try:
+                for _ in pickletools.genops(stream):
+                    pass
+            except ValueError:
+                return _cut_or_damaged(stream.tell(), size)
+    return (
+        "the tensor data after its pickled structure is incomplete or damaged (a cut-short or corrupt file)"
     )
+
+
+def _cut_or_damaged(position: int, size: int) -> str:
+    if position >= size:
+        return "it ends in the middle of its pickled data: the file was cut short"
+    return f"its pickled data is damaged at byte {position:,}"
 
 
 def _head(path: Path) -> bytes:

@@ -114,14 +114,14 @@ def convert_checkpoint(
             # download; a failure below removes the staging, so nothing is left behind.
             output = Path(output)
             folder = writing.enter_context(staged_output(output, overwrite, protected))
-        with _stage("fetch") as note:
+        with stage("fetch") as note:
             provenance = _fetch(source, variant, sha256, force_download)
             note(escape(str(provenance.path)))
         digest = _digest(provenance, hash_source)
-        with _stage("load") as note:
+        with stage("load") as note:
             original = _load(provenance.path)
             note(f"{len(original)} tensors, {_megabytes(original)} MB")
-        with _stage("map") as note:
+        with stage("map") as note:
             hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
             if variant is not None:
                 check_variant(hyper, variant, escape(str(provenance.origin)))
@@ -152,7 +152,7 @@ def convert_checkpoint(
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
         if verify:
-            with _stage("verify") as note:
+            with stage("verify") as note:
                 model, verification, written = _verify(
                     xclip_config, state_dict, original, hyper, out_dtype, atol
                 )
@@ -169,7 +169,7 @@ def convert_checkpoint(
         )
         if folder is None:
             return result
-        note = writing.enter_context(_stage("write"))
+        note = writing.enter_context(stage("write"))
         note(escape(str(output)))
         write_small_files(result, folder, repo_id)
     return _with_folder(result, output)
@@ -242,8 +242,9 @@ def check_atol(atol: float) -> float:
 
 
 @contextmanager
-def _stage(name: str) -> Iterator:
-    """Log one line when a stage ends: its name, what it found and how long it took."""
+def stage(name: str) -> Iterator:
+    """Log one line when a stage ends: its name, what it found and how long it took (also the way
+    back's stages, `converter.to_original`)."""
     start = time.perf_counter()
     details: list[str] = []
     yield details.append
@@ -255,7 +256,9 @@ def _read_config(config: XCLIPConfig | str | Path | None) -> XCLIPConfig | None:
         return config
     from converter.config import load_config_file
 
-    return load_config_file(config)
+    with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
+        note(escape(str(config)))
+        return load_config_file(config)
 
 
 def _config_path(config: XCLIPConfig | str | Path | None) -> str | Path | None:

@@ -1,12 +1,13 @@
 """The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout.
 
-Writes `{'model': state_dict}` with the original's keys, derived from the same rule table as the
-forward direction (`converter.rules.hf_to_original`), and proves it: the written file is read back
-weights-only and the oracle, run on those original keys, must reproduce the HF model within the
-same tolerance as a forward conversion. The file is staged beside FILE as the forward direction's
-folder is (`export.staged_file`: owner-named and locked, removed on failure or interrupt, or by the
-next run if its owner was killed) and renamed into place only after that check, so a failure leaves
-nothing behind.
+Writes `{'model': state_dict}` with the original's keys in the original checkpoint's order, derived
+from the same rule table as the forward direction (`converter.rules.hf_to_original`), and proves it:
+the written file is read back weights-only and the oracle, run on those original keys, must reproduce
+the HF model within the same tolerance as a forward conversion. The file is staged beside FILE as the
+forward direction's folder is (`export.staged_file`: owner-named and locked, removed on failure or
+interrupt, or by the next run if its owner was killed) and renamed into place only after that check,
+so a failure leaves nothing behind. Progress is one line per stage (load, map, write, verify), as the
+forward direction's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from converter import paths
 from converter.config import HEAD_DIM, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
+from converter.pipeline import stage
 from converter.published import load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
@@ -50,17 +52,27 @@ def to_original(
     """
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
     with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
-        published = load_published(source, revision=revision)
-        hyper = hyper_from_config(published.config)
-        weights = published.model_state_dict()
+        with stage("load") as note:
+            published = load_published(source, revision=revision)
+            hyper = hyper_from_config(published.config)
+            weights = published.model_state_dict()
+            note(f"{escape(str(source))}, {len(weights)} tensors")
 
-        from converter.rules import check_state_dict, hf_to_original
+        from converter.rules import check_state_dict, hf_to_original, original_shapes
 
-        check_state_dict(weights, hyper)  # every key, every shape, against the published config
-        check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
-        original = {k: _compact(v) for k, v in hf_to_original(weights).items()}
-        torch_save({"model": original}, partial)
-        verification = _verify_written(partial, published.config, weights, hyper, atol)
+        with stage("map") as note:
+            check_state_dict(weights, hyper)  # every key, every shape, against the published config
+            check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
+            back = hf_to_original(weights)
+            # In the order the original trainer saved them: what a reader of the original file expects.
+            original = {k: _compact(back[k]) for k in original_shapes(hyper)}
+            note(f"{len(original)} tensors in the original layout")
+        with stage("write") as note:
+            torch_save({"model": original}, partial)
+            note(escape(str(output)))
+        with stage("verify") as note:
+            verification = _verify_written(partial, published.config, weights, hyper, atol)
+            note(verification.summary().split(";")[0])
         if not verification.passed:
             raise VerificationError(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "

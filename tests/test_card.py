@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from converter import processing
-from converter.card import PLACEHOLDER, model_card, public_source, usage_snippet
+from converter.card import INSTALL, PLACEHOLDER, model_card, public_source, usage_snippet
 from converter.config import hyper_for_variant
 from converter.registry import VARIANTS
 from converter.verify import compare
@@ -35,28 +35,48 @@ def test_huggingface_hub_parses_the_metadata():
     parsed = ModelCard(card())
     data = parsed.data.to_dict()
     assert data["license"] == "mit" and data["library_name"] == "transformers"
-    assert data["language"] == ["en"] and data["pipeline_tag"] == "video-classification"
-    assert data["base_model"] == "openai/clip-vit-base-patch32" and data["datasets"] == ["kinetics-400"]
+    assert data["language"] == ["en"] and data["tags"] == ["vision", "video", "x-clip"]
+    assert data["base_model"] == "openai/clip-vit-base-patch32"
     assert data["converted_from"] == {"source": URL, "sha256": SHA}
     assert data["architectures"] == ["XCLIPModel"]
+    # No pipeline takes the model (below); the datasets have no canonical hub ids.
+    assert "pipeline_tag" not in data and "datasets" not in data
     assert parsed.text.lstrip().startswith("# xclip-base-patch32")
 
 
+@pytest.mark.parametrize("task", ["video-classification", "zero-shot-image-classification"])
+def test_no_pipeline_tag_because_no_pipeline_takes_an_xclip_model(task):
+    """A `pipeline_tag` tells the hub `transformers.pipeline(tag, model=folder)` works. The pipelines an
+    X-CLIP could serve take only the models of their auto class; when transformers adds XCLIP to one,
+    this fails and the card may name the tag."""
+    from transformers import XCLIPConfig
+    from transformers.pipelines import SUPPORTED_TASKS
+
+    assert not any(XCLIPConfig in auto._model_mapping for auto in SUPPORTED_TASKS[task]["pt"])
+
+
+def test_install_line_and_citation():
+    text = card()
+    assert f"```bash\n{INSTALL}\n```" in text and "pillow" in INSTALL and "Pillow is needed" in text
+    assert "@article{ni2022expanding," in text and "arXiv:2208.02816" in text
+    assert text.rstrip().endswith("```")  # the citation closes the card
+
+
 @pytest.mark.parametrize(
-    ("name", "datasets", "base"),
+    ("name", "trained_on", "base"),
     [
-        ("xclip-base-patch16-16-frames", ["kinetics-400"], "openai/clip-vit-base-patch16"),
-        ("xclip-large-patch14-16-frames", ["kinetics-400"], "openai/clip-vit-large-patch14-336"),
-        ("xclip-large-patch14-kinetics-600", ["kinetics-600"], "openai/clip-vit-large-patch14"),
-        ("xclip-base-patch16-hmdb-4-shot", ["hmdb51"], "openai/clip-vit-base-patch16"),
-        ("xclip-base-patch16-ucf-16-shot", ["ucf101"], "openai/clip-vit-base-patch16"),
-        ("xclip-base-patch16-zero-shot", ["kinetics-400"], "openai/clip-vit-base-patch16"),
+        ("xclip-base-patch16-16-frames", "Trained on Kinetics-400.", "openai/clip-vit-base-patch16"),
+        ("xclip-large-patch14-16-frames", "Trained on Kinetics-400.", "openai/clip-vit-large-patch14-336"),
+        ("xclip-large-patch14-kinetics-600", "Trained on Kinetics-600.", "openai/clip-vit-large-patch14"),
+        ("xclip-base-patch16-hmdb-4-shot", "Trained 4-shot on HMDB-51.", "openai/clip-vit-base-patch16"),
+        ("xclip-base-patch16-ucf-16-shot", "Trained 16-shot on UCF-101.", "openai/clip-vit-base-patch16"),
+        ("xclip-base-patch16-zero-shot", "Trained on Kinetics-400;", "openai/clip-vit-base-patch16"),
     ],
 )
-def test_datasets_and_base_model_by_variant(name, datasets, base):
+def test_training_data_and_base_model_by_variant(name, trained_on, base):
     text = card(name)
     data = ModelCard(text).data.to_dict()
-    assert data["datasets"] == datasets and data["base_model"] == base
+    assert trained_on in text and data["base_model"] == base and "datasets" not in data
     if "shot" in name:
         assert ("4-shot on HMDB-51" in text) == (name == "xclip-base-patch16-hmdb-4-shot")
         assert ("zero-shot recognition" in text) == ("zero-shot" in name)
@@ -79,12 +99,30 @@ def test_own_checkpoint_claims_no_dataset_or_base():
     ],
 )
 def test_no_local_path_or_credentials_are_recorded(source, recorded):
-    text = card(source=source)
+    text = card("my_finetune", source=source)
     recorded = recorded or "https://mirror.example:8443/xclip/k400_32_8.pth"
     assert public_source(source) == recorded
     assert ModelCard(text).data.to_dict()["converted_from"]["source"] == recorded
     for secret in ("alice", "secret-project", "hunter2", "sig=abc", "relative/dir"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "mirror",
+    [
+        "https://alice:hunter2@mirror.example:8443/xclip/k400_32_8.pth?sig=abc",
+        "http://127.0.0.1:8080/k400_32_8.pth",
+    ],
+)
+def test_a_published_variant_fetched_through_a_mirror_names_the_release_not_the_mirror(mirror):
+    """XCLIP_RELEASE_URL points the fetch at a mirror; the card cites the authors' release."""
+    text = card("xclip-base-patch32", source=mirror)
+    assert ModelCard(text).data.to_dict()["converted_from"]["source"] == URL
+    assert f"- Source: {URL} (fetched through a mirror)" in text
+    assert "mirror.example" not in text and "127.0.0.1" not in text and "8443" not in text
+    assert f"- Source: {URL}\n" in card("xclip-base-patch32", source=URL)  # the release itself: no note
+    drive = card("xclip-large-patch14", source=f"{mirror.rsplit('/', 1)[0]}/k400_14_8.pth")
+    assert "- Source: https://drive.google.com/file/d/" in drive and "(fetched through a mirror)" in drive
 
 
 def test_float32_card_has_one_figure_and_reduced_dtype_two():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -265,3 +266,68 @@ def test_the_library_names_an_unknown_dtype(dtype):
 
     with pytest.raises(ConverterError, match="dtype must be one of float32, float16, bfloat16, got"):
         convert_checkpoint("never-read.pth", dtype=dtype)
+
+
+def test_version_is_the_package_version(capsys):
+    import converter
+
+    with pytest.raises(SystemExit) as done:
+        run("--version")
+    assert done.value.code == 0 and capsys.readouterr().out == f"xclip-convert {converter.__version__}\n"
+
+
+def test_help_shows_defaults_exit_codes_and_environment(capsys):
+    from converter.verify import DEFAULT_ATOL
+
+    with pytest.raises(SystemExit):
+        run("--help")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert "(default: float32)" in text and f"(default: {DEFAULT_ATOL:g})" in text
+    assert "(default: playing sports, eating spaghetti, go shopping)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text  # only real defaults
+    for code in (
+        "0 converted, verified and written",
+        "1 a verification ran and failed",
+        "2 any other refusal",
+    ):
+        assert code in text
+    assert "130/143/129 interrupted" in text
+    for variable in ("XCLIP_CACHE", "XCLIP_RELEASE_URL", "HF_TOKEN", "XCLIP_DEBUG"):
+        assert f"{variable} " in text
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_without_output_the_run_says_so_before_the_work(golden, capsys, quiet):
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, *(["-q"] if quiet else [])) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == "xclip-convert: no --output: nothing will be written"
+    if not quiet:  # then the stages, and last the start-up and the total: the times add up
+        assert [line.split(":")[1].strip() for line in err[1:]] == [
+            "config",
+            "fetch",
+            "load",
+            "map",
+            "verify",
+            "start-up",
+        ]
+        start_up, total = re.fullmatch(
+            r"xclip-convert: start-up: Python, the imports and the checks of the flags, before the first "
+            r"stage \((\d+\.\d) s\); (\d+\.\d) s in all",
+            err[-1],
+        ).groups()
+        stages = sum(float(re.search(r"\((\d+\.\d) s\)$", line)[1]) for line in err[1:-1])
+        unaccounted = float(total) - float(start_up) - stages
+        assert -0.4 < unaccounted < 1.0  # each figure rounded to 0.1 s; the results printed at the end
+    else:
+        assert len(err) == 1
+    assert captured.out.splitlines()[-1] == "no --output given: nothing written"
+
+
+def test_start_up_is_measured_from_the_process_start():
+    probe = (
+        "import time; time.sleep(0.5); from converter import cli; print(cli._seconds_since_process_start())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert 0.5 <= float(done.stdout) < 30

@@ -27,11 +27,15 @@ def converted(tmp_path_factory):
 def test_to_original_writes_the_original_layout(converted, tmp_path, capsys):
     folder, _ = converted
     assert run("--to-original", folder, "--output", tmp_path / "back.pth") == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "verification OK" in out and f"wrote {tmp_path / 'back.pth'}" in out
     original = torch.load(helpers.checkpoint("tiny-a"), weights_only=True)["model"]
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
+    assert list(back) == list(original)  # in the original checkpoint's order
+    stages = [line.split(":")[1].strip() for line in captured.err.splitlines()]
+    assert stages == ["load", "map", "write", "verify", "start-up"]  # as the forward direction's progress
     # An existing file is kept unless --overwrite.
     assert run("--to-original", folder, "--output", tmp_path / "back.pth") == 2
     assert run("--to-original", folder, "--output", tmp_path / "back.pth", "--overwrite") == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 
 import pytest
 import torch
@@ -152,6 +153,53 @@ def test_truncated_checkpoint_suggests_refetch(tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConverterError, match="--force-download"):
         load_checkpoint(path)
+
+
+def _checkpoint_bytes(tmp_path, legacy: bool) -> bytes:
+    path = tmp_path / "whole.pth"
+    torch.save({"model": {"w": torch.ones(64, 64)}}, path, _use_new_zipfile_serialization=not legacy)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda tmp: _checkpoint_bytes(tmp, False)[:-100],
+            "a zip archive (PyTorch's format) whose end is missing",
+        ),
+        (lambda tmp: _checkpoint_bytes(tmp, True)[:150], "it ends in the middle of its pickled data"),
+        (lambda tmp: pickle.dumps({"model": {"w": [0.5] * 50}}, protocol=2)[:60], "ends in the middle"),
+        (lambda tmp: _checkpoint_bytes(tmp, True)[:-2000], "the tensor data after its pickled structure"),
+        (lambda tmp: pickle.dumps({"model": {"w": 1}}, protocol=5), "a plain pickle (protocol 5)"),
+        (
+            lambda tmp: b"epoch 3\nmodel weights\n",
+            "neither a PyTorch zip archive or pickle nor a safetensors",
+        ),
+    ],
+    ids=["zip-cut", "legacy-cut-mid-pickle", "pickle-cut", "legacy-cut-in-tensors", "pickle-refused", "text"],
+)
+def test_an_unreadable_checkpoint_is_explained_in_words(tmp_path, make, message):
+    """Not torch's `(101)`, `(pop from empty list)` or `(Weights only load failed)`: what the file is
+    and what to do, found by looking at the file."""
+    path = tmp_path / "bad.pth"
+    path.write_bytes(make(tmp_path))
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: cannot read checkpoint: ") and message in text
+    cut = "cut short" in text or "cut-short" in text
+    assert ("--force-download" in text) == cut and ("give a file that torch.save wrote" in text) != cut
+    assert "Weights only" not in text and "weights_only" not in text
+
+
+def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path):
+    path = tmp_path / "raw.pth"
+    path.write_bytes(pickle.dumps({"model": {"w": 1}}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConverterError, match="a plain pickle"):
+            load_checkpoint(path)
 
 
 def test_not_a_state_dict(tmp_path):

@@ -51,6 +51,13 @@ def test_every_source_has_its_own_cache_path(monkeypatch: pytest.MonkeyPatch) ->
         (lambda: registry.release(".hidden"), "invalid checkpoint file name"),
         (lambda: registry.Source("ftp", "x", "x.pth"), "unknown source kind"),
     ],
+    ids=[
+        "gdrive-id-with-dots",
+        "gdrive-name-with-dots",
+        "release-name-with-slash",
+        "release-hidden-name",
+        "ftp",
+    ],
 )
 def test_a_source_cannot_point_outside_its_folder(make, match: str) -> None:
     with pytest.raises(ConverterError, match=match):

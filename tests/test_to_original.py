@@ -15,7 +15,7 @@ from converter.config import hyper_for_variant, to_config
 from converter.errors import ConverterError, VerificationError
 from converter.load import load_checkpoint
 from converter.registry import VARIANTS
-from converter.rules import original_to_hf
+from converter.rules import original_shapes, original_to_hf
 from converter.synthetic import make_state_dict
 from converter.to_original import _compact, to_original
 from tests import helpers
@@ -49,6 +49,7 @@ def test_round_trip_goldens(case, tmp_path):
     raw = torch.load(tmp_path / "back.pth", weights_only=True)
     assert list(raw) == ["model"]  # the trainer's layout, nothing else
     assert_bitwise(raw["model"], original)
+    assert list(raw["model"]) == list(original)  # the original checkpoint's key order, not sorted
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*partial*"))
 
 
@@ -61,6 +62,7 @@ def test_round_trip_full_size(tmp_path):
     assert result.verification.passed, result.verification.summary()
     written = load_checkpoint(tmp_path / "k400_32_8.pth")
     assert_bitwise(written, original)
+    assert list(written) == list(original_shapes(hyper))
 
 
 def test_written_tensors_own_their_bytes():
@@ -160,3 +162,14 @@ def test_a_killed_runs_partial_file_is_removed_by_the_next_run(tmp_path):
     folder = hf_folder(tmp_path / "hf", load_checkpoint(helpers.checkpoint("tiny-a")), case="tiny-a")
     to_original(folder, tmp_path / "back.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back.pth", "hf"]
+
+
+def test_stages_are_logged_as_the_forward_direction_logs_them(tmp_path, caplog):
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    folder = hf_folder(tmp_path / "hf", original, case="tiny-a")
+    with caplog.at_level("INFO", logger="converter"):
+        to_original(folder, tmp_path / "back.pth")
+    lines = [r.getMessage() for r in caplog.records if r.name == "converter"]
+    assert [line.split(":", 1)[0] for line in lines] == ["load", "map", "write", "verify"]
+    assert lines[0].startswith(f"load: {folder}, 151 tensors (") and lines[1].startswith("map: 123 tensors")
+    assert lines[2].startswith(f"write: {tmp_path / 'back.pth'} (") and "verification OK" in lines[3]

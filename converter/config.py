@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from converter.clip import CONTEXT_LENGTH, HEAD_DIM, MIT_LAYERS, PROMPT_LAYERS, VOCAB_SIZE
+from converter.clip import CONTEXT_LENGTH, HEAD_DIM, MIT_LAYERS, PROMPT_LAYERS, VOCAB_SIZE, original_heads
 from converter.errors import ConverterError, escape, reason
 from converter.reader import CONFIG_LIMIT, finite_number, read_json_object, shown
 from converter.registry import Variant
@@ -130,8 +130,8 @@ def _heads(name: str, original: str, path: str, key: str, dim: int, width: str) 
         name,
         original,
         (path,),
-        lambda s: s(key, dim) // HEAD_DIM,
-        lambda v: getattr(v.arch, width) // HEAD_DIM,
+        lambda s: original_heads(s(key, dim)),
+        lambda v: original_heads(getattr(v.arch, width)),
     )
 
 

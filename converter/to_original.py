@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from converter import paths
-from converter.config import HEAD_DIM, Hyper, check_fits_weights, hyper_from_config
+from converter.clip import original_heads
+from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
 from converter.pipeline import stage
@@ -110,13 +111,12 @@ def _verify_written(
 
 def _heads_hint(hyper: Hyper) -> str:
     """Name the usual cause: head counts other than the original's width // 64 (the old port's 8)."""
+    where = {f.name: f.config_paths[0] for f in FIELDS}  # where XCLIPConfig keeps each count
     rule = {
-        "vision_config.num_attention_heads": (hyper.vision_heads, hyper.vision_width // HEAD_DIM),
-        "text_config.num_attention_heads": (hyper.text_heads, hyper.text_width // HEAD_DIM),
-        "vision_config.mit_num_attention_heads": (hyper.mit_heads, hyper.embed_dim // HEAD_DIM),
-        "prompt_num_attention_heads": (hyper.prompt_heads, hyper.embed_dim // HEAD_DIM),
+        heads: (getattr(hyper, heads), original_heads(getattr(hyper, width)))
+        for _, width, heads in HEAD_FAMILIES
     }
-    wrong = [f"{name} {got} ≠ {want}" for name, (got, want) in rule.items() if want and got != want]
+    wrong = [f"{where[heads]} {got} ≠ {want}" for heads, (got, want) in rule.items() if want and got != want]
     if not wrong or oracle_heads(hyper) is not None:
         return ""
     return f". The config's heads differ from the original's width // 64: {', '.join(wrong)}"

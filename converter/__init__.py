@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 DTYPES = ("float32", "float16", "bfloat16")  # what a conversion can write (`--dtype`)
+# The labels X-CLIP's model cards classify with: --video's default, the card's usage, the audit's first
+# sentences and the release fixtures (expected/*.json).
+DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 __all__ = ["ConversionResult", "convert_checkpoint", "push", "write_folder"]
 
 if TYPE_CHECKING:

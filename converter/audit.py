@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
 from converter.config import (
     Hyper,
@@ -74,9 +75,7 @@ TRAINING_FIELDS = {
 # Sentences whose ids the published tokenizer must reproduce: case, punctuation, digits, accents,
 # runs of whitespace, contractions, an empty prompt, and the three labels of the release tests.
 SENTENCES = (
-    "playing sports",
-    "eating spaghetti",
-    "go shopping",
+    *DEFAULT_TEXTS,
     "a video of a person playing the violin.",
     "Someone is DANCING in the rain!!",
     "two dogs  running\tacross a field",

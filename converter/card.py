@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from converter import DEFAULT_TEXTS
 from converter.config import Hyper
 from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
 
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     from converter.verify import Verification
 
 PLACEHOLDER = "path/to/this/folder"  # where the snippet loads from when no hub repo id is known
-SNIPPET_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 
 # The CLIP checkpoint each X-CLIP backbone was initialised from (the hub's `base_model`).
 _CLIP_BASES = {
@@ -132,7 +132,7 @@ verified with, to use in place of `processor.image_processor`.
 
 def usage_snippet(load_from: str, frames: int) -> str:
     """The card's Python usage example (ends with a newline)."""
-    texts = ", ".join(f'"{t}"' for t in SNIPPET_TEXTS)
+    texts = ", ".join(f'"{t}"' for t in DEFAULT_TEXTS)
     return f"""import numpy as np
 import torch
 from transformers import AutoProcessor, XCLIPModel

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from converter import DTYPES, __version__
+from converter import DEFAULT_TEXTS, DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
 if TYPE_CHECKING:
     from converter.pipeline import ConversionResult
 
-DEFAULT_TEXTS = ("playing sports", "eating spaghetti", "go shopping")
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"
 ATOL_SHOWN = "2e-05"  # converter.verify.DEFAULT_ATOL as --help shows it: --help must not import torch

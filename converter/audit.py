@@ -37,6 +37,7 @@ from converter.config import (
 )
 from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
+from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
 from converter.registry import get_variant
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
@@ -425,24 +426,6 @@ def _dominant_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
 
 
 # ---- preprocessing -----------------------------------------------------------------------------
-
-
-def original_preprocessing(image_size: int) -> dict[str, Any]:
-    """The original's test-time preprocessing as VideoMAE image processor settings."""
-    from converter.processing import IMAGENET_MEAN, IMAGENET_STD, resize_short_side
-
-    return {
-        "do_resize": True,
-        "size": {"shortest_edge": resize_short_side(image_size)},
-        "resample": 2,  # PIL bilinear: the original's cv2 INTER_LINEAR
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN),
-        "image_std": list(IMAGENET_STD),
-    }
 
 
 def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "PROCESSOR_DEVIATION",
     "build_image_processor",
     "build_processor",
+    "original_settings",
     "build_tokenizer",
     "encode_texts",
     "load_video",
@@ -55,34 +56,37 @@ PROCESSOR_DEVIATION: dict[int, tuple[float, float]] = {
 }
 
 
-def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
-    """VideoMAE image processor (pillow backend): the closest to the original that plain
-    ``AutoProcessor`` loads, not equal to it (``PROCESSOR_DEVIATION``).
-
-    Short side ``int(256 / 224 * size)``, centre crop ``size``, ImageNet mean/std as the original; but
-    PIL antialiases when shrinking and transformers truncates the long side. Of PIL's filters,
-    bilinear is the closest (measured against OpenCV on the reference photos and ~50 crops of them).
-    """
+def original_settings(image_size: int) -> dict:
+    """The original's test-time preprocessing as VideoMAE image processor settings: short side
+    ``int(256 / 224 * size)``, centre crop ``size``, ImageNet mean/std. Bilinear is, of PIL's filters,
+    the closest to the original's OpenCV INTER_LINEAR (measured on the reference photos and ~50 crops);
+    both size and crop_size, since given only a size VideoMAE still centre-crops to 224."""
     check_image_size(image_size)
+    return {
+        "do_resize": True,
+        "size": {"shortest_edge": resize_short_side(image_size)},
+        "resample": 2,  # PIL.Image.Resampling.BILINEAR
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+
+
+def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
+    """VideoMAE image processor (pillow backend) with `original_settings`: the closest to the original
+    that plain ``AutoProcessor`` loads, not equal to it (``PROCESSOR_DEVIATION``): PIL antialiases when
+    shrinking and transformers truncates the long side.
+    """
     # The Pil class directly: `VideoMAEImageProcessor` needs torchvision (which does not import beside
     # this torch build) and otherwise falls back to this class with a warning. Pillow also keeps
     # results identical whether or not torchvision happens to be installed.
-    from PIL import Image
     from transformers import VideoMAEImageProcessorPil
 
-    return VideoMAEImageProcessorPil(
-        do_resize=True,
-        # Both size and crop_size: given only a size, VideoMAE still centre-crops to 224.
-        size={"shortest_edge": resize_short_side(image_size)},
-        resample=Image.Resampling.BILINEAR,
-        do_center_crop=True,
-        crop_size={"height": image_size, "width": image_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-    )
+    return VideoMAEImageProcessorPil(**original_settings(image_size))
 
 
 def build_processor(image_size: int) -> XCLIPProcessor:

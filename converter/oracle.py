@@ -7,8 +7,9 @@ code computed for the golden fixtures (tests/data/goldens), using only torch.nn.
 sharing no code with transformers' XCLIP modelling, so that a converted model is checked against
 something that cannot share its mistakes.
 
-`original_sites` runs it as a generator of (site, tensor) in forward order: every layer's output in
-every stack, each vision block's message token step by step, and the final outputs. A consumer can
+`original_sites` runs it as a generator of (site, tensor) in forward order: every block's attention
+output and output in every stack, each vision block's message token step by step, and the final
+outputs. A consumer can
 compare each site as it comes and drop it, so no more than one layer's activations are held at once.
 `original_forward` collects the final outputs into a dict.
 """
@@ -41,6 +42,10 @@ MESSAGE_FC = "message_fc (the message token)"
 MESSAGE_LN = "message_ln (the message attention's input)"
 MESSAGE_ATTENTION = "message attention (across frames)"
 MESSAGE_TOKEN = "message token after the message attention"
+# Every block: its attention's output before the residual (self-attention over the frame tokens and
+# the message token in a vision block; the prompt generator's cross-attention), then the block's.
+SELF_ATTENTION = "self-attention"
+CROSS_ATTENTION = "cross-attention"
 OUTPUT = "output"
 VISION_EMBEDDINGS = "vision embeddings (after ln_pre)"
 TEXT_EMBEDDINGS = "text embeddings"
@@ -130,26 +135,40 @@ def _cross_attention(x: Tensor, memory: Tensor, sd: StateDict, prefix: str, head
     return _linear(out.transpose(1, 2).reshape(n, length, width), sd, prefix + "proj.")
 
 
-def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, prefix: str, heads: int) -> Tensor:
-    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual, visual), then x + mlp(norm3 x)
-    (mlp.0 Linear E->4E, QuickGELU, dropout = identity in eval, mlp.3 Linear 4E->E)."""
-    x = x + _cross_attention(_ln(x, sd, prefix + "norm1."), visual, sd, prefix + "cross_attn.", heads)
-    hidden = _quick_gelu(_linear(_ln(x, sd, prefix + "norm3."), sd, prefix + "mlp.0."))
-    return x + _linear(hidden, sd, prefix + "mlp.3.")
-
-
-def _residual_block(x: Tensor, sd: StateDict, prefix: str, heads: int, mask: Tensor | None = None) -> Tensor:
-    """Pre-LN CLIP block (text and MIT): x + attn(ln_1 x), then x + mlp(ln_2 x)."""
-    x = x + _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
-    return x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
-
-
 Sites = Iterator[tuple[str, Tensor]]
+
+
+def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, layer: int, heads: int) -> Sites:
+    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual, visual), then x + mlp(norm3 x)
+    (mlp.0 Linear E->4E, QuickGELU, dropout = identity in eval, mlp.3 Linear 4E->E). Yields the
+    cross-attention's output and the layer's; returns the layer's."""
+    prefix = f"{_PROMPTS}{layer}."
+    attended = _cross_attention(_ln(x, sd, prefix + "norm1."), visual, sd, prefix + "cross_attn.", heads)
+    yield layer_site(PROMPT, layer, CROSS_ATTENTION), attended
+    x = x + attended
+    hidden = _quick_gelu(_linear(_ln(x, sd, prefix + "norm3."), sd, prefix + "mlp.0."))
+    x = x + _linear(hidden, sd, prefix + "mlp.3.")
+    yield layer_site(PROMPT, layer), x
+    return x
+
+
+def _residual_block(
+    x: Tensor, sd: StateDict, stack: str, prefix: str, layer: int, heads: int, mask: Tensor | None = None
+) -> Sites:
+    """Pre-LN CLIP block (text and MIT): x + attn(ln_1 x), then x + mlp(ln_2 x). Yields the
+    attention's output and the block's; returns the block's."""
+    prefix = f"{prefix}{layer}."
+    attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
+    yield layer_site(stack, layer, SELF_ATTENTION), attended
+    x = x + attended
+    x = x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
+    yield layer_site(stack, layer), x
+    return x
 
 
 def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames: int) -> Sites:
     """CrossFramelAttentionBlock on batch-first x [B*T, L, W], frames batch-major. Yields the message
-    token's steps and the block's output; returns the output."""
+    token's steps, the self-attention's output and the block's; returns the block's."""
     prefix = f"{_VISION}{layer}."
     bt, _, width = x.shape
     # The message token comes from the RAW class token (no LayerNorm before message_fc).
@@ -164,8 +183,9 @@ def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames:
     msg = (msg + attended).reshape(bt, width)
     yield layer_site(VISION, layer, MESSAGE_TOKEN), msg
     x = torch.cat([x, msg.unsqueeze(1)], dim=1)
-    x = x + _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads)
-    x = x[:, :-1]  # drop the message token before the MLP
+    attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads)
+    yield layer_site(VISION, layer, SELF_ATTENTION), attended
+    x = (x + attended)[:, :-1]  # drop the message token before the MLP
     x = x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
     yield layer_site(VISION, layer), x
     return x
@@ -205,11 +225,13 @@ def original_sites(
     """Run the original X-CLIP on an original state dict, yielding (site, tensor) in forward order.
 
     The order: the vision embeddings; per vision block its message token after message_fc, after
-    message_ln, the message attention's output, the token after that attention's residual, then the
-    block's output; the pooled vision features and `cls_features`; each MIT block, the MIT output; the
-    text embeddings, each text block, the final text LayerNorm, the pooled and projected text; the patch
-    features the prompt generator attends to, each prompt-generator layer (before alpha), the prompts;
-    the normalised embeddings and the logits. Every name in `OUTPUTS` is among them (see
+    message_ln, the message attention's output, the token after that attention's residual, the
+    block's self-attention output and the block's output; the pooled vision features and
+    `cls_features`; per MIT block its attention's output and its output, the MIT output; the text
+    embeddings, per text block the same two, the final text LayerNorm, the pooled and projected
+    text; the patch features the prompt generator attends to, per prompt-generator layer its
+    cross-attention's output and its output (before alpha), the prompts; the normalised embeddings
+    and the logits. Every name in `OUTPUTS` is among them (see
     `original_forward` for their shapes).
     """
     sd = _compute_state_dict(state_dict)
@@ -243,8 +265,7 @@ def original_sites(
     # ---- MIT (multi-frame integration transformer), residual around the whole stack ----
     y = cls_features + sd["mit.positional_embedding"]
     for i in range(_num_layers(sd, _MIT)):
-        y = _residual_block(y, sd, f"{_MIT}{i}.", heads.mit)
-        yield layer_site(MIT, i), y
+        y = yield from _residual_block(y, sd, MIT, _MIT, i, heads.mit)
     mit_last_hidden_state = y + cls_features
     yield "mit_last_hidden_state", mit_last_hidden_state
     video_embeds = mit_last_hidden_state.mean(dim=1)
@@ -257,8 +278,7 @@ def original_sites(
     yield TEXT_EMBEDDINGS, z
     mask = causal_mask(length, dtype, device)
     for i in range(_num_layers(sd, _TEXT)):
-        z = _residual_block(z, sd, f"{_TEXT}{i}.", heads.text, mask)
-        yield layer_site(TEXT, i), z
+        z = yield from _residual_block(z, sd, TEXT, _TEXT, i, heads.text, mask)
     text_last_hidden_state = _ln(z, sd, "ln_final.")
     yield "text_last_hidden_state", text_last_hidden_state
     text_pooled = text_last_hidden_state[torch.arange(k, device=device), ids.argmax(dim=-1)]
@@ -274,8 +294,7 @@ def original_sites(
     visual = _ln(img_features, sd, "prompts_generator.norm.")  # applied once, shared by all layers
     p = text_embeds_raw.unsqueeze(0).expand(b, k, embed_dim)
     for i in range(_num_layers(sd, _PROMPTS)):
-        p = _prompt_layer(p, visual, sd, f"{_PROMPTS}{i}.", heads.prompts)
-        yield layer_site(PROMPT, i), p
+        p = yield from _prompt_layer(p, visual, sd, i, heads.prompts)
     prompts = sd["prompts_generator.alpha"] * p  # alpha scales the whole output, residual included
     yield "prompts", prompts
     text_embeds = text_embeds_raw.unsqueeze(0) + prompts

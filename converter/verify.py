@@ -8,11 +8,12 @@ identical tokens and a mistake there hardly moves the outputs; the shared scene 
 offsets give them real structure. Token ids: rows of different lengths, each ending with the end
 token (the row maximum, where both models pool), as CLIP's tokenizer lays them out.
 
-Sites compared. Every layer of every stack, in forward order, where a mistake enters rather than
+Sites compared. Every block of every stack, in forward order, where a mistake enters rather than
 where it arrives diluted: the vision embeddings; per vision block the message token after
-`message_fc`, after `message_ln`, the message attention's output, the token after its residual, and
-the block's output; the pooled vision features; each MIT block; the text embeddings, each text
-block and the final text LayerNorm; each prompt-generator layer; and the eight outputs of
+`message_fc`, after `message_ln`, the message attention's output, the token after its residual,
+the self-attention's output and the block's output; the pooled vision features; per MIT and text
+block its attention's output and its output; the text embeddings and the final text LayerNorm; per
+prompt-generator layer its cross-attention's output and its output; and the eight outputs of
 `ORACLE_KEYS` (the logits, the two normalised embeddings, the per-frame features before the MIT,
 the MIT output, the patch features the prompt generator attends to, the raw text embeddings and the
 prompts). The oracle yields its sites from its own code (`oracle.original_sites`); the HF side reads
@@ -47,12 +48,14 @@ from converter.clip import HEAD_DIM
 from converter.config import Hyper
 from converter.errors import VerificationError
 from converter.oracle import (
+    CROSS_ATTENTION,
     MESSAGE_ATTENTION,
     MESSAGE_FC,
     MESSAGE_LN,
     MESSAGE_TOKEN,
     MIT,
     PROMPT,
+    SELF_ATTENTION,
     TEXT,
     TEXT_EMBEDDINGS,
     VISION,
@@ -170,7 +173,7 @@ class Verification:
     def summary(self) -> str:
         diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
         verdict = "OK" if self.passed else "FAILED"
-        first = f", {self.divergence()}" if not self.passed else ""
+        first = f", {divergence}" if (divergence := self.divergence()) else ""
         return (
             f"verification {verdict}: worst {self.worst} at {self.margin:.3g}x its tolerance{first} "
             f"({len(self.compared)} sites compared, atol {self.atol:g} x each site's max |value|); "
@@ -220,13 +223,28 @@ def read_sites(
     def output(name: str, take: Callable = lambda out: out) -> Callable:
         return lambda module, args, out: on_site(name, take(out))
 
+    def first(out: tuple) -> torch.Tensor:  # XCLIPAttention returns (output, weights)
+        return out[0]
+
+    def blocks(stack: str, layers: torch.nn.ModuleList) -> list[tuple[torch.nn.Module, Callable]]:
+        """A CLIP block's attention output, then its output."""
+        return [
+            hook
+            for i, layer in enumerate(layers)
+            for hook in (
+                (layer.self_attn, output(layer_site(stack, i, SELF_ATTENTION), first)),
+                (layer, output(layer_site(stack, i))),
+            )
+        ]
+
     after: list[tuple[torch.nn.Module, Callable]] = [(vision.pre_layernorm, output(VISION_EMBEDDINGS))]
     before: list[tuple[torch.nn.Module, Callable]] = []
     for i, layer in enumerate(vision.encoder.layers):
         after += [
             (layer.message_fc, output(layer_site(VISION, i, MESSAGE_FC))),
             (layer.message_ln, output(layer_site(VISION, i, MESSAGE_LN))),
-            (layer.message_attn, output(layer_site(VISION, i, MESSAGE_ATTENTION), lambda out: out[0])),
+            (layer.message_attn, output(layer_site(VISION, i, MESSAGE_ATTENTION), first)),
+            (layer.self_attn, output(layer_site(VISION, i, SELF_ATTENTION), first)),
             (layer, output(layer_site(VISION, i))),
         ]
         # The message token after its attention's residual is the last token layer_norm1 receives.
@@ -235,15 +253,19 @@ def read_sites(
     after += [
         (vision.post_layernorm, output("vision_pooled")),
         (model.visual_projection, output("cls_features", lambda out: out.view(videos, frames, -1))),
-        *((layer, output(layer_site(MIT, i))) for i, layer in enumerate(model.mit.encoder.layers)),
+        *blocks(MIT, model.mit.encoder.layers),
         (model.mit, output("mit_output", lambda out: out.last_hidden_state)),
         (text.embeddings, output(TEXT_EMBEDDINGS)),
-        *((layer, output(layer_site(TEXT, i))) for i, layer in enumerate(text.encoder.layers)),
+        *blocks(TEXT, text.encoder.layers),
         (text.final_layer_norm, output("text_last_hidden_state")),
         (model.text_projection, output("text_embeds_raw")),
-        *((layer, output(layer_site(PROMPT, i))) for i, layer in enumerate(prompts.decoder)),
-        (prompts, output("prompts")),
     ]
+    for i, layer in enumerate(prompts.decoder):
+        after += [
+            (layer.cross_attn, output(layer_site(PROMPT, i, CROSS_ATTENTION))),
+            (layer, output(layer_site(PROMPT, i))),
+        ]
+    after.append((prompts, output("prompts")))
     # forward(text, visual): the patch features before the prompt generator's own LayerNorm.
     before.append((prompts, lambda module, args: on_site("img_features", args[1])))
     handles = [module.register_forward_hook(hook) for module, hook in after]

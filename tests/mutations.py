@@ -27,12 +27,14 @@ import torch
 
 from converter.config import Hyper, to_config
 from converter.oracle import (
+    CROSS_ATTENTION,
     MESSAGE_ATTENTION,
     MESSAGE_FC,
     MESSAGE_LN,
     MIT,
     OUTPUT,
     PROMPT,
+    SELF_ATTENTION,
     TEXT,
     VISION,
     layer_site,
@@ -62,10 +64,17 @@ STACKS = {
     MIT: (MIT_BLOCK, "mit_layers"),
     PROMPT: (PROMPT_BLOCK, "prompt_layers"),
 }
-# Where a parameter of a vision block first acts, in the order the block computes: the message
-# token's modules, then everything else at the block's output.
-VISION_PARTS = {"message_fc.": MESSAGE_FC, "message_ln.": MESSAGE_LN, "message_attn.": MESSAGE_ATTENTION}
-VISION_ORDER = (MESSAGE_FC, MESSAGE_LN, MESSAGE_ATTENTION, OUTPUT)
+# Where a block's parameters first act, by name prefix inside the block, in the order the block
+# computes its sites; a parameter under no prefix acts at the block's output.
+_CLIP_BLOCK = {"ln_1.": SELF_ATTENTION, "attn.": SELF_ATTENTION}
+_MESSAGE = {"message_fc.": MESSAGE_FC, "message_ln.": MESSAGE_LN, "message_attn.": MESSAGE_ATTENTION}
+PARTS = {
+    VISION: {**_MESSAGE, **_CLIP_BLOCK},
+    TEXT: _CLIP_BLOCK,
+    MIT: _CLIP_BLOCK,
+    PROMPT: {"norm1.": CROSS_ATTENTION, "cross_attn.": CROSS_ATTENTION},
+}
+ORDER = (MESSAGE_FC, MESSAGE_LN, MESSAGE_ATTENTION, SELF_ATTENTION, CROSS_ATTENTION, OUTPUT)
 
 
 @dataclass(frozen=True)
@@ -192,12 +201,10 @@ def _unless_reshaped(site: str, rows: int, columns: int) -> str:
 
 def _block_site(stack: str, layer: int, *params: str) -> str:
     """The first site that the block parameters `params` (names inside the block) act on."""
-    if stack != VISION:
-        return layer_site(stack, layer)
     parts = [
-        next((part for p, part in VISION_PARTS.items() if param.startswith(p)), OUTPUT) for param in params
+        next((part for p, part in PARTS[stack].items() if param.startswith(p)), OUTPUT) for param in params
     ]
-    return layer_site(stack, layer, min(parts, key=VISION_ORDER.index))
+    return layer_site(stack, layer, min(parts, key=ORDER.index))
 
 
 def _attention_mistakes(hyper: Hyper) -> list[Mistake]:
@@ -208,7 +215,7 @@ def _attention_mistakes(hyper: Hyper) -> list[Mistake]:
         layers = [mid[stack]]
         if family == "message attn" and mid[stack] != 1:
             layers.append(1)  # the first layer in which the message tokens differ between frames
-        part = MESSAGE_ATTENTION if family == "message attn" else OUTPUT
+        part = MESSAGE_ATTENTION if family == "message attn" else SELF_ATTENTION
         for layer, (pair, a, b), (what, params) in itertools.product(
             layers, (("q/k", 0, 1), ("k/v", 1, 2)), (("", ("weight", "bias")), (" bias", ("bias",)))
         ):
@@ -225,7 +232,7 @@ def _attention_mistakes(hyper: Hyper) -> list[Mistake]:
     for a, b in (("q", "k"), ("k", "v")):
         pair = (f"{PROMPT_BLOCK}cross_attn.{a}_proj.weight", f"{PROMPT_BLOCK}cross_attn.{b}_proj.weight")
         name = f"{a}/{b} swapped: prompt cross-attn, {_which(layer)}"
-        planted.append(Mistake(name, layer_site(PROMPT, layer), _swap_keys(layer, pair)))
+        planted.append(Mistake(name, layer_site(PROMPT, layer, CROSS_ATTENTION), _swap_keys(layer, pair)))
     return planted
 
 
@@ -259,10 +266,10 @@ def mistakes(hyper: Hyper) -> list[Mistake]:
     planted = _attention_mistakes(hyper)
     for field, family, site in (
         # Layer 0's message attention cannot show wrong heads: its tokens are identical (HARMLESS).
-        ("vision_heads", "vision + message", layer_site(VISION, 0)),
-        ("text_heads", "text", layer_site(TEXT, 0)),
-        ("mit_heads", "MIT", layer_site(MIT, 0)),
-        ("prompt_heads", "prompt cross-attn", layer_site(PROMPT, 0)),
+        ("vision_heads", "vision + message", layer_site(VISION, 0, SELF_ATTENTION)),
+        ("text_heads", "text", layer_site(TEXT, 0, SELF_ATTENTION)),
+        ("mit_heads", "MIT", layer_site(MIT, 0, SELF_ATTENTION)),
+        ("prompt_heads", "prompt cross-attn", layer_site(PROMPT, 0, CROSS_ATTENTION)),
     ):
         right = getattr(hyper, field)
         wrong = _wrong_heads(right)
@@ -272,7 +279,7 @@ def mistakes(hyper: Hyper) -> list[Mistake]:
     planted += [
         Mistake(
             "norm1/norm3 swapped: prompt layers",
-            layer_site(PROMPT, 0),
+            layer_site(PROMPT, 0, CROSS_ATTENTION),
             _swap_keys(
                 None, *((f"{PROMPT_BLOCK}norm1.{p}", f"{PROMPT_BLOCK}norm3.{p}") for p in ("weight", "bias"))
             ),
@@ -303,8 +310,10 @@ def mistakes(hyper: Hyper) -> list[Mistake]:
         layers = getattr(hyper, field)
         if layers > 1:
             m = (layers - 1) // 2
-            # Block m's first computation: its message_fc in the vision tower, its output elsewhere.
-            site = layer_site(stack, m, MESSAGE_FC if stack == VISION else OUTPUT)
+            # Block m's first site: its message token in the vision tower, its attention elsewhere.
+            site = layer_site(
+                stack, m, {VISION: MESSAGE_FC, PROMPT: CROSS_ATTENTION}.get(stack, SELF_ATTENTION)
+            )
             planted.append(
                 Mistake(f"off by one: {stack} blocks m and m + 1 swapped", site, _swap_layers(block, m))
             )
@@ -327,7 +336,7 @@ def harmless(hyper: Hyper) -> list[Mistake]:
     mid = _middle(hyper)
     for family, (module, stack) in PACKED.items():
         layer = mid[stack]
-        site = layer_site(stack, layer, MESSAGE_ATTENTION if family == "message attn" else OUTPUT)
+        site = layer_site(stack, layer, MESSAGE_ATTENTION if family == "message attn" else SELF_ATTENTION)
         planted.append(
             Mistake(f"k bias dropped: {family}, {_which(layer)}", site, _drop_k_bias(module, layer))
         )

@@ -13,7 +13,19 @@ from converter.build import build_model
 from converter.config import hyper_for_variant, to_config
 from converter.errors import ConverterError, VerificationError
 from converter.load import load_checkpoint
-from converter.oracle import OUTPUTS, original_sites
+from converter.oracle import (
+    CROSS_ATTENTION,
+    MESSAGE_ATTENTION,
+    MESSAGE_FC,
+    MESSAGE_LN,
+    MESSAGE_TOKEN,
+    OUTPUT,
+    OUTPUTS,
+    PROMPT,
+    SELF_ATTENTION,
+    layer_site,
+    original_sites,
+)
 from converter.registry import VARIANTS
 from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
@@ -164,8 +176,8 @@ def _names(sites) -> list[str]:
 
 
 def test_both_sides_read_the_same_sites_in_the_same_order(uneven):
-    """Every layer of every stack, the message token's four steps in each vision block, the outputs;
-    the HF side's sites read in the order the oracle yields them."""
+    """Every block of every stack (its attention and its output), the message token's four steps in
+    each vision block, the outputs; the HF side's sites read in the order the oracle yields them."""
     original, model = uneven
     pixel_values, input_ids = synthetic_inputs(UNEVEN)
     oracle = [k for k in _names(original_sites(original, pixel_values, input_ids, heads(UNEVEN)))]
@@ -173,9 +185,15 @@ def test_both_sides_read_the_same_sites_in_the_same_order(uneven):
     read_sites(model, pixel_values, input_ids, lambda name, tensor: hf.append(ORACLE_KEYS.get(name, name)))
     assert hf == [k for k in oracle if k not in NOT_COMPARED]
     assert NOT_COMPARED < set(OUTPUTS) and set(ORACLE_KEYS.values()) < set(hf)
-    layers = UNEVEN.vision_layers * 5 + UNEVEN.text_layers + UNEVEN.mit_layers + UNEVEN.prompt_layers
-    assert len(hf) == layers + 2 + 2 + len(ORACLE_KEYS)  # + embeddings, the two LayerNorms, the outputs
-    assert hf.index("vision layer 4, message attention (across frames)") < hf.index("vision layer 4, output")
+    # Six sites per vision block, two per text, MIT and prompt-generator block.
+    blocks = UNEVEN.vision_layers * 6 + 2 * (UNEVEN.text_layers + UNEVEN.mit_layers + UNEVEN.prompt_layers)
+    assert len(hf) == blocks + 2 + 2 + len(ORACLE_KEYS)  # + embeddings, the two LayerNorms, the outputs
+    block4 = [name.removeprefix("vision layer 4, ") for name in hf if name.startswith("vision layer 4, ")]
+    assert block4 == [MESSAGE_FC, MESSAGE_LN, MESSAGE_ATTENTION, MESSAGE_TOKEN, SELF_ATTENTION, OUTPUT]
+    assert [n for n in hf if n.startswith("prompt generator layer 1")] == [
+        layer_site(PROMPT, 1, CROSS_ATTENTION),
+        layer_site(PROMPT, 1),
+    ]
     result = verify(model, original, UNEVEN, heads=heads(UNEVEN))
     assert result.passed and len(result.compared) == len(hf) and result.margin < 0.1, result.summary()
     assert [site.name for site in result.compared] == [
@@ -210,7 +228,7 @@ def test_a_model_with_fewer_layers_is_named(uneven):
     last = f"text_model.encoder.layers.{UNEVEN.text_layers - 1}."
     converted = {k: v for k, v in original_to_hf(original).items() if not k.startswith(last)}
     model = build_model(to_config(dataclasses.replace(UNEVEN, text_layers=UNEVEN.text_layers - 1)), converted)
-    message = "computes text_last_hidden_state where the original computes text layer 11, output"
+    message = "computes text_last_hidden_state where the original computes text layer 11, self-attention"
     with pytest.raises(VerificationError, match=message):
         verify(model, original, UNEVEN, heads=heads(UNEVEN))
 

@@ -173,11 +173,15 @@ class Verification:
     def summary(self) -> str:
         diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
         verdict = "OK" if self.passed else "FAILED"
+        worst = (
+            f"worst {self.worst} at {self.margin:.3g}x its tolerance"
+            if self.margin
+            else "every site identical"
+        )
         first = f", {divergence}" if (divergence := self.divergence()) else ""
         return (
-            f"verification {verdict}: worst {self.worst} at {self.margin:.3g}x its tolerance{first} "
-            f"({len(self.compared)} sites compared, atol {self.atol:g} x each site's max |value|); "
-            f"max |Δ| {diffs}"
+            f"verification {verdict}: {worst}{first} ({len(self.compared)} sites compared, atol "
+            f"{self.atol:g} x each site's max |value|); max |Δ| {diffs}"
         )
 
 

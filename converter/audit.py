@@ -401,10 +401,8 @@ def _sites_finding(result: Verification) -> Finding:
     count = len(result.compared)
     first = result.first_divergence
     if first is None:
-        detail = (
-            f"all {count} sites within tolerance (every layer of every stack); worst {result.worst} at "
-            f"{result.margin:.3g}× its tolerance"
-        )
+        worst = "all agree exactly" if result.margin == 0 else f"worst {result.worst} at {result.margin:.3g}×"
+        detail = f"all {count} sites within tolerance (every block of every stack); {worst}"
         return Finding("outputs", "every site", count, count, True, True, detail, result.margin)
     detail = (
         f"first divergence: {first.name} at {first.ratio:.3g}× its tolerance (of {count} sites compared in "

@@ -176,7 +176,10 @@ def _verification(
         f"| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |" for k, v in verification.max_abs_diff.items()
     )
     verdict = "passed" if verification.passed else "FAILED"
-    worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
+    if verification.margin == 0:
+        worst = "every site agrees exactly"
+    else:
+        worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
     if not verification.passed:
         first = verification.first_divergence
         worst += f"; the first over it, in forward order, `{first.name}` at {first.ratio:.3g}×"

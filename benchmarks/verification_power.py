@@ -1,55 +1,73 @@
-"""The power of verification at full size: by how much each planted mistake fails it.
+"""The power of verification at full size: by how much each planted mistake fails it, and where.
 
 For every distinct architecture among the 18 published variants (patch, width, frames, image size)
 it makes a seeded full-size synthetic original checkpoint, runs the oracle ONCE on the verification
-inputs, then for every mistake of `converter.mutations.mistakes` converts with the mistake planted
-in the rule table or the config, builds the model and compares its outputs with the oracle's, as
-`converter.verify.verify` does. A mistake's margin is the verification's `margin`: the largest
-|Δ| / tolerance over the compared outputs (> 1 fails). Mistakes the layout check (keys and shapes
-against the config) stops before verification are reported as "layout".
+inputs (keeping its sites), then for every mistake of the catalogue (tests/mutations.py) converts
+with the mistake planted in the rule table or the config, builds the model and compares it with the
+oracle at every site, as `converter.verify.verify` does. A mistake's margin is the verification's
+`margin`: the largest |Δ| / tolerance over the sites (> 1 fails). Its first site is the first one
+in forward order over its tolerance; it must be the catalogue's (where the mistake was planted, or
+the first site that consumes it). Mistakes the layout check (keys and shapes against the config)
+stops before verification are reported as "layout".
 
-Cost: a mistake that leaves every vision_model weight and the vision config as in the correct
-conversion reuses the correct model's vision_model output (the same weights on the same pixels) and
-runs the rest of XCLIPModel's forward; every other mistake runs the whole forward.
+Cost: a mistake that leaves the vision embeddings and vision blocks 0 .. k-1 as in the correct
+conversion (the same weights, the same config) computes the same activations there, bit for bit:
+its forward resumes at block k from the correct model's input to it, and the sites it skips count
+with the correct model's figures. Every other mistake runs the whole forward.
 
 Usage:
-  nice -n 10 python benchmarks/verification_power.py [--variants NAME ...] [--atol A] [--min-margin 10]
-                                                     [--json FILE]
+  nice -n 10 python benchmarks/verification_power.py [--variants NAME ...] [--mistakes TEXT ...]
+      [--atol A] [--min-margin 10] [--json FILE] [--docs docs/verification.md]
 
-Prints one table row per (architecture, mistake) and the smallest margin; exits 1 naming every
-mistake whose margin is below --min-margin, or when the correct conversion or a provably harmless
-mistake does not pass.
-
-  python benchmarks/verification_power.py --cost-against REV [--variants NAME ...] [--rounds 2]
-
-instead times `verify` (oracle + HF forward) as it is now against converter/verify.py at git revision
-REV, on the same model in the same process, alternating, and prints the medians (default: the L/14
-variants).
+Prints one row per (architecture, mistake): its margin, the worst site, the first divergent site and
+its ratio; exits 1 naming every mistake whose margin is below --min-margin or whose first site is not
+the catalogue's, and when the correct conversion or a harmless twin does not pass. --docs rewrites
+the table between the markers `<!-- verification_power -->` and `<!-- /verification_power -->` of
+that file (mistakes as rows, architectures as columns).
 """
 
+# The catalogue of mistakes lives in tests/: the repository goes on sys.path before the imports.
+# ruff: noqa: E402
+
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import argparse
 import dataclasses
 import json
-import sys
+import re
 import time
 import zlib
 from dataclasses import dataclass
 
 import torch
+from docs_block import rewrite
 
 from converter.config import Hyper, hyper_for_variant
 from converter.errors import ConverterError
-from converter.mutations import HARMLESS, harmless, mistakes, plant
+from converter.oracle import VISION, layer_site, original_sites
 from converter.registry import VARIANTS
 from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
-from converter.verify import DEFAULT_ATOL, compare, hf_outputs, oracle_outputs, synthetic_inputs
+from converter.verify import DEFAULT_ATOL, Verification, compare_sites, synthetic_inputs
+from tests.mutations import HARMLESS, harmless, mistakes, plant
 
-HARMLESS_TAG = "harmless (must pass): "
 CORRECT = "(none: the correct conversion)"
-VISION_FIELDS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp")
+HARMLESS_TAG = "harmless, must pass: "
+VISION_FIELDS = (
+    "image_size",
+    "patch_size",
+    "frames",
+    "vision_width",
+    "vision_layers",
+    "vision_heads",
+    "vision_mlp",
+)
 
 
 @dataclass
@@ -57,9 +75,16 @@ class Row:
     architecture: str
     variant: str
     mistake: str
+    expected: str  # the catalogue's first site; "layout" for the layout check; "" where nothing may fail
     margin: float | None  # None: caught by the layout check
     worst: str
+    first: str | None  # the first divergent site (None: every site passed, or the layout check)
+    first_ratio: float | None
     seconds: float
+
+    @property
+    def must_pass(self) -> bool:
+        return self.mistake == CORRECT or self.mistake.startswith(HARMLESS_TAG)
 
 
 def architectures() -> dict[str, str]:
@@ -67,25 +92,75 @@ def architectures() -> dict[str, str]:
     found: dict[str, str] = {}
     for name, variant in VARIANTS.items():
         a = variant.arch
-        key = f"{a.name.removeprefix('ViT-')} w{a.vision_width} {variant.frames}f {variant.image_size}px"
+        key = f"{a.name.removeprefix('ViT-')} {variant.frames}f {variant.image_size}"
         found.setdefault(key, name)
     return found
 
 
-def _same_vision(model, reference, hyper: Hyper, planted: Hyper) -> bool:
-    if any(getattr(hyper, f) != getattr(planted, f) for f in VISION_FIELDS):
-        return False
-    ours, theirs = model.vision_model.state_dict(), reference.vision_model.state_dict()
-    return ours.keys() == theirs.keys() and all(
-        t.data_ptr() == theirs[k].data_ptr()
-        and t.shape == theirs[k].shape
-        and t.stride() == theirs[k].stride()
-        for k, t in ours.items()
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
     )
 
 
+def first_changed_block(model, reference, hyper: Hyper, planted: Hyper) -> int:
+    """The first vision block whose weights differ from the correct model's; 0 when the embeddings or
+    the vision config differ, the number of blocks when the whole vision encoder is the same."""
+    if any(getattr(hyper, f) != getattr(planted, f) for f in VISION_FIELDS):
+        return 0
+    theirs = dict(reference.vision_model.named_parameters())
+    blocks = []
+    for key, tensor in model.vision_model.named_parameters():
+        if not _same(tensor, theirs[key]):
+            block = re.match(r"encoder\.layers\.(\d+)\.", key)
+            after_encoder = key.startswith("post_layernorm.")
+            blocks.append(int(block[1]) if block else hyper.vision_layers if after_encoder else 0)
+    return min(blocks, default=hyper.vision_layers)
+
+
+def _skipped(name: str, start: int) -> bool:
+    """A site of vision blocks 0 .. start-1."""
+    return any(name.startswith(layer_site(VISION, i, "")) for i in range(start))
+
+
+def resumed(
+    model,
+    start: int,
+    inputs: dict[int, torch.Tensor],
+    expected: list,
+    correct: Verification,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    atol: float,
+) -> Verification:
+    """Verify `model`, its vision encoder resuming at block `start` from the correct model's input to
+    it (`inputs[start]`; the encoder's output when start is the number of blocks); the sites of the
+    blocks before it are the correct model's."""
+    if start == 0:
+        return compare_sites(model, expected, pixel_values, input_ids, atol)
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = model.vision_model.encoder
+
+    def resume(inputs_embeds, attention_mask=None, **kwargs):
+        hidden = inputs[start]
+        for layer in encoder.layers[start:]:
+            hidden = layer(hidden, attention_mask, **kwargs)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+    encoder.forward = resume
+    wanted = [(name, tensor) for name, tensor in expected if not _skipped(name, start)]
+    result = compare_sites(model, wanted, pixel_values, input_ids, atol)
+    embeddings, *rest = result.sites  # the embeddings still run: they precede block 0
+    reused = tuple(site for site in correct.sites if _skipped(site.name, start))
+    return dataclasses.replace(result, sites=(embeddings, *reused, *rest))
+
+
 def measure(variant: str, atol: float = DEFAULT_ATOL, only: list[str] | None = None, log=print) -> list[Row]:
-    """Every planted mistake's margin on a full-size synthetic checkpoint of `variant`."""
+    """Every planted mistake's margin and first site on a full-size synthetic checkpoint of `variant`."""
     from converter.build import build_model
     from converter.config import to_config
 
@@ -94,87 +169,139 @@ def measure(variant: str, atol: float = DEFAULT_ATOL, only: list[str] | None = N
     original = make_state_dict(hyper, seed=zlib.crc32(variant.encode()))
     pixel_values, input_ids = synthetic_inputs(hyper)
     start = time.perf_counter()
-    expected = oracle_outputs(original, pixel_values, input_ids)
-    log(f"# {arch} ({variant}): oracle {time.perf_counter() - start:.1f} s")
+    expected = list(original_sites(original, pixel_values, input_ids))
+    log(f"# {arch} ({variant}): oracle {time.perf_counter() - start:.1f} s, {len(expected)} sites")
 
+    catalogue = [(m.name, m) for m in mistakes(hyper)]
+    catalogue += [(HARMLESS_TAG + m.name, dataclasses.replace(m, site="")) for m in harmless(hyper)]
+    catalogue = [(name, m) for name, m in catalogue if not only or any(s in name for s in only)]
     reference = build_model(to_config(hyper), original_to_hf(original))
-    vision_out = {}
-    hook = reference.vision_model.register_forward_hook(lambda m, a, out: vision_out.setdefault("out", out))
-    start = time.perf_counter()
-    correct = compare(expected, hf_outputs(reference, pixel_values, input_ids), atol)
-    hook.remove()
-    rows = [Row(arch, variant, CORRECT, correct.margin, correct.worst,
-                time.perf_counter() - start)]  # fmt: skip
-    log(_format(rows[-1]))
-
-    planted = mistakes(hyper) + [
-        dataclasses.replace(m, name=f"{HARMLESS_TAG}{m.name}") for m in harmless(hyper)
-    ]
-    built: dict[str, object] = {}  # name -> model, or None when the layout check stops it
-    cheap: set[str] = set()  # layout-stopped, or reusing the vision output
-    for mistake in planted:
-        if only and not any(s in mistake.name for s in only):
-            continue
+    built = {}  # name -> (mistake, model or None when the layout check stops it, first changed block)
+    for name, mistake in catalogue:
         try:
             model = plant(mistake, original, hyper)
         except ConverterError:
-            model = None
-            cheap.add(mistake.name)
+            built[name] = (mistake, None, 0)
         else:
-            if _same_vision(model, reference, hyper, mistake.hyper or hyper):
-                # The same weights on the same pixels: the correct model's vision output, bit for bit.
-                model.vision_model.forward = lambda *args, _out=vision_out["out"], **kwargs: _out
-                cheap.add(mistake.name)
-        built[mistake.name] = model
-    # The mistakes that reuse the vision output are cheap: measure them first.
-    for name in sorted(built, key=lambda n: n not in cheap):
+            built[name] = (
+                mistake,
+                model,
+                first_changed_block(model, reference, hyper, mistake.hyper or hyper),
+            )
+
+    # The correct model's run records the vision encoder's input to each block a mistake resumes at.
+    layers = hyper.vision_layers
+    inputs: dict[int, torch.Tensor] = {}
+    starts = {s for _, model, s in built.values() if model is not None and 0 < s}
+    handles = [
+        reference.vision_model.encoder.layers[k].register_forward_pre_hook(
+            lambda module, args, k=k: inputs.__setitem__(k, args[0])
+        )
+        for k in starts
+        if k < layers
+    ]
+    handles.append(
+        reference.vision_model.encoder.register_forward_hook(
+            lambda module, args, out: inputs.__setitem__(layers, out.last_hidden_state)
+        )
+    )
+    start = time.perf_counter()
+    correct = compare_sites(reference, expected, pixel_values, input_ids, atol)
+    for handle in handles:
+        handle.remove()
+    rows = {CORRECT: _row(arch, variant, CORRECT, "", correct, time.perf_counter() - start)}
+    log(_format(rows[CORRECT]))
+
+    # Those that resume later are cheaper: measure them first.
+    for name in sorted(built, key=lambda n: -built[n][2]):
+        mistake, model, first_block = built[name]
         start = time.perf_counter()
-        model = built[name]
         if model is None:
-            rows.append(Row(arch, variant, name, None, "layout", 0.0))
+            rows[name] = Row(arch, variant, name, mistake.site, None, "layout", None, None, 0.0)
         else:
-            result = compare(expected, hf_outputs(model, pixel_values, input_ids), atol)
-            rows.append(Row(arch, variant, name, result.margin, result.worst, time.perf_counter() - start))
-        log(_format(rows[-1]))
-    order = {name: n for n, name in enumerate(built)}
-    return [rows[0], *sorted(rows[1:], key=lambda r: order[r.mistake])]
+            result = resumed(model, first_block, inputs, expected, correct, pixel_values, input_ids, atol)
+            rows[name] = _row(arch, variant, name, mistake.site, result, time.perf_counter() - start)
+        built[name] = None  # the model is no longer needed
+        log(_format(rows[name]))
+    return [rows[CORRECT], *(rows[name] for name, _ in catalogue)]
+
+
+def _row(arch: str, variant: str, name: str, expected: str, result: Verification, seconds: float) -> Row:
+    first = result.first_divergence
+    name_ratio = (None, None) if first is None else (first.name, first.ratio)
+    return Row(arch, variant, name, expected, result.margin, result.worst, *name_ratio, seconds)
 
 
 def _format(row: Row) -> str:
     margin = "layout check" if row.margin is None else f"{row.margin:.3g}"
-    return f"| {row.architecture} | {row.mistake} | {margin} | {row.worst} | {row.seconds:.1f} s |"
+    first = "—" if row.first is None else f"{row.first} ({row.first_ratio:.3g})"
+    return f"| {row.architecture} | {row.mistake} | {margin} | {row.worst} | {first} | {row.seconds:.1f} s |"
 
 
-def cost(variant: str, against: str, rounds: int) -> None:
-    """Median time of `verify` now and at git revision `against` on the same model, alternating."""
-    import statistics
-    import subprocess
-    import types
+def failures(rows: list[Row], min_margin: float) -> list[str]:
+    found = []
+    for row in rows:
+        where = f"{row.variant}: {row.mistake}"
+        if row.must_pass:
+            if row.margin is None or row.margin > 1:
+                found.append(f"{where} does not pass verification ({row.margin})")
+        elif (row.margin is None) != (row.expected == "layout"):
+            found.append(f"{where}: {'stopped' if row.margin is None else 'not stopped'} by the layout check")
+        elif row.margin is not None and row.margin < min_margin:
+            found.append(f"{where}: margin {row.margin:.3g} < {min_margin:g}")
+        elif row.margin is not None and row.first != row.expected:
+            found.append(f"{where}: first divergence at {row.first}, expected {row.expected}")
+    return found
 
-    from converter import verify as current
-    from converter.build import build_model
-    from converter.config import to_config
 
-    source = subprocess.run(
-        ["git", "show", f"{against}:converter/verify.py"], capture_output=True, text=True, check=True
-    ).stdout
-    before = sys.modules["verify_before"] = types.ModuleType("verify_before")  # dataclasses look it up
-    exec(compile(source, f"{against}:converter/verify.py", "exec"), before.__dict__)
-    hyper = hyper_for_variant(VARIANTS[variant])
-    original = make_state_dict(hyper, seed=zlib.crc32(variant.encode()))
-    model = build_model(to_config(hyper), original_to_hf(original))
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    for n in range(rounds):  # alternating which goes first, so a one-time cost falls on both alike
-        order = (
-            (("before", before), ("after", current)) if n % 2 else (("after", current), ("before", before))
-        )
-        for label, module in order:
-            start = time.perf_counter()
-            module.verify(model, original, hyper)
-            times[label].append(time.perf_counter() - start)
-        print(f"round {n}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
-    old, new = statistics.median(times["before"]), statistics.median(times["after"])
-    print(f"{variant}: verify median before ({against}) {old:.1f} s, after {new:.1f} s: {new / old - 1:+.1%}")
+def _sites(names: list[str]) -> str:
+    """The first sites of one mistake across architectures, merged where only a layer number differs."""
+    distinct = list(dict.fromkeys(names))
+    parts = [re.fullmatch(r"(.* layer )(\d+)(,.*)", name) for name in distinct]
+    if len(distinct) > 1 and all(parts) and len({(p[1], p[3]) for p in parts}) == 1:
+        return f"{parts[0][1]}{' / '.join(p[2] for p in parts)}{parts[0][3]}"
+    return " · ".join(distinct)
+
+
+def pivot(rows: list[Row], atol: float) -> str:
+    """Markdown: one row per mistake, one column per architecture, and the site each named first."""
+    archs = list(dict.fromkeys(row.architecture for row in rows))
+    by = {(row.mistake, row.architecture): row for row in rows}
+    lines = [
+        f"`--atol {atol:g}`; margin = max over sites of |Δ| / (atol × max |original site|); "
+        f"in brackets the first divergent site's own ratio.",
+        "",
+        "| planted mistake | named first | " + " | ".join(archs) + " |",
+        "|---|---|" + "---|" * len(archs),
+    ]
+    for mistake in dict.fromkeys(row.mistake for row in rows):
+        cells = [by.get((mistake, arch)) for arch in archs]
+        firsts = [c.first for c in cells if c is not None and c.first is not None]
+        named = "—" if not firsts else _sites(firsts)
+        if all(c is not None and c.margin is None for c in cells):
+            named = "layout check"
+        lines.append(f"| {mistake} | {named} | " + " | ".join(_cell(c) for c in cells) + " |")
+    planted = [row for row in rows if not row.must_pass and row.first_ratio is not None]
+    if planted:
+        low = min(planted, key=lambda r: r.margin)
+        lowest_first = min(planted, key=lambda r: r.first_ratio)
+        lines += [
+            "",
+            f"Smallest margin: **{low.margin:.3g}**, {low.mistake} on {low.architecture} (worst site "
+            f"{low.worst}); smallest ratio at a first divergent site: {lowest_first.first_ratio:.3g}, "
+            f"{lowest_first.mistake} on {lowest_first.architecture} ({lowest_first.first}).",
+        ]
+    return "\n".join(lines)
+
+
+def _cell(row: Row | None) -> str:
+    if row is None:
+        return ""
+    if row.margin is None:
+        return "layout"
+    if row.first is None:
+        return f"{row.margin:.2g}"
+    return f"{row.margin:.3g} ({row.first_ratio:.3g})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
     parser.add_argument("--min-margin", type=float, default=10.0)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--cost-against", metavar="REV", help="instead: time verify now vs at git REV")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds for --cost-against")
+    parser.add_argument("--docs", type=Path, help="rewrite the power table between the markers in this file")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    if args.cost_against:
-        for variant in args.variants or ["xclip-large-patch14", "xclip-large-patch14-16-frames"]:
-            cost(variant, args.cost_against, args.rounds)
-        return 0
 
     variants = args.variants or list(architectures().values())
     rows: list[Row] = []
@@ -199,36 +321,26 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(
             variant, args.atol, args.mistakes, log=lambda line: print(line, file=sys.stderr, flush=True)
         )
-    print(f"atol {args.atol:g}; margin = max over outputs of |Δ| / (atol x max |original output|)")
-    print("| architecture | planted mistake | margin | worst output | time |")
-    print("|---|---|---|---|---|")
+    print(f"atol {args.atol:g}; margin = max over sites of |Δ| / (atol x max |original site|)")
+    print("| architecture | planted mistake | margin | worst site | first divergence (its ratio) | time |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         print(_format(row))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([row.__dict__ for row in rows], f, indent=1)
+    table = pivot(rows, args.atol)
+    print(f"\n{table}")
+    if args.docs:
+        rewrite(args.docs, "verification_power", table)
 
-    print("\nprovably harmless (not planted):")
-    for name, proof in HARMLESS.items():
-        print(f"- {name}: {proof}")
-    failures = []
-    for row in rows:
-        must_pass = row.mistake == CORRECT or row.mistake.startswith(HARMLESS_TAG)
-        if must_pass and (row.margin is None or row.margin > 1):
-            failures.append(f"{row.variant}: {row.mistake} does not pass verification ({row.margin})")
-        elif not must_pass and row.margin is not None and row.margin < args.min_margin:
-            failures.append(f"{row.variant}: {row.mistake}: margin {row.margin:.3g} < {args.min_margin:g}")
-    planted = [
-        r
-        for r in rows
-        if r.mistake != CORRECT and not r.mistake.startswith(HARMLESS_TAG) and r.margin is not None
-    ]
-    if planted:
-        low = min(planted, key=lambda r: r.margin)
-        print(f"\nsmallest margin: {low.margin:.3g} ({low.mistake}, {low.variant}, worst output {low.worst})")
-    for line in failures:
+    print("\nharmless twins (must pass):")
+    for name, text in HARMLESS.items():
+        print(f"- {name}: {text}")
+    found = failures(rows, args.min_margin)
+    for line in found:
         print(f"FAIL {line}")
-    return 1 if failures else 0
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

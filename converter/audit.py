@@ -389,10 +389,9 @@ def output_findings(
         result = verify(model, rounded, hyper, atol, heads or oracle_heads(hyper))
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
-    findings = []
+    findings = [_sites_finding(result)]
     for name, diff in result.max_abs_diff.items():
-        tol = _tolerance(result, name)
-        ratio = diff / tol if tol > 0 else (math.inf if diff > 0 else 0.0)
+        tol, ratio = result.tolerances[name], result.ratios[name]
         findings.append(
             Finding(
                 "outputs",
@@ -408,13 +407,27 @@ def output_findings(
     return findings
 
 
+def _sites_finding(result: Verification) -> Finding:
+    """Every compared site (each layer of each stack, in forward order) in one finding: the first that
+    exceeds its tolerance, where the mistake enters, or how close the worst came."""
+    count = len(result.compared)
+    first = result.first_divergence
+    if first is None:
+        worst = "all agree exactly" if result.margin == 0 else f"worst {result.worst} at {result.margin:.3g}×"
+        detail = f"all {count} sites within tolerance (every block of every stack); {worst}"
+        return Finding("outputs", "every site", count, count, True, True, detail, result.margin)
+    detail = (
+        f"first divergence: {first.name} at {first.ratio:.3g}× its tolerance (of {count} sites compared in "
+        f"forward order; worst {result.worst} at {result.margin:.3g}×)"
+    )
+    # As severe as the worst site: listed first among the outputs, where it names the cause.
+    return Finding(
+        "outputs", "first divergence", first.max_abs_diff, first.tolerance, False, True, detail, result.margin
+    )
+
+
 def _cannot_run(detail: str) -> Finding:
     return Finding("outputs", "run", None, None, False, True, detail, math.inf)
-
-
-def _tolerance(result: Verification, name: str) -> float:
-    per_output = getattr(result, "tolerances", None)  # per-output tolerances, where verify has them
-    return float(per_output.get(name, result.atol)) if isinstance(per_output, Mapping) else result.atol
 
 
 def _dominant_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:

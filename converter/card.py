@@ -221,10 +221,19 @@ def _verification(
         f"| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |" for k, v in verification.max_abs_diff.items()
     )
     verdict = "passed" if verification.passed else "FAILED"
+    if verification.margin == 0:
+        worst = "every site agrees exactly"
+    else:
+        worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
+    if not verification.passed:
+        first = verification.first_divergence
+        worst += f"; the first over it, in forward order, `{first.name}` at {first.ratio:.3g}×"
     text = (
         "The converted `XCLIPModel` was compared with an independent implementation of the original "
-        f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}); tolerance `--atol "
-        f"{verification.atol:g}` times each output's largest magnitude; {verdict}:\n\n"
+        f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}), at "
+        f"{len(verification.compared)} sites: every layer of every stack in forward order, and the outputs "
+        f"below; tolerance `--atol {verification.atol:g}` times each site's largest magnitude; {verdict}, "
+        f"{worst}:\n\n"
         f"| output | max abs difference | tolerance |\n|---|---|---|\n{rows}"
     )
     if dtype == "float32":

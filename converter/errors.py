@@ -7,6 +7,10 @@ Exit status: 0 verified and written, 1 `VerificationError` (a verification ran a
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from converter.verify import Verification
 
 MAX_LISTED = 20  # items of a list shown in one message; the rest are counted
 
@@ -21,9 +25,12 @@ class ConverterError(Exception):
 class VerificationError(Exception):
     """The converted model does not reproduce the original forward pass (exit 1).
 
-    `verification` carries the figures that failed, for the CLI to print as a result."""
+    `verification` carries the figures that failed, for the CLI to print as a result; the message
+    then ends with its first divergent site."""
 
-    def __init__(self, message: str, verification: object = None):
+    def __init__(self, message: str, verification: Verification | None = None):
+        if verification is not None and verification.first_divergence is not None:
+            message = f"{message}; {verification.divergence()}"
         super().__init__(message)
         self.verification = verification
 

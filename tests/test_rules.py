@@ -12,12 +12,12 @@ from converter import rules as R
 from converter.build import build_model
 from converter.config import Hyper, to_config
 from converter.errors import ConverterError
-from converter.mutations import mistakes, plant
 from converter.oracle import OriginalHeads
 from converter.rules import check_state_dict
 from converter.synthetic import make_state_dict
 from converter.verify import verify
 from tests.helpers import SQUARE, UNEVEN, heads
+from tests.mutations import mistakes, plant
 
 
 @pytest.fixture(scope="module", params=[UNEVEN, SQUARE], ids=["uneven", "square"])
@@ -52,11 +52,16 @@ def test_every_rule_is_used_by_a_real_layout(case):
     assert used == set(range(len(R.RULES)))
 
 
-# ---- deliberate mistakes (converter/mutations.py: the catalogue the full-size power benchmark plants) ----
+# ---- deliberate mistakes (tests/mutations.py: the catalogue the full-size power benchmark plants) ----
 
 CASES = {"uneven": UNEVEN, "square": SQUARE}
+# The ~100 same-shape pair swaps (named "a ↔ b") are left to tests/test_verify.py, which checks every
+# mistake of the catalogue more strictly (it fails, at the site where it was planted).
 PLANTED = [
-    pytest.param(case, m.name, id=f"{case}: {m.name}") for case, h in CASES.items() for m in mistakes(h)
+    pytest.param(case, m.name, id=f"{case}: {m.name}")
+    for case, h in CASES.items()
+    for m in mistakes(h)
+    if "↔" not in m.name
 ]
 
 

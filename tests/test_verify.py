@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import zlib
 
 import pytest
@@ -11,21 +13,37 @@ from converter.build import build_model
 from converter.config import hyper_for_variant, to_config
 from converter.errors import ConverterError, VerificationError
 from converter.load import load_checkpoint
-from converter.mutations import HARMLESS, harmless, mistakes, plant
+from converter.oracle import (
+    CROSS_ATTENTION,
+    MESSAGE_ATTENTION,
+    MESSAGE_FC,
+    MESSAGE_LN,
+    MESSAGE_TOKEN,
+    OUTPUT,
+    OUTPUTS,
+    PROMPT,
+    SELF_ATTENTION,
+    layer_site,
+    original_sites,
+)
 from converter.registry import VARIANTS
 from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
 from converter.verify import (
     DEFAULT_ATOL,
+    NOT_COMPARED,
     ORACLE_KEYS,
     compare,
+    compare_sites,
     hf_outputs,
     oracle_outputs,
+    read_sites,
     synthetic_inputs,
     verify,
 )
 from tests import helpers
-from tests.helpers import SQUARE, UNEVEN, heads
+from tests.helpers import SQUARE, UNEVEN, heads, run
+from tests.mutations import HARMLESS, harmless, mistakes, plant, proof
 
 # ---- inputs ------------------------------------------------------------------------------------
 
@@ -124,7 +142,7 @@ def test_prompts_show_a_prompt_generator_change_far_more_clearly_than_the_final_
 def test_layer0_message_qk_swap_is_harmless_and_layer1_is_not():
     """The HARMLESS entry's proof, checked: identical message tokens in layer 0, not in layer 1."""
     original = make_state_dict(SQUARE, seed=2)
-    (planted,) = harmless(SQUARE)
+    planted = next(m for m in harmless(SQUARE) if m.name == "q/k swapped: message attn, layer 0")
     assert planted.name in HARMLESS
     result = verify(plant(planted, original, SQUARE), original, SQUARE, heads=heads(SQUARE))
     assert result.passed and result.margin < 0.01, result.summary()
@@ -150,6 +168,170 @@ def test_default_tolerance_leaves_headroom_over_the_original_implementation(case
     assert result.margin < 0.1, result.summary()
 
 
+# ---- every site, in forward order ------------------------------------------------------------------
+
+
+def _names(sites) -> list[str]:
+    return [name for name, _ in sites]
+
+
+def test_both_sides_read_the_same_sites_in_the_same_order(uneven):
+    """Every block of every stack (its attention and its output), the message token's four steps in
+    each vision block, the outputs; the HF side's sites read in the order the oracle yields them."""
+    original, model = uneven
+    pixel_values, input_ids = synthetic_inputs(UNEVEN)
+    oracle = [k for k in _names(original_sites(original, pixel_values, input_ids, heads(UNEVEN)))]
+    hf: list[str] = []
+    read_sites(model, pixel_values, input_ids, lambda name, tensor: hf.append(ORACLE_KEYS.get(name, name)))
+    assert hf == [k for k in oracle if k not in NOT_COMPARED]
+    assert NOT_COMPARED < set(OUTPUTS) and set(ORACLE_KEYS.values()) < set(hf)
+    # Six sites per vision block, two per text, MIT and prompt-generator block.
+    blocks = UNEVEN.vision_layers * 6 + 2 * (UNEVEN.text_layers + UNEVEN.mit_layers + UNEVEN.prompt_layers)
+    assert len(hf) == blocks + 2 + 2 + len(ORACLE_KEYS)  # + embeddings, the two LayerNorms, the outputs
+    block4 = [name.removeprefix("vision layer 4, ") for name in hf if name.startswith("vision layer 4, ")]
+    assert block4 == [MESSAGE_FC, MESSAGE_LN, MESSAGE_ATTENTION, MESSAGE_TOKEN, SELF_ATTENTION, OUTPUT]
+    assert [n for n in hf if n.startswith("prompt generator layer 1")] == [
+        layer_site(PROMPT, 1, CROSS_ATTENTION),
+        layer_site(PROMPT, 1),
+    ]
+    result = verify(model, original, UNEVEN, heads=heads(UNEVEN))
+    assert result.passed and len(result.compared) == len(hf) and result.margin < 0.1, result.summary()
+    assert [site.name for site in result.compared] == [
+        next((n for n, k in ORACLE_KEYS.items() if k == key), key) for key in hf
+    ]
+
+
+def test_the_oracle_runs_in_step_with_the_model(uneven):
+    """Each oracle site is computed only when the model reaches it: a mismatch at the second site
+    stops verification before the oracle is asked for a third (so no more than the current sites
+    are ever held)."""
+    original, model = uneven
+    pixel_values, input_ids = synthetic_inputs(UNEVEN)
+    real = original_sites(original, pixel_values, input_ids, heads(UNEVEN))
+    first = next(real)
+    asked: list[str] = []
+
+    def oracle():
+        yield first
+        asked.append("second")
+        yield "not a site", first[1]
+        asked.append("third")
+        raise AssertionError("the oracle was asked for a site the model has not reached")
+
+    with pytest.raises(VerificationError, match="where the original computes not a site"):
+        compare_sites(model, oracle(), pixel_values, input_ids, DEFAULT_ATOL)
+    assert asked == ["second"]
+
+
+def test_a_model_with_fewer_layers_is_named(uneven):
+    original, _ = uneven
+    last = f"text_model.encoder.layers.{UNEVEN.text_layers - 1}."
+    converted = {k: v for k, v in original_to_hf(original).items() if not k.startswith(last)}
+    model = build_model(to_config(dataclasses.replace(UNEVEN, text_layers=UNEVEN.text_layers - 1)), converted)
+    message = "computes text_last_hidden_state where the original computes text layer 11, self-attention"
+    with pytest.raises(VerificationError, match=message):
+        verify(model, original, UNEVEN, heads=heads(UNEVEN))
+
+
+def test_the_first_divergence_is_the_first_in_forward_order_not_the_worst():
+    expected = {"early": torch.tensor([1.0, 2.0]), "late": torch.tensor([1.0, 2.0])}
+    actual = {"early": torch.tensor([1.0, 2.001]), "late": torch.tensor([1.0, 2.5])}
+    result = compare(expected, actual, atol=1e-4)
+    assert result.worst == "late" and result.first_divergence.name == "early"
+    assert result.first_divergence.ratio == pytest.approx(5, rel=1e-3)
+    assert "first divergence: early at 5x its tolerance" in result.summary()
+    message = str(VerificationError("the converted model does not reproduce the original", result))
+    assert message.endswith("; first divergence: early at 5x its tolerance")
+    assert compare(expected, expected, 1e-4).first_divergence is None
+    assert "first divergence" not in str(VerificationError("x", compare(expected, expected, 1e-4)))
+
+
+# ---- the catalogue: each mistake fails where it enters, each harmless twin passes -------------------
+
+SMALL = {"uneven": UNEVEN, "square": SQUARE}
+CATALOGUE = [
+    pytest.param(case, m.name, id=f"{case}: {m.name}")
+    for case, hyper in SMALL.items()
+    for m in mistakes(hyper) + harmless(hyper)
+]
+
+
+@functools.cache
+def _small(case: str) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list]:
+    """The small model's original weights, the verification inputs and the oracle's sites (computed once)."""
+    hyper = SMALL[case]
+    original = make_state_dict(hyper, seed=7)
+    pixel_values, input_ids = synthetic_inputs(hyper)
+    return (
+        original,
+        pixel_values,
+        input_ids,
+        list(original_sites(original, pixel_values, input_ids, heads(hyper))),
+    )
+
+
+@pytest.mark.parametrize(("case", "name"), CATALOGUE)
+def test_every_mistake_is_named_where_it_enters(case, name):
+    """A planted mistake fails verification and its first divergent site is the one where it was
+    planted (or the first that consumes it); a harmless twin passes (its proof in HARMLESS)."""
+    hyper = SMALL[case]
+    original, pixel_values, input_ids, sites = _small(case)
+    twins = {m.name: m for m in harmless(hyper)}
+    mistake = twins.get(name) or next(m for m in mistakes(hyper) if m.name == name)
+    try:
+        model = plant(mistake, original, hyper)
+    except ConverterError as err:
+        assert mistake.site == "layout", err
+        return
+    assert mistake.site != "layout", f"{name}: expected the layout check to stop it"
+    result = compare_sites(model, sites, pixel_values, input_ids, DEFAULT_ATOL)
+    if name in twins:
+        assert proof(mistake) and result.passed, result.summary()
+        assert mistake.site in [site.name for site in result.compared]
+    else:
+        assert not result.passed, result.summary()
+        assert result.first_divergence.name == mistake.site, result.summary()
+
+
+def test_a_broken_mapping_is_named_by_the_cli_the_audit_and_the_way_back(tmp_path, monkeypatch, capsys):
+    """One rule row wrong (the q/k halves of one message attention's bias): the conversion exits 1
+    and names the site on stdout and in its error line; the audit of a folder converted that way
+    and the way back name it too."""
+    import converter.pipeline
+    import converter.rules
+    from converter.rules import hf_to_original
+
+    mistake = next(m for m in mistakes(UNEVEN) if m.name == "q/k bias swapped: message attn, mid layer")
+    site = "first divergence: vision layer 5, message attention (across frames) at"
+    assert mistake.site in site
+    checkpoint, config = tmp_path / "ckpt.pth", tmp_path / "config"
+    original = make_state_dict(UNEVEN, seed=3)
+    torch.save({"model": original}, checkpoint)
+    to_config(UNEVEN).save_pretrained(config)
+    config = config / "config.json"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", tmp_path / "right", "-q") == 0
+    capsys.readouterr()
+
+    monkeypatch.setattr(converter.pipeline, "original_to_hf", lambda sd: original_to_hf(sd, mistake.rules))
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", tmp_path / "out", "-q") == 1
+    out, err = capsys.readouterr()
+    assert site in out and "verification FAILED" in out
+    assert site in err and "nothing was written" in err and not (tmp_path / "out").exists()
+
+    wrong = tmp_path / "wrong"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", wrong, "--no-verify", "-q") == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--audit", wrong, "--checkpoint", checkpoint, "--config", config, "-q") == 1
+    out, _ = capsys.readouterr()
+    assert "FAIL outputs       first divergence: vision layer 5, message attention (across frames) at" in out
+
+    monkeypatch.setattr(converter.rules, "hf_to_original", lambda sd: hf_to_original(sd, mistake.rules))
+    assert run("--to-original", tmp_path / "right", "--output", tmp_path / "back.pth", "-q") == 1
+    _, err = capsys.readouterr()
+    assert site in err and not (tmp_path / "back.pth").exists()
+
+
 # ---- power at full size --------------------------------------------------------------------------
 
 MIN_MARGIN = 10
@@ -164,17 +346,18 @@ def test_every_planted_mistake_fails_by_a_wide_margin_on_base_patch32():
     hyper = hyper_for_variant(VARIANTS[name])
     original = make_state_dict(hyper, seed=zlib.crc32(name.encode()))
     pixel_values, input_ids = synthetic_inputs(hyper)
-    expected = oracle_outputs(original, pixel_values, input_ids)  # once: it is the same for every mistake
+    # Once: the oracle's sites are the same for every mistake.
+    expected = list(original_sites(original, pixel_values, input_ids))
 
     def margin(mistake) -> float | None:
         try:
             model = plant(mistake, original, hyper)
         except ConverterError:
             return None
-        return compare(expected, hf_outputs(model, pixel_values, input_ids), DEFAULT_ATOL).margin
+        return compare_sites(model, expected, pixel_values, input_ids, DEFAULT_ATOL).margin
 
-    correct = compare(expected, hf_outputs(build_model(to_config(hyper), original_to_hf(original)),
-                                           pixel_values, input_ids), DEFAULT_ATOL)  # fmt: skip
+    correct_model = build_model(to_config(hyper), original_to_hf(original))
+    correct = compare_sites(correct_model, expected, pixel_values, input_ids, DEFAULT_ATOL)
     assert correct.passed, correct.summary()
     for mistake in harmless(hyper):
         assert margin(mistake) < 1, mistake.name

@@ -26,6 +26,20 @@ if TYPE_CHECKING:
     from transformers import XCLIPConfig
 
 
+# The original's four stacks of blocks, as its keys name them: "<prefix><index>.<parameter>".
+VISION_BLOCKS = "visual.transformer.resblocks."
+TEXT_BLOCKS = "transformer.resblocks."
+MIT_BLOCKS = "mit.resblocks."
+PROMPT_BLOCKS = "prompts_generator.decoder."
+
+
+def depth(keys: Iterable[str], prefix: str) -> int:
+    """How many blocks a stack has: 1 + the largest index under `prefix` (0 when there is none); a
+    missing block in between is then named by the layout check, not silently counted away."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return max((int(m.group(1)) + 1 for key in keys if (m := pattern.match(key))), default=0)
+
+
 @dataclass(frozen=True)
 class Hyper:
     embed_dim: int
@@ -81,8 +95,7 @@ class _Shapes:
         return shape[dim]
 
     def layers(self, prefix: str) -> int:
-        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-        return len({m.group(1) for k in self.state_dict if (m := pattern.match(k))})
+        return depth(self.state_dict, prefix)
 
     def grid(self) -> int:
         positions = self("visual.positional_embedding", 0) - 1
@@ -147,30 +160,30 @@ FIELDS: tuple[Field, ...] = (
     _dim("vision_width", "vision_width", ("vision_config.hidden_size",), "visual.conv1.weight", 0,
          lambda v: v.arch.vision_width),
     _depth("vision_layers", "vision_layers", "vision_config.num_hidden_layers",
-           "visual.transformer.resblocks.", lambda v: v.arch.vision_layers),
+           VISION_BLOCKS, lambda v: v.arch.vision_layers),
     _heads("vision_heads", "vision_heads", "vision_config.num_attention_heads", "visual.conv1.weight", 0,
            "vision_width"),
     _dim("vision_mlp", None, ("vision_config.intermediate_size",),
-         "visual.transformer.resblocks.0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.vision_width),
-    _depth("text_layers", "transformer_layers", "text_config.num_hidden_layers", "transformer.resblocks.",
+         VISION_BLOCKS + "0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.vision_width),
+    _depth("text_layers", "transformer_layers", "text_config.num_hidden_layers", TEXT_BLOCKS,
            lambda v: v.arch.text_layers),
     _dim("text_width", "transformer_width", ("text_config.hidden_size",), "text_projection", 0,
          lambda v: v.arch.embed_dim),
     _heads("text_heads", "transformer_heads", "text_config.num_attention_heads", "text_projection", 0,
            "embed_dim"),
-    _dim("text_mlp", None, ("text_config.intermediate_size",), "transformer.resblocks.0.mlp.c_fc.weight", 0,
+    _dim("text_mlp", None, ("text_config.intermediate_size",), TEXT_BLOCKS + "0.mlp.c_fc.weight", 0,
          lambda v: 4 * v.arch.embed_dim),
     _dim("vocab_size", "vocab_size", ("text_config.vocab_size",), "token_embedding.weight", 0,
          lambda v: VOCAB_SIZE),
     _dim("context_length", "context_length", ("text_config.max_position_embeddings",), "positional_embedding",
          0, lambda v: CONTEXT_LENGTH),
-    _depth("mit_layers", "mit_layers", "vision_config.mit_num_hidden_layers", "mit.resblocks.",
+    _depth("mit_layers", "mit_layers", "vision_config.mit_num_hidden_layers", MIT_BLOCKS,
            lambda v: MIT_LAYERS),
     _heads("mit_heads", "mit_heads", "vision_config.mit_num_attention_heads", "text_projection", 1,
            "embed_dim"),
     _dim("mit_mlp", "mit_mlp_width", ("vision_config.mit_intermediate_size",),
-         "mit.resblocks.0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.embed_dim),
-    _depth("prompt_layers", "prompts_layers", "prompt_layers", "prompts_generator.decoder.",
+         MIT_BLOCKS + "0.mlp.c_fc.weight", 0, lambda v: 4 * v.arch.embed_dim),
+    _depth("prompt_layers", "prompts_layers", "prompt_layers", PROMPT_BLOCKS,
            lambda v: PROMPT_LAYERS),
     _heads("prompt_heads", "prompts_heads", "prompt_num_attention_heads", "text_projection", 1, "embed_dim"),
 )  # fmt: skip

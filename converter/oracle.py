@@ -16,23 +16,21 @@ compare each site as it comes and drop it, so no more than one layer's activatio
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from converter.config import MIT_BLOCKS, PROMPT_BLOCKS, TEXT_BLOCKS, VISION_BLOCKS, depth
+
 Tensor = torch.Tensor
 StateDict = Mapping[str, Tensor]
 
 _LN_EPS = 1e-5  # every LayerNorm of the original uses the nn.LayerNorm default
 
-# Block prefixes of the four stacks whose depth is counted from the keys.
-_VISION = "visual.transformer.resblocks."
-_TEXT = "transformer.resblocks."
-_MIT = "mit.resblocks."
-_PROMPTS = "prompts_generator.decoder."
+# Block prefixes of the four stacks, whose depth is counted from the keys (`depth`).
+_VISION, _TEXT, _MIT, _PROMPTS = VISION_BLOCKS, TEXT_BLOCKS, MIT_BLOCKS, PROMPT_BLOCKS
 
 # ---- sites: the names under which `original_sites` yields what it computes -----------------------
 # A layer's site is "<stack> layer <i>, <part>"; the stacks' names as the sites spell them.
@@ -84,13 +82,6 @@ def causal_mask(
 ) -> Tensor:
     """Additive [length, length] mask of the text tower: -inf strictly above the diagonal, 0 elsewhere."""
     return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
-
-
-def _num_layers(state_dict: StateDict, prefix: str) -> int:
-    """Depth of a stack: 1 + the largest block index under `prefix` (0 if there is none)."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = [int(m.group(1)) for key in state_dict if (m := pattern.match(key))]
-    return max(indices) + 1 if indices else 0
 
 
 def _ln(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
@@ -254,7 +245,7 @@ def original_sites(
     x = torch.cat([cls_token, x], dim=1) + sd["visual.positional_embedding"]
     x = _ln(x, sd, "visual.ln_pre.")
     yield VISION_EMBEDDINGS, x
-    for i in range(_num_layers(sd, _VISION)):
+    for i in range(depth(sd, _VISION)):
         x = yield from _cross_frame_block(x, sd, i, heads.vision, t)
     yield "vision_last_hidden_state", x
     vision_pooled = _ln(x[:, 0], sd, "visual.ln_post.")
@@ -264,7 +255,7 @@ def original_sites(
 
     # ---- MIT (multi-frame integration transformer), residual around the whole stack ----
     y = cls_features + sd["mit.positional_embedding"]
-    for i in range(_num_layers(sd, _MIT)):
+    for i in range(depth(sd, _MIT)):
         y = yield from _residual_block(y, sd, MIT, _MIT, i, heads.mit)
     mit_last_hidden_state = y + cls_features
     yield "mit_last_hidden_state", mit_last_hidden_state
@@ -277,7 +268,7 @@ def original_sites(
     z = F.embedding(ids, sd["token_embedding.weight"]) + sd["positional_embedding"][:length]
     yield TEXT_EMBEDDINGS, z
     mask = causal_mask(length, dtype, device)
-    for i in range(_num_layers(sd, _TEXT)):
+    for i in range(depth(sd, _TEXT)):
         z = yield from _residual_block(z, sd, TEXT, _TEXT, i, heads.text, mask)
     text_last_hidden_state = _ln(z, sd, "ln_final.")
     yield "text_last_hidden_state", text_last_hidden_state
@@ -293,7 +284,7 @@ def original_sites(
     yield "img_features", img_features
     visual = _ln(img_features, sd, "prompts_generator.norm.")  # applied once, shared by all layers
     p = text_embeds_raw.unsqueeze(0).expand(b, k, embed_dim)
-    for i in range(_num_layers(sd, _PROMPTS)):
+    for i in range(depth(sd, _PROMPTS)):
         p = yield from _prompt_layer(p, visual, sd, i, heads.prompts)
     prompts = sd["prompts_generator.alpha"] * p  # alpha scales the whole output, residual included
     yield "prompts", prompts

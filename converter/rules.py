@@ -19,7 +19,7 @@ from itertools import groupby
 
 import torch
 
-from converter.config import Hyper
+from converter.config import MIT_BLOCKS, PROMPT_BLOCKS, TEXT_BLOCKS, VISION_BLOCKS, Hyper
 from converter.errors import ConverterError, escape, listed
 
 StateDict = dict[str, torch.Tensor]
@@ -130,9 +130,10 @@ def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> li
 # rules of one stack form its block, expanded layer by layer. Widths: W = vision_width,
 # TW = text_width, E = embed_dim (also the MIT and prompt width).
 
-VISION = "visual.transformer.resblocks.{i}"
+VISION, TEXT, MIT, PROMPT = (
+    blocks + "{i}" for blocks in (VISION_BLOCKS, TEXT_BLOCKS, MIT_BLOCKS, PROMPT_BLOCKS)
+)
 VISION_HF = "vision_model.encoder.layers.{i}"
-PROMPT = "prompts_generator.decoder.{i}"
 
 RULES: tuple[Rule, ...] = (
     *_param("positional_embedding", "text_model.embeddings.position_embedding.weight",
@@ -160,7 +161,7 @@ RULES: tuple[Rule, ...] = (
     *_linear(f"{PROMPT}.mlp.3", f"{PROMPT}.mlp.3", "embed_dim", "prompt_mlp", "prompt_layers"),
     # multi-frame integration transformer (MIT)
     *_param("mit.positional_embedding", "mit.position_embedding", 1, "frames", "embed_dim"),
-    *_clip_block("mit.resblocks.{i}", "mit.encoder.layers.{i}", "embed_dim", "mit_mlp", "mit_layers"),
+    *_clip_block(MIT, "mit.encoder.layers.{i}", "embed_dim", "mit_mlp", "mit_layers"),
     # vision tower: CLIP blocks plus X-CLIP's cross-frame message attention
     *_param("visual.class_embedding", "vision_model.embeddings.class_embedding", "vision_width"),
     *_param("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight",
@@ -177,7 +178,7 @@ RULES: tuple[Rule, ...] = (
     *_clip_block(VISION, VISION_HF, "vision_width", "vision_mlp", "vision_layers"),
     *_norm("visual.ln_post", "vision_model.post_layernorm", "vision_width"),
     # text tower
-    *_clip_block("transformer.resblocks.{i}", "text_model.encoder.layers.{i}", "text_width", "text_mlp",
+    *_clip_block(TEXT, "text_model.encoder.layers.{i}", "text_width", "text_mlp",
                  "text_layers"),
     *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight",
             "vocab_size", "text_width"),

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from converter import rules
 from converter.config import Hyper, to_config
 from converter.oracle import (
     CROSS_ATTENTION,
@@ -46,10 +47,10 @@ if TYPE_CHECKING:
 
 Rules = tuple[Rule, ...]
 
-VISION_BLOCK = "visual.transformer.resblocks.{i}."
-TEXT_BLOCK = "transformer.resblocks.{i}."
-MIT_BLOCK = "mit.resblocks.{i}."
-PROMPT_BLOCK = "prompts_generator.decoder.{i}."
+# The original's blocks, as the rule table names them (one "{i}" for the layer).
+VISION_BLOCK, TEXT_BLOCK, MIT_BLOCK, PROMPT_BLOCK = (
+    f"{stack}." for stack in (rules.VISION, rules.TEXT, rules.MIT, rules.PROMPT)
+)
 # The packed attentions (in_proj rows q, k, v): module pattern and the stack whose site shows it.
 PACKED = {
     "vision attn": (VISION_BLOCK + "attn", VISION),

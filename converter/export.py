@@ -623,7 +623,8 @@ def _commit(
 
 def _has_entries(folder: Path) -> bool:
     try:
-        return next(os.scandir(folder), None) is not None
+        with os.scandir(folder) as entries:
+            return next(entries, None) is not None
     except OSError:
         return True
 

@@ -120,7 +120,8 @@ def check_target(
         if kind == "file":
             raise ConverterError(f"{flag} {shown} exists; pass --overwrite to replace it")
         try:
-            empty = next(os.scandir(target), None) is None
+            with os.scandir(target) as entries:
+                empty = next(entries, None) is None
         except OSError as err:
             raise ConverterError(f"{flag} {shown}: cannot read it ({err.strerror})") from err
         if not empty:

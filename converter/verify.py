@@ -289,12 +289,12 @@ def hf_outputs(
 ) -> dict[str, torch.Tensor]:
     """XCLIPModel's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
     captured: dict[str, torch.Tensor] = {}
-    read_sites(
-        model,
-        pixel_values,
-        input_ids,
-        lambda name, t: captured.update({name: t} if name in ORACLE_KEYS else {}),
-    )
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if name in ORACLE_KEYS:
+            captured[name] = tensor
+
+    read_sites(model, pixel_values, input_ids, keep)
     return {name: captured[name] for name in ORACLE_KEYS}
 
 

@@ -1,12 +1,5 @@
-"""The processor files of a converted folder (image processor + CLIP tokenizer), laid out so that every
-supported transformers (4.40 through 5.x) loads them with `AutoProcessor` / `AutoTokenizer`, offline.
-
-transformers 5 saves a processor as one nested `processor_config.json` and a `tokenizer.json` whose
-merges are pairs. 4.40-4.50 look for `preprocessor_config.json` (and pass a nested
-`processor_config.json`'s keys to `__init__` twice), tokenizers < 0.20 reads merges only as "a b"
-strings, and the slow tokenizer needs `vocab.json` + `merges.txt`: `build_processor_files` writes
-files all of them read, 5.x to the same numbers.
-"""
+"""The processor files of a converted folder (image processor + CLIP tokenizer), in a layout that every
+supported transformers (4.40 through 5.x) loads offline with `AutoProcessor` / `AutoTokenizer`."""
 
 from __future__ import annotations
 
@@ -24,11 +17,8 @@ PROCESSOR_FILE = "processor_config.json"
 
 
 def write_processor(folder: Path, image_size: int) -> None:
-    """The XCLIPProcessor (original preprocessing + CLIP tokenizer), for AutoProcessor.from_pretrained.
-
-    Importing transformers' processor classes costs more than the rest of a conversion, so the
-    files are built once per (image size, transformers, processing code) and copied from the cache.
-    """
+    """The XCLIPProcessor's files, built once per (image size, transformers, processing code) and copied
+    from the cache: importing transformers' processor classes costs more than the rest of a conversion."""
     try:
         source = _cached_processor(image_size)
     except (OSError, ConverterError):  # no usable cache (a local conversion needs none): build in place
@@ -39,10 +29,10 @@ def write_processor(folder: Path, image_size: int) -> None:
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
-    """Save `converter.processing.build_processor(image_size)` to `folder`, then rewrite what
-    transformers 5 saved: the image processor's dict flat in `preprocessor_config.json`, only the class
-    in `processor_config.json`, merges as "a b" strings (no CLIP token contains a space) in
-    `tokenizer.json`, and `vocab.json` + `merges.txt` beside it for the slow tokenizer."""
+    """Save `processing.build_processor(image_size)` to `folder`, rewritten so that every version reads it:
+    the image processor flat in `preprocessor_config.json` (`processor_config.json` keeps only the class,
+    as 4.x passes its keys to `__init__` twice), merges as "a b" strings (no CLIP token has a space),
+    and `vocab.json` + `merges.txt` for the slow tokenizer."""
     from converter.processing import build_processor
 
     build_processor(image_size).save_pretrained(folder)

@@ -1,10 +1,7 @@
-"""The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout.
-
-Writes `{'model': state_dict}` with the original's keys in the original checkpoint's order, by the
-forward direction's rule table (`rules.hf_to_original`), and proves it: the oracle, run on the written
-file read back weights-only, must reproduce the HF model within the forward direction's tolerance.
-The file is staged beside FILE (`export.staged_file`) and renamed into place only after that check, so
-a failure leaves nothing behind; progress is one line per stage (load, map, write, verify).
+"""The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout,
+`{'model': state_dict}` in the original's key order, by the forward rule table (`rules.hf_to_original`).
+The oracle on the written file, read back weights-only, must reproduce the HF model within the forward
+tolerance before the file, staged beside FILE (`export.staged_file`), is renamed into place.
 """
 
 from __future__ import annotations

@@ -3,9 +3,6 @@
 Five checks, each a list of findings: the config against what the original implies, every weight
 against our conversion of the original, the outputs against the oracle, the processor against the
 original's preprocessing, and the tokenizer's ids against CLIP's. The published folder is only read.
-
-    report = audit("microsoft/xclip-large-patch14", model_name="xclip-large-patch14")
-    print("\\n".join(report.lines())); sys.exit(report.exit_code)
 """
 
 from __future__ import annotations
@@ -104,15 +101,11 @@ class AuditReport:
     def ordered(self) -> list[Finding]:
         """Worst first: failures before notes; among them what changes the computation first, then by
         check (the config names a cause, the outputs its effect) and size."""
-        return sorted(
-            self.findings,
-            key=lambda f: (
-                f.ok,
-                not f.ok and f.changes_computation is not True,
-                KINDS.index(f.kind),
-                -f.severity,
-            ),
-        )
+
+        def rank(f: Finding) -> tuple[bool, bool, int, float]:
+            return f.ok, not f.ok and f.changes_computation is not True, KINDS.index(f.kind), -f.severity
+
+        return sorted(self.findings, key=rank)
 
     def summary(self) -> str:
         """One line: the verdict and the worst finding."""
@@ -224,12 +217,8 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     (dropouts, initialisation) as notes."""
     from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES
 
-    computation = [
-        *(p for f in FIELDS for p in f.config_paths),
-        *ACTIVATIONS,
-        *EPSILONS,
-        "vision_config.num_channels",
-    ]
+    computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
+    computation += [path for f in FIELDS for path in f.config_paths]
     findings = []
     for names, changes in ((computation, True), ((*PROBABILITIES, *FINITE), False)):
         for name in sorted(names):
@@ -317,27 +306,16 @@ def output_findings(
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
     count, first = len(result.compared), result.first_divergence
+    worst = f"worst {result.worst} at {result.margin:.3g}×"
     if first is None:
-        worst = "all agree exactly" if result.margin == 0 else f"worst {result.worst} at {result.margin:.3g}×"
-        detail = f"all {count} sites within tolerance (every block of every stack); {worst}"
+        detail = f"all {count} sites within tolerance (every block of every stack); "
+        detail += worst if result.margin else "all agree exactly"
         findings = [Finding("outputs", "every site", count, count, True, True, detail, result.margin)]
     else:  # as severe as the worst site: listed first among the outputs, where it names the cause
-        detail = (
-            f"first divergence: {first.name} at {first.ratio:.3g}× its tolerance (of {count} sites compared "
-            f"in forward order; worst {result.worst} at {result.margin:.3g}×)"
-        )
-        findings = [
-            Finding(
-                "outputs",
-                "first divergence",
-                first.max_abs_diff,
-                first.tolerance,
-                False,
-                True,
-                detail,
-                result.margin,
-            )
-        ]
+        where = f"{first.name} at {first.ratio:.3g}× its tolerance"
+        detail = f"first divergence: {where} (of {count} sites compared in forward order; {worst})"
+        diff, tol = first.max_abs_diff, first.tolerance
+        findings = [Finding("outputs", "first divergence", diff, tol, False, True, detail, result.margin)]
     for name, diff in result.max_abs_diff.items():
         tol, ratio = result.tolerances[name], result.ratios[name]
         detail = f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}"

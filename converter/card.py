@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib import resources
 from pathlib import PurePath
+from string import Template
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -29,13 +31,6 @@ CLIP_BASES = {
     (14, 1024, 224): "openai/clip-vit-large-patch14",
     (14, 1024, 336): "openai/clip-vit-large-patch14-336",
 }
-CITATION = """@article{ni2022expanding,
-  title={Expanding Language-Image Pretrained Models for General Video Recognition},
-  author={Ni, Bolin and Peng, Houwen and Chen, Minghao and Zhang, Songyang and Meng, Gaofeng and
-          Fu, Jianlong and Xiang, Shiming and Ling, Haibin},
-  journal={arXiv preprint arXiv:2208.02816},
-  year={2022}
-}"""
 
 
 def model_card(
@@ -66,59 +61,24 @@ def model_card(
         converted_from={"source": source, "sha256": sha256},  # the exact file, which base_model cannot say
         architectures=["XCLIPModel"],
     )
-    config_rows = "\n".join(f"| {k} | {v} |" for k, v in asdict(hyper).items())
-    card = f"""---
-{metadata.to_yaml(original_order=["license"])}
----
-
-# {name}
-
-X-CLIP ("Expanding Language-Image Pretrained Models for General Video Recognition", ECCV 2022), converted
-from the original checkpoint of microsoft/VideoX to transformers' `XCLIPModel` by xclip-converter.
-{_trained_on(name)}
-- Source: {source}{f" ({how})" if how else ""}
-- Source sha256: {sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)"}
-- Weights: {dtype}
-
-## Verification
-
-{_verification(verification, dtype, float32_distance)}
-
-## Preprocessing
-
-{_preprocessing(hyper.image_size)}
-
-## Usage
-
-Runs unchanged on transformers 4.40 through 5.x. Pillow is needed: the image processor resizes with it,
-and without it loading the processor fails.
-
-```bash
-{INSTALL}
-```
-
-```python
-{usage_snippet(repo_id or PLACEHOLDER, hyper.frames)}```
-
-The tokenizer and the image processor are called separately because `processor(text=..., videos=...)`
-drops the video on transformers 5.0-5.6. On transformers 5.24 and later with torchvision installed,
-`AutoProcessor` picks the torchvision image processor, which resizes differently (logits move by about
-1e-4); `AutoImageProcessor.from_pretrained(..., backend="pil")` loads the Pillow one this conversion was
-verified with, to use in place of `processor.image_processor`.
-
-## Configuration
-
-| field | value |
-|---|---|
-{config_rows}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    return str(ModelCard(card))  # parsed back as the hub parses it: the metadata is valid
+    card = Template((resources.files("converter") / "data" / "model_card.md").read_text(encoding="utf-8"))
+    text = card.substitute(
+        # license first, then the keys as the hub's own cards have them: the hub and tests read line one
+        metadata=metadata.to_yaml(
+            original_order=["license", "library_name", "language", "tags", "base_model"]
+        ),
+        name=name,
+        trained_on=_trained_on(name),
+        source=f"{source} ({how})" if how else source,
+        sha256=sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)",
+        dtype=dtype,
+        verification=_verification(verification, dtype, float32_distance),
+        preprocessing=_preprocessing(hyper.image_size),
+        install=INSTALL,
+        usage=usage_snippet(repo_id or PLACEHOLDER, hyper.frames),
+        config_rows="\n".join(f"| {k} | {v} |" for k, v in asdict(hyper).items()),
+    )
+    return str(ModelCard(text))  # parsed back as the hub parses it: the metadata is valid
 
 
 def usage_snippet(load_from: str, frames: int) -> str:
@@ -221,9 +181,9 @@ def _preprocessing(image_size: int) -> str:
     from converter import processing
 
     text = (
-        f"The saved image processor resizes the short side to {int(256 / 224 * image_size)} px (bilinear), "
-        f"centre-crops {image_size} px and normalises with ImageNet mean/std, as the original does, but "
-        f"resizes with Pillow (antialiased) where the original uses OpenCV."
+        f"The saved image processor resizes the short side to {processing.resize_short_side(image_size)} px "
+        f"(bilinear), centre-crops {image_size} px and normalises with ImageNet mean/std, as the original "
+        "does, but resizes with Pillow (antialiased) where the original uses OpenCV."
     )
     if image_size not in processing.PROCESSOR_DEVIATION:
         return f"{text} Its difference from the original's own pipeline was not measured at {image_size} px."

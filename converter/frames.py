@@ -27,9 +27,9 @@ def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def check_image_size(image_size: int) -> None:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-        raise ConverterError(f"image size must be a positive integer (224 or 336), got {image_size!r}")
+def check_positive_int(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConverterError(f"{what} must be a positive integer, got {value!r}")
 
 
 def check_frames(frames: object, source: str) -> np.ndarray:
@@ -54,7 +54,7 @@ def resize_and_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
     import torch.nn.functional as F
 
     frames = check_frames(frames, "video frames")
-    check_image_size(image_size)
+    check_positive_int(image_size, "image size")
     new_h, new_w = resized_shape(*frames.shape[1:3], resize_short_side(image_size))
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
     out = []

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from converter.errors import ConverterError
-from converter.frames import check_frames, check_image_size, resize_and_crop, resize_short_side
+from converter.frames import check_frames, check_positive_int, resize_and_crop, resize_short_side
 
 # Scripts import the tokenizer's names from here with the rest of the preprocessing.
 from converter.tokenizer import CLIP_VOCAB_SIZE, MAX_TEXT_LENGTH, build_tokenizer, encode_texts  # noqa: F401
@@ -37,21 +37,16 @@ def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
     (mmaction's ``_get_test_clips``, same float order); a clip shorter than T repeats frames."""
     if isinstance(total, bool) or not isinstance(total, int | np.integer) or total < 1:
         raise ConverterError(f"a clip needs at least one frame to sample from, got {total!r} frames")
-    _check_num_frames(num_frames)
+    check_positive_int(num_frames, "number of frames")
     interval = total / float(num_frames)
     offsets = (np.arange(num_frames) * interval + interval / 2.0).astype(np.int64)
     return offsets % total  # the original's out_of_bound_opt="loop"
 
 
-def _check_num_frames(num_frames: int) -> None:
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
-        raise ConverterError(f"number of frames must be a positive integer, got {num_frames!r}")
-
-
 def load_video(path: str | Path, num_frames: int) -> np.ndarray:
     """``num_frames`` RGB frames ``[T, H, W, 3]`` uint8 sampled as the original does, from a ``.npy``
     array of frames or a video file (PyAV, decoded only up to the last frame needed)."""
-    _check_num_frames(num_frames)
+    check_positive_int(num_frames, "number of frames")
     path = Path(path)
     if path.suffix.lower() == ".npy":
         frames = load_npy(path)
@@ -91,13 +86,12 @@ def load_npy(path: str | Path) -> np.ndarray:
 
 
 def _count_frames(av, path: Path) -> int:
-    """Frame count of the first video stream: the container's, else by demuxing (no decoding)."""
+    """Frames of the first video stream: the container's count, else its non-empty packets (Matroska/WebM
+    often omit the count; a packet holds one frame, and demuxing costs a fraction of decoding)."""
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ConverterError(f"video file {path} has no video stream")
         stream = container.streams.video[0]
-        # Matroska/WebM and raw streams often omit the count: a packet holds one frame, and reading
-        # packets costs a fraction of decoding them. Empty packets only flush the demuxer.
         return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
 
 
@@ -129,7 +123,7 @@ def original_settings(image_size: int) -> dict:
     """The original's preprocessing as VideoMAE image processor settings. Bilinear is, of PIL's filters,
     the closest to OpenCV's INTER_LINEAR (measured on the reference photos and ~50 crops); crop_size is
     given too, since with only a size VideoMAE still centre-crops to 224."""
-    check_image_size(image_size)
+    check_positive_int(image_size, "image size")
     return {
         "do_resize": True,
         "size": {"shortest_edge": resize_short_side(image_size)},
@@ -146,9 +140,8 @@ def original_settings(image_size: int) -> dict:
 
 def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
     """VideoMAE's Pillow image processor with `original_settings`: the closest to the original that plain
-    ``AutoProcessor`` loads, not equal to it (PIL antialiases when shrinking, the long side is truncated)."""
-    # Not `VideoMAEImageProcessor`: it needs torchvision (which does not import beside this torch build)
-    # and falls back to this class with a warning; Pillow gives the same result either way.
+    ``AutoProcessor`` loads, not equal to it (PIL antialiases, the long side is truncated). Not the class
+    that needs torchvision, which does not import beside this torch build: Pillow's result is the same."""
     from transformers import VideoMAEImageProcessorPil
 
     return VideoMAEImageProcessorPil(**original_settings(image_size))

@@ -1,6 +1,5 @@
-"""OpenAI's CLIP BPE tokenizer, built offline from the vocabulary shipped in ``converter/data``.
-transformers is imported inside functions: importing it costs about a second of CLI start-up.
-"""
+"""OpenAI's CLIP BPE tokenizer, built offline from the vocabulary shipped in ``converter/data``
+(transformers is imported inside functions: importing it costs a second of CLI start-up)."""
 
 from __future__ import annotations
 
@@ -34,12 +33,9 @@ def load_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
     path = bpe_vocab_path()
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     except (OSError, EOFError) as exc:
-        raise ConverterError(
-            f"cannot read the CLIP BPE vocabulary {path}: {exc}; reinstall xclip-converter"
-        ) from exc
+        raise ConverterError(f"cannot read {path} ({exc}): reinstall xclip-converter") from exc
     merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]  # line 0 is a version header
     byte_chars = list(bytes_to_unicode().values())
     tokens = [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges)]

@@ -55,6 +55,7 @@ _log = logging.getLogger(__name__)
 
 # What a finished transfer proved: whether an announced length arrived in full, and its Content-Type.
 Download = tuple[bool, str | None]
+Downloader = Callable[[Path, bool], Download]  # (the .part to write, whether to start afresh)
 
 
 def cache_dir() -> Path:
@@ -195,27 +196,15 @@ def _refuse_implausible(part: Path, describe: str, sized: bool, content_type: st
     raise ConverterError(f"the download of {describe} {problem}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The cache: hit, pin, lock, promote
-
-
-def _fetch_cached(
-    final: Path,
-    describe: str,
-    download: Callable[[Path, bool], Download],
-    *,
-    root: Path,
-    sha256: str | None,
-    force: bool,
-) -> Path:
+def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None, force: bool) -> Path:
     """Return ``final``, downloading it with ``download(part, fresh)`` unless a good copy is cached."""
-    pin = parse_sha256(sha256)
+    root = final.parents[2]  # the cache: <cache>/url/<hash>/<file> or <cache>/gdrive/<id>/<file>
     part = Path(f"{final}.part")
     try:
         # Fast path without the lock: ``final`` only ever appears complete (atomic rename), record first.
         if not force and final.is_file() and (pin is None or recorded_sha256(final) == pin):
             return final
-        with _locked(final, root, describe):
+        with _locked(final, root, what):
             # Another process may have finished the download while we waited for the lock.
             if not force and final.is_file() and _cached_is_usable(final, pin):
                 return final
@@ -224,11 +213,11 @@ def _fetch_cached(
             if pin is not None and digest != pin:
                 _discard_partial(part)
                 raise ConverterError(
-                    f"checksum mismatch for {describe}: expected sha256 {pin}, got {digest}; nothing was "
+                    f"checksum mismatch for {what}: expected sha256 {pin}, got {digest}; nothing was "
                     f"cached. Check --sha256, {_LOCAL_COPY} with a verified copy."
                 )
             if pin is None:
-                _refuse_implausible(part, describe, sized, content_type)
+                _refuse_implausible(part, what, sized, content_type)
             write_file(Path(f"{final}.sha256"), digest + "\n", flag="the download cache")
             os.replace(part, final)
             _discard_partial(part)  # its validator
@@ -282,10 +271,6 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
     )
 
 
-# ----------------------------------------------------------------------------------------------------
-# Entry points
-
-
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
     """The local path of an ``http(s)://`` or ``file://`` URL. A download is cached at the registry's
     ``url_cache_path``; a cache hit that meets the ``sha256`` pin touches no network unless ``force``."""
@@ -299,7 +284,7 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
         )
     root = Path(cache) if cache is not None else cache_dir()
     download = functools.partial(_download_http, url)
-    return _fetch_cached(url_cache_path(url, root), url, download, root=root, sha256=sha256, force=force)
+    return _fetch_cached(url_cache_path(url, root), url, download, parse_sha256(sha256), force)
 
 
 def fetch_source(source: Source, *, sha256: str | None = None, force: bool = False) -> Path:
@@ -309,7 +294,7 @@ def fetch_source(source: Source, *, sha256: str | None = None, force: bool = Fal
     root = cache_dir()
     download = functools.partial(_download_gdrive, source.ref)
     describe = f"Google Drive file {source.ref}"
-    return _fetch_cached(source.cache_path(root), describe, download, root=root, sha256=sha256, force=force)
+    return _fetch_cached(source.cache_path(root), describe, download, parse_sha256(sha256), force)
 
 
 source_url = Source.url  # where a published checkpoint is downloaded from (messages, model cards)
@@ -405,7 +390,7 @@ def _download_http(url: str, part: Path, fresh: bool) -> Download:
 
 
 def _stall(exc: requests.RequestException) -> str | None:
-    """How a read timeout ended the try (requests wraps it: a ReadTimeout before the body, a ConnectionError
+    """How a read timeout ended a try (requests wraps it: a ReadTimeout before the body, a ConnectionError
     while streaming it), or None for any other error."""
     import requests
     from urllib3.exceptions import ReadTimeoutError
@@ -418,12 +403,20 @@ def _stall(exc: requests.RequestException) -> str | None:
 
 
 def _cut_or_fail(exc: requests.RequestException, url: str, first: bool) -> _Cut:
-    """The retryable cut that ``exc`` is; a ConverterError where a retry cannot help: a host that does not
-    answer the first try (offline), a TLS or proxy failure, a bad URL."""
+    """The retryable cut that ``exc`` is; a ConverterError where a retry cannot help: no connection on the
+    first try (offline), a TLS or proxy failure, a bad URL."""
     import requests
     from requests.exceptions import ChunkedEncodingError, ProxyError, SSLError
-    from urllib3.exceptions import NameResolutionError, NewConnectionError
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
 
+    cause = getattr(exc.args[0] if exc.args else None, "reason", None)  # why urllib3 made no connection
+    if first and isinstance(cause, ConnectTimeoutError):  # also the base of a refusal and of an unknown host
+        why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
+        if isinstance(cause, NameResolutionError):
+            why = "host name could not be resolved"
+        raise ConverterError(
+            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
+        ) from None
     if stall := _stall(exc):
         return _Cut(stall, "no data")
     dropped = isinstance(exc, (requests.ConnectionError, ChunkedEncodingError))
@@ -432,20 +425,7 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool) -> _Cut:
             f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
             "--checkpoint PATH for a local copy."
         ) from None
-    cause = getattr(exc.args[0] if exc.args else None, "reason", None)  # why urllib3 made no connection
-    if isinstance(exc, requests.ConnectTimeout):
-        why = "connection timed out"
-    elif isinstance(cause, NameResolutionError):
-        why = "host name could not be resolved"
-    elif isinstance(cause, NewConnectionError):
-        why = (getattr(cause.__cause__, "strerror", None) or "connection failed").lower()
-    else:
-        return _Cut("was truncated", "connection dropped")
-    if first:  # once the host has answered, a lost connection is a drop to resume
-        raise ConverterError(
-            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
-        ) from None
-    return _Cut("was truncated", why)
+    return _Cut("was truncated", "connection dropped")
 
 
 def _read_validator(part: Path) -> dict[str, Any] | None:
@@ -463,20 +443,20 @@ def _attempt_http(url: str, part: Path) -> Download:
     import requests
 
     have = part.stat().st_size if part.exists() else 0
-    known = _read_validator(part) if have else None
-    if known is None:  # nothing proves these bytes belong to today's file: start over
+    known = (_read_validator(part) if have else None) or {}
+    if not known:  # nothing proves these bytes belong to today's file: start over
         _discard_partial(part)
         have = 0
-    resume = {"Range": f"bytes={have}-", "If-Range": known["validator"]} if known else {}
     # identity: Content-Length and Range offsets must count the bytes written to disk.
-    headers = {"Accept-Encoding": "identity", **resume}
+    headers = {"Accept-Encoding": "identity"}
+    if known:
+        headers |= {"Range": f"bytes={have}-", "If-Range": known["validator"]}
     with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT)) as resp:
         status, etag = resp.status_code, resp.headers.get("ETag")
         # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
         m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
         start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
-        if status == 416 and known is not None:
-            # The validator held and our file is at or past the end: complete if the sizes agree.
+        if status == 416 and known:  # the validator held and our file is at or past the end
             if total == have and known.get("total") in (None, have):
                 return True, None
             _discard_partial(part)
@@ -489,15 +469,12 @@ def _attempt_http(url: str, part: Path) -> Download:
                 f"download of {url} failed: HTTP {status} {resp.reason}; check the model name, the URL or "
                 f"XCLIP_RELEASE_URL, {_LOCAL_COPY}."
             )
-        if status == 206:
-            changed = bool(known and etag and known.get("etag") and etag != known["etag"])
-            if known is None or start != have or changed or known.get("total") not in (None, total):
-                # A resume we cannot trust (a server ignoring If-Range, a wrong offset): start over.
-                _discard_partial(part)
-                raise _Cut(
-                    "was truncated", f"the server resumed at byte {start} of another version, not {have}"
-                )
-        else:  # a full body: the file is new or changed (If-Range failed), so it starts afresh
+        if status == 206 and (
+            start != have or known.get("etag") not in (None, etag) or known.get("total") not in (None, total)
+        ):  # a resume we cannot trust (a server ignoring If-Range, a wrong offset): start over
+            _discard_partial(part)
+            raise _Cut("was truncated", f"the server resumed at byte {start} of another version, not {have}")
+        if status == 200:  # a full body: the file is new or changed (If-Range failed), so it starts afresh
             _discard_partial(part)
             have = 0
             encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
@@ -516,9 +493,7 @@ def _attempt_http(url: str, part: Path) -> Download:
                     report(size, total)
             except requests.RequestException as exc:  # what was written stays, so the next try resumes
                 got = f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
-                if stall := _stall(exc):
-                    raise _Cut(stall, got) from None
-                raise _Cut("was truncated", f"connection dropped, {got}") from None
+                raise _Cut(_stall(exc) or "was truncated", got) from None
     if total is not None and size != total:  # more than announced: the resume's 416 will restart it
         raise _Cut("was truncated", f"got {size} of {total} bytes")
     if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end

@@ -79,12 +79,9 @@ def cache_folder(*parts: str) -> Path:
 
 def _cache_error(exc: OSError, root: Path) -> ConverterError:
     where = Path(exc.filename or root)
-    blocker = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
-    why = (
-        f"{blocker} is a file, not a folder"
-        if blocker
-        else f"{where}: {(exc.strerror or reason(exc)).lower()}"
-    )
+    why = f"{where}: {(exc.strerror or reason(exc)).lower()}"
+    if blocker := next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None):
+        why = f"{blocker} is a file, not a folder"
     return ConverterError(
         f"cannot use the download cache {root} ({why}): set XCLIP_CACHE to a writable folder with free "
         "space, or pass --checkpoint PATH for a local file."
@@ -274,10 +271,20 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
     """The local path of an ``http(s)://`` or ``file://`` URL. A download is cached at the registry's
     ``url_cache_path``; a cache hit that meets the ``sha256`` pin touches no network unless ``force``."""
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "file":
-        return _local_file(url, parse_sha256(sha256))
-    if scheme not in ("http", "https"):
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "file":
+        path, pin = Path(url2pathname(parts.path)), parse_sha256(sha256)
+        if parts.netloc not in ("", "localhost"):
+            raise ConverterError(f"cannot use {url}: only local file:// URLs (no host) are supported.")
+        if not path.is_file():
+            raise ConverterError(f"local file not found: {path} (from {url}); check the path.")
+        if pin is not None and (digest := sha256_file(path)) != pin:  # the user's file: report, never delete
+            raise ConverterError(
+                f"checksum mismatch for {path}: expected sha256 {pin}, got {digest}; the file is not the "
+                "expected checkpoint."
+            )
+        return path
+    if parts.scheme.lower() not in ("http", "https"):
         raise ConverterError(
             f"unsupported URL scheme in {url!r}: use an http://, https:// or file:// URL, "
             "or --checkpoint PATH for a local file."
@@ -308,21 +315,6 @@ def cached_source(source: Source) -> Path | None:
     return None
 
 
-def _local_file(url: str, pin: str | None) -> Path:
-    parts = urlsplit(url)
-    path = Path(url2pathname(parts.path))
-    if parts.netloc not in ("", "localhost"):
-        raise ConverterError(f"cannot use {url}: only local file:// URLs (no host) are supported.")
-    if not path.is_file():
-        raise ConverterError(f"local file not found: {path} (from {url}); check the path.")
-    if pin is not None and (digest := sha256_file(path)) != pin:  # the user's own file: report, never delete
-        raise ConverterError(
-            f"checksum mismatch for {path}: expected sha256 {pin}, got {digest}; "
-            "the file is not the expected checkpoint."
-        )
-    return path
-
-
 @contextmanager
 def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int, int | None], None]]:
     """Yield ``report(bytes so far, total)``: a tqdm bar on a terminal (tqdm decides), elsewhere a log line
@@ -332,29 +324,24 @@ def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int
         return
     import tqdm
 
-    first, start = done, time.monotonic()
-    last = start
+    last = time.monotonic()
     with tqdm.tqdm(total=total, initial=done, disable=None, unit="B", unit_scale=True, desc=name) as bar:
 
         def report(done: int, total: int | None) -> None:
             nonlocal last
             bar.total = total
             bar.update(done - bar.n)
-            if bar.disable and (now := time.monotonic()) - last >= PROGRESS_EVERY:
-                last, rate = now, (done - first) / (now - start)
+            if bar.disable and time.monotonic() - last >= PROGRESS_EVERY:
+                last = time.monotonic()
                 of = f" of {total / 1e6:.1f}" if total else ""
-                _log.info("downloading %s: %.1f%s MB, %.2f MB/s", name, done / 1e6, of, rate / 1e6)
+                _log.info("downloading %s: %.1f%s MB", name, done / 1e6, of)
 
         yield report
 
 
-# ----------------------------------------------------------------------------------------------------
-# HTTP: each try resumes what the last one left, validated; a cut-off or stalled body and a 5xx answer
-# are retried with backoff
-
-
 class _Cut(Exception):
-    """A try that ended early and may be retried; args: (how it ended, detail)."""
+    """An HTTP try that ended early (cut off, stalled, a 5xx answer) and is retried with backoff, resuming
+    what it left; args: (how it ended, detail)."""
 
 
 def _download_http(url: str, part: Path, fresh: bool) -> Download:
@@ -373,15 +360,10 @@ def _download_http(url: str, part: Path, fresh: bool) -> Download:
         except requests.RequestException as exc:
             cut = _cut_or_fail(exc, url, first=tries == 1)
     have = part.stat().st_size if part.exists() else 0
-    if have and _read_validator(part) is not None:
-        keep = f"the {have} bytes received are kept and a re-run resumes them"
-    else:
+    keep = f"the {have} bytes received are kept and a re-run resumes them"
+    if not have or _read_validator(part) is None:  # nothing a re-run could resume
         _discard_partial(part)
-        keep = (
-            "the server sent no ETag or Last-Modified, so a re-run starts over"
-            if have
-            else "nothing was kept"
-        )
+        keep = "nothing was kept"
     how, detail = cut.args
     raise ConverterError(
         f"download of {url} {how} on {tries} tries ({detail}); {keep}; re-run later, or use --checkpoint PATH"
@@ -389,27 +371,15 @@ def _download_http(url: str, part: Path, fresh: bool) -> Download:
     )
 
 
-def _stall(exc: requests.RequestException) -> str | None:
-    """How a read timeout ended a try (requests wraps it: a ReadTimeout before the body, a ConnectionError
-    while streaming it), or None for any other error."""
-    import requests
-    from urllib3.exceptions import ReadTimeoutError
-
-    if isinstance(exc, requests.ReadTimeout) or isinstance(
-        exc.args[0] if exc.args else None, ReadTimeoutError
-    ):
-        return f"stalled (no data for {STALL_TIMEOUT:g} s)"
-    return None
-
-
-def _cut_or_fail(exc: requests.RequestException, url: str, first: bool) -> _Cut:
-    """The retryable cut that ``exc`` is; a ConverterError where a retry cannot help: no connection on the
-    first try (offline), a TLS or proxy failure, a bad URL."""
+def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str | None = None) -> _Cut:
+    """The retryable cut that ``exc`` is (``got``: how much of the body came); a ConverterError where a
+    retry cannot help: no connection on the first try (offline), a TLS or proxy failure, a bad URL."""
     import requests
     from requests.exceptions import ChunkedEncodingError, ProxyError, SSLError
-    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
 
-    cause = getattr(exc.args[0] if exc.args else None, "reason", None)  # why urllib3 made no connection
+    inner = exc.args[0] if exc.args else None  # the urllib3 error that requests wraps
+    cause = getattr(inner, "reason", None)  # why urllib3 made no connection
     if first and isinstance(cause, ConnectTimeoutError):  # also the base of a refusal and of an unknown host
         why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
         if isinstance(cause, NameResolutionError):
@@ -417,15 +387,16 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool) -> _Cut:
         raise ConverterError(
             f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
         ) from None
-    if stall := _stall(exc):
-        return _Cut(stall, "no data")
-    dropped = isinstance(exc, (requests.ConnectionError, ChunkedEncodingError))
-    if not dropped or isinstance(exc, (SSLError, ProxyError)):
+    if isinstance(exc, requests.ReadTimeout) or isinstance(inner, ReadTimeoutError):
+        return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
+    if isinstance(exc, (SSLError, ProxyError)) or not isinstance(
+        exc, (requests.ConnectionError, ChunkedEncodingError)
+    ):
         raise ConverterError(
             f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
             "--checkpoint PATH for a local copy."
         ) from None
-    return _Cut("was truncated", "connection dropped")
+    return _Cut("was truncated", got or "connection dropped")
 
 
 def _read_validator(part: Path) -> dict[str, Any] | None:
@@ -493,7 +464,7 @@ def _attempt_http(url: str, part: Path) -> Download:
                     report(size, total)
             except requests.RequestException as exc:  # what was written stays, so the next try resumes
                 got = f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
-                raise _Cut(_stall(exc) or "was truncated", got) from None
+                raise _cut_or_fail(exc, url, first=False, got=got) from None
     if total is not None and size != total:  # more than announced: the resume's 416 will restart it
         raise _Cut("was truncated", f"got {size} of {total} bytes")
     if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end
@@ -501,12 +472,9 @@ def _attempt_http(url: str, part: Path) -> Download:
     return total is not None, resp.headers.get("Content-Type")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Google Drive (through gdown, which resolves Drive's confirmation pages)
-
-
 def _download_gdrive(file_id: str, part: Path, fresh: bool) -> Download:
-    """Download a Drive file into ``part``, afresh on every run (so ``fresh`` changes nothing)."""
+    """Download a Drive file into ``part`` through gdown, which resolves Drive's confirmation pages; afresh
+    on every run, so ``fresh`` changes nothing."""
     import gdown
     import requests
     from gdown.exceptions import DownloadError, FileURLRetrievalError

@@ -98,15 +98,9 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     # The same field-by-field validation as --config: a bad size or head count is named here, not met
     # later as a shape error deep inside torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
-    return Published(
-        source=text,
-        folder=folder,
-        config=config,
-        state_dict=_read_weights(_weights_files(folder, root, text), text),
-        image_processor=read_image_processor(folder, text),
-        revision=commit,
-        files=sorted(p.name for p in folder.iterdir()),
-    )
+    weights = _read_weights(_weights_files(folder, root, text), text)
+    files = sorted(p.name for p in folder.iterdir())
+    return Published(text, folder, config, weights, read_image_processor(folder, text), commit, files)
 
 
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
@@ -149,12 +143,10 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
         reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
         return [folder / WEIGHTS]
     if not _present(folder / WEIGHTS_INDEX):
-        pickled = next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None)
-        why = (
-            f"it has only {pickled}, a pickle, which is never unpickled here"
-            if pickled
-            else "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
-        )
+        pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
+        why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
+        if pickled:
+            why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
         raise ConverterError(
             f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
             "which writes safetensors"

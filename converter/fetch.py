@@ -5,8 +5,7 @@ length arrived, or a zip or safetensors file proves its own end), is not a web p
 ``--sha256`` pin; its digest is recorded in ``<file>.sha256``. A ``.part`` is resumed only with ``If-Range``
 and the validator of the answer that started it (``<file>.part.json``), so a file that changed on the server
 starts over instead of splicing two versions. A lock in ``<cache>/locks/`` makes processes fetch a file once.
-requests, tqdm, filelock and gdown are imported where a download needs them: a local conversion, which
-uses this module for the cache's paths and records, does not pay for them.
+requests, tqdm, filelock and gdown are imported only when a download needs them.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from urllib.request import url2pathname
 
 from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
+from converter.reader import CONFIG_LIMIT, read_bytes, read_json
 from converter.registry import Source, url_cache_path
 
 if TYPE_CHECKING:
@@ -53,9 +53,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HTML_START = re.compile(rb"\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I)
 _log = logging.getLogger(__name__)
 
-# What a finished transfer proved: whether an announced length arrived in full, and its Content-Type.
-Download = tuple[bool, str | None]
-Downloader = Callable[[Path, bool], Download]  # (the .part to write, whether to start afresh)
+# A download writes the .part it is given, afresh if asked, and tells whether an announced length arrived
+# in full and the Content-Type.
+Downloader = Callable[[Path, bool], tuple[bool, str | None]]
 
 
 def cache_dir() -> Path:
@@ -66,14 +66,13 @@ def cache_dir() -> Path:
 
 def cache_folder(*parts: str) -> Path:
     """``<cache>/<parts...>``, created, for other users of the cache (the processor files)."""
-    root = cache_dir()
-    folder = root.joinpath(*parts)
+    folder = cache_dir().joinpath(*parts)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied", str(folder))
     except OSError as exc:
-        raise _cache_error(exc, root) from None
+        raise _cache_error(exc, cache_dir()) from None
     return folder
 
 
@@ -91,17 +90,15 @@ def _cache_error(exc: OSError, root: Path) -> ConverterError:
 def _lock_path(path: Path, root: Path) -> Path:
     # Apart from the file's own folder, so a failed first download can remove that folder; the lock file
     # itself must outlive any process that may wait on it.
-    locks = root / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return locks / ("__".join(path.relative_to(root).parts) + ".lock")
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    return root / "locks" / ("__".join(path.relative_to(root).parts) + ".lock")
 
 
 def parse_sha256(text: str | None) -> str | None:
     """A ``--sha256`` value as 64 lower-case hex digits (None stays None), refused before any work."""
     if text is None:
         return None
-    digest = text.strip().lower()
-    if not _SHA256.fullmatch(digest):
+    if not _SHA256.fullmatch(digest := text.strip().lower()):
         shown = text if len(text) <= 80 else text[:80] + "..."
         raise ConverterError(
             f"--sha256 {shown!r} is not a sha256 digest: expected 64 hexadecimal digits, as `sha256sum FILE` "
@@ -118,8 +115,6 @@ def sha256_file(path: Path | str) -> str:
 
 def recorded_sha256(path: Path | str) -> str | None:
     """The digest recorded when `path` was fetched, if any (no hashing)."""
-    from converter.reader import CONFIG_LIMIT, read_bytes
-
     try:  # bounded: a FIFO or a huge file in the record's place is no record
         text = read_bytes(Path(f"{path}.sha256"), "a record", CONFIG_LIMIT).decode("ascii").strip().lower()
     except (ConverterError, UnicodeDecodeError):
@@ -165,7 +160,7 @@ def _cut_off(path: Path) -> str | None:
     return None
 
 
-def _refuse_implausible(part: Path, describe: str, sized: bool, content_type: str | None) -> None:
+def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | None) -> None:
     """Refuse (and delete) a finished ``.part`` that is a web page, or unproven where no length came."""
     with open(part, "rb") as f:
         head = f.read(64 << 10)  # enough of a page to read its title
@@ -180,17 +175,16 @@ def _refuse_implausible(part: Path, describe: str, sized: bool, content_type: st
     elif mime.startswith("text/") and kind is None:
         problem = f"is a {mime} page, not a checkpoint; nothing was cached. {advice}"
     elif not sized and kind not in ("zip", "safetensors"):
-        what = "a legacy torch pickle" if kind == "pickle" else "not a checkpoint"
         problem = (
-            f"came without a length and is {what}, so it cannot be proven complete; nothing was cached. Pin "
-            f"its digest with --sha256 HEX, {_LOCAL_COPY}."
+            f"came without a length and is {'a legacy torch pickle' if kind else 'not a checkpoint'}, so it "
+            f"cannot be proven complete; nothing was cached. Pin its digest with --sha256 HEX, {_LOCAL_COPY}."
         )
     elif not sized and (why := _cut_off(part)):
         problem = f"is incomplete ({why}); nothing was cached. Re-run to fetch it again, {_LOCAL_COPY}."
     else:
         return
     _discard_partial(part)
-    raise ConverterError(f"the download of {describe} {problem}")
+    raise ConverterError(f"the download of {what} {problem}")
 
 
 def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None, force: bool) -> Path:
@@ -224,7 +218,7 @@ def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None,
 
 
 @contextmanager
-def _locked(final: Path, root: Path, describe: str) -> Iterator[None]:
+def _locked(final: Path, root: Path, what: str) -> Iterator[None]:
     """Hold ``final``'s fetch lock, saying so once when another process holds it; a failed first download
     leaves no empty folder behind in the cache (only the lock file)."""
     from filelock import FileLock, Timeout
@@ -234,9 +228,7 @@ def _locked(final: Path, root: Path, describe: str) -> Iterator[None]:
     try:
         held = lock.acquire(blocking=False)
     except Timeout:
-        _log.info(
-            "waiting for another process fetching %s (lock: %s)", escape(describe), escape(lock.lock_file)
-        )
+        _log.info("waiting for another process fetching %s (lock: %s)", escape(what), escape(lock.lock_file))
         held = lock.acquire()
     with held:
         try:
@@ -271,9 +263,9 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
     """The local path of an ``http(s)://`` or ``file://`` URL. A download is cached at the registry's
     ``url_cache_path``; a cache hit that meets the ``sha256`` pin touches no network unless ``force``."""
-    parts = urlsplit(url)
+    parts, pin = urlsplit(url), parse_sha256(sha256)
     if parts.scheme.lower() == "file":
-        path, pin = Path(url2pathname(parts.path)), parse_sha256(sha256)
+        path = Path(url2pathname(parts.path))
         if parts.netloc not in ("", "localhost"):
             raise ConverterError(f"cannot use {url}: only local file:// URLs (no host) are supported.")
         if not path.is_file():
@@ -289,19 +281,17 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
             f"unsupported URL scheme in {url!r}: use an http://, https:// or file:// URL, "
             "or --checkpoint PATH for a local file."
         )
-    root = Path(cache) if cache is not None else cache_dir()
-    download = functools.partial(_download_http, url)
-    return _fetch_cached(url_cache_path(url, root), url, download, parse_sha256(sha256), force)
+    final = url_cache_path(url, Path(cache) if cache is not None else cache_dir())
+    return _fetch_cached(final, url, functools.partial(_download_http, url), pin, force)
 
 
 def fetch_source(source: Source, *, sha256: str | None = None, force: bool = False) -> Path:
     """Fetch a published checkpoint from where the registry says it lives (a mirror, if set)."""
     if source.from_release_url:
         return fetch_url(source.url(), sha256=sha256, force=force)
-    root = cache_dir()
     download = functools.partial(_download_gdrive, source.ref)
-    describe = f"Google Drive file {source.ref}"
-    return _fetch_cached(source.cache_path(root), describe, download, parse_sha256(sha256), force)
+    final, what = source.cache_path(cache_dir()), f"Google Drive file {source.ref}"
+    return _fetch_cached(final, what, download, parse_sha256(sha256), force)
 
 
 source_url = Source.url  # where a published checkpoint is downloaded from (messages, model cards)
@@ -340,11 +330,11 @@ def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int
 
 
 class _Cut(Exception):
-    """An HTTP try that ended early (cut off, stalled, a 5xx answer) and is retried with backoff, resuming
-    what it left; args: (how it ended, detail)."""
+    """An HTTP try that ended early (cut off, stalled, a 5xx answer), retried with backoff from where it
+    stopped; args: (how it ended, detail)."""
 
 
-def _download_http(url: str, part: Path, fresh: bool) -> Download:
+def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
     """Download ``url`` into ``part``, resuming a validated partial file unless ``fresh``."""
     import requests
 
@@ -389,9 +379,8 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
         ) from None
     if isinstance(exc, requests.ReadTimeout) or isinstance(inner, ReadTimeoutError):
         return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
-    if isinstance(exc, (SSLError, ProxyError)) or not isinstance(
-        exc, (requests.ConnectionError, ChunkedEncodingError)
-    ):
+    dropped = isinstance(exc, (requests.ConnectionError, ChunkedEncodingError))
+    if not dropped or isinstance(exc, (SSLError, ProxyError)):
         raise ConverterError(
             f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
             "--checkpoint PATH for a local copy."
@@ -400,16 +389,14 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
 
 
 def _read_validator(part: Path) -> dict[str, Any] | None:
-    """The validator recorded when ``part`` was started, if it has one."""
-    from converter.reader import read_json
-
-    with suppress(ConverterError):  # bounded, as every record read back from the cache
+    """The validator recorded when ``part`` was started, if it has one (read bounded, as every record)."""
+    with suppress(ConverterError):
         data = read_json(Path(f"{part}.json"), "a validator")
         return data if isinstance(data, dict) and isinstance(data.get("validator"), str) else None
     return None
 
 
-def _attempt_http(url: str, part: Path) -> Download:
+def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
     """One GET, written or appended to ``part``; a failure worth retrying raises _Cut or a requests error."""
     import requests
 
@@ -472,7 +459,7 @@ def _attempt_http(url: str, part: Path) -> Download:
     return total is not None, resp.headers.get("Content-Type")
 
 
-def _download_gdrive(file_id: str, part: Path, fresh: bool) -> Download:
+def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
     """Download a Drive file into ``part`` through gdown, which resolves Drive's confirmation pages; afresh
     on every run, so ``fresh`` changes nothing."""
     import gdown

@@ -34,8 +34,8 @@ L14 = Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed
 
 
 def url_cache_path(url: str, cache: Path) -> Path:
-    """``<cache>/url/<hash of the URL>/<file name>``, where the cache rooted at `cache` keeps a download:
-    the hash keeps same-named files from different sources apart, the name keeps the cache readable."""
+    """Where the cache rooted at `cache` keeps a download: ``<cache>/url/<hash of the URL>/<file name>``
+    (the hash keeps same-named files from different sources apart, the name keeps the cache readable)."""
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
     return cache / "url" / key / (name or "download")
@@ -69,11 +69,9 @@ class Source:
 
     def url(self) -> str:
         """Where it is downloaded from (also what messages and model cards cite)."""
-        if self.from_release_url:
-            return (
-                f"{os.environ.get('XCLIP_RELEASE_URL', '').rstrip('/') or RELEASE_BASE_URL}/{self.filename}"
-            )
-        return f"https://drive.google.com/file/d/{self.ref}"
+        if not self.from_release_url:
+            return f"https://drive.google.com/file/d/{self.ref}"
+        return f"{os.environ.get('XCLIP_RELEASE_URL', '').rstrip('/') or RELEASE_BASE_URL}/{self.filename}"
 
     def cache_path(self, cache: Path) -> Path:
         """Its path in the cache rooted at `cache`: its URL's (so a mirror and the release never share a

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,6 @@ class Published:
     state_dict: StateDict  # as stored: the published keys and dtype
     image_processor: dict[str, Any] | None  # the published image processor's settings
     revision: str | None = None  # the hub commit read, for a repo id
-    files: list[str] = field(default_factory=list)
 
     def model_state_dict(self) -> StateDict:
         """The state dict without the buffers older transformers versions stored beside the weights."""
@@ -99,8 +98,7 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     # later as a shape error deep inside torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
     weights = _read_weights(_weights_files(folder, root, text), text)
-    files = sorted(p.name for p in folder.iterdir())
-    return Published(text, folder, config, weights, read_image_processor(folder, text), commit, files)
+    return Published(text, folder, config, weights, read_image_processor(folder, text), commit)
 
 
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:

@@ -300,9 +300,7 @@ source_url = Source.url  # where a published checkpoint is downloaded from (mess
 def cached_source(source: Source) -> Path | None:
     """The cached copy of a published checkpoint, if there is one (no network)."""
     path = source.cache_path(cache_dir())
-    with suppress(OSError):  # an unreadable cache holds nothing we can use
-        return path if path.is_file() else None
-    return None
+    return path if os.path.isfile(path) else None  # False, not an error, for an unreadable cache
 
 
 @contextmanager
@@ -330,8 +328,7 @@ def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int
 
 
 class _Cut(Exception):
-    """An HTTP try that ended early (cut off, stalled, a 5xx answer), retried with backoff from where it
-    stopped; args: (how it ended, detail)."""
+    """An HTTP try that ended early, retried from where it stopped; args: (how it ended, detail)."""
 
 
 def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]:

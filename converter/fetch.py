@@ -408,6 +408,8 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         headers |= {"Range": f"bytes={have}-", "If-Range": known["validator"]}
     with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT)) as resp:
         status, etag = resp.status_code, resp.headers.get("ETag")
+        # If-Range needs a strong validator: a strong ETag, else Last-Modified.
+        validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
         # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
         m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
         start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
@@ -425,7 +427,9 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
                 f"XCLIP_RELEASE_URL, {_LOCAL_COPY}."
             )
         if status == 206 and (
-            start != have or known.get("etag") not in (None, etag) or known.get("total") not in (None, total)
+            start != have
+            or validator not in (None, known.get("validator"))
+            or known.get("total") not in (None, total)
         ):  # a resume we cannot trust (a server ignoring If-Range, a wrong offset): start over
             _discard_partial(part)
             raise _Cut("was truncated", f"the server resumed at byte {start} of another version, not {have}")
@@ -434,10 +438,8 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
             have = 0
             encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
             total = None if encoded else resp.raw.length_remaining  # urllib3's reading of Content-Length
-            # If-Range needs a strong validator: a strong ETag, else Last-Modified.
-            validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
             if validator is not None:
-                record = json.dumps({"validator": validator, "etag": etag, "total": total})
+                record = json.dumps({"validator": validator, "total": total})
                 write_file(Path(f"{part}.json"), record, flag="the download cache")
         size = have
         with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:

@@ -3,9 +3,7 @@
 A download streams into ``<file>.part`` and becomes ``<file>`` only when it is complete (the announced
 length arrived, or a zip or safetensors file proves its own end), is not a web page, and matches a
 ``--sha256`` pin; its digest is recorded in ``<file>.sha256``. A ``.part`` is resumed only with ``If-Range``
-and the validator of the answer that started it (``<file>.part.json``), so a file that changed on the server
-starts over instead of splicing two versions. A lock in ``<cache>/locks/`` makes processes fetch a file once.
-requests, tqdm, filelock and gdown are imported only when a download needs them.
+and the validator of the answer that started it (``<file>.part.json``), so a changed file starts over.
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HTML_START = re.compile(rb"\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I)
 _log = logging.getLogger(__name__)
 
-# A download writes the .part it is given, afresh if asked, and tells whether an announced length arrived
-# in full and the Content-Type.
+# Writes the .part given (afresh if asked); says whether an announced length arrived, and the Content-Type.
 Downloader = Callable[[Path, bool], tuple[bool, str | None]]
 
 
@@ -88,8 +85,7 @@ def _cache_error(exc: OSError, root: Path) -> ConverterError:
 
 
 def _lock_path(path: Path, root: Path) -> Path:
-    # Apart from the file's own folder, so a failed first download can remove that folder; the lock file
-    # itself must outlive any process that may wait on it.
+    # Apart from the file's folder, which a failed first download removes: a lock outlives its waiters.
     (root / "locks").mkdir(parents=True, exist_ok=True)
     return root / "locks" / ("__".join(path.relative_to(root).parts) + ".lock")
 

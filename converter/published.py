@@ -1,8 +1,6 @@
-"""Read a transformers X-CLIP model as it is published: a converted folder or a hub repo id.
-
-Used by the audit and the way back. Reads data only: `config.json`, the weights from safetensors (a pickled
-`pytorch_model.bin` is refused, never unpickled), the processor and tokenizer files. A hub repo is fetched
-with huggingface_hub's `snapshot_download` into the HF cache; offline, only that cache is used.
+"""Read a transformers X-CLIP model as it is published (a converted folder or a hub repo id), for the
+audit and the way back: data only, with safetensors weights (a pickled `pytorch_model.bin` is refused,
+never unpickled). A hub repo comes through `snapshot_download` into the HF cache; offline, that cache only.
 """
 
 from __future__ import annotations
@@ -29,8 +27,7 @@ StateDict = dict[str, torch.Tensor]
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-# The tokenizer files transformers may read from a folder, each checked under the reader's cap (regular
-# file, size, and for JSON nesting and integers) before AutoTokenizer opens it.
+# The tokenizer files transformers may read from a folder, each checked under its cap before it does.
 TOKENIZER_FILES = {
     "tokenizer.json": TOKENIZER_LIMIT,
     "vocab.json": TOKENIZER_LIMIT,
@@ -41,8 +38,7 @@ TOKENIZER_FILES = {
 }
 # What a hub snapshot fetches: config, processor and tokenizer files, the safetensors weights (or shards).
 HUB_PATTERNS = ["config.json", "*processor_config.json", *TOKENIZER_FILES, "model*.safetensors*"]
-# The largest side an image processor may resize or crop to: L/14 at 336 px resizes to 384, and a
-# frame at this side is already 50 MB in float32.
+# Largest side a processor may resize or crop to: L/14 at 336 px resizes to 384; a 2048 px frame is 50 MB.
 MAX_PROCESSOR_SIDE = 2048
 # Buffers older transformers versions saved with the weights; recomputed on load, not parameters.
 BENIGN_BUFFERS = re.compile(r".*\.position_ids\Z")

@@ -105,8 +105,11 @@ def parse_sha256(text: str | None) -> str | None:
 
 def sha256_file(path: Path | str) -> str:
     """Hex sha256 of a file, streamed (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11; 3.10 is supported
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def recorded_sha256(path: Path | str) -> str | None:

@@ -61,13 +61,11 @@ _signals = SimpleNamespace(raised=False, deferring=0, pending=None)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    if _signals.raised:
-        return
     if _signals.deferring:
         _signals.pending = _signals.pending or signum
-        return
-    _signals.raised = True
-    raise Interrupted(signum)
+    elif not _signals.raised:
+        _signals.raised = True
+        raise Interrupted(signum)
 
 
 @contextmanager
@@ -95,10 +93,9 @@ def _signals_deferred() -> Iterator[None]:
         yield
     finally:
         _signals.deferring -= 1
-        if not _signals.deferring and _signals.pending and not _signals.raised:
+        if not _signals.deferring and _signals.pending:
             signum, _signals.pending = _signals.pending, None
-            _signals.raised = True
-            raise Interrupted(signum)
+            _on_signal(signum, None)
 
 
 # --- writing and reading back the weights ----------------------------------------------------------
@@ -161,7 +158,7 @@ def check_written(
                     got = f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
                     want = state_dict[key] if rows is None else state_dict[key][rows]
                     # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views,
-                    # which copy nothing; torch.equal costs ten times as much on base-patch32.
+                    # which copy nothing; torch.equal costs ~9x as much on base-patch32.
                     same_int = as_int[want.element_size()]
                     if not np.array_equal(got.view(same_int).numpy(), want.view(same_int).numpy()):
                         raise differs(f"{key!r} has different values")
@@ -307,12 +304,21 @@ def _staged(
                 f"{str(err).replace(str(staging), str(output))}; {where} was not changed"
             ) from err
         if kind == "folder":
-            _honour_umask(staging, where)
+            _honour_umask(staging)
         with _commit_lock(target.parent), _signals_deferred():
-            if kind == "folder":
-                _move_folder(staging, target, before, overwrite, where)
-            else:
-                _move_file(staging, target, overwrite, where)
+            try:
+                if kind == "folder":
+                    _move_folder(staging, target, before, overwrite, where)
+                else:
+                    _move_file(staging, target, overwrite, where)
+            except FileExistsError:
+                again = "" if overwrite else " with --overwrite to replace it"
+                raise ConverterError(
+                    f"{where} appeared or changed while converting (another run?); it was left as it "
+                    f"was and nothing was written; run again{again}"
+                ) from None
+            except OSError as err:
+                raise ConverterError(f"{where}: cannot move it into place: {err.strerror}") from err
             committed = True
     except BaseException as err:
         if lock is not None:
@@ -412,26 +418,27 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
-def _honour_umask(folder: Path, where: str) -> None:
+def _honour_umask(folder: Path) -> None:
     """Give everything in `folder` the mode a plain mkdir/open gets (safetensors writes 0600, a copied
     file keeps its source's): the mode mkdir gave the staging folder itself from the umask."""
     mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o777
-    try:
-        for root, dirs, files in os.walk(folder):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), mode, follow_symlinks=False)
-            for name in files:
-                if not os.path.islink(path := os.path.join(root, name)):
-                    os.chmod(path, mode & 0o666)
-    except OSError as err:
-        raise ConverterError(f"{where}: cannot set the mode of {err.filename}: {err.strerror}") from err
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), mode, follow_symlinks=False)
+        for name in files:
+            if not os.path.islink(path := os.path.join(root, name)):
+                os.chmod(path, mode & 0o666)
 
 
 @contextmanager
 def _commit_lock(folder: Path) -> Iterator[None]:
     """One run at a time moves an output into `folder`: without renameat2 a swap is several renames
     that two runs could interleave. The wait is interruptible (signals are deferred only after it)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder we may write in but not read (mode -wx): the checks when moving hold
+        yield
+        return
     try:
         _lock(fd, wait=True)
         yield
@@ -444,41 +451,18 @@ def _move_file(partial: Path, target: Path, overwrite: bool, where: str) -> None
         raise ConverterError(f"{where} exists; pass --overwrite to replace it")
     if (there := what_is_there(target)) not in (None, "a regular file"):
         raise ConverterError(f"{where} became {there} while writing; it was left as it is")
-    try:
-        os.replace(partial, target)
-    except OSError as err:
-        raise ConverterError(f"{where}: cannot move it into place: {err.strerror}") from err
+    os.replace(partial, target)
 
 
 def _move_folder(
     staging: Path, target: Path, before: tuple[int, int, int] | None, overwrite: bool, where: str
 ) -> None:
-    try:
-        retired = _swap_in(staging, target, before, overwrite, where)
-    except FileExistsError:
-        raise ConverterError(
-            f"{where} appeared or changed while converting (another run?); it was left as it was "
-            f"and nothing was written; run again{'' if overwrite else ' with --overwrite to replace it'}"
-        ) from None
-    except OSError as err:
-        raise ConverterError(f"{where}: cannot move it into place: {err.strerror}") from err
-    if retired is not None and overwrite:
-        shutil.rmtree(retired, ignore_errors=True)
-    elif retired is not None:
-        with suppress(OSError):
-            os.rmdir(retired)
-
-
-def _swap_in(
-    staging: Path, target: Path, before: tuple[int, int, int] | None, overwrite: bool, where: str
-) -> Path | None:
-    """Put `staging` at `target` and return where the old folder went (None: there was none). It is
-    replaced only if it is still `before` and, without `overwrite`, empty; else it is put back and
-    FileExistsError raised, as when anything else is there."""
+    """Put `staging` at `target`. The folder there is replaced only if it is still `before` and,
+    without `overwrite`, empty; else it is put back and FileExistsError raised, as when anything
+    else is there. The old folder is removed once the new one is in place."""
     retired = _take_out(staging, target) if before is not None else None
     if retired is None:
-        _move_noreplace(staging, target)
-        return None
+        return _move_noreplace(staging, target)
     try:
         if _identity(retired) != before or (not overwrite and os.listdir(retired)):
             raise FileExistsError(errno.EEXIST, "changed while converting", str(target))
@@ -496,7 +480,11 @@ def _swap_in(
                 f"there is now {retired} ({err.strerror})"
             ) from err
         raise
-    return retired
+    if overwrite:
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        with suppress(OSError):
+            os.rmdir(retired)
 
 
 def _take_out(staging: Path, target: Path) -> Path | None:

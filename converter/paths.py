@@ -1,9 +1,9 @@
-"""One path policy for every path the tool writes: `--output`, `--report`, the caches, the test
-suite's outputs. `check_target` refuses a target that names no entry, is or holds the current
-folder (for a folder), is, holds or lies inside something the run reads or keeps (`protected`: the
-inputs and every cache, symlinks resolved), exists as something other than what will be written (a
-device or FIFO is never opened or replaced), or exists (a non-empty folder, or a file) without
-`overwrite`. The writer (`converter.export`) proves the parent writable by staging there first.
+"""One path policy for every path the tool writes (`--output`, `--report`, caches, the suite's outputs).
+
+`check_target` refuses a target that names no entry or (a folder) holds the current folder; that is,
+holds or lies inside what the run reads or keeps (`protected`, symlinks resolved); that exists as
+something other than what will be written (a device or FIFO is never opened or replaced); or that
+exists (a non-empty folder, a file) without `overwrite`. `converter.export` proves the parent writable.
 """
 
 from __future__ import annotations

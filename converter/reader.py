@@ -1,10 +1,9 @@
 """Read a small input file (a config, a processor or tokenizer file, a shard index) within bounds.
 
-Every non-checkpoint file the converter reads comes through here, so none can block, exhaust memory
-or the stack: regular files only (stat'ed before opening, and the opened file fstat'ed again, so a
-FIFO or device is never read, not even one swapped in between), a size cap per kind of file checked
-before reading, and JSON at most `MAX_DEPTH` deep with integers of at most `MAX_INT_DIGITS` digits.
-Every refusal is one line starting with `what`, the caller's name for the file ("--config c.json").
+No such file can block, exhaust memory or the stack: regular files only (stat'ed before opening and
+fstat'ed after, so a FIFO or device is never read, not even one swapped in between), a size cap per
+kind of file checked before reading, JSON at most `MAX_DEPTH` deep, integers of `MAX_INT_DIGITS`
+digits at most. Every refusal is one line starting with `what`, the caller's name for the file.
 """
 
 from __future__ import annotations

@@ -472,8 +472,8 @@ def _move_folder(
         try:
             if retired == staging:
                 _renameat2(staging, target, _RENAME_EXCHANGE)
-            else:
-                _move_noreplace(retired, target)
+            elif not _renameat2(retired, target, _RENAME_NOREPLACE):
+                os.rename(retired, target)  # a file too; what it could replace: an empty folder, just made
         except OSError as err:
             raise ConverterError(
                 f"{where} changed while converting and could not be put back: the folder that was "

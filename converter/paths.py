@@ -1,19 +1,9 @@
-"""One path policy for every path the tool writes.
+"""One path policy for every path the tool writes (`--output`, `--report`, caches, the suite's outputs).
 
-Whatever writes — `--output` (a folder, or `--to-original`'s file), `--report`, the download and
-processor caches, the test suite's `--save-dir`, `--report` and `--update-expected` — asks
-`check_target` first. A target is refused when
-
-- it names no entry (`.`, `..`, `/`) or, for a folder, is the current folder or holds it;
-- resolved (symlinks too), it is, holds or lies inside something the run reads or keeps: the
-  checkpoint (a path or a `file://` URL), `--config`, `--video`, an audited or converted-back folder,
-  and every cache (`protected`);
-- it exists and is not what will be written: a regular file for a file, a folder for a folder — a
-  device, FIFO or socket is never opened or replaced;
-- it exists (a non-empty folder, or a file) and `overwrite` is off.
-
-Whether the parent is writable is proven by the writer (`converter.export`), which creates its
-staging entry beside the target before any work.
+`check_target` refuses a target that names no entry or (a folder) holds the current folder; that is,
+holds or lies inside what the run reads or keeps (`protected`, symlinks resolved); that exists as
+something other than what will be written (a device or FIFO is never opened or replaced); or that
+exists (a non-empty folder, a file) without `overwrite`. `converter.export` proves the parent writable.
 """
 
 from __future__ import annotations
@@ -38,10 +28,7 @@ def caches() -> list[Protected]:
 
     from converter.fetch import cache_dir
 
-    return [
-        ("the download cache", cache_dir()),
-        ("the Hugging Face cache", Path(constants.HF_HUB_CACHE)),
-    ]
+    return [("the download cache", cache_dir()), ("the Hugging Face cache", Path(constants.HF_HUB_CACHE))]
 
 
 def protected(
@@ -55,16 +42,12 @@ def protected(
     """What a run reads, as `check_target` protects it: the inputs that are local paths (a `file://`
     checkpoint too; hub ids and http URLs are not paths) and every cache. `source` is a folder read
     (an audited or converted-back model; a hub id is in the Hugging Face cache)."""
-    given = [
-        ("--checkpoint", local_path(checkpoint)),
-        ("--config", local_path(config)),
-        ("--video", local_path(video)),
-        (source_label, local_path(source) if source is not None and Path(source).exists() else None),
-    ]
-    return [(label, path) for label, path in given if path is not None] + caches()
+    source = source if source is not None and Path(source).exists() else None
+    given = [("--checkpoint", checkpoint), ("--config", config), ("--video", video), (source_label, source)]
+    return [(label, path) for label, value in given if (path := _local_path(value)) is not None] + caches()
 
 
-def local_path(value: str | Path | None) -> Path | None:
+def _local_path(value: str | Path | None) -> Path | None:
     """The local file a path or `file://` URL names; None for other URLs and None."""
     if value is None:
         return None
@@ -90,16 +73,14 @@ def check_target(
     if path.is_symlink() and not path.exists():
         raise ConverterError(f"{flag} {shown} is a broken symlink; remove it or choose another {kind}")
     target = _resolved(flag, path)
-    if kind == "folder":
-        cwd = _resolved(flag, Path.cwd())
-        if target == cwd or target in cwd.parents:
-            raise ConverterError(
-                f"{flag} {shown} is the current folder or holds it ({target}); choose a folder below it"
-            )
+    if kind == "folder" and target in (cwd := _resolved(flag, Path.cwd()), *cwd.parents):
+        raise ConverterError(
+            f"{flag} {shown} is the current folder or holds it ({target}); choose a folder below it"
+        )
     protected = list(protected)
     # Being an input is the first thing to say; then what is there; then what it holds or lies in.
-    check_not_protected(
-        flag, path, [(label, place) for label, place in protected if _resolved(flag, place) == target]
+    _refuse_protected(
+        flag, path, target, [(label, p) for label, p in protected if _resolved(flag, p) == target]
     )
     existing = what_is_there(path)
     if existing not in (None, "a folder" if kind == "folder" else "a regular file"):
@@ -108,25 +89,27 @@ def check_target(
         name = "report.json" if flag.endswith("report") else "model.pth"
         example = f", e.g. {flag} {escape(str(path / name))}" if existing == "a folder" else ""
         raise ConverterError(f"{flag} {shown} is {existing}: name a file to write{example}")
-    check_not_protected(flag, path, protected)
-    for ancestor in target.parents:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")
-            break
-    if existing is None:
+    _refuse_protected(flag, path, target, protected)
+    ancestor = next(p for p in target.parents if p.exists())  # the root at the latest
+    if not ancestor.is_dir():
+        raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")
+    if existing is None or overwrite:
         return target
-    if not overwrite:
-        if kind == "file":
-            raise ConverterError(f"{flag} {shown} exists; pass --overwrite to replace it")
-        try:
-            with os.scandir(target) as entries:
-                empty = next(entries, None) is None
-        except OSError as err:
-            raise ConverterError(f"{flag} {shown}: cannot read it ({err.strerror})") from err
-        if not empty:
-            raise ConverterError(f"{flag} {shown} exists and is not empty; pass --overwrite to replace it")
+    if kind == "file":
+        raise ConverterError(f"{flag} {shown} exists; pass --overwrite to replace it")
+    try:
+        with os.scandir(target) as entries:
+            empty = next(entries, None) is None
+    except OSError as err:
+        raise ConverterError(f"{flag} {shown}: cannot read it ({err.strerror})") from err
+    if not empty:
+        raise ConverterError(f"{flag} {shown} exists and is not empty; pass --overwrite to replace it")
     return target
+
+
+def check_output(output: Path, overwrite: bool, protected: Iterable[Protected] = ()) -> Path:
+    """`check_target` for an output folder (`--output`)."""
+    return check_target(output, kind="folder", overwrite=overwrite, protected=protected)
 
 
 def check_writable(flag: str, target: Path) -> None:
@@ -134,18 +117,15 @@ def check_writable(flag: str, target: Path) -> None:
     at the end of a long run (the test suite's outputs): the staging entry proves it otherwise."""
     folder = next((p for p in [target, *target.parents] if p.is_dir()), None)
     if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-        readonly = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & getattr(os, "ST_RDONLY", 1)
+        readonly = os.statvfs(folder).f_flag & os.ST_RDONLY
         why = "read-only file system" if readonly else "permission denied"
         raise ConverterError(f"{flag} {escape(str(target))}: cannot write in {escape(str(folder))} ({why})")
 
 
-def check_not_protected(flag: str, path: Path, protected: Iterable[Protected]) -> Path:
-    """Refuse `path` when it is, contains or lies inside one of the `protected` paths; return it
-    resolved."""
-    protected = list(protected)
-    target = _resolved(flag, path)
-    places = [_resolved(flag, place) for _, place in protected]
-    for (label, given), place in zip(protected, places, strict=True):
+def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[Protected]) -> None:
+    """Refuse `path` (resolved: `target`) when it is, contains or lies inside a protected path."""
+    for label, given in protected:
+        place = _resolved(flag, given)
         if place == target:
             relation = "is"
         elif target in place.parents:
@@ -154,23 +134,18 @@ def check_not_protected(flag: str, path: Path, protected: Iterable[Protected]) -
             relation = "lies inside"
         else:
             continue
-        what, where = escape(str(path)), escape(str(given))
-        raise ConverterError(f"{flag} {what} {relation} {label} {where}; choose another {flag}")
-    return target
-
-
-def is_inside(path: Path, folder: Path) -> bool:
-    """Whether `path` is `folder` or lies under it (links resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+        raise ConverterError(
+            f"{flag} {escape(str(path))} {relation} {label} {escape(str(given))}; choose another {flag}"
+        )
 
 
 def _resolved(flag: str, path: Path) -> Path:
     try:
         return path.resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop, say
-        what = escape(str(path))
-        raise ConverterError(f"{flag} {what}: cannot resolve the paths to compare ({err})") from err
+        raise ConverterError(
+            f"{flag} {escape(str(path))}: cannot resolve the paths to compare ({err})"
+        ) from err
 
 
 _KINDS = (
@@ -184,9 +159,8 @@ _KINDS = (
 
 
 def what_is_there(path: Path) -> str | None:
-    """What an existing `path` is once links are followed (None when nothing is there), with its
-    article (`kind_of`). `stat` follows /dev/stdout's link to a
-    pipe where `resolve` cannot."""
+    """What an existing `path` is once links are followed (`kind_of`; None when nothing is there).
+    `stat` follows /dev/stdout's link to a pipe where `resolve` cannot."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
@@ -199,8 +173,3 @@ def what_is_there(path: Path) -> str | None:
 def kind_of(mode: int) -> str:
     """What a stat mode is, with its article: "a folder", "a regular file", "a FIFO", ..."""
     return next((name for test, name in _KINDS if test(mode)), "a special file")
-
-
-def check_output(output: Path, overwrite: bool, protected: Iterable[Protected] = ()) -> Path:
-    """`check_target` for an output folder (`--output`)."""
-    return check_target(output, kind="folder", overwrite=overwrite, protected=protected)

@@ -1,16 +1,9 @@
-"""Read a small input file — a config, a processor or tokenizer file, a shard index — with bounds.
+"""Read a small input file (a config, a processor or tokenizer file, a shard index) within bounds.
 
-Every non-checkpoint file the converter reads comes through here, so no such file can block, exhaust
-memory or the stack, or end in `internal error`:
-
-- regular files only: the path is stat'ed (links followed) before it is opened, and opened
-  non-blocking and fstat'ed again, so a FIFO or a device is never read — not even one swapped in
-  between the two;
-- a size cap per kind of file, checked before anything is read, and the read itself stops there;
-- JSON nested at most `MAX_DEPTH` deep, and integers of at most `MAX_INT_DIGITS` digits.
-
-Every refusal is a `ConverterError` whose one line starts with `what`, the caller's name for the file
-(e.g. "--config c.json" or "org/name: config.json").
+No such file can block, exhaust memory or the stack: regular files only (stat'ed before opening and
+fstat'ed after, so a FIFO or device is never read, not even one swapped in between), a size cap per
+kind of file checked before reading, JSON at most `MAX_DEPTH` deep, integers of `MAX_INT_DIGITS`
+digits at most. Every refusal is one line starting with `what`, the caller's name for the file.
 """
 
 from __future__ import annotations
@@ -47,12 +40,10 @@ def check_regular(path: Path, what: str) -> os.stat_result:
 
 
 def _refuse_unless_regular(info: os.stat_result, what: str) -> None:
-    if stat.S_ISREG(info.st_mode):
-        return
-    kind = kind_of(info.st_mode)
-    if kind == "a folder":
+    if stat.S_ISDIR(info.st_mode):
         raise ConverterError(f"{what} is a folder: give the file inside it")
-    raise ConverterError(f"{what} is {kind}, not a regular file: give a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConverterError(f"{what} is {kind_of(info.st_mode)}, not a regular file: give a file")
 
 
 def read_bytes(path: Path, what: str, limit: int) -> bytes:
@@ -66,17 +57,15 @@ def read_bytes(path: Path, what: str, limit: int) -> bytes:
         info = os.fstat(fd)
         _refuse_unless_regular(info, what)  # what was opened, should the path have changed since
         _refuse_above(info.st_size, what, limit)
-        chunks, size = [], 0
-        while chunk := os.read(fd, min(limit + 1 - size, 4 * MiB)):
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:  # grew while being read
-                _refuse_above(size, what, limit)
+        data = b""
+        while chunk := os.read(fd, limit + 1 - len(data)):
+            data += chunk
     except OSError as err:
         raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
     finally:
         os.close(fd)
-    return b"".join(chunks)
+    _refuse_above(len(data), what, limit)  # it grew while being read
+    return data
 
 
 def _refuse_above(size: int, what: str, limit: int) -> None:
@@ -92,37 +81,35 @@ def check_size(path: Path, what: str, limit: int) -> None:
     _refuse_above(check_regular(path, what).st_size, what, limit)
 
 
-class _IntegerTooLong(ValueError):
-    def __init__(self, digits: int):
-        super().__init__(digits)
-        self.digits = digits
-
-
-def _bounded_int(text: str) -> int:
-    digits = len(text.lstrip("-"))
-    if digits > MAX_INT_DIGITS:
-        raise _IntegerTooLong(digits)
-    return int(text)
-
-
 def read_json(path: Path, what: str, limit: int = CONFIG_LIMIT) -> Any:
     """A JSON file's value, read with `read_bytes`' checks, nested at most MAX_DEPTH deep, integers
     of at most MAX_INT_DIGITS digits."""
+
+    def bounded_int(text: str) -> int:
+        if (digits := len(text.lstrip("-"))) > MAX_INT_DIGITS:
+            raise ConverterError(
+                f"{what}: an integer of {digits:,} digits (at most {MAX_INT_DIGITS}): not a real value"
+            )
+        return int(text)
+
+    too_deep = ConverterError(f"{what}: JSON nested more than {MAX_DEPTH} levels deep: not a config file")
     data = read_bytes(path, what, limit)
     try:
-        value = json.loads(data.decode("utf-8"), parse_int=_bounded_int)
+        value = json.loads(data.decode("utf-8"), parse_int=bounded_int)
     except UnicodeDecodeError as err:
         raise ConverterError(f"{what}: not UTF-8 text ({reason(err)})") from None
-    except _IntegerTooLong as err:
-        raise ConverterError(
-            f"{what}: an integer of {err.digits:,} digits (at most {MAX_INT_DIGITS}): not a real value"
-        ) from None
     except RecursionError:  # deeper than the interpreter's stack: certainly deeper than MAX_DEPTH
-        raise ConverterError(_too_deep(what)) from None
+        raise too_deep from None
     except ValueError as err:  # json.JSONDecodeError is a ValueError
         raise ConverterError(f"{what}: cannot read JSON ({reason(err)})") from None
-    if _depth(value) > MAX_DEPTH:
-        raise ConverterError(_too_deep(what))
+    # How deeply lists and objects nest, found without recursion.
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise too_deep
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return value
 
 
@@ -130,26 +117,10 @@ def read_json_object(path: Path, what: str, limit: int = CONFIG_LIMIT) -> dict[s
     """`read_json`, refused unless the file holds a JSON object."""
     value = read_json(path, what, limit)
     if not isinstance(value, dict):
-        raise ConverterError(f"{what}: expected a JSON object, found {_json_type(value)}")
+        names = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+        found = "null" if value is None else names[type(value)]  # JSON's own name of the type
+        raise ConverterError(f"{what}: expected a JSON object, found {found}")
     return value
-
-
-def _too_deep(what: str) -> str:
-    return f"{what}: JSON nested more than {MAX_DEPTH} levels deep: not a config file"
-
-
-def _depth(value: Any) -> int:
-    """How deeply lists and objects nest in a parsed JSON value (iterative: no recursion limit)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if depth <= MAX_DEPTH:
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def shown(value: object) -> str:
@@ -161,9 +132,3 @@ def shown(value: object) -> str:
 def finite_number(value: object) -> bool:
     """A JSON number (not a boolean) that is finite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _json_type(value: Any) -> str:
-    """JSON's own name for a parsed value's type."""
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)

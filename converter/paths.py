@@ -139,6 +139,12 @@ def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[P
         )
 
 
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies under it (links resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def _resolved(flag: str, path: Path) -> Path:
     try:
         return path.resolve()

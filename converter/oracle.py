@@ -38,6 +38,7 @@ CROSS_ATTENTION = "cross-attention"
 OUTPUT = "output"
 VISION_EMBEDDINGS = "vision embeddings (after ln_pre)"
 TEXT_EMBEDDINGS = "text embeddings"
+_BLOCKS = {VISION: VISION_BLOCKS, TEXT: TEXT_BLOCKS, MIT: MIT_BLOCKS, PROMPT: PROMPT_BLOCKS}
 # The final outputs `original_forward` returns: the arrays of the goldens' expected.npz.
 OUTPUTS = (
     *("vision_last_hidden_state", "vision_pooled", "cls_features", "mit_last_hidden_state", "video_embeds"),
@@ -84,13 +85,10 @@ def _linear(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
     return F.linear(x, sd[prefix + "weight"], sd.get(prefix + "bias"))
 
 
-def _quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _mlp(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
-    """CLIP MLP: c_fc -> QuickGELU -> c_proj."""
-    return _linear(_quick_gelu(_linear(x, sd, prefix + "c_fc.")), sd, prefix + "c_proj.")
+def _mlp(x: Tensor, sd: StateDict, fc1: str, fc2: str) -> Tensor:
+    """Linear -> QuickGELU -> Linear (CLIP's c_fc/c_proj, the prompt generator's mlp.0/mlp.3)."""
+    hidden = _linear(x, sd, fc1)
+    return _linear(hidden * torch.sigmoid(1.702 * hidden), sd, fc2)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
@@ -105,67 +103,53 @@ def _self_attention(x: Tensor, sd: StateDict, prefix: str, heads: int, mask: Ten
     return _linear(_attention(*qkv.chunk(3, dim=-1), heads, mask), sd, prefix + "out_proj.")
 
 
-def _cross_attention(x: Tensor, memory: Tensor, sd: StateDict, prefix: str, heads: int) -> Tensor:
-    """The prompt generator's attention: bias-free q/k/v, `proj` with a bias, SDPA's default scale."""
-    q = F.linear(x, sd[prefix + "q_proj.weight"])
-    k, v = (F.linear(memory, sd[f"{prefix}{n}_proj.weight"]) for n in "kv")
-    return _linear(_attention(q, k, v, heads), sd, prefix + "proj.")
-
-
 def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, layer: int, heads: int) -> Sites:
-    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual), then x + mlp(norm3 x) (mlp.0, QuickGELU,
-    dropout = identity, mlp.3). Yields the cross-attention's output and the layer's; returns the latter."""
+    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual), then x + mlp(norm3 x). Its attention is
+    not nn.MultiheadAttention: bias-free q/k/v, `proj` with a bias. Yields the attention's output and
+    the layer's; returns the latter."""
     prefix = f"{PROMPT_BLOCKS}{layer}."
-    attended = _cross_attention(_ln(x, sd, prefix + "norm1."), visual, sd, prefix + "cross_attn.", heads)
+    q = _linear(_ln(x, sd, prefix + "norm1."), sd, prefix + "cross_attn.q_proj.")
+    k, v = (_linear(visual, sd, f"{prefix}cross_attn.{n}_proj.") for n in "kv")
+    attended = _linear(_attention(q, k, v, heads), sd, prefix + "cross_attn.proj.")
     yield layer_site(PROMPT, layer, CROSS_ATTENTION), attended
     x = x + attended
-    hidden = _quick_gelu(_linear(_ln(x, sd, prefix + "norm3."), sd, prefix + "mlp.0."))
-    x = x + _linear(hidden, sd, prefix + "mlp.3.")
+    x = x + _mlp(_ln(x, sd, prefix + "norm3."), sd, prefix + "mlp.0.", prefix + "mlp.3.")
     yield layer_site(PROMPT, layer), x
     return x
 
 
-def _residual_block(
-    x: Tensor, sd: StateDict, stack: str, prefix: str, layer: int, heads: int, mask: Tensor | None = None
+def _clip_block(
+    x: Tensor, sd: StateDict, stack: str, layer: int, heads: int, mask: Tensor | None = None
 ) -> Sites:
-    """Pre-LN CLIP block (text and MIT): x + attn(ln_1 x), then x + mlp(ln_2 x). Yields the
-    attention's output and the block's; returns the latter."""
-    prefix = f"{prefix}{layer}."
+    """Pre-LN CLIP block: x + attn(ln_1 x), then x + mlp(ln_2 x), a vision block's message token (the
+    last) dropped before the MLP. Yields the attention's output and the block's; returns the latter."""
+    prefix = f"{_BLOCKS[stack]}{layer}."
     attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
     yield layer_site(stack, layer, SELF_ATTENTION), attended
     x = x + attended
-    x = x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
+    if stack == VISION:
+        x = x[:, :-1]
+    x = x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.c_fc.", prefix + "mlp.c_proj.")
     yield layer_site(stack, layer), x
     return x
 
 
 def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames: int) -> Sites:
-    """CrossFramelAttentionBlock on x [B*T, L, W], frames batch-major. Yields the message token's
-    steps, the self-attention's output and the block's; returns the latter."""
+    """CrossFramelAttentionBlock on x [B*T, L, W], frames batch-major: a message token made from the
+    RAW class token (no LayerNorm before message_fc) attends across each video's frames, then joins its
+    frame's tokens in a CLIP block. Yields every step; returns the block's output."""
     prefix = f"{VISION_BLOCKS}{layer}."
     bt, _, width = x.shape
-    # The message token comes from the RAW class token (no LayerNorm before message_fc).
     msg = _linear(x[:, 0], sd, prefix + "message_fc.")
     yield layer_site(VISION, layer, MESSAGE_FC), msg
-    msg = msg.view(bt // frames, frames, width)  # the message attention runs across each video's frames
+    msg = msg.view(bt // frames, frames, width)
     normed = _ln(msg, sd, prefix + "message_ln.")
     yield layer_site(VISION, layer, MESSAGE_LN), normed
     attended = _self_attention(normed, sd, prefix + "message_attn.", heads)
     yield layer_site(VISION, layer, MESSAGE_ATTENTION), attended
     msg = (msg + attended).reshape(bt, width)
     yield layer_site(VISION, layer, MESSAGE_TOKEN), msg
-    x = torch.cat([x, msg.unsqueeze(1)], dim=1)
-    attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads)
-    yield layer_site(VISION, layer, SELF_ATTENTION), attended
-    x = (x + attended)[:, :-1]  # drop the message token before the MLP
-    x = x + _mlp(_ln(x, sd, prefix + "ln_2."), sd, prefix + "mlp.")
-    yield layer_site(VISION, layer), x
-    return x
-
-
-def _check_heads(width: int, heads: int, family: str) -> None:
-    if heads <= 0 or width % heads:
-        raise ValueError(f"{family}: {heads} heads do not divide width {width}; pass OriginalHeads")
+    return (yield from _clip_block(torch.cat([x, msg.unsqueeze(1)], dim=1), sd, VISION, layer, heads))
 
 
 @torch.no_grad()
@@ -183,10 +167,10 @@ def original_sites(
     conv = sd["visual.conv1.weight"]
     vision_width, dtype, device = conv.shape[0], conv.dtype, conv.device
     text_width, embed_dim = sd["text_projection"].shape
-    _check_heads(vision_width, heads.vision, "vision")
-    _check_heads(text_width, heads.text, "text")
-    _check_heads(embed_dim, heads.mit, "mit")
-    _check_heads(embed_dim, heads.prompts, "prompts")
+    widths = {"vision": vision_width, "text": text_width, "mit": embed_dim, "prompts": embed_dim}
+    for family, width in widths.items():
+        if (count := getattr(heads, family)) <= 0 or width % count:
+            raise ValueError(f"{family}: {count} heads do not divide width {width}; pass OriginalHeads")
 
     # ---- vision tower (CrossFrameCommunicationTransformer) ----
     b, t = pixel_values.shape[:2]
@@ -206,7 +190,7 @@ def original_sites(
     # ---- MIT (multi-frame integration transformer), residual around the whole stack ----
     y = cls_features + sd["mit.positional_embedding"]
     for i in range(depth(sd, MIT_BLOCKS)):
-        y = yield from _residual_block(y, sd, MIT, MIT_BLOCKS, i, heads.mit)
+        y = yield from _clip_block(y, sd, MIT, i, heads.mit)
     mit_last_hidden_state = y + cls_features
     yield "mit_last_hidden_state", mit_last_hidden_state
     video_embeds = mit_last_hidden_state.mean(dim=1)
@@ -219,7 +203,7 @@ def original_sites(
     yield TEXT_EMBEDDINGS, z
     mask = causal_mask(length, dtype, device)
     for i in range(depth(sd, TEXT_BLOCKS)):
-        z = yield from _residual_block(z, sd, TEXT, TEXT_BLOCKS, i, heads.text, mask)
+        z = yield from _clip_block(z, sd, TEXT, i, heads.text, mask)
     text_last_hidden_state = _ln(z, sd, "ln_final.")
     yield "text_last_hidden_state", text_last_hidden_state
     text_pooled = text_last_hidden_state[torch.arange(k, device=device), ids.argmax(dim=-1)]

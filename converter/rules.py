@@ -1,15 +1,14 @@
 """The conversion rules: one table from original X-CLIP keys to transformers' `XCLIPModel` keys.
 
-Each rule names an original key pattern (`{i}` for a layer index), its HF key pattern(s), an
-operation with its reverse, and the original tensor's shape as a formula over the hyper-parameters.
-Both directions (`original_to_hf`, `hf_to_original`) and both layouts (`original_shapes`,
-`hf_shapes`) derive from it. The operations return views, so converting copies no weights.
+Each rule names an original key pattern (`{i}` for a layer index), its HF key pattern(s), an op with
+its reverse and the original tensor's shape; both directions and both layouts derive from the table.
+The ops return views, so converting copies no weights.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import groupby
@@ -182,9 +181,6 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-# ---- applying the table ------------------------------------------------------------------------
-
-
 def _match(rules: tuple[Rule, ...], key: str, side: str) -> tuple[int, int, str | None] | None:
     """(rule number, position among the rule's keys, layer index) for `key` on `side`, or None."""
     for number, rule in enumerate(rules):
@@ -194,11 +190,9 @@ def _match(rules: tuple[Rule, ...], key: str, side: str) -> tuple[int, int, str 
     return None
 
 
-def _shape(tensor: torch.Tensor) -> str:
-    return str(list(tensor.shape))
-
-
-def _layout_error(context: str, unmapped: list[str], missing: list[str] = (), mismatched: list[str] = ()):
+def _layout_error(
+    context: str, unmapped: Sequence[str], missing: Sequence[str] = (), mismatched: Sequence[str] = ()
+) -> ConverterError:
     """Everything that did not line up, in one error."""
     lines = [f"{context}: the checkpoint does not match the expected X-CLIP layout"]
     for title, items in (
@@ -218,11 +212,10 @@ def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
     converted: StateDict = {}
     unmapped = []
     for key, tensor in state_dict.items():
-        found = _match(rules, key, "original")
-        if found is None:
-            unmapped.append(f"{escape(key)} {_shape(tensor)}")
+        if (found := _match(rules, key, "original")) is None:
+            unmapped.append(f"{escape(key)} {list(tensor.shape)}")
         elif rules[found[0]].op is CHUNK_QKV and tensor.shape[0] % 3:
-            unmapped.append(f"{escape(key)} {_shape(tensor)} (dim 0 does not split into q, k, v)")
+            unmapped.append(f"{escape(key)} {list(tensor.shape)} (dim 0 does not split into q, k, v)")
         else:
             rule, index = rules[found[0]], found[2]
             for pattern, part in zip(rule.hf, rule.op.forward(tensor), strict=True):
@@ -239,9 +232,8 @@ def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
     groups: dict[tuple[int, str | None], dict[int, torch.Tensor]] = {}
     unmapped = []
     for key, tensor in state_dict.items():
-        found = _match(rules, key, "hf")
-        if found is None:
-            unmapped.append(f"{escape(key)} {_shape(tensor)}")
+        if (found := _match(rules, key, "hf")) is None:
+            unmapped.append(f"{escape(key)} {list(tensor.shape)}")
         else:
             number, position, index = found
             groups.setdefault((number, index), {})[position] = tensor
@@ -252,15 +244,10 @@ def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
         if len(parts) < len(rule.hf):
             missing += [escape(_fill(p, index)) for n, p in enumerate(rule.hf) if n not in parts]
         else:
-            restored[_fill(rule.original, index)] = rule.op.reverse(
-                tuple(parts[n] for n in range(len(parts)))
-            )
+            restored[_fill(rule.original, index)] = rule.op.reverse(tuple(parts[n] for n in sorted(parts)))
     if unmapped or missing:
         raise _layout_error("HF -> original", unmapped, missing)
     return restored
-
-
-# ---- layouts derived from the table ------------------------------------------------------------
 
 
 def original_shapes(h: Hyper, rules: Iterable[Rule] = RULES) -> dict[str, Shape]:
@@ -282,10 +269,10 @@ def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
     """Raise one error listing every unexpected, missing and mis-shaped key against `h`."""
     expected = hf_shapes(h)
-    unmapped = [f"{escape(k)} {_shape(state_dict[k])}" for k in state_dict.keys() - expected.keys()]
-    missing = [f"{escape(k)} {_shape(expected[k])}" for k in expected.keys() - state_dict.keys()]
+    unmapped = [f"{escape(k)} {list(state_dict[k].shape)}" for k in state_dict.keys() - expected.keys()]
+    missing = [f"{escape(k)} {list(expected[k].shape)}" for k in expected.keys() - state_dict.keys()]
     mismatched = [
-        f"{escape(k)}: checkpoint gives {_shape(state_dict[k])}, config expects {_shape(expected[k])}"
+        f"{escape(k)}: checkpoint gives {list(state_dict[k].shape)}, config expects {list(expected[k].shape)}"
         for k in state_dict.keys() & expected.keys()
         if state_dict[k].shape != expected[k].shape
     ]

@@ -1,11 +1,8 @@
-"""An independent implementation of the ORIGINAL X-CLIP forward pass on an original state dict.
+"""The project's oracle: an independent implementation of the ORIGINAL X-CLIP forward pass.
 
-The project's oracle: written from the original's architecture (microsoft/VideoX: the cross-frame
-message attention, the MIT with a residual around the whole stack, the prompt generator's own
-cross-attention, heads = width // 64) with torch.nn.functional alone, sharing no code with
-transformers' XCLIP, and checked against the original code's outputs (tests/data/goldens).
-`original_sites` yields (site, tensor) in forward order, so a consumer can compare each site and drop
-it, holding one layer's activations at a time; `original_forward` keeps the final outputs.
+Written from the original's architecture (microsoft/VideoX) with torch.nn.functional alone, sharing
+no code with transformers' XCLIP, and checked against the original code's outputs (tests/data/goldens).
+`original_sites` yields (site, tensor) in forward order, so a consumer holds one layer at a time.
 """
 
 from __future__ import annotations
@@ -104,9 +101,8 @@ def _self_attention(x: Tensor, sd: StateDict, prefix: str, heads: int, mask: Ten
 
 
 def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, layer: int, heads: int) -> Sites:
-    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual), then x + mlp(norm3 x). Its attention is
-    not nn.MultiheadAttention: bias-free q/k/v, `proj` with a bias. Yields the attention's output and
-    the layer's; returns the latter."""
+    """PromptGeneratorLayer: x + cross_attn(norm1 x, visual), then x + mlp(norm3 x); its attention is
+    not nn.MultiheadAttention (bias-free q/k/v, `proj` with a bias)."""
     prefix = f"{PROMPT_BLOCKS}{layer}."
     q = _linear(_ln(x, sd, prefix + "norm1."), sd, prefix + "cross_attn.q_proj.")
     k, v = (_linear(visual, sd, f"{prefix}cross_attn.{n}_proj.") for n in "kv")
@@ -121,8 +117,8 @@ def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, layer: int, heads: i
 def _clip_block(
     x: Tensor, sd: StateDict, stack: str, layer: int, heads: int, mask: Tensor | None = None
 ) -> Sites:
-    """Pre-LN CLIP block: x + attn(ln_1 x), then x + mlp(ln_2 x), a vision block's message token (the
-    last) dropped before the MLP. Yields the attention's output and the block's; returns the latter."""
+    """Pre-LN CLIP block: x + attn(ln_1 x), then x + mlp(ln_2 x), without a vision block's message token
+    (the last); yields the attention's output and the block's, returns the latter."""
     prefix = f"{_BLOCKS[stack]}{layer}."
     attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
     yield layer_site(stack, layer, SELF_ATTENTION), attended
@@ -135,9 +131,8 @@ def _clip_block(
 
 
 def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames: int) -> Sites:
-    """CrossFramelAttentionBlock on x [B*T, L, W], frames batch-major: a message token made from the
-    RAW class token (no LayerNorm before message_fc) attends across each video's frames, then joins its
-    frame's tokens in a CLIP block. Yields every step; returns the block's output."""
+    """CrossFramelAttentionBlock on x [B*T, L, W]: a message token from the RAW class token (no LayerNorm
+    before message_fc) attends across each video's frames, then joins its frame's tokens in a CLIP block."""
     prefix = f"{VISION_BLOCKS}{layer}."
     bt, _, width = x.shape
     msg = _linear(x[:, 0], sd, prefix + "message_fc.")
@@ -156,9 +151,8 @@ def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames:
 def original_sites(
     state_dict: StateDict, pixel_values: Tensor, input_ids: Tensor, heads: OriginalHeads | None = None
 ) -> Sites:
-    """Run the original X-CLIP on an original state dict, yielding (site, tensor) in forward order:
-    the vision tower, the MIT, the text tower, the prompt generator, the logits; every name in
-    `OUTPUTS` among them. Half precision is computed in float32, as the original loads it."""
+    """The original X-CLIP on an original state dict, yielding (site, tensor) in forward order; half
+    precision is computed in float32, as the original loads it."""
     sd = {
         key.removeprefix("module."): t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         for key, t in state_dict.items()
@@ -181,20 +175,17 @@ def original_sites(
     yield VISION_EMBEDDINGS, x
     for i in range(depth(sd, VISION_BLOCKS)):
         x = yield from _cross_frame_block(x, sd, i, heads.vision, t)
-    yield "vision_last_hidden_state", x
-    vision_pooled = _ln(x[:, 0], sd, "visual.ln_post.")
-    yield "vision_pooled", vision_pooled
-    cls_features = (vision_pooled @ sd["visual.proj"]).view(b, t, embed_dim)
-    yield "cls_features", cls_features
+    pooled = _ln(x[:, 0], sd, "visual.ln_post.")
+    cls_features = (pooled @ sd["visual.proj"]).view(b, t, embed_dim)
+    yield from dict(vision_last_hidden_state=x, vision_pooled=pooled, cls_features=cls_features).items()
 
     # ---- MIT (multi-frame integration transformer), residual around the whole stack ----
     y = cls_features + sd["mit.positional_embedding"]
     for i in range(depth(sd, MIT_BLOCKS)):
         y = yield from _clip_block(y, sd, MIT, i, heads.mit)
     mit_last_hidden_state = y + cls_features
-    yield "mit_last_hidden_state", mit_last_hidden_state
     video_embeds = mit_last_hidden_state.mean(dim=1)
-    yield "video_embeds", video_embeds
+    yield from dict(mit_last_hidden_state=mit_last_hidden_state, video_embeds=video_embeds).items()
 
     # ---- text tower (causal), pooled at the EOT token = input_ids.argmax(-1) ----
     k, length = input_ids.shape
@@ -204,12 +195,10 @@ def original_sites(
     mask = causal_mask(length, dtype, device)
     for i in range(depth(sd, TEXT_BLOCKS)):
         z = yield from _clip_block(z, sd, TEXT, i, heads.text, mask)
-    text_last_hidden_state = _ln(z, sd, "ln_final.")
-    yield "text_last_hidden_state", text_last_hidden_state
-    text_pooled = text_last_hidden_state[torch.arange(k, device=device), ids.argmax(dim=-1)]
-    yield "text_pooled", text_pooled
-    text_embeds_raw = text_pooled @ sd["text_projection"]
-    yield "text_embeds_raw", text_embeds_raw
+    z = _ln(z, sd, "ln_final.")
+    eot = z[torch.arange(k, device=device), ids.argmax(dim=-1)]
+    text_embeds_raw = eot @ sd["text_projection"]
+    yield from dict(text_last_hidden_state=z, text_pooled=eot, text_embeds_raw=text_embeds_raw).items()
 
     # ---- video-specific prompt generator: patch tokens WITHOUT ln_post ----
     img = _ln(x[:, 1:], sd, "prompts_visual_ln.") @ sd["prompts_visual_proj"]
@@ -220,27 +209,23 @@ def original_sites(
     for i in range(depth(sd, PROMPT_BLOCKS)):
         p = yield from _prompt_layer(p, visual, sd, i, heads.prompts)
     prompts = sd["prompts_generator.alpha"] * p  # alpha scales the whole output, residual included
-    yield "prompts", prompts
     text_embeds = text_embeds_raw.unsqueeze(0) + prompts
-    yield "text_embeds", text_embeds
+    yield from dict(prompts=prompts, text_embeds=text_embeds).items()
 
     # ---- logits: exp(logit_scale) * cosine, per video against its own prompted texts ----
     video_embeds_normalized = video_embeds / video_embeds.norm(dim=-1, keepdim=True)
-    yield "video_embeds_normalized", video_embeds_normalized
     text_embeds_normalized = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-    yield "text_embeds_normalized", text_embeds_normalized
     logit_scale_exp = sd["logit_scale"].exp()
-    yield "logit_scale_exp", logit_scale_exp
     logits = torch.einsum("bd,bkd->bk", video_embeds_normalized, logit_scale_exp * text_embeds_normalized)
-    yield "logits", logits
+    yield "video_embeds_normalized", video_embeds_normalized
+    yield "text_embeds_normalized", text_embeds_normalized
+    yield from dict(logit_scale_exp=logit_scale_exp, logits=logits).items()
 
 
 def original_forward(
     state_dict: StateDict, pixel_values: Tensor, input_ids: Tensor, heads: OriginalHeads | None = None
 ) -> dict[str, Tensor]:
-    """The original X-CLIP's final outputs (`OUTPUTS`) for pixel_values [B, T, 3, H, W] and input_ids
-    [K, L]: e.g. logits [B, K], video_embeds [B, E], prompts / text_embeds [B, K, E], img_features
-    [B, N, E], cls_features [B, T, E], vision_last_hidden_state [B*T, N+1, W], text_pooled [K, TW]."""
+    """The original X-CLIP's `OUTPUTS` for pixel_values [B, T, 3, H, W] and input_ids [K, L]."""
     return {
         name: t for name, t in original_sites(state_dict, pixel_values, input_ids, heads) if name in OUTPUTS
     }

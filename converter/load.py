@@ -1,10 +1,8 @@
 """Load an original X-CLIP checkpoint safely: weights only, never code from the file.
 
-Files: `.pth`/`.pt`/`.bin` (torch's zip or legacy format) and `.safetensors`. Containers: the
-training saver's dict (`{'model': sd, 'optimizer', ..., 'config'}`), `{'state_dict': sd}` or a bare
-state dict, with an optional `module.` prefix (DataParallel). Refused, naming what and where: pickled
-objects outside the allow-list, keys that are not strings or collide without the prefix, tensors that
-are not real floating-point, dense and on the CPU, and non-finite values.
+`.pth`/`.pt`/`.bin` (torch's zip or legacy format) or `.safetensors`; the training saver's dict
+(`{'model': sd, ..., 'config'}`), `{'state_dict': sd}` or a bare state dict, `module.` prefixes
+stripped. Whatever else it holds is refused in one line naming what and where.
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ import pickletools
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -26,8 +23,8 @@ StateDict = dict[str, torch.Tensor]
 
 
 class _CfgNodeStandIn:
-    """The training code's yacs `CfgNode` config, read as a plain OrderedDict: the weights-only
-    unpickler allows SETITEM on exact dicts only, and this runs nothing and needs no yacs."""
+    """The trainer's yacs `CfgNode` config read as a plain OrderedDict (the weights-only unpickler
+    allows SETITEM on exact dicts only); it runs nothing and needs no yacs."""
 
     def __new__(cls, *args: object, **kwargs: object) -> OrderedDict:  # type: ignore[misc]
         return OrderedDict()
@@ -45,8 +42,8 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch's legacy (pr
 
 
 def load_checkpoint(path: str | Path, *, check_values: bool = True) -> StateDict:
-    """The original state dict stored in `path` (tensors may be mmap-backed views).
-    `check_values=False` leaves `check_finite` (a pass over every byte) to the caller."""
+    """The original state dict in `path` (mmap-backed where it can be); `check_values=False` leaves
+    `check_finite`, a pass over every byte, to the caller."""
     path = Path(path)
     if path.is_dir():
         raise ConverterError(
@@ -54,8 +51,7 @@ def load_checkpoint(path: str | Path, *, check_values: bool = True) -> StateDict
         )
     if not path.is_file():
         raise ConverterError(f"checkpoint not found: {escape(str(path))}")
-    obj = _load_safetensors(path) if path.suffix == ".safetensors" else _load_torch(path)
-    state_dict = extract_state_dict(obj, path)
+    state_dict = extract_state_dict(_load(path), path)
     check_kinds(state_dict, path)
     if check_values:
         check_finite(state_dict, path)
@@ -107,11 +103,13 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<c
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
-    """Refuse NaN and inf, naming each tensor with its count (a NaN makes every output NaN). Reads
-    every value, so the pipeline runs it after the weight write has paged the checkpoint in."""
-    non_finite = [
-        f"{escape(k)} ({n:,} of {t.numel():,})" for k, t in state_dict.items() if (n := _non_finite(t))
-    ]
+    """Refuse NaN and inf, naming each tensor; reads every value, so the pipeline runs it after the write."""
+    non_finite = []
+    for key, tensor in state_dict.items():
+        # One summing pass is the cheap test (NaN and inf propagate); count only when it fails, which
+        # a sum that merely overflows also does.
+        if not torch.isfinite(tensor.sum()) and (n := tensor.numel() - int(torch.isfinite(tensor).sum())):
+            non_finite.append(f"{escape(key)} ({n:,} of {tensor.numel():,})")
     if non_finite:
         raise ConverterError(
             f"{escape(str(source))}: non-finite values (NaN or inf) in {len(non_finite):,} tensors: "
@@ -132,53 +130,34 @@ def _kind(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def _non_finite(tensor: torch.Tensor) -> int:
-    # One summing pass is the cheap test (NaN and inf propagate); count exactly only when it fails,
-    # which a sum that merely overflows also does.
-    if torch.isfinite(tensor.sum()):
-        return 0
-    return int(tensor.numel() - torch.isfinite(tensor).sum())
-
-
-def _load_safetensors(path: Path) -> StateDict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _load(path: Path) -> object:
+    """The file's contents, weights only, or an error in our own words: torch's message advises
+    `weights_only=False`, the opposite of this tool's promise."""
     try:
-        return load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise _unreadable(path, err) from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-
-def _load_torch(path: Path) -> object:
-    # mmap keeps the file's pages out of anonymous memory; only the zip format supports it.
-    try:
+            return load_file(path)
         with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
             # A plain pickle of protocol 3+ makes torch warn before it fails; the failure is explained.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            # mmap keeps the file's pages out of anonymous memory; only the zip format supports it.
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # noqa: BLE001 - torch raises many types; we explain in our own words
-        # torch's message advises `weights_only=False`, the opposite of this tool's promise: never relay it.
-        if refused := _refused_globals(path):
+        if path.suffix != ".safetensors" and (refused := _refused_globals(path)):
             raise ConverterError(
                 f"{escape(str(path))}: refused to load: the file references Python objects outside the "
                 f"allow-list: {', '.join(listed(refused, 10))}. Checkpoints are loaded weights-only and code "
                 "from them is never run; re-save the file as a plain state dict "
                 "(torch.save(model.state_dict(), ...)) or as .safetensors"
             ) from None
-        raise _unreadable(path, err) from None
-
-
-def _pickles(stream: BinaryIO) -> Iterator[list[tuple]]:
-    """The opcodes of each pickle in a row in `stream`, read without unpickling (torch's legacy format
-    is five, then the tensors' bytes; a plain pickle is one); ValueError where one does not parse."""
-    while True:
-        yield list(pickletools.genops(stream))
+        what = _what_is_wrong(path, err)
+        advice = _RESAVE if what.startswith(_NOT_A_CHECKPOINT) else _REFETCH
+        raise ConverterError(f"{escape(str(path))}: cannot read checkpoint: {what}; {advice}") from None
 
 
 def _refused_globals(path: Path) -> list[str]:
-    """Every global the file's pickles reference (the zip format's .pkl records, the legacy format's
-    pickles, a raw pickle) that neither the allow-list nor torch's weights-only defaults cover."""
+    """Every global the file's pickles reference that the allow-list does not cover."""
     allowed = {name for _, name in ALLOWED_GLOBALS} | {
         f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1]
         for g in torch.serialization.get_safe_globals()
@@ -191,36 +170,27 @@ def _refused_globals(path: Path) -> list[str]:
             records = [path.read_bytes()]
     except (OSError, zipfile.BadZipFile):  # unreadable: reported as such by the caller
         return []
-    found = {name for data in records for name in _globals(io.BytesIO(data))}
+    found: set[str] = set()
+    for data in records:
+        stream = io.BytesIO(data)
+        try:
+            while True:  # pickles in a row: torch's legacy format has five, then the tensors' bytes
+                strings: list[str] = []
+                for opcode, arg, _ in pickletools.genops(stream):
+                    if opcode.name == "GLOBAL":
+                        found.add(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.add(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+        except ValueError:  # the end of the pickles
+            pass
     # torch's own rebuild functions and storages are what weights-only loading is built from.
     return sorted(g for g in found if g not in allowed and not g.startswith(("torch.", "collections.")))
 
 
-def _globals(stream: BinaryIO) -> Iterator[str]:
-    """The GLOBAL and STACK_GLOBAL references of the pickles in `stream`, up to one that does not parse."""
-    try:
-        for ops in _pickles(stream):
-            strings: list[str] = []
-            for opcode, arg, _ in ops:
-                if opcode.name == "GLOBAL":
-                    yield str(arg).replace(" ", ".")
-                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    yield f"{strings[-2]}.{strings[-1]}"
-                elif isinstance(arg, str):
-                    strings.append(arg)
-    except ValueError:  # the end of the pickles
-        return
-
-
-def _unreadable(path: Path, err: BaseException) -> ConverterError:
-    """Why `path` cannot be read, in words found by looking at the file (never torch's message,
-    which names internals and advises loading unsafely)."""
-    what = _what_is_wrong(path, err)
-    advice = _RESAVE if what.startswith(_NOT_A_CHECKPOINT) else _REFETCH
-    return ConverterError(f"{escape(str(path))}: cannot read checkpoint: {what}; {advice}")
-
-
 def _what_is_wrong(path: Path, err: BaseException) -> str:
+    """What the file is, found by looking at it."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)
@@ -232,40 +202,31 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         return "it is a web page (HTML), not a checkpoint"
     if path.suffix == ".safetensors":
         return f"it is not a valid safetensors file ({reason(err)})"
-    if head.startswith(b"PK\x03\x04"):
-        return _what_is_wrong_in_zip(path)
-    if head.startswith(b"\x80"):  # pickle protocol 2 or later: torch's legacy format or a plain pickle
-        return _what_is_wrong_in_pickles(path, protocol=head[1])
-    return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
-
-
-def _what_is_wrong_in_zip(path: Path) -> str:
-    if not zipfile.is_zipfile(path):
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         return "it is a zip archive (PyTorch's format) whose end is missing: the file was cut short"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if not any(name.endswith("data.pkl") for name in archive.namelist()):
-                return f"{_NOT_A_CHECKPOINT}: a zip archive without the data.pkl that torch.save writes"
-            damaged = archive.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        return f"it is a damaged zip archive ({reason(err)})"
-    if damaged is not None:
-        return f"it is a damaged zip archive: {escape(damaged)} fails its checksum"
-    return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
-
-
-def _what_is_wrong_in_pickles(path: Path, protocol: int) -> str:
-    with open(path, "rb") as stream:
-        pickles = _pickles(stream)
+    if head.startswith(b"PK\x03\x04"):
         try:
-            first = next(pickles)
+            with zipfile.ZipFile(path) as archive:
+                if not any(name.endswith("data.pkl") for name in archive.namelist()):
+                    return f"{_NOT_A_CHECKPOINT}: a zip archive without the data.pkl that torch.save writes"
+                damaged = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as err:
+            return f"it is a damaged zip archive ({reason(err)})"
+        if damaged is not None:
+            return f"it is a damaged zip archive: {escape(damaged)} fails its checksum"
+        return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
+    if not head.startswith(b"\x80"):  # not pickle protocol 2+ (torch's legacy format, a plain pickle)
+        return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
+    with open(path, "rb") as stream:  # walk the pickles without unpickling them
+        try:
+            first = list(pickletools.genops(stream))
             if not any(op.name in ("LONG1", "LONG4") and arg == _LEGACY_MAGIC for op, arg, _ in first):
                 return (
-                    f"{_NOT_A_CHECKPOINT}: a plain pickle (protocol {protocol}) holding what weights-only "
+                    f"{_NOT_A_CHECKPOINT}: a plain pickle (protocol {head[1]}) holding what weights-only "
                     "loading cannot read"
                 )
             for _ in range(4):  # protocol version, system info, the state dict's structure, storage keys
-                next(pickles)
+                list(pickletools.genops(stream))
         except ValueError:
             if stream.tell() >= path.stat().st_size:
                 return "it ends in the middle of its pickled data: the file was cut short"

@@ -1,12 +1,11 @@
 """Prove a conversion: the converted XCLIPModel against the independent original forward pass.
 
-Inputs: a seeded clip with structure across space and time (a scene of 16x16-pixel blocks shared by
-all frames, a per-frame offset, pixel noise): with i.i.d. noise every patch and frame look alike and
-the message attention, the MIT and the prompt generator would hide a mistake. Sites: every block of
-every stack in forward order (`oracle.original_sites`), where a mistake enters rather than where it
-arrives diluted, read on the HF side by hooks (never recomputed), compared as computed and dropped.
-A site passes when max |HF - original| <= atol * max |original|: sites differ in scale by orders of
-magnitude, and float32 rounding follows each site's scale.
+The inputs are a seeded clip with structure across space and time (with i.i.d. noise every patch and
+frame look alike, and the message attention, the MIT and the prompt generator would hide a mistake).
+Every block of every stack is compared in forward order (`oracle.original_sites`), where a mistake
+enters rather than where it arrives diluted, each site as the model computes it (read by hooks, never
+recomputed). A site passes when max |HF - original| <= atol * max |original|: sites differ in scale
+by orders of magnitude, and float32 rounding follows each site's scale.
 """
 
 from __future__ import annotations
@@ -14,33 +13,22 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import torch
 
+from converter import oracle
 from converter.clip import HEAD_DIM
 from converter.config import Hyper
 from converter.errors import VerificationError
-from converter.oracle import (
-    CROSS_ATTENTION,
-    MESSAGE_ATTENTION,
-    MESSAGE_FC,
-    MESSAGE_LN,
-    MESSAGE_TOKEN,
-    MIT,
-    PROMPT,
-    SELF_ATTENTION,
-    TEXT,
-    TEXT_EMBEDDINGS,
-    VISION,
-    VISION_EMBEDDINGS,
-    OriginalHeads,
-    layer_site,
-    original_sites,
-)
+from converter.oracle import OriginalHeads, layer_site, original_sites
 
 if TYPE_CHECKING:
     from transformers import XCLIPModel
+
+Tensor = torch.Tensor
 
 # Between two measurements: the ORIGINAL code's outputs on the goldens differ from the converted
 # model's by <= 3e-7 relative (tests/test_verify.py), and the subtlest planted mistake at full size
@@ -95,8 +83,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Verification:
-    """Max |Δ| and tolerance per output, and every compared site in forward order (`sites`, the
-    outputs among them; empty when only the outputs were compared)."""
+    """Max |Δ| and tolerance per output, and every compared site in forward order (`sites`)."""
 
     max_abs_diff: dict[str, float]
     tolerances: dict[str, float]
@@ -147,11 +134,9 @@ class Verification:
     def summary(self) -> str:
         diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
         verdict = "OK" if self.passed else "FAILED"
-        worst = (
-            f"worst {self.worst} at {self.margin:.3g}x its tolerance"
-            if self.margin
-            else "every site identical"
-        )
+        worst = "every site identical"
+        if self.margin:
+            worst = f"worst {self.worst} at {self.margin:.3g}x its tolerance"
         first = f", {divergence}" if (divergence := self.divergence()) else ""
         return (
             f"verification {verdict}: {worst}{first} ({len(self.compared)} sites compared, atol "
@@ -161,9 +146,9 @@ class Verification:
 
 def synthetic_inputs(
     hyper: Hyper, videos: int = 1, texts: int = NUM_TEXTS, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded structured clip [videos, T, 3, S, S] and token ids [texts, L] (see the module docstring).
-    Row r of the ids: start token, 4 * 2**r ids, end token (the row maximum), then zeros."""
+) -> tuple[Tensor, Tensor]:
+    """A seeded clip [videos, T, 3, S, S] (a scene of 16x16 blocks, a per-frame offset, noise) and ids
+    [texts, L]: row r is the start token, 4 * 2**r ids, the end token (the row maximum), zeros."""
     gen = torch.Generator().manual_seed(seed)
     size, frames = hyper.image_size, hyper.frames
     grid = -(-size // BLOCK)
@@ -183,16 +168,13 @@ def synthetic_inputs(
     return pixel_values, input_ids
 
 
-OnSite = Callable[[str, torch.Tensor], None]
+OnSite = Callable[[str, Tensor], None]
 
 
 @torch.no_grad()
-def read_sites(
-    model: XCLIPModel, pixel_values: torch.Tensor, input_ids: torch.Tensor, on_site: OnSite
-) -> None:
-    """Run XCLIPModel's forward once, handing each site to `on_site(name, tensor)` as it is computed,
-    in the oracle's order: read by hooks on the modules that compute them, never recomputed. Names:
-    the oracle's, the outputs under `ORACLE_KEYS`."""
+def read_sites(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor, on_site: OnSite) -> None:
+    """Run XCLIPModel's forward once, handing each site to `on_site(name, tensor)` as it is computed, in
+    the oracle's order and names (the outputs': `ORACLE_KEYS`), read by hooks, never recomputed."""
     videos, frames = pixel_values.shape[:2]
     vision, text, prompts = model.vision_model, model.text_model, model.prompts_generator
     handles = []
@@ -203,34 +185,33 @@ def read_sites(
     def before(module: torch.nn.Module, name: str, take: Callable) -> None:
         handles.append(module.register_forward_pre_hook(lambda _, args: on_site(name, take(args))))
 
-    def first(out: tuple) -> torch.Tensor:  # XCLIPAttention returns (output, weights)
-        return out[0]
-
+    first = itemgetter(0)  # XCLIPAttention returns (output, weights)
     try:
-        after(vision.pre_layernorm, VISION_EMBEDDINGS)
+        after(vision.pre_layernorm, oracle.VISION_EMBEDDINGS)
         for i, layer in enumerate(vision.encoder.layers):
-            after(layer.message_fc, layer_site(VISION, i, MESSAGE_FC))
-            after(layer.message_ln, layer_site(VISION, i, MESSAGE_LN))
-            after(layer.message_attn, layer_site(VISION, i, MESSAGE_ATTENTION), first)
+            site = partial(layer_site, oracle.VISION, i)
+            after(layer.message_fc, site(oracle.MESSAGE_FC))
+            after(layer.message_ln, site(oracle.MESSAGE_LN))
+            after(layer.message_attn, site(oracle.MESSAGE_ATTENTION), first)
             # The message token after its attention's residual is the last token layer_norm1 receives.
-            before(layer.layer_norm1, layer_site(VISION, i, MESSAGE_TOKEN), lambda args: args[0][:, -1])
-            after(layer.self_attn, layer_site(VISION, i, SELF_ATTENTION), first)
-            after(layer, layer_site(VISION, i))
+            before(layer.layer_norm1, site(oracle.MESSAGE_TOKEN), lambda args: args[0][:, -1])
+            after(layer.self_attn, site(oracle.SELF_ATTENTION), first)
+            after(layer, site(oracle.OUTPUT))
         after(vision.post_layernorm, "vision_pooled")
         after(model.visual_projection, "cls_features", lambda out: out.view(videos, frames, -1))
-        for stack, layers in ((MIT, model.mit.encoder.layers), (TEXT, text.encoder.layers)):
+        for stack, layers in ((oracle.MIT, model.mit.encoder.layers), (oracle.TEXT, text.encoder.layers)):
             for i, layer in enumerate(layers):
-                after(layer.self_attn, layer_site(stack, i, SELF_ATTENTION), first)
+                after(layer.self_attn, layer_site(stack, i, oracle.SELF_ATTENTION), first)
                 after(layer, layer_site(stack, i))
         after(model.mit, "mit_output", lambda out: out.last_hidden_state)
-        after(text.embeddings, TEXT_EMBEDDINGS)
+        after(text.embeddings, oracle.TEXT_EMBEDDINGS)
         after(text.final_layer_norm, "text_last_hidden_state")
         after(model.text_projection, "text_embeds_raw")
         # forward(text, visual): the patch features before the prompt generator's own LayerNorm.
         before(prompts, "img_features", lambda args: args[1])
         for i, layer in enumerate(prompts.decoder):
-            after(layer.cross_attn, layer_site(PROMPT, i, CROSS_ATTENTION))
-            after(layer, layer_site(PROMPT, i))
+            after(layer.cross_attn, layer_site(oracle.PROMPT, i, oracle.CROSS_ATTENTION))
+            after(layer, layer_site(oracle.PROMPT, i))
         after(prompts, "prompts")
         out = model(input_ids=input_ids, pixel_values=pixel_values)
     finally:
@@ -241,13 +222,11 @@ def read_sites(
     on_site("logits", out.logits_per_video)
 
 
-def hf_outputs(
-    model: XCLIPModel, pixel_values: torch.Tensor, input_ids: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def hf_outputs(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
     """XCLIPModel's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Tensor] = {}
 
-    def keep(name: str, tensor: torch.Tensor) -> None:
+    def keep(name: str, tensor: Tensor) -> None:
         if name in ORACLE_KEYS:
             captured[name] = tensor
 
@@ -256,11 +235,11 @@ def hf_outputs(
 
 
 def oracle_outputs(
-    original_state_dict: Mapping[str, torch.Tensor],
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    original_state_dict: Mapping[str, Tensor],
+    pixel_values: Tensor,
+    input_ids: Tensor,
     heads: OriginalHeads | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Tensor]:
     """The oracle's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
     wanted = set(ORACLE_KEYS.values())
     sites = original_sites(original_state_dict, pixel_values, input_ids, heads)
@@ -268,7 +247,7 @@ def oracle_outputs(
     return {name: out[key] for name, key in ORACLE_KEYS.items()}
 
 
-def _site(name: str, expected: torch.Tensor, actual: torch.Tensor, atol: float) -> Site:
+def _site(name: str, expected: Tensor, actual: Tensor, atol: float) -> Site:
     """max |Δ| at one site and its tolerance: `atol` times the site's largest magnitude."""
     if actual.shape != expected.shape:
         raise VerificationError(
@@ -279,29 +258,26 @@ def _site(name: str, expected: torch.Tensor, actual: torch.Tensor, atol: float) 
     return Site(name, diff, atol * max(high.item(), -low.item()))
 
 
-def compare(
-    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], atol: float
-) -> Verification:
+def compare(expected: Mapping[str, Tensor], actual: Mapping[str, Tensor], atol: float) -> Verification:
     """Compare every output in `expected` (extra outputs in `actual` are ignored)."""
     return Verification.of((_site(name, want, actual[name], atol) for name, want in expected.items()), atol)
 
 
 def compare_sites(
     model: XCLIPModel,
-    expected: Iterable[tuple[str, torch.Tensor]],
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    expected: Iterable[tuple[str, Tensor]],
+    pixel_values: Tensor,
+    input_ids: Tensor,
     atol: float,
 ) -> Verification:
-    """Compare every site of XCLIPModel's forward with the oracle's (`expected`, in forward order as
-    `original_sites` yields them), each as soon as the model computes it: a generator advances in step
-    with the model, so only the current sites are alive. A site only one side computes (a different
-    number of layers) is a VerificationError naming it."""
-    oracle = iter(expected)
+    """Compare every site of XCLIPModel's forward with `expected` (the oracle's, in forward order), each
+    as the model computes it: a generator advances in step, so only the current sites are alive. A
+    site only one side computes (a different number of layers) is a VerificationError naming it."""
+    theirs = iter(expected)
     sites: list[Site] = []
 
-    def check(name: str, actual: torch.Tensor) -> None:
-        found = next(((k, t) for k, t in oracle if k not in NOT_COMPARED), None)
+    def check(name: str, actual: Tensor) -> None:
+        found = next(((k, t) for k, t in theirs if k not in NOT_COMPARED), None)
         if found is None or found[0] != ORACLE_KEYS.get(name, name):
             where = "nothing more" if found is None else found[0]
             raise VerificationError(
@@ -310,7 +286,7 @@ def compare_sites(
         sites.append(_site(name, found[1], actual, atol))
 
     read_sites(model, pixel_values, input_ids, check)
-    left = next((k for k, _ in oracle if k not in NOT_COMPARED), None)
+    left = next((k for k, _ in theirs if k not in NOT_COMPARED), None)
     if left is not None:
         raise VerificationError(f"the original computes {left}, which the converted model never computes")
     outputs = {site.name: site for site in sites if site.name in ORACLE_KEYS}
@@ -319,22 +295,20 @@ def compare_sites(
 
 def verify(
     model: XCLIPModel,
-    original_state_dict: Mapping[str, torch.Tensor],
+    original_state_dict: Mapping[str, Tensor],
     hyper: Hyper,
     atol: float = DEFAULT_ATOL,
     heads: OriginalHeads | None = None,
 ) -> Verification:
-    """Run both implementations on the same deterministic inputs and compare them at every site.
-    `heads` defaults to the original's own rule (`oracle_heads`)."""
+    """Run both implementations on the same deterministic inputs and compare them at every site."""
     pixel_values, input_ids = synthetic_inputs(hyper)
-    oracle = original_sites(original_state_dict, pixel_values, input_ids, heads)
-    return compare_sites(model, oracle, pixel_values, input_ids, atol)
+    expected = original_sites(original_state_dict, pixel_values, input_ids, heads)
+    return compare_sites(model, expected, pixel_values, input_ids, atol)
 
 
 def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
-    """Head counts for the oracle. None: the original's own rule (width // 64), NOT the config's, so a
-    config with wrong heads is caught rather than reproduced; below width 64 (small test models with
-    explicit heads) the config decides."""
+    """None, the original's own rule (width // 64), and not the config's heads, so wrong heads are
+    caught rather than reproduced; below width 64 (small test models) the config's heads."""
     if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
         return None
     return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)

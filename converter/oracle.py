@@ -8,7 +8,7 @@ no code with transformers' XCLIP, and checked against the original code's output
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ CROSS_ATTENTION = "cross-attention"
 OUTPUT = "output"
 VISION_EMBEDDINGS = "vision embeddings (after ln_pre)"
 TEXT_EMBEDDINGS = "text embeddings"
-_BLOCKS = {VISION: VISION_BLOCKS, TEXT: TEXT_BLOCKS, MIT: MIT_BLOCKS, PROMPT: PROMPT_BLOCKS}
+_BLOCK_PREFIXES = {VISION: VISION_BLOCKS, TEXT: TEXT_BLOCKS, MIT: MIT_BLOCKS, PROMPT: PROMPT_BLOCKS}
 # The final outputs `original_forward` returns: the arrays of the goldens' expected.npz.
 OUTPUTS = (
     *("vision_last_hidden_state", "vision_pooled", "cls_features", "mit_last_hidden_state", "video_embeds"),
@@ -119,7 +119,7 @@ def _clip_block(
 ) -> Sites:
     """Pre-LN CLIP block: x + attn(ln_1 x), then x + mlp(ln_2 x), without a vision block's message token
     (the last); yields the attention's output and the block's, returns the latter."""
-    prefix = f"{_BLOCKS[stack]}{layer}."
+    prefix = f"{_BLOCK_PREFIXES[stack]}{layer}."
     attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
     yield layer_site(stack, layer, SELF_ATTENTION), attended
     x = x + attended
@@ -162,8 +162,9 @@ def original_sites(
     vision_width, dtype, device = conv.shape[0], conv.dtype, conv.device
     text_width, embed_dim = sd["text_projection"].shape
     widths = {"vision": vision_width, "text": text_width, "mit": embed_dim, "prompts": embed_dim}
-    for family, width in widths.items():
-        if (count := getattr(heads, family)) <= 0 or width % count:
+    for family, count in asdict(heads).items():
+        width = widths[family]
+        if count <= 0 or width % count:
             raise ValueError(f"{family}: {count} heads do not divide width {width}; pass OriginalHeads")
 
     # ---- vision tower (CrossFrameCommunicationTransformer) ----

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def meta_model(config: XCLIPConfig) -> XCLIPModel:
-    """An XCLIPModel whose tensors live on the meta device: shapes only, no memory, no init cost."""
+    """An XCLIPModel on the meta device: shapes only, no memory, no init cost."""
     from transformers import XCLIPModel
 
     with torch.device("meta"):
@@ -20,13 +20,11 @@ def meta_model(config: XCLIPConfig) -> XCLIPModel:
 
 
 def build_model(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor]) -> XCLIPModel:
-    """Fill a meta-device XCLIPModel with `state_dict` by assignment (the tensors are shared, not copied)."""
+    """A meta-device XCLIPModel filled with `state_dict` by assignment (shared, not copied)."""
     model = meta_model(config)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
-    # Non-persistent buffers are not in any state dict: left on meta, they make the forward
-    # pass return NaN without raising, so re-create them.
+    # Non-persistent buffers are in no state dict: left on meta, the forward pass returns NaN silently.
     for module in model.modules():
-        ids = getattr(module, "position_ids", None)
-        if isinstance(ids, torch.Tensor) and ids.is_meta:
+        if isinstance(ids := getattr(module, "position_ids", None), torch.Tensor) and ids.is_meta:
             module.position_ids = torch.arange(ids.shape[-1]).expand((1, -1))
     return model.eval()

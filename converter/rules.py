@@ -1,20 +1,16 @@
 """The conversion rules: one table from original X-CLIP keys to transformers' `XCLIPModel` keys.
 
-Each rule names an original key pattern, its HF key pattern(s), an operation with a reverse, and the
-original tensor's shape as a formula over the hyper-parameters, so everything is derived from it:
-
-    original -> HF : `original_to_hf`        HF -> original : `hf_to_original`
-    layouts        : `original_shapes(h)`, `hf_shapes(h)` (the HF one through each rule's op)
-
-`{i}` stands for a layer index. Operations return views where they can (the q/k/v split, the
-transposes), so converting costs no copy of the weights.
+Each rule names an original key pattern (`{i}` for a layer index), its HF key pattern(s), an op with
+its reverse and the original tensor's shape; both directions and both layouts derive from the table.
+The ops return views, so converting copies no weights.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from itertools import groupby
 
 import torch
@@ -23,6 +19,7 @@ from converter.config import MIT_BLOCKS, PROMPT_BLOCKS, TEXT_BLOCKS, VISION_BLOC
 from converter.errors import ConverterError, escape, listed
 
 StateDict = dict[str, torch.Tensor]
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -41,26 +38,21 @@ TRANSPOSE = Op("transpose", lambda t: (t.t(),), lambda ts: ts[0].t())
 CHUNK_QKV = Op("chunk_qkv", lambda t: tuple(t.chunk(3, dim=0)), lambda ts: torch.cat(ts, dim=0))
 
 
-Shape = tuple[int, ...]
-
-
 @dataclass(frozen=True)
 class Rule:
-    """One original key pattern, its HF key pattern(s), the op between them, and the original
-    tensor's shape as a formula over the hyper-parameters. `layers` names the `Hyper` field that
-    counts the `{i}` blocks (None for a key without `{i}`)."""
+    """One original key pattern, its HF key pattern(s), the op between them and the original
+    tensor's shape; `layers` names the `Hyper` field counting the `{i}` blocks (None without `{i}`)."""
 
     original: str
     hf: tuple[str, ...]
     shape: Callable[[Hyper], Shape]
     op: Op = RENAME
     layers: str | None = None
-    _original_re: re.Pattern = field(init=False, repr=False, compare=False)
-    _hf_res: tuple[re.Pattern, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_original_re", _compile(self.original))
-        object.__setattr__(self, "_hf_res", tuple(_compile(p) for p in self.hf))
+    @cached_property
+    def patterns(self) -> dict[str, tuple[re.Pattern, ...]]:
+        """The compiled key patterns of each side ("original", "hf"); `{i}` captures the layer."""
+        return {"original": (_compile(self.original),), "hf": tuple(_compile(p) for p in self.hf)}
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -71,47 +63,48 @@ def _fill(pattern: str, index: str | None) -> str:
     return pattern if index is None else pattern.replace("{i}", index)
 
 
-# ---- small helpers that expand into rules ------------------------------------------------------
-# Widths are given as `Hyper` field names, so each helper states its shapes once for every stack.
-
-
-def _dims(h: Hyper, *names: str | int) -> Shape:
-    """A shape from Hyper field names and literal sizes: _dims(h, "embed_dim", 4) -> (E, 4)."""
-    return tuple(n if isinstance(n, int) else getattr(h, n) for n in names)
+# ---- helpers that expand into rules: widths are `Hyper` field names, stated once per stack ------
 
 
 def _param(
     original: str, hf: str, *dims: str | int, op: Op = RENAME, layers: str | None = None
 ) -> list[Rule]:
-    return [Rule(original, (hf,), lambda h: _dims(h, *dims), op, layers)]
+    """One tensor of shape `dims` (Hyper field names or literal sizes)."""
+
+    def shape(h: Hyper) -> Shape:
+        return tuple(d if isinstance(d, int) else getattr(h, d) for d in dims)
+
+    return [Rule(original, (hf,), shape, op, layers)]
 
 
 def _norm(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
     """LayerNorm: `.weight` and `.bias` of the same width."""
     return [
-        Rule(f"{original}.{p}", (f"{hf}.{p}",), lambda h: _dims(h, width), RENAME, layers)
-        for p in ("weight", "bias")
+        *_param(f"{original}.weight", f"{hf}.weight", width, layers=layers),
+        *_param(f"{original}.bias", f"{hf}.bias", width, layers=layers),
     ]
 
 
 def _linear(original: str, hf: str, out: str, inp: str, layers: str | None = None) -> list[Rule]:
-    """nn.Linear [out, in] with its bias [out], renamed as a whole."""
+    """nn.Linear [out, in] with its bias [out]."""
     return [
-        Rule(f"{original}.weight", (f"{hf}.weight",), lambda h: _dims(h, out, inp), RENAME, layers),
-        Rule(f"{original}.bias", (f"{hf}.bias",), lambda h: _dims(h, out), RENAME, layers),
+        *_param(f"{original}.weight", f"{hf}.weight", out, inp, layers=layers),
+        *_param(f"{original}.bias", f"{hf}.bias", out, layers=layers),
     ]
 
 
 def _packed_attention(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
     """nn.MultiheadAttention -> separate q/k/v projections plus out_proj."""
-    qkv = tuple(f"{hf}.{x}_proj" for x in "qkv")
+
+    def in_proj(part: str, shape: Callable[[int], Shape]) -> Rule:
+        qkv = tuple(f"{hf}.{x}_proj.{part}" for x in "qkv")
+        return Rule(f"{original}.in_proj_{part}", qkv, lambda h: shape(getattr(h, width)), CHUNK_QKV, layers)
+
     return [
-        Rule(f"{original}.in_proj_weight", tuple(f"{p}.weight" for p in qkv),
-             lambda h: (3 * getattr(h, width), getattr(h, width)), CHUNK_QKV, layers),
-        Rule(f"{original}.in_proj_bias", tuple(f"{p}.bias" for p in qkv),
-             lambda h: (3 * getattr(h, width),), CHUNK_QKV, layers),
+        in_proj("weight", lambda w: (3 * w, w)),
+        in_proj("bias", lambda w: (3 * w,)),
         *_linear(f"{original}.out_proj", f"{hf}.out_proj", width, width, layers),
-    ]  # fmt: skip
+    ]
 
 
 def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> list[Rule]:
@@ -125,182 +118,136 @@ def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> li
     ]
 
 
+def _prompt_block(block: str, width: str, mlp: str, layers: str) -> list[Rule]:
+    """PromptGeneratorLayer, named alike on both sides. Its cross-attention is not
+    nn.MultiheadAttention: bias-free q/k/v projections, then `proj` with a bias."""
+    qkv = [f"{block}.cross_attn.{x}_proj.weight" for x in "qkv"]
+    return [
+        *(rule for key in qkv for rule in _param(key, key, width, width, layers=layers)),
+        *_linear(f"{block}.cross_attn.proj", f"{block}.cross_attn.proj", width, width, layers),
+        *_norm(f"{block}.norm1", f"{block}.norm1", width, layers),
+        *_norm(f"{block}.norm3", f"{block}.norm3", width, layers),
+        *_linear(f"{block}.mlp.0", f"{block}.mlp.0", mlp, width, layers),
+        *_linear(f"{block}.mlp.3", f"{block}.mlp.3", width, mlp, layers),
+    ]
+
+
 # ---- the table ---------------------------------------------------------------------------------
-# In the order the original checkpoints store their keys (module registration order): consecutive
-# rules of one stack form its block, expanded layer by layer. Widths: W = vision_width,
-# TW = text_width, E = embed_dim (also the MIT and prompt width).
+# In the order the original checkpoints store their keys: consecutive rules of one stack form its
+# block, expanded layer by layer (`original_shapes`).
 
 VISION, TEXT, MIT, PROMPT = (
     blocks + "{i}" for blocks in (VISION_BLOCKS, TEXT_BLOCKS, MIT_BLOCKS, PROMPT_BLOCKS)
 )
 VISION_HF = "vision_model.encoder.layers.{i}"
+# Widths: W vision, TW text, E the joint embedding (also the MIT's and the prompt generator's width);
+# P the patch size.
+W, TW, E, P = "vision_width", "text_width", "embed_dim", "patch_size"
 
 RULES: tuple[Rule, ...] = (
-    *_param("positional_embedding", "text_model.embeddings.position_embedding.weight",
-            "context_length", "text_width"),
-    # The original multiplies `x @ P` [TW, E]; nn.Linear stores [E, TW].
-    *_param("text_projection", "text_projection.weight", "text_width", "embed_dim", op=TRANSPOSE),
+    *_param("positional_embedding", "text_model.embeddings.position_embedding.weight", "context_length", TW),
+    *_param("text_projection", "text_projection.weight", TW, E, op=TRANSPOSE),
     *_param("logit_scale", "logit_scale"),
-    # video-specific prompt generator. `prompts_visual_proj` is used as `x @ P` in the original AND
-    # in XCLIPModel (a bare Parameter): no transpose.
-    *_param("prompts_visual_proj", "prompts_visual_projection", "vision_width", "embed_dim"),
-    *_param("prompts_generator.alpha", "prompts_generator.alpha", "embed_dim"),
-    *_norm("prompts_generator.norm", "prompts_generator.layernorm", "embed_dim"),
-    # Its cross-attention is not nn.MultiheadAttention: separate bias-free q/k/v, same names on both sides.
-    *(
-        rule
-        for x in "qkv"
-        for rule in _param(f"{PROMPT}.cross_attn.{x}_proj.weight", f"{PROMPT}.cross_attn.{x}_proj.weight",
-                           "embed_dim", "embed_dim", layers="prompt_layers")
+    # The video-specific prompt generator. `prompts_visual_proj` is used as `x @ P` in the original
+    # AND in XCLIPModel (a bare Parameter): no transpose.
+    *_param("prompts_visual_proj", "prompts_visual_projection", W, E),
+    *_param("prompts_generator.alpha", "prompts_generator.alpha", E),
+    *_norm("prompts_generator.norm", "prompts_generator.layernorm", E),
+    *_prompt_block(PROMPT, E, "prompt_mlp", "prompt_layers"),
+    # The multi-frame integration transformer (MIT).
+    *_param("mit.positional_embedding", "mit.position_embedding", 1, "frames", E),
+    *_clip_block(MIT, "mit.encoder.layers.{i}", E, "mit_mlp", "mit_layers"),
+    # The vision tower: CLIP blocks plus X-CLIP's cross-frame message attention.
+    *_param("visual.class_embedding", "vision_model.embeddings.class_embedding", W),
+    *_param(
+        "visual.positional_embedding",
+        "vision_model.embeddings.position_embedding.weight",
+        "vision_positions",
+        W,
     ),
-    *_linear(f"{PROMPT}.cross_attn.proj", f"{PROMPT}.cross_attn.proj", "embed_dim", "embed_dim",
-             "prompt_layers"),
-    *_norm(f"{PROMPT}.norm1", f"{PROMPT}.norm1", "embed_dim", "prompt_layers"),
-    *_norm(f"{PROMPT}.norm3", f"{PROMPT}.norm3", "embed_dim", "prompt_layers"),
-    *_linear(f"{PROMPT}.mlp.0", f"{PROMPT}.mlp.0", "prompt_mlp", "embed_dim", "prompt_layers"),
-    *_linear(f"{PROMPT}.mlp.3", f"{PROMPT}.mlp.3", "embed_dim", "prompt_mlp", "prompt_layers"),
-    # multi-frame integration transformer (MIT)
-    *_param("mit.positional_embedding", "mit.position_embedding", 1, "frames", "embed_dim"),
-    *_clip_block(MIT, "mit.encoder.layers.{i}", "embed_dim", "mit_mlp", "mit_layers"),
-    # vision tower: CLIP blocks plus X-CLIP's cross-frame message attention
-    *_param("visual.class_embedding", "vision_model.embeddings.class_embedding", "vision_width"),
-    *_param("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight",
-            "vision_positions", "vision_width"),
-    *_param("visual.proj", "visual_projection.weight", "vision_width", "embed_dim", op=TRANSPOSE),
-    *_param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight",
-            "vision_width", 3, "patch_size", "patch_size"),
-    *_norm("visual.ln_pre", "vision_model.pre_layernorm", "vision_width"),
-    *_linear(f"{VISION}.message_fc", f"{VISION_HF}.message_fc", "vision_width", "vision_width",
-             "vision_layers"),
-    *_norm(f"{VISION}.message_ln", f"{VISION_HF}.message_ln", "vision_width", "vision_layers"),
-    *_packed_attention(f"{VISION}.message_attn", f"{VISION_HF}.message_attn", "vision_width",
-                       "vision_layers"),
-    *_clip_block(VISION, VISION_HF, "vision_width", "vision_mlp", "vision_layers"),
-    *_norm("visual.ln_post", "vision_model.post_layernorm", "vision_width"),
-    # text tower
-    *_clip_block(TEXT, "text_model.encoder.layers.{i}", "text_width", "text_mlp",
-                 "text_layers"),
-    *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight",
-            "vocab_size", "text_width"),
-    *_norm("ln_final", "text_model.final_layer_norm", "text_width"),
-    *_norm("prompts_visual_ln", "prompts_visual_layernorm", "vision_width"),
-)  # fmt: skip
-
-
-# ---- applying the table ------------------------------------------------------------------------
+    *_param("visual.proj", "visual_projection.weight", W, E, op=TRANSPOSE),
+    *_param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", W, 3, P, P),
+    *_norm("visual.ln_pre", "vision_model.pre_layernorm", W),
+    *_linear(f"{VISION}.message_fc", f"{VISION_HF}.message_fc", W, W, "vision_layers"),
+    *_norm(f"{VISION}.message_ln", f"{VISION_HF}.message_ln", W, "vision_layers"),
+    *_packed_attention(f"{VISION}.message_attn", f"{VISION_HF}.message_attn", W, "vision_layers"),
+    *_clip_block(VISION, VISION_HF, W, "vision_mlp", "vision_layers"),
+    *_norm("visual.ln_post", "vision_model.post_layernorm", W),
+    # The text tower.
+    *_clip_block(TEXT, "text_model.encoder.layers.{i}", TW, "text_mlp", "text_layers"),
+    *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight", "vocab_size", TW),
+    *_norm("ln_final", "text_model.final_layer_norm", TW),
+    *_norm("prompts_visual_ln", "prompts_visual_layernorm", W),
+)
 
 
 def _match(rules: tuple[Rule, ...], key: str, side: str) -> tuple[int, int, str | None] | None:
-    """Find (rule number, position among the rule's keys, layer index) for `key` on one side."""
+    """(rule number, position among the rule's keys, layer index) for `key` on `side`, or None."""
     for number, rule in enumerate(rules):
-        patterns = (rule._original_re,) if side == "original" else rule._hf_res
-        for position, pattern in enumerate(patterns):
-            m = pattern.match(key)
-            if m:
+        for position, pattern in enumerate(rule.patterns[side]):
+            if m := pattern.match(key):
                 return number, position, m.groupdict().get("i")
     return None
 
 
-def _matched(
-    rules: tuple[Rule, ...], state_dict: Mapping[str, torch.Tensor], side: str
-) -> tuple[list[tuple[torch.Tensor, Rule, int, str | None]], list[str]]:
-    """Each tensor with (rule, position among the rule's keys, layer index), and the keys no rule matches."""
-    matched, unmapped = [], []
-    for key, tensor in state_dict.items():
-        found = _match(rules, key, side)
-        if found is None:
-            unmapped.append(f"{escape(key)} {_shape(tensor)}")
-        else:
-            matched.append((tensor, rules[found[0]], found[1], found[2]))
-    return matched, unmapped
+def _layout_error(
+    context: str, unmapped: Sequence[str], missing: Sequence[str] = (), mismatched: Sequence[str] = ()
+) -> ConverterError:
+    """Everything that did not line up, in one error."""
+    lines = [f"{context}: the checkpoint does not match the expected X-CLIP layout"]
+    for title, items in (
+        ("source keys no rule consumes", unmapped),
+        ("target keys not produced", missing),
+        ("shape mismatches", mismatched),
+    ):
+        if items:
+            lines.append(f"  {len(items):,} {title}:")
+            lines.extend(f"    {item}" for item in listed(sorted(items)))
+    return ConverterError("\n".join(lines))
 
 
 def original_to_hf(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule] = RULES) -> StateDict:
     """Map an original state dict to XCLIPModel keys. Every source key must be consumed."""
-    matched, unmapped = _matched(tuple(rules), state_dict, "original")
+    rules = tuple(rules)
     converted: StateDict = {}
-    for tensor, rule, _, index in matched:
-        if rule.op is CHUNK_QKV and tensor.shape[0] % 3:
-            key = _fill(rule.original, index)
-            unmapped.append(f"{escape(key)} {_shape(tensor)} (dim 0 does not split into q, k, v)")
-            continue
-        for pattern, part in zip(rule.hf, rule.op.forward(tensor), strict=True):
-            converted[_fill(pattern, index)] = part
+    unmapped = []
+    for key, tensor in state_dict.items():
+        if (found := _match(rules, key, "original")) is None:
+            unmapped.append(f"{escape(key)} {list(tensor.shape)}")
+        elif rules[found[0]].op is CHUNK_QKV and tensor.shape[0] % 3:
+            unmapped.append(f"{escape(key)} {list(tensor.shape)} (dim 0 does not split into q, k, v)")
+        else:
+            rule, index = rules[found[0]], found[2]
+            for pattern, part in zip(rule.hf, rule.op.forward(tensor), strict=True):
+                converted[_fill(pattern, index)] = part
     if unmapped:
-        raise MappingReport(unmapped=unmapped).error("original -> HF")
+        raise _layout_error("original -> HF", unmapped)
     return converted
 
 
 def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule] = RULES) -> StateDict:
     """Map XCLIPModel keys back to the original layout (the exact reverse of `original_to_hf`)."""
-    matched, unmapped = _matched(tuple(rules), state_dict, "hf")
+    rules = tuple(rules)
     # A rule's HF keys (q, k, v) come back together: group the parts by rule and layer.
-    groups: dict[tuple[Rule, str | None], dict[int, torch.Tensor]] = {}
-    for tensor, rule, position, index in matched:
-        groups.setdefault((rule, index), {})[position] = tensor
+    groups: dict[tuple[int, str | None], dict[int, torch.Tensor]] = {}
+    unmapped = []
+    for key, tensor in state_dict.items():
+        if (found := _match(rules, key, "hf")) is None:
+            unmapped.append(f"{escape(key)} {list(tensor.shape)}")
+        else:
+            number, position, index = found
+            groups.setdefault((number, index), {})[position] = tensor
     restored: StateDict = {}
     missing: list[str] = []
-    for (rule, index), parts in groups.items():
-        absent = [_fill(p, index) for n, p in enumerate(rule.hf) if n not in parts]
-        if absent:
-            missing.extend(escape(key) for key in absent)
-            continue
-        restored[_fill(rule.original, index)] = rule.op.reverse(tuple(parts[n] for n in range(len(rule.hf))))
+    for (number, index), parts in groups.items():
+        rule = rules[number]
+        if len(parts) < len(rule.hf):
+            missing += [escape(_fill(p, index)) for n, p in enumerate(rule.hf) if n not in parts]
+        else:
+            restored[_fill(rule.original, index)] = rule.op.reverse(tuple(parts[n] for n in sorted(parts)))
     if unmapped or missing:
-        raise MappingReport(unmapped=unmapped, missing=missing).error("HF -> original")
+        raise _layout_error("HF -> original", unmapped, missing)
     return restored
-
-
-# ---- strict accounting -------------------------------------------------------------------------
-
-
-@dataclass
-class MappingReport:
-    """Everything that did not line up, reported in one error."""
-
-    unmapped: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.unmapped or self.missing or self.mismatched)
-
-    def error(self, context: str) -> ConverterError:
-        lines = [f"{context}: the checkpoint does not match the expected X-CLIP layout"]
-        for title, items in (
-            ("source keys no rule consumes", self.unmapped),
-            ("target keys not produced", self.missing),
-            ("shape mismatches", self.mismatched),
-        ):
-            if items:
-                lines.append(f"  {len(items):,} {title}:")
-                lines.extend(f"    {item}" for item in listed(sorted(items)))
-        return ConverterError("\n".join(lines))
-
-
-def compare_layouts(
-    converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
-) -> MappingReport:
-    """Compare keys and shapes of `converted` with those of `expected` (e.g. a meta-device model)."""
-    report = MappingReport()
-    for key in converted.keys() - expected.keys():
-        report.unmapped.append(f"{escape(key)} {_shape(converted[key])}")
-    for key in expected.keys() - converted.keys():
-        report.missing.append(f"{escape(key)} {_shape(expected[key])}")
-    for key in converted.keys() & expected.keys():
-        if converted[key].shape != expected[key].shape:
-            given, wanted = _shape(converted[key]), _shape(expected[key])
-            report.mismatched.append(f"{escape(key)}: checkpoint gives {given}, config expects {wanted}")
-    for items in (report.unmapped, report.missing, report.mismatched):
-        items.sort()
-    return report
-
-
-def _shape(tensor: torch.Tensor) -> str:
-    return str(list(tensor.shape))
-
-
-# ---- layouts derived from the table ------------------------------------------------------------
 
 
 def original_shapes(h: Hyper, rules: Iterable[Rule] = RULES) -> dict[str, Shape]:
@@ -321,6 +268,13 @@ def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
     """Raise one error listing every unexpected, missing and mis-shaped key against `h`."""
-    report = compare_layouts(state_dict, hf_shapes(h))
-    if report:
-        raise report.error("checkpoint vs config")
+    expected = hf_shapes(h)
+    unmapped = [f"{escape(k)} {list(state_dict[k].shape)}" for k in state_dict.keys() - expected.keys()]
+    missing = [f"{escape(k)} {list(expected[k].shape)}" for k in expected.keys() - state_dict.keys()]
+    mismatched = [
+        f"{escape(k)}: checkpoint gives {list(state_dict[k].shape)}, config expects {list(expected[k].shape)}"
+        for k in state_dict.keys() & expected.keys()
+        if state_dict[k].shape != expected[k].shape
+    ]
+    if unmapped or missing or mismatched:
+        raise _layout_error("checkpoint vs config", unmapped, missing, mismatched)

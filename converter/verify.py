@@ -1,38 +1,11 @@
 """Prove a conversion: the converted XCLIPModel against the independent original forward pass.
 
-Inputs. A deterministic clip with structure across space and time: one scene of 16x16-pixel
-blocks shared by all frames, a per-frame, per-channel offset, and pixel noise (roughly N(0, 1),
-the scale of normalised images). I.i.d. noise pixels make every patch and every frame alike, so
-the cross-frame message attention, the MIT and the prompt generator's cross-attention see nearly
-identical tokens and a mistake there hardly moves the outputs; the shared scene and the per-frame
-offsets give them real structure. Token ids: rows of different lengths, each ending with the end
-token (the row maximum, where both models pool), as CLIP's tokenizer lays them out.
-
-Sites compared. Every block of every stack, in forward order, where a mistake enters rather than
-where it arrives diluted: the vision embeddings; per vision block the message token after
-`message_fc`, after `message_ln`, the message attention's output, the token after its residual,
-the self-attention's output and the block's output; the pooled vision features; per MIT and text
-block its attention's output and its output; the text embeddings and the final text LayerNorm; per
-prompt-generator layer its cross-attention's output and its output; and the eight outputs of
-`ORACLE_KEYS` (the logits, the two normalised embeddings, the per-frame features before the MIT,
-the MIT output, the patch features the prompt generator attends to, the raw text embeddings and the
-prompts). The oracle yields its sites from its own code (`oracle.original_sites`); the HF side reads
-them from XCLIPModel's outputs and forward hooks on its modules, never recomputed. Each site is
-compared as it is computed and dropped, so verification holds one layer's activations, not all.
-`Verification.first_divergence` names the first site in forward order over its tolerance: where the
-mistake entered (a failing conversion points at the rule row).
-
-Tolerance. Each site s passes when
-
-    max |HF_s - original_s|  <=  atol * max |original_s|
-
-i.e. `atol` (the CLI's `--atol`, default `DEFAULT_ATOL`) is the largest difference allowed
-relative to the site's own magnitude. Sites differ in scale by orders of magnitude (logits ~10,
-normalised embeddings ~0.05, prompts ~alpha, a message attention's output ~its biases), and float32
-rounding follows each site's scale, so one absolute tolerance is either too loose for the small
-sites or too tight for the large ones. `Verification.margin` is the largest ratio |Δ| / tolerance
-over the sites: below 1 passes; a planted mistake fails by that factor
-(benchmarks/verification_power.py).
+The inputs are a seeded clip with structure across space and time (with i.i.d. noise every patch and
+frame look alike, and the message attention, the MIT and the prompt generator would hide a mistake).
+Every block of every stack is compared in forward order (`oracle.original_sites`), where a mistake
+enters rather than where it arrives diluted, each site as the model computes it (read by hooks, never
+recomputed). A site passes when max |HF - original| <= atol * max |original|: sites differ in scale
+by orders of magnitude, and float32 rounding follows each site's scale.
 """
 
 from __future__ import annotations
@@ -40,47 +13,33 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import torch
 
+from converter import oracle
 from converter.clip import HEAD_DIM
 from converter.config import Hyper
 from converter.errors import VerificationError
-from converter.oracle import (
-    CROSS_ATTENTION,
-    MESSAGE_ATTENTION,
-    MESSAGE_FC,
-    MESSAGE_LN,
-    MESSAGE_TOKEN,
-    MIT,
-    PROMPT,
-    SELF_ATTENTION,
-    TEXT,
-    TEXT_EMBEDDINGS,
-    VISION,
-    VISION_EMBEDDINGS,
-    OriginalHeads,
-    layer_site,
-    original_sites,
-)
+from converter.oracle import OriginalHeads, layer_site, original_sites
 
 if TYPE_CHECKING:
     from transformers import XCLIPModel
 
-# Relative to each site's largest magnitude, chosen between two measurements: the ORIGINAL code's
-# outputs on the goldens differ from the converted model's by <= 3e-7 relative (the headroom test in
-# tests/test_verify.py; at full size the oracle and XCLIPModel agree bit for bit at every site), and
-# the subtlest planted mistake at full size exceeds it 33x (q/k halves of layer 1's message attention
-# bias on B/16 32f; benchmarks/verification_power.py, docs/verification.md).
+Tensor = torch.Tensor
+
+# Between two measurements: the ORIGINAL code's outputs on the goldens differ from the converted
+# model's by <= 3e-7 relative (tests/test_verify.py), and the subtlest planted mistake at full size
+# exceeds 2e-5 by 33x (benchmarks/verification_power.py, docs/verification.md).
 DEFAULT_ATOL = 2e-5
 NUM_TEXTS = 3
 BLOCK = 16  # pixels per side of the scene's blocks
 # Amplitudes of scene, per-frame offset and noise: variances sum to ~1, like normalised images.
 SCENE, OFFSET, NOISE = 0.8, 0.5, 0.3
 
-# The outputs, by their name here -> the oracle's. The first three are the ones stored in
-# tests/data/synthetic.
+# The outputs, by their name here -> the oracle's. The first three are stored in tests/data/synthetic.
 ORACLE_KEYS = {
     "logits": "logits",
     "video_embeds": "video_embeds_normalized",
@@ -91,8 +50,8 @@ ORACLE_KEYS = {
     "mit_output": "mit_last_hidden_state",
     "img_features": "img_features",
 }
-# What the oracle yields and verification does not compare: each is a site it compares, or a plain
-# function of one (no weight of its own between them).
+# What the oracle yields and verification does not compare: each is a compared site or a function of
+# one with no weight of its own in between.
 NOT_COMPARED = {
     "vision_last_hidden_state",  # the last vision block's output
     "video_embeds",  # the MIT output's mean, compared normalised
@@ -100,10 +59,6 @@ NOT_COMPARED = {
     "text_embeds",  # text_embeds_raw + prompts, compared normalised
     "logit_scale_exp",  # a weight, compared in the logits
 }
-
-
-def _ratio(diff: float, tolerance: float) -> float:
-    return diff / tolerance if tolerance > 0 else (math.inf if diff > 0 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -117,7 +72,9 @@ class Site:
     @property
     def ratio(self) -> float:
         """|Δ| / tolerance: the site passes when it is <= 1."""
-        return _ratio(self.max_abs_diff, self.tolerance)
+        if self.tolerance > 0:
+            return self.max_abs_diff / self.tolerance
+        return math.inf if self.max_abs_diff > 0 else 0.0
 
     @property
     def passed(self) -> bool:
@@ -126,26 +83,30 @@ class Site:
 
 @dataclass(frozen=True)
 class Verification:
-    """Max |Δ| between the converted model and the original and its tolerance, per output, and every
-    compared site in forward order (`sites`, the outputs among them; empty when only outputs were
-    compared)."""
+    """Max |Δ| and tolerance per output, and every compared site in forward order (`sites`)."""
 
     max_abs_diff: dict[str, float]
     tolerances: dict[str, float]
     atol: float
     sites: tuple[Site, ...] = ()
 
+    @classmethod
+    def of(cls, outputs: Iterable[Site], atol: float, sites: tuple[Site, ...] = ()) -> Verification:
+        """From the outputs' sites (and every compared site, in forward order)."""
+        outputs = list(outputs)
+        return cls(
+            {s.name: s.max_abs_diff for s in outputs}, {s.name: s.tolerance for s in outputs}, atol, sites
+        )
+
     @property
     def compared(self) -> tuple[Site, ...]:
         """Every compared site in forward order (the outputs alone when `sites` is empty)."""
-        if self.sites:
-            return self.sites
-        return tuple(Site(name, diff, self.tolerances[name]) for name, diff in self.max_abs_diff.items())
+        return self.sites or tuple(Site(n, diff, self.tolerances[n]) for n, diff in self.max_abs_diff.items())
 
     @property
     def ratios(self) -> dict[str, float]:
         """|Δ| / tolerance per output."""
-        return {name: _ratio(diff, self.tolerances[name]) for name, diff in self.max_abs_diff.items()}
+        return {n: Site(n, diff, self.tolerances[n]).ratio for n, diff in self.max_abs_diff.items()}
 
     @property
     def margin(self) -> float:
@@ -173,11 +134,9 @@ class Verification:
     def summary(self) -> str:
         diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
         verdict = "OK" if self.passed else "FAILED"
-        worst = (
-            f"worst {self.worst} at {self.margin:.3g}x its tolerance"
-            if self.margin
-            else "every site identical"
-        )
+        worst = "every site identical"
+        if self.margin:
+            worst = f"worst {self.worst} at {self.margin:.3g}x its tolerance"
         first = f", {divergence}" if (divergence := self.divergence()) else ""
         return (
             f"verification {verdict}: {worst}{first} ({len(self.compared)} sites compared, atol "
@@ -187,11 +146,9 @@ class Verification:
 
 def synthetic_inputs(
     hyper: Hyper, videos: int = 1, texts: int = NUM_TEXTS, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded structured clip [videos, T, 3, S, S] and token ids [texts, L] (see the module docstring).
-
-    Row r of the ids: start token, 4 * 2**r ids, end token (the row maximum), then zeros.
-    """
+) -> tuple[Tensor, Tensor]:
+    """A seeded clip [videos, T, 3, S, S] (a scene of 16x16 blocks, a per-frame offset, noise) and ids
+    [texts, L]: row r is the start token, 4 * 2**r ids, the end token (the row maximum), zeros."""
     gen = torch.Generator().manual_seed(seed)
     size, frames = hyper.image_size, hyper.frames
     grid = -(-size // BLOCK)
@@ -211,70 +168,51 @@ def synthetic_inputs(
     return pixel_values, input_ids
 
 
-OnSite = Callable[[str, torch.Tensor], None]
+OnSite = Callable[[str, Tensor], None]
 
 
 @torch.no_grad()
-def read_sites(
-    model: XCLIPModel, pixel_values: torch.Tensor, input_ids: torch.Tensor, on_site: OnSite
-) -> None:
-    """Run XCLIPModel's own forward once and hand each site to `on_site(name, tensor)` as it is
-    computed, in the oracle's forward order: read by forward hooks on the modules that compute them
-    (and the model's outputs), never recomputed. Names: the oracle's, the outputs under `ORACLE_KEYS`."""
+def read_sites(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor, on_site: OnSite) -> None:
+    """Run XCLIPModel's forward once, handing each site to `on_site(name, tensor)` as it is computed, in
+    the oracle's order and names (the outputs': `ORACLE_KEYS`), read by hooks, never recomputed."""
     videos, frames = pixel_values.shape[:2]
     vision, text, prompts = model.vision_model, model.text_model, model.prompts_generator
+    handles = []
 
-    def output(name: str, take: Callable = lambda out: out) -> Callable:
-        return lambda module, args, out: on_site(name, take(out))
+    def after(module: torch.nn.Module, name: str, take: Callable = lambda out: out) -> None:
+        handles.append(module.register_forward_hook(lambda _, args, out: on_site(name, take(out))))
 
-    def first(out: tuple) -> torch.Tensor:  # XCLIPAttention returns (output, weights)
-        return out[0]
+    def before(module: torch.nn.Module, name: str, take: Callable) -> None:
+        handles.append(module.register_forward_pre_hook(lambda _, args: on_site(name, take(args))))
 
-    def blocks(stack: str, layers: torch.nn.ModuleList) -> list[tuple[torch.nn.Module, Callable]]:
-        """A CLIP block's attention output, then its output."""
-        return [
-            hook
-            for i, layer in enumerate(layers)
-            for hook in (
-                (layer.self_attn, output(layer_site(stack, i, SELF_ATTENTION), first)),
-                (layer, output(layer_site(stack, i))),
-            )
-        ]
-
-    after: list[tuple[torch.nn.Module, Callable]] = [(vision.pre_layernorm, output(VISION_EMBEDDINGS))]
-    before: list[tuple[torch.nn.Module, Callable]] = []
-    for i, layer in enumerate(vision.encoder.layers):
-        after += [
-            (layer.message_fc, output(layer_site(VISION, i, MESSAGE_FC))),
-            (layer.message_ln, output(layer_site(VISION, i, MESSAGE_LN))),
-            (layer.message_attn, output(layer_site(VISION, i, MESSAGE_ATTENTION), first)),
-            (layer.self_attn, output(layer_site(VISION, i, SELF_ATTENTION), first)),
-            (layer, output(layer_site(VISION, i))),
-        ]
-        # The message token after its attention's residual is the last token layer_norm1 receives.
-        token = layer_site(VISION, i, MESSAGE_TOKEN)
-        before.append((layer.layer_norm1, lambda module, args, name=token: on_site(name, args[0][:, -1])))
-    after += [
-        (vision.post_layernorm, output("vision_pooled")),
-        (model.visual_projection, output("cls_features", lambda out: out.view(videos, frames, -1))),
-        *blocks(MIT, model.mit.encoder.layers),
-        (model.mit, output("mit_output", lambda out: out.last_hidden_state)),
-        (text.embeddings, output(TEXT_EMBEDDINGS)),
-        *blocks(TEXT, text.encoder.layers),
-        (text.final_layer_norm, output("text_last_hidden_state")),
-        (model.text_projection, output("text_embeds_raw")),
-    ]
-    for i, layer in enumerate(prompts.decoder):
-        after += [
-            (layer.cross_attn, output(layer_site(PROMPT, i, CROSS_ATTENTION))),
-            (layer, output(layer_site(PROMPT, i))),
-        ]
-    after.append((prompts, output("prompts")))
-    # forward(text, visual): the patch features before the prompt generator's own LayerNorm.
-    before.append((prompts, lambda module, args: on_site("img_features", args[1])))
-    handles = [module.register_forward_hook(hook) for module, hook in after]
-    handles += [module.register_forward_pre_hook(hook) for module, hook in before]
+    first = itemgetter(0)  # XCLIPAttention returns (output, weights)
     try:
+        after(vision.pre_layernorm, oracle.VISION_EMBEDDINGS)
+        for i, layer in enumerate(vision.encoder.layers):
+            site = partial(layer_site, oracle.VISION, i)
+            after(layer.message_fc, site(oracle.MESSAGE_FC))
+            after(layer.message_ln, site(oracle.MESSAGE_LN))
+            after(layer.message_attn, site(oracle.MESSAGE_ATTENTION), first)
+            # The message token after its attention's residual is the last token layer_norm1 receives.
+            before(layer.layer_norm1, site(oracle.MESSAGE_TOKEN), lambda args: args[0][:, -1])
+            after(layer.self_attn, site(oracle.SELF_ATTENTION), first)
+            after(layer, site(oracle.OUTPUT))
+        after(vision.post_layernorm, "vision_pooled")
+        after(model.visual_projection, "cls_features", lambda out: out.view(videos, frames, -1))
+        for stack, layers in ((oracle.MIT, model.mit.encoder.layers), (oracle.TEXT, text.encoder.layers)):
+            for i, layer in enumerate(layers):
+                after(layer.self_attn, layer_site(stack, i, oracle.SELF_ATTENTION), first)
+                after(layer, layer_site(stack, i))
+        after(model.mit, "mit_output", lambda out: out.last_hidden_state)
+        after(text.embeddings, oracle.TEXT_EMBEDDINGS)
+        after(text.final_layer_norm, "text_last_hidden_state")
+        after(model.text_projection, "text_embeds_raw")
+        # forward(text, visual): the patch features before the prompt generator's own LayerNorm.
+        before(prompts, "img_features", lambda args: args[1])
+        for i, layer in enumerate(prompts.decoder):
+            after(layer.cross_attn, layer_site(oracle.PROMPT, i, oracle.CROSS_ATTENTION))
+            after(layer, layer_site(oracle.PROMPT, i))
+        after(prompts, "prompts")
         out = model(input_ids=input_ids, pixel_values=pixel_values)
     finally:
         for handle in handles:
@@ -284,13 +222,11 @@ def read_sites(
     on_site("logits", out.logits_per_video)
 
 
-def hf_outputs(
-    model: XCLIPModel, pixel_values: torch.Tensor, input_ids: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def hf_outputs(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
     """XCLIPModel's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
-    captured: dict[str, torch.Tensor] = {}
+    captured: dict[str, Tensor] = {}
 
-    def keep(name: str, tensor: torch.Tensor) -> None:
+    def keep(name: str, tensor: Tensor) -> None:
         if name in ORACLE_KEYS:
             captured[name] = tensor
 
@@ -299,64 +235,50 @@ def hf_outputs(
 
 
 def oracle_outputs(
-    original_state_dict: Mapping[str, torch.Tensor],
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    original_state_dict: Mapping[str, Tensor],
+    pixel_values: Tensor,
+    input_ids: Tensor,
     heads: OriginalHeads | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Tensor]:
     """The oracle's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
     wanted = set(ORACLE_KEYS.values())
-    out = {
-        key: t
-        for key, t in original_sites(original_state_dict, pixel_values, input_ids, heads)
-        if key in wanted
-    }
+    sites = original_sites(original_state_dict, pixel_values, input_ids, heads)
+    out = {key: tensor for key, tensor in sites if key in wanted}
     return {name: out[key] for name, key in ORACLE_KEYS.items()}
 
 
-def tolerance(expected: torch.Tensor, atol: float) -> float:
-    """The module's rule: `atol` times the site's largest magnitude."""
-    low, high = torch.aminmax(expected.float())  # no |x| copy of a whole layer's activations
-    return atol * max(high.item(), -low.item())
-
-
-def _site(name: str, expected: torch.Tensor, actual: torch.Tensor, atol: float) -> Site:
+def _site(name: str, expected: Tensor, actual: Tensor, atol: float) -> Site:
+    """max |Δ| at one site and its tolerance: `atol` times the site's largest magnitude."""
     if actual.shape != expected.shape:
         raise VerificationError(
             f"{name}: shape {list(actual.shape)} vs the original's {list(expected.shape)}"
         )
+    low, high = torch.aminmax(expected.float())  # no |x| copy of a whole layer's activations
     diff = (actual.float() - expected.float()).abs_().max().item()
-    return Site(name, diff, tolerance(expected, atol))
+    return Site(name, diff, atol * max(high.item(), -low.item()))
 
 
-def compare(
-    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], atol: float
-) -> Verification:
+def compare(expected: Mapping[str, Tensor], actual: Mapping[str, Tensor], atol: float) -> Verification:
     """Compare every output in `expected` (extra outputs in `actual` are ignored)."""
-    sites = [_site(name, want, actual[name], atol) for name, want in expected.items()]
-    return Verification({s.name: s.max_abs_diff for s in sites}, {s.name: s.tolerance for s in sites}, atol)
+    return Verification.of((_site(name, want, actual[name], atol) for name, want in expected.items()), atol)
 
 
 def compare_sites(
     model: XCLIPModel,
-    expected: Iterable[tuple[str, torch.Tensor]],
-    pixel_values: torch.Tensor,
-    input_ids: torch.Tensor,
+    expected: Iterable[tuple[str, Tensor]],
+    pixel_values: Tensor,
+    input_ids: Tensor,
     atol: float,
 ) -> Verification:
-    """Compare every site of XCLIPModel's forward with the oracle's (`expected`: (name, tensor) in
-    forward order, as `oracle.original_sites` yields them), each as soon as the model computes it.
-
-    `expected` is advanced one site per HF site, so a generator runs in step with the model and only
-    the current sites are alive. A site one side computes and the other does not (a different number
-    of layers) is a VerificationError naming it."""
-    oracle = iter(expected)
+    """Compare every site of XCLIPModel's forward with `expected` (the oracle's, in forward order), each
+    as the model computes it: a generator advances in step, so only the current sites are alive. A
+    site only one side computes (a different number of layers) is a VerificationError naming it."""
+    theirs = iter(expected)
     sites: list[Site] = []
 
-    def check(name: str, actual: torch.Tensor) -> None:
-        key = ORACLE_KEYS.get(name, name)
-        found = next(((k, t) for k, t in oracle if k not in NOT_COMPARED), None)
-        if found is None or found[0] != key:
+    def check(name: str, actual: Tensor) -> None:
+        found = next(((k, t) for k, t in theirs if k not in NOT_COMPARED), None)
+        if found is None or found[0] != ORACLE_KEYS.get(name, name):
             where = "nothing more" if found is None else found[0]
             raise VerificationError(
                 f"the converted model computes {name} where the original computes {where}"
@@ -364,39 +286,29 @@ def compare_sites(
         sites.append(_site(name, found[1], actual, atol))
 
     read_sites(model, pixel_values, input_ids, check)
-    left = next((k for k, _ in oracle if k not in NOT_COMPARED), None)
+    left = next((k for k, _ in theirs if k not in NOT_COMPARED), None)
     if left is not None:
         raise VerificationError(f"the original computes {left}, which the converted model never computes")
     outputs = {site.name: site for site in sites if site.name in ORACLE_KEYS}
-    return Verification(
-        {name: outputs[name].max_abs_diff for name in ORACLE_KEYS},
-        {name: outputs[name].tolerance for name in ORACLE_KEYS},
-        atol,
-        tuple(sites),
-    )
+    return Verification.of((outputs[name] for name in ORACLE_KEYS), atol, tuple(sites))
 
 
 def verify(
     model: XCLIPModel,
-    original_state_dict: Mapping[str, torch.Tensor],
+    original_state_dict: Mapping[str, Tensor],
     hyper: Hyper,
     atol: float = DEFAULT_ATOL,
     heads: OriginalHeads | None = None,
 ) -> Verification:
-    """Run both implementations on the same deterministic inputs and compare them at every site.
-
-    `heads` defaults to the original's own rule (width // 64), NOT the config's head counts, so a
-    config with wrong heads is caught rather than reproduced by the oracle.
-    """
+    """Run both implementations on the same deterministic inputs and compare them at every site."""
     pixel_values, input_ids = synthetic_inputs(hyper)
-    oracle = original_sites(original_state_dict, pixel_values, input_ids, heads)
-    return compare_sites(model, oracle, pixel_values, input_ids, atol)
+    expected = original_sites(original_state_dict, pixel_values, input_ids, heads)
+    return compare_sites(model, expected, pixel_values, input_ids, atol)
 
 
 def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
-    """Head counts for the oracle. None: the original's own rule (width // 64, hard-coded in its code),
-    NOT the config's, so a config with wrong heads is caught rather than reproduced. Only below width
-    64 (small test models built with explicit heads) does the config decide."""
+    """None, the original's own rule (width // 64), and not the config's heads, so wrong heads are
+    caught rather than reproduced; below width 64 (small test models) the config's heads."""
     if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
         return None
     return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)

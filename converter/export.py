@@ -420,8 +420,16 @@ def _move_folder(
 ) -> None:
     """Put `staging` at `target`, replacing the folder there only if it is still `before` (and empty, without
     `overwrite`); else that folder is put back and FileExistsError raised."""
-    retired = _take_out(staging, target) if before is not None else None
-    if retired is None:
+    if before is None:
+        return _move_noreplace(staging, target)
+    # The old folder goes aside: exchanged with ours in one step where the filesystem can, else renamed.
+    retired = staging.with_name(staging.name + ".old")  # not a staging name: never removed as stale
+    try:
+        if _renameat2(staging, target, _RENAME_EXCHANGE):
+            retired = staging
+        else:
+            os.rename(target, retired)
+    except FileNotFoundError:  # gone meanwhile
         return _move_noreplace(staging, target)
     try:
         if _identity(retired) != before or (not overwrite and os.listdir(retired)):
@@ -445,18 +453,6 @@ def _move_folder(
     else:
         with suppress(OSError):
             os.rmdir(retired)
-
-
-def _take_out(staging: Path, target: Path) -> Path | None:
-    """Move the folder at `target` aside (exchanged with `staging` where possible); None if it has gone."""
-    try:
-        if _renameat2(staging, target, _RENAME_EXCHANGE):
-            return staging
-        retired = staging.with_name(staging.name + ".old")  # not a staging name: never removed as stale
-        os.rename(target, retired)
-        return retired
-    except FileNotFoundError:
-        return None
 
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 pytest_plugins = ("tests.report",)
 
@@ -77,8 +78,6 @@ def _check_output_options(config) -> None:
     """--save-dir, --report and the files --update-expected rewrites go through the converter's path
     policy before any test runs: no device, FIFO or file in place of a folder, nothing inside an input
     or a cache, and a folder that can be written."""
-    from pathlib import Path
-
     import pytest
 
     from converter import paths
@@ -94,9 +93,20 @@ def _check_output_options(config) -> None:
             if value:
                 target = Path(config.invocation_params.dir, value)
                 paths.check_target(target, kind=kind, overwrite=True, protected=inputs, flag=flag)
-                paths.check_writable(flag, target)
+                _check_writable(flag, target)
     except ConverterError as err:
         raise pytest.UsageError(str(err)) from None
+
+
+def _check_writable(flag: str, target: Path) -> None:
+    """Refuse a target whose nearest existing folder cannot be written: the suite writes it at the end."""
+    from converter.errors import ConverterError, escape
+
+    folder = next((p for p in [target, *target.parents] if p.is_dir()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        readonly = os.statvfs(folder).f_flag & os.ST_RDONLY
+        why = "read-only file system" if readonly else "permission denied"
+        raise ConverterError(f"{flag} {escape(str(target))}: cannot write in {escape(str(folder))} ({why})")
 
 
 def _interruptible_children() -> None:

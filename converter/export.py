@@ -1,9 +1,6 @@
-"""The one writer: every file and folder the tool writes is staged beside its target, then moved into place.
-
-The staging entry is named after its owner (pid, and a lock held for the run's life) and created
-before any work, which proves the folder writable. The move cannot clobber what appeared meanwhile;
-`--overwrite` swaps the old output out only once the new one is complete. A failure or a signal
-(`signals_as_exceptions`) removes the staging entry; one whose owner died is removed by the next run.
+"""The one writer: every output is staged beside its target (named after its owner's pid, locked), then
+moved into place without clobbering what appeared meanwhile. A failure or a signal removes the staging
+entry; one whose owner died is removed by the next run. Also the weights' write and read-back.
 """
 
 from __future__ import annotations
@@ -39,12 +36,8 @@ WEIGHTS_NAME = "model.safetensors"
 READ_BACK_BATCH_BYTES = 32 << 20
 
 
-# --- signals ---------------------------------------------------------------------------------------
-
-
 class Interrupted(BaseException):
-    """SIGINT/SIGTERM/SIGHUP, unwinding like KeyboardInterrupt: `exit_code` is the shell's 128 + signal
-    number, `str()` the one line to print, with what became of the output once the writer knows it."""
+    """SIGINT/SIGTERM/SIGHUP, unwinding like KeyboardInterrupt; `str()` says what became of the output."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -70,8 +63,7 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def signals_as_exceptions() -> Iterator[None]:
-    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` while the block runs (main thread only;
-    elsewhere a no-op), so cleanup runs and the caller can exit with `err.exit_code` and one line."""
+    """Turn SIGINT, SIGTERM and SIGHUP into `Interrupted` while the block runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -86,8 +78,7 @@ def signals_as_exceptions() -> Iterator[None]:
 
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold a signal back while the block runs (a move into place or a cleanup must not stop
-    halfway); it is raised at the end of the outermost such block."""
+    """Hold a signal back until the outermost such block ends: a move or a cleanup must not stop halfway."""
     _signals.deferring += 1
     try:
         yield
@@ -98,14 +89,10 @@ def _signals_deferred() -> Iterator[None]:
             _on_signal(signum, None)
 
 
-# --- writing and reading back the weights ----------------------------------------------------------
-
-
 def write_weights(
     folder: Path, state_dict: Mapping[str, torch.Tensor], cancel: threading.Event | None = None
 ) -> None:
-    """model.safetensors, as `XCLIPModel.from_pretrained` reads it, read back and compared with
-    `state_dict` (skipped once `cancel` is set: the run is being abandoned)."""
+    """Write model.safetensors and read it back (unless `cancel` is set: the run is being abandoned)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -125,8 +112,7 @@ def check_written(
     cancel: threading.Event | None = None,
     batch_bytes: int = READ_BACK_BATCH_BYTES,
 ) -> None:
-    """Confirm that the safetensors file `path` holds exactly `state_dict`: the same keys, and for
-    each the same dtype, shape and bytes. A difference is a ConverterError naming the key."""
+    """Confirm that `path` holds exactly `state_dict`'s keys, dtypes, shapes and bytes; else name the key."""
     import numpy as np
     import torch
     from safetensors import SafetensorError, safe_open
@@ -167,8 +153,7 @@ def check_written(
 
 
 def _batches(state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[tuple[str, slice | None]]]:
-    """(key, rows) pieces, `limit` bytes at most in each batch; a tensor larger than that is cut
-    into runs of rows (rows None: the whole tensor)."""
+    """Batches of (key, rows) of at most `limit` bytes; rows None is the whole tensor."""
     batch: list[tuple[str, slice | None]] = []
     size = 0
     for key, tensor in state_dict.items():
@@ -195,7 +180,6 @@ def _short_io_error(err: BaseException) -> str:
 
 
 def in_background(function: Callable[..., T], *args: object) -> Future[T]:
-    """`function(*args)` on a thread of its own; the future says when it is done and what it raised."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=function.__name__.strip("_"))
     future = pool.submit(function, *args)
     pool.shutdown(wait=False)  # the submitted call still runs; nothing else will
@@ -206,75 +190,31 @@ def in_background(function: Callable[..., T], *args: object) -> Future[T]:
 def weights_written_meanwhile(
     folder: Path, state_dict: Mapping[str, torch.Tensor]
 ) -> Iterator[Callable[[], None]]:
-    """Write (and read back) model.safetensors on a second thread while the block runs (safetensors
-    releases the GIL); the block gets a `wait()` for work that must follow it, and its end waits too.
-    If the block raises (or a signal arrives while waiting), that error wins: the writer is told to
-    skip the read-back and is waited for, so nothing writes into a folder being removed."""
+    """`write_weights` on a second thread while the block runs; the block gets its `wait()`. If the block
+    raises, the writer skips the read-back and is waited for: nothing writes into a folder being removed."""
     cancel = threading.Event()
     written = in_background(write_weights, folder, state_dict, cancel)
-    finished = False
     try:
         yield written.result
         written.result()
-        finished = True
-    finally:
-        if not finished:
-            cancel.set()
-            with _signals_deferred():
-                wait_for([written])
-
-
-# --- staging and moving into place -----------------------------------------------------------------
-
-
-def staged_output(
-    output: Path, overwrite: bool, protected: Iterable[Protected] = (), *, flag: str = "--output"
-) -> AbstractContextManager[Path]:
-    """A staging folder beside `output` (checked by `converter.paths.check_target`, `flag` naming it),
-    moved into place when the block succeeds and removed when it fails or is interrupted; an OSError
-    in the block becomes a ConverterError naming the file as the user knows it."""
-    return _staged(output, "folder", overwrite, protected, flag)
-
-
-def staged_file(
-    output: Path, overwrite: bool, protected: Iterable[Protected] = (), *, flag: str = "--output"
-) -> AbstractContextManager[Path]:
-    """`staged_output` for one file (beside where a symlink points), renamed onto `output`; without
-    `overwrite`, a file that appeared meanwhile is kept and the run refused."""
-    return _staged(output, "file", overwrite, protected, flag)
-
-
-def write_file(
-    path: Path,
-    data: str | bytes,
-    *,
-    flag: str,
-    overwrite: bool = True,
-    protected: Iterable[Protected] = (),
-) -> None:
-    """A small file (a report, a record, a fixture), written whole or not at all by `staged_file`."""
-    with staged_file(path, overwrite, protected, flag=flag) as partial:
-        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-
-
-def torch_save(obj: object, path: Path) -> None:
-    """`torch.save` to `path`, failing with the OSError (ENOSPC, EIO) that `staged_file` names:
-    torch's zip writer replaces it with its own RuntimeError on closing, keeping it as the context."""
-    import torch
-
-    try:
-        with open(path, "wb") as file:
-            torch.save(obj, file)
-    except RuntimeError as err:
-        if isinstance(err.__context__, OSError):
-            raise err.__context__ from None
+    except BaseException:
+        cancel.set()
+        with _signals_deferred():
+            wait_for([written])
         raise
 
 
 @contextmanager
-def _staged(
-    output: Path, kind: Kind, overwrite: bool, protected: Iterable[Protected], flag: str
+def staged_output(
+    output: Path,
+    overwrite: bool,
+    protected: Iterable[Protected] = (),
+    *,
+    flag: str = "--output",
+    kind: Kind = "folder",
 ) -> Iterator[Path]:
+    """A staging folder beside `output` (`flag` names it), moved into place when the block succeeds,
+    removed when it fails; an OSError in the block becomes one line naming the file as the user knows it."""
     where = f"{flag} {escape(str(output))}"
     target = check_target(output, kind=kind, overwrite=overwrite, protected=protected, flag=flag)
     try:
@@ -332,9 +272,36 @@ def _staged(
             os.close(lock)
 
 
+def staged_file(
+    output: Path, overwrite: bool, protected: Iterable[Protected] = (), *, flag: str = "--output"
+) -> AbstractContextManager[Path]:
+    """`staged_output` for one file, renamed onto `output` (or where a symlink there points)."""
+    return staged_output(output, overwrite, protected, flag=flag, kind="file")
+
+
+def write_file(
+    path: Path, data: str | bytes, *, flag: str, overwrite: bool = True, protected: Iterable[Protected] = ()
+) -> None:
+    """A small file (a report, a record, a fixture), written whole or not at all."""
+    with staged_file(path, overwrite, protected, flag=flag) as partial:
+        partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def torch_save(obj: object, path: Path) -> None:
+    """`torch.save`, failing with the OSError (ENOSPC, EIO) torch's zip writer wraps in a RuntimeError."""
+    import torch
+
+    try:
+        with open(path, "wb") as file:
+            torch.save(obj, file)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
+
+
 def _create_staging(target: Path, kind: Kind, where: str) -> tuple[Path, int]:
-    """An empty folder or file beside `target`, named after this process (its mode from the umask,
-    unlike mkdtemp's 0700 or mkstemp's 0600), and the descriptor that holds its lock."""
+    """An empty entry beside `target` and its locked descriptor; its mode from the umask, unlike mkdtemp's."""
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         if kind == "folder":
@@ -349,8 +316,7 @@ def _create_staging(target: Path, kind: Kind, where: str) -> tuple[Path, int]:
 
 
 def _remove_if_ours(staging: Path, lock: int) -> None:
-    """Remove the staging entry `lock` is open on, unless another is at its path now (the old folder,
-    swapped there and not put back)."""
+    """Remove the staging entry `lock` is open on, unless the old folder was swapped to its path."""
     with suppress(OSError):
         if not os.path.samestat(os.lstat(staging), os.fstat(lock)):
             return
@@ -361,8 +327,7 @@ def _remove_if_ours(staging: Path, lock: int) -> None:
 
 
 def _remove_stale_staging(target: Path, kind: Kind) -> None:
-    """Remove staging entries (of `kind`) of earlier runs to `target` whose owner is gone: its pid is
-    not running and nobody holds its lock. Nothing else is touched."""
+    """Remove earlier runs' staging entries for `target` whose pid is not running and whose lock is free."""
     pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)-[0-9a-f]{8}")
     try:
         entries = list(os.scandir(target.parent))
@@ -387,8 +352,7 @@ def _remove_stale_staging(target: Path, kind: Kind) -> None:
 
 
 def _lock(fd: int, wait: bool = False) -> bool:
-    """Lock the entry `fd` is open on until it is closed; False when another process holds it. Where
-    the filesystem has no locks, the pid in staging names and the checks when moving still hold."""
+    """Lock `fd` until it is closed; False when another process holds it (no locks at all: True)."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -409,8 +373,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
-    """What tells the folder we were asked to replace from one put there meanwhile: the inode, and
-    the mtime, which changes when an entry is added, removed or renamed at its top level."""
+    """Inode and mtime (which any change at the top level updates): tells a folder put there meanwhile."""
     try:
         st = os.stat(path)
     except OSError:
@@ -419,8 +382,7 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 
 
 def _honour_umask(folder: Path) -> None:
-    """Give everything in `folder` the mode a plain mkdir/open gets (safetensors writes 0600, a copied
-    file keeps its source's): the mode mkdir gave the staging folder itself from the umask."""
+    """Give everything in `folder` the umask's mode that mkdir gave it (safetensors writes 0600)."""
     mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o777
     for root, dirs, files in os.walk(folder):
         for name in dirs:
@@ -432,8 +394,7 @@ def _honour_umask(folder: Path) -> None:
 
 @contextmanager
 def _commit_lock(folder: Path) -> Iterator[None]:
-    """One run at a time moves an output into `folder`: without renameat2 a swap is several renames
-    that two runs could interleave. The wait is interruptible (signals are deferred only after it)."""
+    """One run at a time moves an output into `folder`: without renameat2 a swap is several renames."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:  # a folder we may write in but not read (mode -wx): the checks when moving hold
@@ -457,11 +418,18 @@ def _move_file(partial: Path, target: Path, overwrite: bool, where: str) -> None
 def _move_folder(
     staging: Path, target: Path, before: tuple[int, int, int] | None, overwrite: bool, where: str
 ) -> None:
-    """Put `staging` at `target`. The folder there is replaced only if it is still `before` and,
-    without `overwrite`, empty; else it is put back and FileExistsError raised, as when anything
-    else is there. The old folder is removed once the new one is in place."""
-    retired = _take_out(staging, target) if before is not None else None
-    if retired is None:
+    """Put `staging` at `target`, replacing the folder there only if it is still `before` (and empty, without
+    `overwrite`); else that folder is put back and FileExistsError raised."""
+    if before is None:
+        return _move_noreplace(staging, target)
+    # The old folder goes aside: exchanged with ours in one step where the filesystem can, else renamed.
+    retired = staging.with_name(staging.name + ".old")  # not a staging name: never removed as stale
+    try:
+        if _renameat2(staging, target, _RENAME_EXCHANGE):
+            retired = staging
+        else:
+            os.rename(target, retired)
+    except FileNotFoundError:  # gone meanwhile
         return _move_noreplace(staging, target)
     try:
         if _identity(retired) != before or (not overwrite and os.listdir(retired)):
@@ -487,19 +455,6 @@ def _move_folder(
             os.rmdir(retired)
 
 
-def _take_out(staging: Path, target: Path) -> Path | None:
-    """Move the folder at `target` out of the way and return where it went: exchanged with `staging`
-    in one step where the filesystem can, else renamed aside. None when it has gone meanwhile."""
-    try:
-        if _renameat2(staging, target, _RENAME_EXCHANGE):
-            return staging
-        retired = staging.with_name(staging.name + ".old")  # not a staging name: never removed as stale
-        os.rename(target, retired)
-        return retired
-    except FileNotFoundError:
-        return None
-
-
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _libc_renameat2 = None
 with suppress(OSError, AttributeError):
@@ -507,8 +462,7 @@ with suppress(OSError, AttributeError):
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux's renameat2: True when done, False where the C library or filesystem lacks it; other
-    failures raise OSError (EEXIST as FileExistsError)."""
+    """Linux's renameat2: True when done, False where the C library or filesystem lacks it."""
     if _libc_renameat2 is None:
         return False
     at_cwd = -100  # AT_FDCWD: the paths are taken as given
@@ -521,12 +475,10 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
 
 
 def _move_noreplace(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst` unless something is there (FileExistsError then), even an empty folder,
-    which a plain rename would replace."""
+    """Rename `src` to `dst`, or FileExistsError if anything is there (rename replaces an empty folder)."""
     if _renameat2(src, dst, _RENAME_NOREPLACE):
         return
-    # Claim the name with mkdir (atomic, fails if anything is there), then rename onto our own empty
-    # claim; a file put into it meanwhile makes the rename fail instead.
+    # Claim the name with mkdir, then rename onto our own empty claim (a file put in it fails the rename).
     os.mkdir(dst)
     try:
         os.rename(src, dst)

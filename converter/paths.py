@@ -1,9 +1,6 @@
-"""One path policy for every path the tool writes (`--output`, `--report`, caches, the suite's outputs).
-
-`check_target` refuses a target that names no entry or (a folder) holds the current folder; that is,
-holds or lies inside what the run reads or keeps (`protected`, symlinks resolved); that exists as
-something other than what will be written (a device or FIFO is never opened or replaced); or that
-exists (a non-empty folder, a file) without `overwrite`. `converter.export` proves the parent writable.
+"""One path policy for every path the tool writes: never the current folder or what holds it, never
+what a run reads or keeps (`protected`) nor inside it or around it, never a device or FIFO, and
+nothing that exists (a non-empty folder, a file) without `overwrite`.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ Kind = Literal["folder", "file"]
 
 
 def caches() -> list[Protected]:
-    """Every cache the tool reads from: its own, and huggingface_hub's (the audited snapshots)."""
+    """Every cache the tool reads from: its own and huggingface_hub's."""
     from huggingface_hub import constants
 
     from converter.fetch import cache_dir
@@ -39,16 +36,13 @@ def protected(
     source: str | Path | None = None,
     source_label: str = "the source",
 ) -> list[Protected]:
-    """What a run reads, as `check_target` protects it: the inputs that are local paths (a `file://`
-    checkpoint too; hub ids and http URLs are not paths) and every cache. `source` is a folder read
-    (an audited or converted-back model; a hub id is in the Hugging Face cache)."""
+    """What a run reads: its inputs that are local paths (a `file://` URL too) and every cache."""
     source = source if source is not None and Path(source).exists() else None
     given = [("--checkpoint", checkpoint), ("--config", config), ("--video", video), (source_label, source)]
     return [(label, path) for label, value in given if (path := _local_path(value)) is not None] + caches()
 
 
 def _local_path(value: str | Path | None) -> Path | None:
-    """The local file a path or `file://` URL names; None for other URLs and None."""
     if value is None:
         return None
     text = str(value)
@@ -65,7 +59,7 @@ def check_target(
     protected: Iterable[Protected] = (),
     flag: str = "--output",
 ) -> Path:
-    """Refuse `path` (what `flag` names) if the policy above forbids writing it; return it resolved."""
+    """Refuse `path` (what `flag` names) if the policy forbids writing it; return it resolved."""
     shown = escape(str(path))
     if path.name in ("", ".", ".."):
         example = "xclip-model" if kind == "folder" else "model.pth"
@@ -107,23 +101,7 @@ def check_target(
     return target
 
 
-def check_output(output: Path, overwrite: bool, protected: Iterable[Protected] = ()) -> Path:
-    """`check_target` for an output folder (`--output`)."""
-    return check_target(output, kind="folder", overwrite=overwrite, protected=protected)
-
-
-def check_writable(flag: str, target: Path) -> None:
-    """Refuse a target whose nearest existing folder cannot be written, for a writer entered only
-    at the end of a long run (the test suite's outputs): the staging entry proves it otherwise."""
-    folder = next((p for p in [target, *target.parents] if p.is_dir()), None)
-    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-        readonly = os.statvfs(folder).f_flag & os.ST_RDONLY
-        why = "read-only file system" if readonly else "permission denied"
-        raise ConverterError(f"{flag} {escape(str(target))}: cannot write in {escape(str(folder))} ({why})")
-
-
 def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[Protected]) -> None:
-    """Refuse `path` (resolved: `target`) when it is, contains or lies inside a protected path."""
     for label, given in protected:
         place = _resolved(flag, given)
         if place == target:
@@ -165,8 +143,7 @@ _KINDS = (
 
 
 def what_is_there(path: Path) -> str | None:
-    """What an existing `path` is once links are followed (`kind_of`; None when nothing is there).
-    `stat` follows /dev/stdout's link to a pipe where `resolve` cannot."""
+    """What `path` is once links are followed (None: nothing); `stat` follows /dev/stdout to its pipe."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):

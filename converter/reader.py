@@ -1,9 +1,6 @@
-"""Read a small input file (a config, a processor or tokenizer file, a shard index) within bounds.
-
-No such file can block, exhaust memory or the stack: regular files only (stat'ed before opening and
-fstat'ed after, so a FIFO or device is never read, not even one swapped in between), a size cap per
-kind of file checked before reading, JSON at most `MAX_DEPTH` deep, integers of `MAX_INT_DIGITS`
-digits at most. Every refusal is one line starting with `what`, the caller's name for the file.
+"""Read a small input file (a config, a processor or tokenizer file, a shard index) within bounds: regular
+files only (checked before and after opening, so a FIFO swapped in is never read), a size cap per kind of
+file, bounded JSON depth and integers. Every refusal is one line starting with `what`, the file's name.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ def _refuse_unless_regular(info: os.stat_result, what: str) -> None:
 
 
 def read_bytes(path: Path, what: str, limit: int) -> bytes:
-    """The whole file, refused unread when it is not a regular file or holds more than `limit` bytes."""
+    """The whole file, refused unread unless a regular file of at most `limit` bytes."""
     check_regular(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -82,8 +79,7 @@ def check_size(path: Path, what: str, limit: int) -> None:
 
 
 def read_json(path: Path, what: str, limit: int = CONFIG_LIMIT) -> Any:
-    """A JSON file's value, read with `read_bytes`' checks, nested at most MAX_DEPTH deep, integers
-    of at most MAX_INT_DIGITS digits."""
+    """A JSON file's value, read with `read_bytes`' checks, at most MAX_DEPTH deep, integers bounded."""
 
     def bounded_int(text: str) -> int:
         if (digits := len(text.lstrip("-"))) > MAX_INT_DIGITS:
@@ -102,7 +98,6 @@ def read_json(path: Path, what: str, limit: int = CONFIG_LIMIT) -> Any:
         raise too_deep from None
     except ValueError as err:  # json.JSONDecodeError is a ValueError
         raise ConverterError(f"{what}: cannot read JSON ({reason(err)})") from None
-    # How deeply lists and objects nest, found without recursion.
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()

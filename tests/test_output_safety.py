@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from converter.export import (
     staged_output,
     weights_written_meanwhile,
 )
-from converter.paths import check_output
+from converter.paths import Protected, check_target
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
 
@@ -40,6 +41,10 @@ def rename(request, monkeypatch):
     elif export._libc_renameat2 is None:
         pytest.skip("no renameat2 in this C library")
     return request.param
+
+
+def check_output(output: Path, overwrite: bool, protected: Iterable[Protected] = ()) -> Path:
+    return check_target(output, kind="folder", overwrite=overwrite, protected=protected)
 
 
 def names(folder: Path) -> list[str]:

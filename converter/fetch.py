@@ -1,9 +1,8 @@
 """The download cache: checkpoints fetched over HTTP or from Google Drive, and nothing bad ever cached.
 
-A download streams into ``<file>.part`` and becomes ``<file>`` only when it is complete (the announced
-length arrived, or a zip or safetensors file proves its own end), is not a web page, and matches a
-``--sha256`` pin; its digest is recorded in ``<file>.sha256``. A ``.part`` is resumed only with ``If-Range``
-and the validator of the answer that started it (``<file>.part.json``), so a changed file starts over.
+A download streams into ``<file>.part`` and becomes ``<file>`` only when proven complete, not a web page and
+matching any ``--sha256`` pin. A ``.part`` resumes only with ``If-Range`` on the validator that started it
+(``<file>.part.json``), so a changed file starts over.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from converter.registry import Source, url_cache_path
 if TYPE_CHECKING:
     import requests
 
-# Module constants rather than arguments so that tests (and impatient users) can shorten them in one place.
+# Module constants, not arguments: tests (and impatient users) shorten them in one place.
 CONNECT_TIMEOUT = 10.0  # seconds to establish a TCP connection
 STALL_TIMEOUT = 60.0  # seconds without a byte before a transfer counts as stalled (and is resumed)
 MAX_RETRIES = 5  # extra tries after a 5xx answer or a cut-off or stalled transfer
@@ -141,8 +140,7 @@ def _format(head: bytes) -> str | None:
 
 
 def _cut_off(path: Path) -> str | None:
-    """Why a zip or safetensors file ends before its end, or None (also for a format that cannot say).
-    Reads the zip's directory or the safetensors header, never the weights."""
+    """Why a zip or safetensors file is cut off (from its directory or header, not the weights), or None."""
     from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as f:
@@ -187,7 +185,6 @@ def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | 
 
 
 def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None, force: bool) -> Path:
-    """Return ``final``, downloading it with ``download(part, fresh)`` unless a good copy is cached."""
     root = final.parents[2]  # the cache: <cache>/url/<hash>/<file> or <cache>/gdrive/<id>/<file>
     part = Path(f"{final}.part")
     try:
@@ -218,8 +215,7 @@ def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None,
 
 @contextmanager
 def _locked(final: Path, root: Path, what: str) -> Iterator[None]:
-    """Hold ``final``'s fetch lock, saying so once when another process holds it; a failed first download
-    leaves no empty folder behind in the cache (only the lock file)."""
+    """Hold ``final``'s fetch lock (logged if another process has it); a failure leaves no empty folder."""
     from filelock import FileLock, Timeout
 
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -240,8 +236,7 @@ def _locked(final: Path, root: Path, what: str) -> Iterator[None]:
 
 
 def _cached_is_usable(final: Path, pin: str | None) -> bool:
-    """Whether the cached ``final`` meets the pin (hashed once, and recorded if unrecorded). A copy that no
-    longer matches its own record went bad and is removed (False); a good copy of another file is kept."""
+    """Whether the cached ``final`` meets the pin; a copy that no longer matches its own record is removed."""
     recorded = recorded_sha256(final)
     if pin is None or recorded == pin:
         return True
@@ -260,8 +255,7 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
 
 
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
-    """The local path of an ``http(s)://`` or ``file://`` URL. A download is cached at the registry's
-    ``url_cache_path``; a cache hit that meets the ``sha256`` pin touches no network unless ``force``."""
+    """The local path of an http(s):// or file:// URL; a cached copy meeting the pin skips the network."""
     parts, pin = urlsplit(url), parse_sha256(sha256)
     if parts.scheme.lower() == "file":
         path = Path(url2pathname(parts.path))
@@ -304,8 +298,7 @@ def cached_source(source: Source) -> Path | None:
 
 @contextmanager
 def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int, int | None], None]]:
-    """Yield ``report(bytes so far, total)``: a tqdm bar on a terminal (tqdm decides), elsewhere a log line
-    every PROGRESS_EVERY seconds, so a slow download is visibly alive and a fast one silent; nothing at -q."""
+    """Yield ``report(done, total)``: a tqdm bar on a terminal, else a log line each PROGRESS_EVERY s."""
     if not _log.isEnabledFor(logging.INFO):
         yield lambda done, total: None
         return
@@ -331,7 +324,6 @@ class _Cut(Exception):
 
 
 def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
-    """Download ``url`` into ``part``, resuming a validated partial file unless ``fresh``."""
     import requests
 
     if fresh:
@@ -358,8 +350,7 @@ def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]
 
 
 def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str | None = None) -> _Cut:
-    """The retryable cut that ``exc`` is (``got``: how much of the body came); a ConverterError where a
-    retry cannot help: no connection on the first try (offline), a TLS or proxy failure, a bad URL."""
+    """The retryable cut that ``exc`` is, or a ConverterError where retrying cannot help (offline, TLS)."""
     import requests
     from requests.exceptions import ChunkedEncodingError, ProxyError, SSLError
     from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
@@ -385,7 +376,6 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
 
 
 def _read_validator(part: Path) -> dict[str, Any] | None:
-    """The validator recorded when ``part`` was started, if it has one (read bounded, as every record)."""
     with suppress(ConverterError):
         data = read_json(Path(f"{part}.json"), "a validator")
         return data if isinstance(data, dict) and isinstance(data.get("validator"), str) else None
@@ -458,8 +448,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
 
 
 def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
-    """Download a Drive file into ``part`` through gdown, which resolves Drive's confirmation pages; afresh
-    on every run, so ``fresh`` changes nothing."""
+    """Download a Drive file through gdown (it resolves Drive's confirmation pages), afresh on every run."""
     import gdown
     import requests
     from gdown.exceptions import DownloadError, FileURLRetrievalError

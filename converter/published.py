@@ -1,7 +1,5 @@
-"""Read a transformers X-CLIP model as it is published (a converted folder or a hub repo id), for the
-audit and the way back: data only, with safetensors weights (a pickled `pytorch_model.bin` is refused,
-never unpickled). A hub repo comes through `snapshot_download` into the HF cache; offline, that cache only.
-"""
+"""Read a published transformers X-CLIP model (a folder or a hub repo id) as data only, for the audit and
+the way back: safetensors weights only (a pickled `pytorch_model.bin` is refused, never unpickled)."""
 
 from __future__ import annotations
 
@@ -47,8 +45,6 @@ _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 @dataclass
 class Published:
-    """A published X-CLIP model, read but not built."""
-
     source: str  # as the user gave it
     folder: Path  # the local folder (the user's, or the hub snapshot in the HF cache)
     config: XCLIPConfig
@@ -61,7 +57,7 @@ class Published:
         return {k: v for k, v in self.state_dict.items() if not BENIGN_BUFFERS.match(k)}
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The published tokenizer, from its JSON and text files only, each checked first."""
+        """The published tokenizer, from its JSON and text files, each checked under its cap first."""
         from transformers import AutoTokenizer
 
         for name, limit in TOKENIZER_FILES.items():
@@ -98,7 +94,7 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
 
 
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
-    """The repo's files in the HF cache, downloaded unless offline; the folder and its commit."""
+    """The repo's snapshot folder in the HF cache (downloaded unless offline) and its commit."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -131,8 +127,7 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
 
 
 def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
-    """model.safetensors, or the shards its index's weight_map names (tensor name -> file name), each a
-    regular file inside `root`."""
+    """model.safetensors, or the shards its index's weight_map names, each a regular file inside `root`."""
     if _present(folder / WEIGHTS):
         reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
         return [folder / WEIGHTS]
@@ -198,8 +193,7 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
 
 
 def read_image_processor(folder: Path, source: str | None = None) -> dict[str, Any] | None:
-    """The image processor's settings, checked: a flat `preprocessor_config.json` (the hub's usual file) or
-    the `image_processor` entry of `processor_config.json` (what transformers 5 writes)."""
+    """The checked settings of `preprocessor_config.json`, or of `processor_config.json`'s image_processor."""
     source = str(folder) if source is None else source
     for name in ("preprocessor_config.json", "processor_config.json"):
         if not _present(folder / name):
@@ -215,8 +209,8 @@ def read_image_processor(folder: Path, source: str | None = None) -> dict[str, A
 
 
 def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
-    """The settings a VideoMAE image processor reads, by type and range (absent or null: its default),
-    so that running it can neither fail unnamed nor allocate without bound."""
+    """Check what a VideoMAE image processor reads, so that running it can neither fail unnamed nor allocate
+    without bound (absent or null: its default)."""
     from PIL import Image
 
     def refuse(name: str, want: str) -> ConverterError:
@@ -253,7 +247,7 @@ def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
 
 
 def _present(path: Path) -> bool:
-    """Whether there is anything at `path`: a file, a folder, a FIFO, or a link (even a broken one)."""
+    """Whether anything is at `path`, even a broken link."""
     return path.exists() or path.is_symlink()
 
 

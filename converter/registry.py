@@ -18,8 +18,6 @@ RELEASE_BASE_URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/
 
 @dataclass(frozen=True)
 class Arch:
-    """The CLIP backbone an X-CLIP model starts from."""
-
     name: str
     patch_size: int
     vision_width: int
@@ -34,8 +32,7 @@ L14 = Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed
 
 
 def url_cache_path(url: str, cache: Path) -> Path:
-    """Where the cache rooted at `cache` keeps a download: ``<cache>/url/<hash of the URL>/<file name>``
-    (the hash keeps same-named files from different sources apart, the name keeps the cache readable)."""
+    """``<cache>/url/<hash of the URL>/<file name>``: the hash keeps same-named files of two sources apart."""
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
     return cache / "url" / key / (name or "download")
@@ -43,8 +40,6 @@ def url_cache_path(url: str, cache: Path) -> Path:
 
 @dataclass(frozen=True)
 class Source:
-    """A GitHub release asset or a Google Drive file: where it comes from, where the cache keeps it."""
-
     kind: Literal["release", "gdrive"]
     ref: str  # release file name, or Drive file id
     filename: str  # the name the file goes by in --checkpoint-dir, on a mirror and in the cache
@@ -74,8 +69,7 @@ class Source:
         return f"{os.environ.get('XCLIP_RELEASE_URL', '').rstrip('/') or RELEASE_BASE_URL}/{self.filename}"
 
     def cache_path(self, cache: Path) -> Path:
-        """Its path in the cache rooted at `cache`: its URL's (so a mirror and the release never share a
-        file), or ``gdrive/<id>/<filename>`` for a Drive file."""
+        """Its URL's cache path (a mirror and the release never share one), or gdrive/<id>/<filename>."""
         if self.from_release_url:
             return url_cache_path(self.url(), cache)
         return cache / "gdrive" / self.ref / self.filename

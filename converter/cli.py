@@ -68,9 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a published variant (see --list): fetched when --checkpoint is absent, and the "
         "checkpoint must match its registry config",
     )
-    src.add_argument(
-        "--config", metavar="FILE", help="XCLIPConfig JSON overriding inference from the checkpoint"
-    )
+    src.add_argument("--config", metavar="FILE", help="XCLIPConfig JSON instead of inferring it from weights")
     src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
     src.add_argument(
         "--force-download",
@@ -140,8 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _show_progress(not args.quiet)
     from converter.export import Interrupted, signals_as_exceptions
+
+    logger = logging.getLogger("converter")
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    progress = logging.StreamHandler(sys.stderr)  # this run's stderr: main() may run again in one process
+    progress.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
+    logger.addHandler(progress)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning a retry; our own lines say what failed
 
     try:
         with signals_as_exceptions():
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
         return EXIT_BAD_INPUT
     finally:
-        logging.getLogger("converter").removeHandler(_PROGRESS)  # a library call after main() logs as usual
+        logger.removeHandler(progress)  # a library call after main() logs as usual
 
 
 def _out(text: str, file: TextIO | None = None) -> None:
@@ -207,18 +211,6 @@ def _log_times(start_up: float) -> None:
 class _EscapedLines(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return "\n".join(escape(line) for line in super().format(record).splitlines())
-
-
-_PROGRESS = logging.StreamHandler()
-_PROGRESS.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
-
-
-def _show_progress(on: bool) -> None:
-    logger = logging.getLogger("converter")
-    logger.setLevel(logging.INFO if on else logging.WARNING)
-    _PROGRESS.stream = sys.stderr  # this run's: main() may run again in one process
-    logger.addHandler(_PROGRESS)
-    logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning a retry; our own lines say what failed
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -365,8 +357,6 @@ def _audit(args: argparse.Namespace) -> int:
     from converter.export import staged_file
     from converter.hub import check_repo_id
 
-    if not args.checkpoint and not args.model_name:
-        raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
     _check_revision(args.audit, args.revision)
     repo_id = None
     if args.push_to_hub is not None:  # a pull request to the audited repo, unless another is named

@@ -128,35 +128,36 @@ HEAD_FAMILIES = (
 )
 
 
+def _with_original_heads(**sizes: int) -> Hyper:
+    """`sizes` with every family's head count by the original's rule, width // 64."""
+    return Hyper(**sizes, **{heads: original_heads(sizes[width]) for _, width, heads in HEAD_FAMILIES})
+
+
 def hyper_for_variant(variant: Variant) -> Hyper:
     """A published variant: its backbone's sizes, and what the original's code fixes or derives."""
     arch, embed = variant.arch, variant.arch.embed_dim
-    return Hyper(
+    return _with_original_heads(
         embed_dim=embed,
         image_size=variant.image_size,
         patch_size=arch.patch_size,
         frames=variant.frames,
         vision_width=arch.vision_width,
         vision_layers=arch.vision_layers,
-        vision_heads=original_heads(arch.vision_width),
         vision_mlp=4 * arch.vision_width,
         text_width=embed,
         text_layers=arch.text_layers,
-        text_heads=original_heads(embed),
         text_mlp=4 * embed,
         vocab_size=VOCAB_SIZE,
         context_length=CONTEXT_LENGTH,
         mit_layers=MIT_LAYERS,
-        mit_heads=original_heads(embed),
         mit_mlp=4 * embed,
         prompt_layers=PROMPT_LAYERS,
-        prompt_heads=original_heads(embed),
     )
 
 
 def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
-    """Read every hyper-parameter off an original state dict's keys and shapes; head counts by the
-    original's rule, width // 64 (`check_heads` refuses widths below 64)."""
+    """Read every hyper-parameter off an original state dict's keys and shapes (head counts: width // 64,
+    which `check_heads` refuses below width 64)."""
 
     def size(key: str, dim: int) -> int:
         if key not in state_dict:
@@ -174,26 +175,22 @@ def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
         raise ConverterError(
             f"visual.positional_embedding has {positions} patch positions, not a square grid"
         )
-    return Hyper(
+    return _with_original_heads(
         embed_dim=embed,
         image_size=grid * patch,
         patch_size=patch,
         frames=size("mit.positional_embedding", 1),
         vision_width=vision_width,
         vision_layers=depth(state_dict, VISION_BLOCKS),
-        vision_heads=original_heads(vision_width),
         vision_mlp=size(VISION_BLOCKS + "0.mlp.c_fc.weight", 0),
         text_width=text_width,
         text_layers=depth(state_dict, TEXT_BLOCKS),
-        text_heads=original_heads(text_width),
         text_mlp=size(TEXT_BLOCKS + "0.mlp.c_fc.weight", 0),
         vocab_size=size("token_embedding.weight", 0),
         context_length=size("positional_embedding", 0),
         mit_layers=depth(state_dict, MIT_BLOCKS),
-        mit_heads=original_heads(embed),
         mit_mlp=size(MIT_BLOCKS + "0.mlp.c_fc.weight", 0),
         prompt_layers=depth(state_dict, PROMPT_BLOCKS),
-        prompt_heads=original_heads(embed),
     )
 
 
@@ -349,12 +346,9 @@ PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
 
 
 def check_fits_weights(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """The config fields no weight shape shows, against the weights (XCLIPModel keys).
-
-    `check_state_dict` compares every shape the config implies, but image_size only through its
-    patch grid — at patch 32, image sizes 224 and 240 both give 7×7, and a processor cropping 240
-    changes every output — and the patch embedding's input channels are not a config shape at all.
-    """
+    """The config fields no weight shape shows, against the weights (XCLIPModel keys): image_size beyond
+    its patch grid (at patch 32, 224 and 240 both give 7×7, and a 240 crop changes every output), and
+    the patch embedding's input channels."""
     vision = config.vision_config
     positions = state_dict.get(POSITION_EMBEDDING)
     if positions is not None and positions.ndim == 2:

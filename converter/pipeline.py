@@ -88,14 +88,12 @@ def convert_checkpoint(
     hash_source: bool = False,
     protect: Iterable[tuple[str, Path]] = (),
 ) -> ConversionResult:
-    """Convert one original checkpoint: a local file, a URL, or (with `model_name` alone) the
-    published variant fetched from its release.
+    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release.
 
-    With `output`, the folder is written while the model is verified and moved into place only
-    when everything passed; `repo_id` is the hub repo its card's usage names. `hash_source` computes
-    the sha256 of a local file for the card (publishing) when neither a pin nor a fetch record has it.
-    `protect` names more of the user's files, as (label, path), that the output must not touch.
-    """
+    `output` is written while the model is verified and moved into place only when all passed;
+    `repo_id` is the hub repo the card's usage names; `hash_source` hashes a local file for the card
+    when no pin or fetch record has its sha256; `protect` names more of the user's files, as
+    (label, path), that the output must not touch."""
     from converter import fetch
     from converter.verify import DEFAULT_ATOL
 
@@ -142,10 +140,8 @@ def convert_checkpoint(
         xclip_config = config or to_config(hyper)  # imports transformers while the weights are written
         if weights_written is not None and not verify:
             weights_written()
-        # NaN/inf are refused before verification (where they would read as a mapping mistake) and
-        # before anything but the staged weights is written. Not before the write: a pass over the
-        # mmap'd checkpoint just before it made the write itself slower, in kernel time (README,
-        # Performance); after the write the pass is cheap.
+        # NaN/inf are refused before verification (where they would read as a mapping mistake), and
+        # after the write started: a pass over the mmap'd checkpoint just before it slowed the write.
         check_finite(original, provenance.path)
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
@@ -181,13 +177,9 @@ def map_original(
     source: str,
     where: str = "the config",
 ) -> tuple[Hyper, StateDict]:
-    """An original state dict's hyper-parameters (`config`'s where one is given, else read off the
-    weights by the original's rules) and its weights under XCLIPModel's keys.
-
-    Refused, naming `source` (the checkpoint) or `where` (the config): a checkpoint unlike `variant`,
-    heads no width // 64 gives, a key or shape the hyper-parameters do not imply, and a config's
-    image_size or num_channels that the weights contradict.
-    """
+    """An original state dict's hyper-parameters (`config`'s, else read off the weights) and its weights
+    under XCLIPModel's keys; refused, naming `source` or `where` (the config), when unlike `variant`,
+    when heads are not inferable, or when a key, shape, image_size or channel count disagrees."""
     hyper = infer_hyper(original) if config is None else hyper_from_config(config)
     if variant is not None:
         check_variant(hyper, variant, escape(source))
@@ -262,8 +254,7 @@ def check_atol(atol: float) -> float:
 
 @contextmanager
 def stage(name: str) -> Iterator:
-    """Log one line when a stage ends: its name, what it found and how long it took (also the way
-    back's stages, `converter.to_original`)."""
+    """Log one line when a stage ends: its name, what it found and how long it took."""
     start = time.perf_counter()
     details: list[str] = []
     yield details.append
@@ -292,9 +283,8 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
 
 
 def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
-    """The checkpoint's sha256 for the card without a second read where possible: the pin, or the
-    record made when it was fetched. A plain local file is hashed only when asked (publishing), on
-    a second core while the conversion runs."""
+    """The checkpoint's sha256 for the card: the pin or the fetch record, else (when asked: publishing)
+    hashed on a second core while the conversion runs."""
     from converter.export import in_background
     from converter.fetch import recorded_sha256, sha256_file
 
@@ -314,11 +304,9 @@ def _verify(
     dtype: torch.dtype,
     atol: float,
 ) -> tuple[XCLIPModel, Verification, Verification | None]:
-    """Build the converted XCLIPModel and compare it with the oracle run on the original weights.
-
-    The mapping check sees exactly the values written on both sides (rounded to the output dtype,
-    computed in float32), so only a mapping mistake can fail it. With a reduced dtype the written
-    model is also compared with the float32 original: the rounding's cost, reported not gated."""
+    """The converted XCLIPModel against the oracle on the original weights, both rounded to the output
+    dtype so only a mapping mistake can fail; with a reduced dtype also the written model against the
+    float32 original: the rounding's cost, reported not gated."""
     from converter.build import build_model
     from converter.verify import oracle_heads, verify
 

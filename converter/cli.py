@@ -122,16 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
     other.add_argument(
-        "--revision", metavar="REV", help="with --audit / --to-original: the hub revision of SOURCE"
+        "--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision"
     )
+    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
+    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
     jobs.add_argument(
         "--to-original",
         metavar="SOURCE",
         help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
         "at --output FILE.pth",
     )
-    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
-    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
     other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -350,7 +350,7 @@ def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
+    from contextlib import nullcontext
 
     from converter import paths
     from converter.audit import audit, propose_fix
@@ -360,28 +360,21 @@ def _audit(args: argparse.Namespace) -> int:
     _check_revision(args.audit, args.revision)
     repo_id = None
     if args.push_to_hub is not None:  # a pull request to the audited repo, unless another is named
-        if not args.create_pr:  # (--no-verify is refused as a flag --audit does not use)
-            raise ConverterError(
-                "with --audit, --push-to-hub opens a pull request of a verified conversion: "
-                "add --create-pr, drop --no-verify"
-            )
+        if not args.create_pr:
+            raise ConverterError("with --audit, --push-to-hub opens a pull request: add --create-pr")
         if not args.push_to_hub and Path(args.audit).exists():
             raise ConverterError(
                 f"--audit {escape(args.audit)} is a folder: name the repo with --push-to-hub REPO_ID"
             )
         repo_id = check_repo_id(args.push_to_hub or args.audit)
-    with ExitStack() as stack:
-        report_file = None
-        if args.report:  # staged before the audit: a --report that cannot be written is refused first
-            protected = paths.protected(
-                checkpoint=args.checkpoint,
-                config=args.config,
-                source=args.audit,
-                source_label="the audited folder",
-            )
-            report_file = stack.enter_context(
-                staged_file(Path(args.report), True, protected, flag="--report")
-            )
+    # Staged before the audit: a --report that cannot be written is refused first.
+    protected = paths.protected(
+        checkpoint=args.checkpoint, config=args.config, source=args.audit, source_label="the audited folder"
+    )
+    staged = (
+        staged_file(Path(args.report), True, protected, flag="--report") if args.report else nullcontext()
+    )
+    with staged as report_file:
         report = audit(
             args.audit,
             model_name=args.model_name,

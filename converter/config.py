@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,27 +38,35 @@ def depth(keys: Iterable[str], prefix: str) -> int:
     return max((int(m.group(1)) + 1 for key in keys if (m := pattern.match(key))), default=0)
 
 
+def _kept(*config_paths: str, limit: int, original: str | None = "") -> Any:
+    """A `Hyper` field: where XCLIPConfig keeps it (the first path is read; every path is written), the
+    largest value a config may give it — far above every published X-CLIP, below where shapes or
+    storage sizes would overflow — and the original code's name for it where that differs (None: it
+    has none)."""
+    return field(metadata={"config_paths": config_paths, "limit": limit, "original": original})
+
+
 @dataclass(frozen=True)
 class Hyper:
-    embed_dim: int
-    image_size: int
-    patch_size: int
-    frames: int
-    vision_width: int
-    vision_layers: int
-    vision_heads: int
-    vision_mlp: int
-    text_width: int
-    text_layers: int
-    text_heads: int
-    text_mlp: int
-    vocab_size: int
-    context_length: int
-    mit_layers: int
-    mit_heads: int
-    mit_mlp: int
-    prompt_layers: int
-    prompt_heads: int
+    embed_dim: int = _kept("projection_dim", "vision_config.mit_hidden_size", limit=16384)
+    image_size: int = _kept("vision_config.image_size", limit=1024, original="image_resolution")
+    patch_size: int = _kept("vision_config.patch_size", limit=1024, original="vision_patch_size")
+    frames: int = _kept("vision_config.num_frames", limit=128, original="DATA.NUM_FRAMES")
+    vision_width: int = _kept("vision_config.hidden_size", limit=16384)
+    vision_layers: int = _kept("vision_config.num_hidden_layers", limit=256)
+    vision_heads: int = _kept("vision_config.num_attention_heads", limit=1024)
+    vision_mlp: int = _kept("vision_config.intermediate_size", limit=65536, original=None)
+    text_width: int = _kept("text_config.hidden_size", limit=16384, original="transformer_width")
+    text_layers: int = _kept("text_config.num_hidden_layers", limit=256, original="transformer_layers")
+    text_heads: int = _kept("text_config.num_attention_heads", limit=1024, original="transformer_heads")
+    text_mlp: int = _kept("text_config.intermediate_size", limit=65536, original=None)
+    vocab_size: int = _kept("text_config.vocab_size", limit=1 << 20)
+    context_length: int = _kept("text_config.max_position_embeddings", limit=4096)
+    mit_layers: int = _kept("vision_config.mit_num_hidden_layers", limit=256)
+    mit_heads: int = _kept("vision_config.mit_num_attention_heads", limit=1024)
+    mit_mlp: int = _kept("vision_config.mit_intermediate_size", limit=65536, original="mit_mlp_width")
+    prompt_layers: int = _kept("prompt_layers", limit=256, original="prompts_layers")
+    prompt_heads: int = _kept("prompt_num_attention_heads", limit=1024, original="prompts_heads")
 
     @property
     def vision_positions(self) -> int:
@@ -80,43 +88,19 @@ class Hyper:
 
 @dataclass(frozen=True)
 class Field:
-    """One `Hyper` field: where XCLIPConfig keeps it (the first path is read; every path is written),
-    the largest value a config may give it, and the original code's name for it where that differs.
-
-    The limits are far above every published X-CLIP (the largest is L/14 at 336 px), so only a typo or
-    a hostile file reaches them, and below where shapes or storage sizes would overflow."""
+    """A `Hyper` field with what `_kept` says of it."""
 
     name: str
     config_paths: tuple[str, ...]
     limit: int
-    original: str | None = ""  # "": the original's name is `name`; None: the original has none
+    original: str | None  # "": the original's name is `name`
 
     @property
     def original_name(self) -> str | None:
         return self.name if self.original == "" else self.original
 
 
-FIELDS: tuple[Field, ...] = (
-    Field("embed_dim", ("projection_dim", "vision_config.mit_hidden_size"), 16384),
-    Field("image_size", ("vision_config.image_size",), 1024, "image_resolution"),
-    Field("patch_size", ("vision_config.patch_size",), 1024, "vision_patch_size"),
-    Field("frames", ("vision_config.num_frames",), 128, "DATA.NUM_FRAMES"),
-    Field("vision_width", ("vision_config.hidden_size",), 16384),
-    Field("vision_layers", ("vision_config.num_hidden_layers",), 256),
-    Field("vision_heads", ("vision_config.num_attention_heads",), 1024),
-    Field("vision_mlp", ("vision_config.intermediate_size",), 65536, None),
-    Field("text_width", ("text_config.hidden_size",), 16384, "transformer_width"),
-    Field("text_layers", ("text_config.num_hidden_layers",), 256, "transformer_layers"),
-    Field("text_heads", ("text_config.num_attention_heads",), 1024, "transformer_heads"),
-    Field("text_mlp", ("text_config.intermediate_size",), 65536, None),
-    Field("vocab_size", ("text_config.vocab_size",), 1 << 20),
-    Field("context_length", ("text_config.max_position_embeddings",), 4096),
-    Field("mit_layers", ("vision_config.mit_num_hidden_layers",), 256),
-    Field("mit_heads", ("vision_config.mit_num_attention_heads",), 1024),
-    Field("mit_mlp", ("vision_config.mit_intermediate_size",), 65536, "mit_mlp_width"),
-    Field("prompt_layers", ("prompt_layers",), 256, "prompts_layers"),
-    Field("prompt_heads", ("prompt_num_attention_heads",), 1024, "prompts_heads"),
-)
+FIELDS = tuple(Field(f.name, **f.metadata) for f in fields(Hyper))
 LIMITS = {f.name: f.limit for f in FIELDS}
 
 # (family, width field, heads field): each attention family's heads must divide its width.

@@ -215,9 +215,8 @@ class _EscapedLines(logging.Formatter):
 
 def _run(args: argparse.Namespace) -> int:
     """Run the job the flags name, refusing first, before any work, every flag it does not read."""
-    job = next(
-        (job for job in ("list", "show_config", "audit", "to_original") if getattr(args, job)), "convert"
-    )
+    jobs = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
+    job = next((job for job in jobs if getattr(args, job)), "convert")
     defaults = vars(build_parser().parse_args([]))
     given = [dest for dest, value in vars(args).items() if value != defaults[dest]]
     unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
@@ -228,8 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         )
         nor = f" (nor {', '.join(more)})" if more else ""
         raise ConverterError(f"{_job_name(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
-    run = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
-    return run.get(job, _convert)(args)
+    return jobs.get(job, _convert)(args)
 
 
 def _flag(dest: str) -> str:

@@ -272,8 +272,12 @@ def _convert(args: argparse.Namespace) -> int:
     if args.atol is not None:
         check_atol(args.atol)
     parse_sha256(args.sha256)
-    if args.video:
-        _check_video(Path(args.video))
+    if args.video:  # the clip is checked before minutes of conversion, not after
+        from converter.processing import load_video
+
+        if not Path(args.video).is_file():
+            raise ConverterError(f"--video {escape(args.video)}: no such file")
+        load_video(Path(args.video), 1)  # reads a .npy's header and one frame, or opens a video's stream
     repo_id = _repo_id(args) if publishing else None  # fail fast offline
     if args.output is None and repo_id is None:
         logging.getLogger("converter").warning("no --output: nothing will be written")
@@ -315,15 +319,6 @@ def _repo_id(args: argparse.Namespace) -> str:
     from converter.hub import check_repo_id, default_repo_id
 
     return check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
-
-
-def _check_video(path: Path) -> None:
-    """The clip is checked before minutes of conversion, not after."""
-    from converter.processing import load_video
-
-    if not path.is_file():
-        raise ConverterError(f"--video {escape(str(path))}: no such file")
-    load_video(path, 1)  # reads a .npy's header and one frame, or opens a video file's stream
 
 
 def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
@@ -439,7 +434,3 @@ def _atol(args: argparse.Namespace) -> float:
     from converter.verify import DEFAULT_ATOL
 
     return DEFAULT_ATOL if args.atol is None else check_atol(args.atol)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

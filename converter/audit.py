@@ -1,12 +1,8 @@
 """Audit a published transformers X-CLIP model against the original checkpoint it claims to be.
 
 Five checks, each a list of findings: the config against what the original implies, every weight
-against our conversion of the original, the outputs against the oracle, the processor's settings
-and output against the original's preprocessing, and the tokenizer's ids against CLIP's. The
-published folder is only read, never written.
-
-    report = audit("microsoft/xclip-large-patch14", model_name="xclip-large-patch14")
-    print("\\n".join(report.lines())); sys.exit(report.exit_code)
+against our conversion of the original, the outputs against the oracle, the processor against the
+original's preprocessing, and the tokenizer's ids against CLIP's. The published folder is only read.
 """
 
 from __future__ import annotations
@@ -15,8 +11,11 @@ import json
 import math
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
+from functools import reduce
 from itertools import zip_longest
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,40 +31,15 @@ from converter.oracle import OriginalHeads
 from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
-from converter.registry import get_variant
-from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
+from converter.registry import Variant, get_variant
+from converter.verify import DEFAULT_ATOL, Verification
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
 
-StateDict = dict[str, torch.Tensor]
-EXIT_MATCH, EXIT_MISMATCH, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_MATCH, EXIT_MISMATCH = 0, 1
 KINDS = ("config", "weights", "outputs", "preprocessing", "tokenizer")
 LINES_PER_KIND = 12  # lines() shortens long lists (e.g. every tensor of a transposed family); JSON has all
-
-# XCLIPConfig fields that change what the model computes in eval mode, per sub-config ("" = top level).
-COMPUTATION_FIELDS = {
-    "": ("projection_dim", "prompt_layers", "prompt_num_attention_heads", "prompt_hidden_act"),
-    "text_config": (
-        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "max_position_embeddings", "hidden_act", "layer_norm_eps",
-    ),
-    "vision_config": (
-        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "mit_hidden_size",
-        "mit_intermediate_size", "mit_num_hidden_layers", "mit_num_attention_heads", "num_channels",
-        "image_size", "patch_size", "num_frames", "hidden_act", "layer_norm_eps",
-    ),
-}  # fmt: skip
-# Fields used only for training or initialisation: a difference is reported, but changes no output.
-TRAINING_FIELDS = {
-    "": (
-        "prompt_alpha", "prompt_attention_dropout", "prompt_projection_dropout", "logit_scale_init_value",
-        "initializer_factor",
-    ),
-    "text_config": ("attention_dropout", "initializer_range", "initializer_factor"),
-    "vision_config": ("attention_dropout", "initializer_range", "initializer_factor", "drop_path_rate"),
-}  # fmt: skip
-
 # Sentences whose ids the published tokenizer must reproduce: case, punctuation, digits, accents,
 # runs of whitespace, contractions, an empty prompt, and the three labels of the release tests.
 SENTENCES = (
@@ -79,9 +53,6 @@ SENTENCES = (
     "",
 )
 PREPROCESSING_SLACK = 1e-6  # float rounding between two runs of the same processor settings
-
-
-# ---- the report --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -103,9 +74,6 @@ class Finding:
             text += " (changes the computation)" if self.changes_computation else " (no effect on outputs)"
         return text
 
-    def line(self) -> str:
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.kind:13s} {self.describe()}"
-
 
 @dataclass
 class AuditReport:
@@ -126,15 +94,11 @@ class AuditReport:
     def ordered(self) -> list[Finding]:
         """Worst first: failures before notes; among them what changes the computation first, then by
         check (the config names a cause, the outputs its effect) and size."""
-        return sorted(
-            self.findings,
-            key=lambda f: (
-                f.ok,
-                not f.ok and f.changes_computation is not True,
-                KINDS.index(f.kind),
-                -f.severity,
-            ),
-        )
+
+        def rank(f: Finding) -> tuple[bool, bool, int, float]:
+            return f.ok, not f.ok and f.changes_computation is not True, KINDS.index(f.kind), -f.severity
+
+        return sorted(self.findings, key=rank)
 
     def summary(self) -> str:
         """One line: the verdict and the worst finding."""
@@ -142,37 +106,23 @@ class AuditReport:
         where = f"{self.source}{f'@{self.revision[:10]}' if self.revision else ''} vs {self.original}"
         if not failures:
             return f"audit {where}: MATCH (every check within tolerance)"
-        kinds = sorted({f.kind for f in failures}, key=KINDS.index)
+        kinds = ", ".join(sorted({f.kind for f in failures}, key=KINDS.index))
         worst = f"{failures[0].kind}: {failures[0].describe()}"
-        return f"audit {where}: MISMATCH, {len(failures)} findings ({', '.join(kinds)}); worst: {worst}"
+        return f"audit {where}: MISMATCH, {len(failures)} findings ({kinds}); worst: {worst}"
 
     def lines(self) -> list[str]:
-        out = [self.summary()]
-        shown: dict[str, int] = {}
-        for finding in self.ordered():
-            shown[finding.kind] = shown.get(finding.kind, 0) + 1
-            if shown[finding.kind] <= LINES_PER_KIND:
-                out.append("  " + finding.line())
-        out += [
-            f"  …  {kind:13s} {n - LINES_PER_KIND} more (all in the JSON report)"
-            for kind, n in shown.items()
-            if n > LINES_PER_KIND
-        ]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "revision": self.revision,
-            "original": self.original,
-            "atol": self.atol,
-            "passed": self.passed,
-            "summary": self.summary(),
-            "findings": [_jsonable(asdict(f)) for f in self.ordered()],
-        }
+        out, shown = [self.summary()], Counter()
+        for f in self.ordered():
+            shown[f.kind] += 1
+            if shown[f.kind] <= LINES_PER_KIND:
+                out.append(f"  {'ok  ' if f.ok else 'FAIL'} {f.kind:13s} {f.describe()}")
+        more = [(kind, n - LINES_PER_KIND) for kind, n in shown.items() if n > LINES_PER_KIND]
+        return out + [f"  …  {kind:13s} {n} more (all in the JSON report)" for kind, n in more]
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        findings = [asdict(f) for f in self.ordered()]
+        data = {"summary": self.summary(), "passed": self.passed, **asdict(self), "findings": findings}
+        return json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n"
 
 
 def _show(value: Any) -> str:
@@ -184,18 +134,14 @@ def _show(value: Any) -> str:
 
 
 def _jsonable(value: Any) -> Any:
+    """JSON has no inf or nan (null instead); anything but its own types is written as its str."""
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-# ---- the audit ---------------------------------------------------------------------------------
+    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def audit(
@@ -210,13 +156,11 @@ def audit(
     sha256: str | None = None,
 ) -> AuditReport:
     """Compare the published model `source` (a folder, a hub repo id, or one already loaded) with the
-    original checkpoint; the published model is read first, so a bad SOURCE fails before a download.
-
-    The original is `checkpoint` (a path or URL), else `model_name`'s release (fetched). `config`
-    (an XCLIPConfig or its JSON) states the original's hyperparameters where the checkpoint cannot
-    (widths below 64); `reference` is a `.npz` of frames and what the original preprocessing made
-    of them (`frame/<name>`, `original<S>/<name>`). Raises ConverterError on bad input.
-    """
+    original: `checkpoint` (a path or URL), else `model_name`'s release. `config` (an XCLIPConfig or
+    its JSON) states the original's hyperparameters where the checkpoint cannot (widths below 64);
+    `reference` is a `.npz` of frames and what the original preprocessing made of them (`frame/<name>`,
+    `original<S>/<name>`). The published model is read first, so a bad SOURCE fails before a download.
+    Raises ConverterError on bad input."""
     from converter.config import load_config_file, to_config
     from converter.load import load_checkpoint
 
@@ -232,64 +176,48 @@ def audit(
     hyper, _ = map_original(original, config, variant, str(path), where)
     expected_config = config if config is not None else to_config(hyper)
 
-    report = AuditReport(published.source, described, atol, revision=published.revision)
-    report.findings += config_findings(published.config, expected_config)
-    report.findings += weight_findings(published.state_dict, original)
     # A given config states the original's heads; otherwise the original's rule (width // 64) does.
     heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
-    report.findings += output_findings(
-        published, original, hyper, atol, heads if config is not None else None
-    )
-    report.findings += preprocessing_findings(published.image_processor, hyper.image_size, reference)
-    report.findings += tokenizer_findings(published)
-    return report
+    findings = [
+        *config_findings(published.config, expected_config),
+        *weight_findings(published.state_dict, original),
+        *output_findings(published, original, hyper, atol, heads if config is not None else None),
+        *preprocessing_findings(published.image_processor, hyper.image_size, reference),
+        *tokenizer_findings(published),
+    ]
+    return AuditReport(published.source, described, atol, findings, published.revision)
 
 
-def _resolve_original(checkpoint: str | Path | None, variant: Any, sha256: str | None) -> tuple[Path, str]:
-    from converter import fetch
+def _resolve_original(
+    checkpoint: str | Path | None, variant: Variant | None, sha256: str | None
+) -> tuple[Path, str]:
+    """The original's local file, found or fetched as a conversion does, and how the report names it."""
+    from converter.pipeline import _fetch
 
-    if checkpoint is not None and "://" in str(checkpoint):
-        return fetch.fetch_url(str(checkpoint), sha256=sha256), str(checkpoint)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConverterError(f"--checkpoint {path}: no such file")
-        return path, f"{variant.name} ({path.name})" if variant else path.name
-    path = fetch.fetch_source(variant.source, sha256=sha256)
-    return path, f"{variant.name} ({fetch.source_url(variant.source)})"
-
-
-# ---- config ------------------------------------------------------------------------------------
+    provenance = _fetch(checkpoint, variant, sha256, False)
+    return provenance.path, f"{variant.name} ({provenance.origin})" if variant else provenance.origin
 
 
 def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Finding]:
-    """Every computation-relevant field that differs (and training-only ones, as notes)."""
-    got, want = published.to_dict(), expected.to_dict()
-    findings: list[Finding] = []
-    for fields, changes in ((COMPUTATION_FIELDS, True), (TRAINING_FIELDS, False)):
-        for section, names in fields.items():
-            g, w = (got.get(section, {}), want.get(section, {})) if section else (got, want)
-            for name in names:
-                if g.get(name) != w.get(name):
-                    findings.append(
-                        Finding(
-                            "config",
-                            f"{section}.{name}" if section else name,
-                            g.get(name),
-                            w.get(name),
-                            ok=not changes,
-                            changes_computation=changes,
-                            detail="" if changes else f"{name} {g.get(name)} vs {w.get(name)}: training only",
-                        )
-                    )
-    if not any(not f.ok for f in findings):
+    """Every field that changes the computation and differs (in name order), and training-only ones
+    (dropouts, initialisation) as notes."""
+    from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES
+
+    computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
+    computation += [path for f in FIELDS for path in f.config_paths]
+    findings = []
+    for names, changes in ((computation, True), ((*PROBABILITIES, *FINITE), False)):
+        for name in sorted(names):
+            got = reduce(getattr, name.split("."), published)
+            want = reduce(getattr, name.split("."), expected)
+            if got != want:
+                note = "" if changes else f"{name} {got} vs {want}: training only"
+                findings.append(Finding("config", name, got, want, not changes, changes, note))
+    if all(f.ok for f in findings):
         findings.append(
             Finding("config", "all", None, None, True, detail="config: every field that matters agrees")
         )
     return findings
-
-
-# ---- weights -----------------------------------------------------------------------------------
 
 
 def weight_findings(
@@ -312,42 +240,27 @@ def weight_findings(
         for k in sorted(theirs.keys() - ours.keys())
     ]
     identical = 0
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in theirs.values()})
     for key in sorted(ours.keys() & theirs.keys()):
-        want, got = ours[key], theirs[key]
-        if want.shape != got.shape:
-            findings.append(
-                Finding(
-                    "weights",
-                    key,
-                    list(got.shape),
-                    list(want.shape),
-                    False,
-                    True,
-                    f"{key}: shape {list(got.shape)} ≠ {list(want.shape)}",
-                    math.inf,
-                )
-            )
-            continue
-        diff = (got.float() - want.to(got.dtype).float()).abs().max().item() if got.numel() else 0.0
-        if diff == 0.0:
+        got, want = theirs[key], ours[key].to(theirs[key].dtype)
+        if got.shape != want.shape:
+            shapes = list(got.shape), list(want.shape)
+            detail = f"{key}: shape {shapes[0]} ≠ {shapes[1]}"
+            findings.append(Finding("weights", key, *shapes, False, True, detail, math.inf))
+        elif torch.equal(got, want):
             identical += 1
         else:
+            diff = (got.float() - want.float()).abs().max().item()
             findings.append(
                 Finding("weights", key, None, None, False, True, f"{key}: max |Δ| {diff:.3g}", diff)
             )
-    summary = (
-        f"{identical} of {len(ours)} tensors identical to our conversion of the original ({'/'.join(dtypes)})"
-    )
+    dtypes = "/".join(sorted({str(v.dtype).removeprefix("torch.") for v in theirs.values()}))
+    summary = f"{identical} of {len(ours)} tensors identical to our conversion of the original ({dtypes})"
     if buffers:
         summary += f"; {len(buffers)} position_ids buffers stored by an older transformers, ignored"
-    findings.append(
-        Finding("weights", "identical", identical, len(ours), identical == len(ours), detail=summary)
-    )
-    return findings
-
-
-# ---- outputs -----------------------------------------------------------------------------------
+    return [
+        *findings,
+        Finding("weights", "identical", identical, len(ours), identical == len(ours), detail=summary),
+    ]
 
 
 def output_findings(
@@ -357,103 +270,47 @@ def output_findings(
     atol: float,
     heads: OriginalHeads | None = None,
 ) -> list[Finding]:
-    """The published model (its config, its weights) against the oracle on the original weights.
-
-    `heads`: the original's head counts; by default its own rule, width // 64 (see oracle_heads)."""
+    """The published model (its config, its weights) against the oracle on the original weights: every
+    compared site in one finding, then each output. `heads` default to the original's rule, width // 64."""
     from converter.build import build_model
     from converter.verify import verify
 
     weights = published.model_state_dict()
-    dtype = _dominant_dtype(weights)
     try:
         model = build_model(published.config, {k: v.float() for k, v in weights.items()})
     except Exception as err:  # a key or shape transformers refuses: already named by the weights check
         return [_cannot_run(f"the published model does not load its own weights ({reason(err)})")]
-    # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
+    # The oracle sees the original rounded as most published weights are, so only real mistakes remain.
+    sizes = Counter()
+    for tensor in weights.values():
+        if tensor.is_floating_point():
+            sizes[tensor.dtype] += tensor.numel()
+    dtype = max(sizes, key=sizes.get, default=torch.float32)
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     try:
-        result = verify(model, rounded, hyper, atol, heads or oracle_heads(hyper))
+        result = verify(model, rounded, hyper, atol, heads)
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
-    findings = [_sites_finding(result)]
+    count, first = len(result.compared), result.first_divergence
+    worst = f"worst {result.worst} at {result.margin:.3g}×"
+    if first is None:
+        detail = f"all {count} sites within tolerance (every block of every stack); "
+        detail += worst if result.margin else "all agree exactly"
+        findings = [Finding("outputs", "every site", count, count, True, True, detail, result.margin)]
+    else:  # as severe as the worst site: listed first among the outputs, where it names the cause
+        where = f"{first.name} at {first.ratio:.3g}× its tolerance"
+        detail = f"first divergence: {where} (of {count} sites compared in forward order; {worst})"
+        diff, tol = first.max_abs_diff, first.tolerance
+        findings = [Finding("outputs", "first divergence", diff, tol, False, True, detail, result.margin)]
     for name, diff in result.max_abs_diff.items():
         tol, ratio = result.tolerances[name], result.ratios[name]
-        findings.append(
-            Finding(
-                "outputs",
-                name,
-                diff,
-                tol,
-                diff <= tol,
-                True,
-                f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}",
-                ratio,
-            )
-        )
+        detail = f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}"
+        findings.append(Finding("outputs", name, diff, tol, diff <= tol, True, detail, ratio))
     return findings
-
-
-def _sites_finding(result: Verification) -> Finding:
-    """Every compared site (each layer of each stack, in forward order) in one finding: the first that
-    exceeds its tolerance, where the mistake enters, or how close the worst came."""
-    count = len(result.compared)
-    first = result.first_divergence
-    if first is None:
-        worst = "all agree exactly" if result.margin == 0 else f"worst {result.worst} at {result.margin:.3g}×"
-        detail = f"all {count} sites within tolerance (every block of every stack); {worst}"
-        return Finding("outputs", "every site", count, count, True, True, detail, result.margin)
-    detail = (
-        f"first divergence: {first.name} at {first.ratio:.3g}× its tolerance (of {count} sites compared in "
-        f"forward order; worst {result.worst} at {result.margin:.3g}×)"
-    )
-    # As severe as the worst site: listed first among the outputs, where it names the cause.
-    return Finding(
-        "outputs", "first divergence", first.max_abs_diff, first.tolerance, False, True, detail, result.margin
-    )
 
 
 def _cannot_run(detail: str) -> Finding:
     return Finding("outputs", "run", None, None, False, True, detail, math.inf)
-
-
-def _dominant_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
-    sizes: dict[torch.dtype, int] = {}
-    for v in state_dict.values():
-        if v.is_floating_point():
-            sizes[v.dtype] = sizes.get(v.dtype, 0) + v.numel()
-    return max(sizes, key=sizes.get) if sizes else torch.float32
-
-
-# ---- preprocessing -----------------------------------------------------------------------------
-
-
-def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Published settings in comparable form (sizes may be ints, dicts or lists; resample an int)."""
-    from PIL import Image
-
-    def side(value: Any, *keys: str) -> Any:
-        if isinstance(value, Mapping):
-            return next((value[k] for k in keys if k in value), dict(value))
-        return value
-
-    size, crop = raw.get("size"), raw.get("crop_size")
-    resample = raw.get("resample")
-    try:
-        resample = Image.Resampling(resample).name.lower()
-    except ValueError:
-        pass
-    return {
-        "do_resize": raw.get("do_resize", True),
-        "short side": side(size, "shortest_edge"),
-        "resample": resample,
-        "do_center_crop": raw.get("do_center_crop", True),
-        "crop": [side(crop, "height"), side(crop, "width")] if isinstance(crop, Mapping) else crop,
-        "do_rescale": raw.get("do_rescale", True),
-        "rescale_factor": raw.get("rescale_factor"),
-        "do_normalize": raw.get("do_normalize", True),
-        "mean": [round(float(x), 4) for x in raw.get("image_mean") or []],
-        "std": [round(float(x), 4) for x in raw.get("image_std") or []],
-    }
 
 
 def preprocessing_findings(
@@ -472,8 +329,31 @@ def preprocessing_findings(
         for name in want
         if not _close(got[name], want[name])
     ]
-    findings.append(_measured(raw, expected, image_size, reference))
-    return findings
+    return [*findings, _measured(raw, expected, image_size, reference)]
+
+
+def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings in comparable form (sizes may be ints, dicts or lists; resample an int)."""
+    from PIL import Image
+
+    def side(value: Any, key: str) -> Any:
+        return value.get(key, dict(value)) if isinstance(value, Mapping) else value
+
+    crop, resample = raw.get("crop_size"), raw.get("resample")
+    with suppress(ValueError):
+        resample = Image.Resampling(resample).name.lower()
+    return {
+        "do_resize": raw.get("do_resize", True),
+        "short side": side(raw.get("size"), "shortest_edge"),
+        "resample": resample,
+        "do_center_crop": raw.get("do_center_crop", True),
+        "crop": [side(crop, "height"), side(crop, "width")] if isinstance(crop, Mapping) else crop,
+        "do_rescale": raw.get("do_rescale", True),
+        "rescale_factor": raw.get("rescale_factor"),
+        "do_normalize": raw.get("do_normalize", True),
+        "mean": [round(float(x), 4) for x in raw.get("image_mean") or []],
+        "std": [round(float(x), 4) for x in raw.get("image_std") or []],
+    }
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -489,72 +369,38 @@ def _measured(
 ) -> Finding:
     """Max |Δ| of the published processor's output from the original's, next to what the correctly
     configured transformers processor achieves (transformers cannot match the original bit for bit)."""
-    frames, targets, what = _reference_frames(size, reference)
-    try:
-        published = [_run_processor(raw, f) for f in frames]
-    except Exception as err:
-        return Finding(
-            "preprocessing",
-            "measured",
-            None,
-            None,
-            False,
-            True,
-            f"the published image processor fails on a frame ({reason(err)})",
-            math.inf,
-        )
-    best = [_run_processor(expected, f) for f in frames]
-    shapes = sorted({tuple(p.shape) for p in published})
-    if shapes != sorted({tuple(t.shape) for t in targets}):
-        got = " / ".join(str(list(s)) for s in shapes)
-        return Finding(
-            "preprocessing",
-            "output shape",
-            got,
-            list(targets[0].shape),
-            ok=False,
-            changes_computation=True,
-            detail=f"output shape {got} ≠ {list(targets[0].shape)} on {what}",
-        )
-    diff = max(float(np.abs(p - t).max()) for p, t in zip(published, targets, strict=True))
-    floor = max(float(np.abs(b - t).max()) for b, t in zip(best, targets, strict=True))
-    ok = diff <= floor + PREPROCESSING_SLACK
-    return Finding(
-        "preprocessing",
-        "measured",
-        diff,
-        floor,
-        ok,
-        True,
-        f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})",
-    )
-
-
-def _run_processor(settings: Mapping[str, Any], frame: np.ndarray) -> np.ndarray:
     from transformers import VideoMAEImageProcessorPil
 
-    keys = (
-        "do_resize",
-        "size",
-        "resample",
-        "do_center_crop",
-        "crop_size",
-        "do_rescale",
-        "rescale_factor",
-        "do_normalize",
-        "image_mean",
-        "image_std",
+    frames, targets, what = _reference_frames(size, reference)
+
+    def run(settings: Mapping[str, Any]) -> list[np.ndarray]:  # [3, S, S] for each frame
+        processor = VideoMAEImageProcessorPil(**{k: settings[k] for k in expected if k in settings})
+        out = [processor([f], return_tensors="np", input_data_format="channels_last") for f in frames]
+        return [np.asarray(o["pixel_values"])[0, 0] for o in out]
+
+    try:
+        published = run(raw)
+    except Exception as err:
+        detail = f"the published image processor fails on a frame ({reason(err)})"
+        return Finding("preprocessing", "measured", None, None, False, True, detail, math.inf)
+    shapes, want = sorted({p.shape for p in published}), list(targets[0].shape)
+    if shapes != sorted({t.shape for t in targets}):
+        got = " / ".join(str(list(s)) for s in shapes)
+        detail = f"output shape {got} ≠ {want} on {what}"
+        return Finding("preprocessing", "output shape", got, want, False, True, detail)
+    diff = max(float(np.abs(p - t).max()) for p, t in zip(published, targets, strict=True))
+    floor = max(float(np.abs(b - t).max()) for b, t in zip(run(expected), targets, strict=True))
+    detail = f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})"
+    return Finding(
+        "preprocessing", "measured", diff, floor, diff <= floor + PREPROCESSING_SLACK, True, detail
     )
-    processor = VideoMAEImageProcessorPil(**{k: settings[k] for k in keys if k in settings})
-    out = processor([frame], return_tensors="np", input_data_format="channels_last")["pixel_values"]
-    return np.asarray(out)[0, 0]  # [3, S, S]
 
 
 def _reference_frames(
     size: int, reference: str | Path | None
 ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
     """Frames and the original's output for them: stored reference data (exact, from the original
-    pipeline) when it covers this size, else generated frames through converter.processing."""
+    pipeline) when it covers this size, else seeded frames through converter.processing."""
     from converter.processing import IMAGENET_MEAN, IMAGENET_STD, preprocess_video
 
     if reference is not None and Path(reference).is_file():
@@ -563,28 +409,17 @@ def _reference_frames(
         if names and all(f"original{size}/{n}" in data.files for n in names):
             mean = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None] * 255
             std = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None] * 255
-            targets = [
-                (data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) - mean) / std
-                for n in names
-            ]
+            originals = [data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) for n in names]
+            targets = [(o - mean) / std for o in originals]
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
-    frames = _generated_frames()
-    targets = [preprocess_video(f[None], size)[0, 0].numpy() for f in frames]
-    return frames, targets, f"{len(frames)} generated frames (against converter.processing)"
-
-
-def _generated_frames() -> list[np.ndarray]:
-    """Seeded frames in three shapes (4:3, portrait 9:16, small 4:3 needing upscaling)."""
-    rng = np.random.default_rng(0)
-    frames = []
+    # Three shapes: 4:3, portrait 9:16, and small 4:3 that needs upscaling.
+    rng, frames = np.random.default_rng(0), []
     for h, w in ((240, 320), (320, 180), (96, 128)):
         y, x = np.mgrid[0:h, 0:w]
         base = np.stack([x / w, y / h, (x + y) / (w + h)], axis=-1) * 200
         frames.append(np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8))
-    return frames
-
-
-# ---- tokenizer ---------------------------------------------------------------------------------
+    targets = [preprocess_video(f[None], size)[0, 0].numpy() for f in frames]
+    return frames, targets, f"{len(frames)} generated frames (against converter.processing)"
 
 
 def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCES) -> list[Finding]:
@@ -614,34 +449,17 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
         end = want.index(reference.eos_token_id) + 1 if reference.eos_token_id in want else len(want)
         content = got[:end] != want[:end]
         first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
+        where = "before the end token" if content else "padding only, after the end token"
+        ids = f"{_window(got, first)} ≠ {_window(want, first)}"
+        detail = f"{sentence!r}: ids differ from position {first} ({where}): {ids}"
         findings.append(
-            Finding(
-                "tokenizer",
-                sentence,
-                got,
-                want,
-                not content,
-                content,
-                f"{sentence!r}: ids differ from position {first} "
-                f"({'before the end token' if content else 'padding only, after the end token'}): "
-                f"{_window(got, first)} ≠ {_window(want, first)}",
-                len(want) - first,
-            )
+            Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )
-    differ = sum(1 for f in findings if not f.ok)
+    differ = sum(not f.ok for f in findings)
     padding = len(sentences) - same - differ
-    findings.append(
-        Finding(
-            "tokenizer",
-            "identical",
-            same,
-            len(sentences),
-            differ == 0,
-            detail=f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does"
-            + (f", {padding} differ in the padding only" if padding else ""),
-        )
-    )
-    return findings
+    detail = f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does"
+    detail += f", {padding} differ in the padding only" if padding else ""
+    return [*findings, Finding("tokenizer", "identical", same, len(sentences), differ == 0, detail=detail)]
 
 
 def _ids(tokenizer: Any, sentence: str) -> list[int]:
@@ -650,9 +468,6 @@ def _ids(tokenizer: Any, sentence: str) -> list[int]:
 
 def _window(ids: list[int], start: int) -> str:
     return "[" + ", ".join(map(str, ids[start : start + 4])) + (", …]" if len(ids) > start + 4 else "]")
-
-
-# ---- the fix, as a pull request ----------------------------------------------------------------
 
 
 def fix_card(report: AuditReport, card: str) -> str:
@@ -674,8 +489,7 @@ forward pass (figures below).
 
 """
     if card.startswith("---\n") and (end := card.find("\n---\n", 4)) != -1:
-        head, body = card[: end + 5], card[end + 5 :]
-        return f"{head}\n{section}{body.lstrip()}"
+        return f"{card[: end + 5]}\n{section}{card[end + 5 :].lstrip()}"
     return section + card
 
 
@@ -687,11 +501,8 @@ def propose_fix(
     *,
     private: bool = False,
 ) -> str:
-    """Open a pull request on `repo_id` with our converted `folder` and a card listing the findings.
-
-    Refused unless our conversion verified, and when the audit found nothing to fix. Returns the
-    pull request's URL.
-    """
+    """Open a pull request on `repo_id` with our converted `folder` and a card listing the findings;
+    return its URL. Refused unless our conversion verified, and when the audit found nothing to fix."""
     from converter.hub import push_folder
 
     folder = Path(folder)
@@ -705,10 +516,8 @@ def propose_fix(
     if not (folder / "config.json").is_file():
         raise ConverterError(f"{folder}: not a converted model folder (no config.json)")
     with tempfile.TemporaryDirectory(prefix="xclip-fix-") as staging:
-        staged = Path(staging)
-        for file in folder.iterdir():
-            if file.is_file():
-                shutil.copyfile(file, staged / file.name)
+        staged = Path(staging) / folder.name
+        shutil.copytree(folder, staged)  # the folder itself stays as it is
         card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
         (staged / "README.md").write_text(fix_card(report, card))
         return push_folder(staged, repo_id, create_pr=True, private=private)

@@ -1,12 +1,14 @@
-"""The model card (README.md) of a converted folder: hub front matter (huggingface_hub's ModelCardData),
-provenance, verification, preprocessing, config, an install line and a usage snippet that runs
-unchanged on transformers 4.40 .. 5.x, and the paper to cite."""
+"""The model card (README.md) of a converted folder: hub metadata written by huggingface_hub's
+ModelCardData and parsed back by its ModelCard, provenance, verification, preprocessing, config, an
+install line and a usage snippet that runs unchanged on transformers 4.40 .. 5.x, and the paper to cite."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict
+from importlib import resources
 from pathlib import PurePath
+from string import Template
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -20,38 +22,15 @@ if TYPE_CHECKING:
     from converter.verify import Verification
 
 PLACEHOLDER = "path/to/this/folder"  # where the snippet loads from when no hub repo id is known
-
-# The CLIP checkpoint each X-CLIP backbone was initialised from (the hub's `base_model`).
-_CLIP_BASES = {
+INSTALL = 'pip install "transformers>=4.40" torch pillow numpy'
+# The CLIP checkpoint each X-CLIP backbone was initialised from (the hub's `base_model`), by
+# (patch size, vision width, image size).
+CLIP_BASES = {
     (32, 768, 224): "openai/clip-vit-base-patch32",
     (16, 768, 224): "openai/clip-vit-base-patch16",
     (14, 1024, 224): "openai/clip-vit-large-patch14",
     (14, 1024, 336): "openai/clip-vit-large-patch14-336",
 }
-# No `pipeline_tag`: no transformers pipeline loads an XCLIPModel folder (video-classification wants a
-# *ForVideoClassification model, zero-shot-image-classification fails on the video model's shapes;
-# tests/test_card.py checks both). No `datasets`: Kinetics, HMDB-51 and UCF-101 have no canonical hub
-# dataset, only third-party uploads, so the training data is named in the text instead.
-TAGS = ["vision", "video", "x-clip"]
-INSTALL = 'pip install "transformers>=4.40" torch pillow numpy'
-CITATION = """@article{ni2022expanding,
-  title={Expanding Language-Image Pretrained Models for General Video Recognition},
-  author={Ni, Bolin and Peng, Houwen and Chen, Minghao and Zhang, Songyang and Meng, Gaofeng and
-          Fu, Jianlong and Xiang, Shiming and Ling, Haibin},
-  journal={arXiv preprint arXiv:2208.02816},
-  year={2022}
-}"""
-MIRRORED = "fetched through a mirror"
-# The front matter's key order: license first (the hub and our tests read the card's first line).
-_ORDER = [
-    "license",
-    "library_name",
-    "language",
-    "tags",
-    "base_model",
-    "base_model_relation",
-    "converted_from",
-]
 
 
 def model_card(
@@ -65,69 +44,41 @@ def model_card(
     dtype: str = "float32",
     float32_distance: Mapping[str, float] | None = None,
 ) -> str:
-    """README.md for the output folder.
-
-    `source` is where the checkpoint came from: a URL, or a local path of which only the file name is
-    recorded (a card is published; a user's directory names are not); a published variant's copy from a
-    mirror is recorded as its release (`recorded_source`). `verification` is the mapping
-    check gated by `--atol`, done on the weights as written; for a reduced `dtype`, `float32_distance`
-    is the max |Δ| per output between the written model and the float32 original (reported, not gated).
-    """
+    """README.md for the output folder. `source` is recorded as `recorded_source` has it (never a local
+    directory); `verification` is the mapping check on the weights as written; for a reduced `dtype`,
+    `float32_distance` is the max |Δ| per output from the float32 original (reported, not gated)."""
     source, how = recorded_source(source, VARIANTS.get(name))
-    metadata = _front_matter(hyper, source, sha256)
-    load_from = repo_id or PLACEHOLDER
-    card = f"""---
-{metadata}
----
-
-# {name}
-
-X-CLIP ("Expanding Language-Image Pretrained Models for General Video Recognition", ECCV 2022), converted
-from the original checkpoint of microsoft/VideoX to transformers' `XCLIPModel` by xclip-converter.
-{_trained_on(name)}
-- Source: {source}{f" ({how})" if how else ""}
-- Source sha256: {sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)"}
-- Weights: {dtype}
-
-## Verification
-
-{_verification(verification, dtype, float32_distance)}
-
-## Preprocessing
-
-{_preprocessing(hyper.image_size)}
-
-## Usage
-
-Runs unchanged on transformers 4.40 through 5.x. Pillow is needed: the image processor resizes with it,
-and without it loading the processor fails.
-
-```bash
-{INSTALL}
-```
-
-```python
-{usage_snippet(load_from, hyper.frames)}```
-
-The tokenizer and the image processor are called separately because `processor(text=..., videos=...)`
-drops the video on transformers 5.0-5.6. On transformers 5.24 and later with torchvision installed,
-`AutoProcessor` picks the torchvision image processor, which resizes differently (logits move by about
-1e-4); `AutoImageProcessor.from_pretrained(..., backend="pil")` loads the Pillow one this conversion was
-verified with, to use in place of `processor.image_processor`.
-
-## Configuration
-
-| field | value |
-|---|---|
-{_config_rows(hyper)}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
-    return str(ModelCard(card))
+    base = CLIP_BASES.get((hyper.patch_size, hyper.vision_width, hyper.image_size))
+    # No `pipeline_tag`: no transformers pipeline takes an XCLIPModel (tests/test_card.py checks). No
+    # `datasets`: Kinetics, HMDB-51 and UCF-101 have no canonical hub dataset; the text names them.
+    metadata = ModelCardData(
+        license="mit",
+        library_name="transformers",
+        language=["en"],
+        tags=["vision", "video", "x-clip"],
+        base_model=base,
+        base_model_relation="finetune" if base else None,
+        converted_from={"source": source, "sha256": sha256},  # the exact file, which base_model cannot say
+        architectures=["XCLIPModel"],
+    )
+    card = Template((resources.files("converter") / "data" / "model_card.md").read_text(encoding="utf-8"))
+    text = card.substitute(
+        # license first, then the keys as the hub's own cards have them: the hub and tests read line one
+        metadata=metadata.to_yaml(
+            original_order=["license", "library_name", "language", "tags", "base_model"]
+        ),
+        name=name,
+        trained_on=_trained_on(name),
+        source=f"{source} ({how})" if how else source,
+        sha256=sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)",
+        dtype=dtype,
+        verification=_verification(verification, dtype, float32_distance),
+        preprocessing=_preprocessing(hyper.image_size),
+        install=INSTALL,
+        usage=usage_snippet(repo_id or PLACEHOLDER, hyper.frames),
+        config_rows="\n".join(f"| {k} | {v} |" for k, v in asdict(hyper).items()),
+    )
+    return str(ModelCard(text))  # parsed back as the hub parses it: the metadata is valid
 
 
 def usage_snippet(load_from: str, frames: int) -> str:
@@ -162,37 +113,19 @@ def public_source(source: str) -> str:
 
 
 def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
-    """The source a card records, and how the file was had when that is not the source itself.
-
-    A published variant's copy from anywhere but its release (a mirror set with XCLIP_RELEASE_URL, or
-    another URL serving the release's file) is recorded as the release, "fetched through a mirror":
-    a mirror's host is a private detail. Anything else as `public_source` has it."""
+    """The source a card records, and how the file was had when that is not the source itself: a
+    published variant's file from any other URL (a mirror set with XCLIP_RELEASE_URL) is recorded as
+    the authors' release, "fetched through a mirror", since a mirror's host is a private detail."""
     public = public_source(source)
-    parts = urlsplit(source)
-    if variant is None or parts.scheme not in ("http", "https"):
+    if variant is None or urlsplit(source).scheme not in ("http", "https"):
         return public, ""
-    release = release_url(variant)
-    if public == release or PurePath(parts.path).name != variant.source.filename:
-        return public, ""
-    return release, MIRRORED
-
-
-def release_url(variant: Variant) -> str:
-    """Where the authors published `variant`'s checkpoint, whatever mirror is configured."""
     if variant.source.kind == "release":
-        return f"{RELEASE_BASE_URL}/{variant.source.filename}"
-    return f"https://drive.google.com/file/d/{variant.source.ref}"
-
-
-def _front_matter(hyper: Hyper, source: str, sha256: str | None) -> str:
-    data = ModelCardData(license="mit", library_name="transformers", language=["en"], tags=TAGS)
-    base = _CLIP_BASES.get((hyper.patch_size, hyper.vision_width, hyper.image_size))
-    if base is not None:
-        data.base_model, data.base_model_relation = base, "finetune"
-    # Provenance beyond what `base_model` can hold: the exact file this folder was converted from.
-    data.converted_from = {"source": source, "sha256": sha256}
-    data.architectures = ["XCLIPModel"]
-    return data.to_yaml(original_order=_ORDER)
+        release = f"{RELEASE_BASE_URL}/{variant.source.filename}"
+    else:
+        release = f"https://drive.google.com/file/d/{variant.source.ref}"
+    if public == release or PurePath(urlsplit(source).path).name != variant.source.filename:
+        return public, ""
+    return release, "fetched through a mirror"
 
 
 def _trained_on(name: str) -> str:
@@ -202,13 +135,10 @@ def _trained_on(name: str) -> str:
             "(HMDB-51, UCF-101, Kinetics-600).\n"
         )
     if "-shot" in name:
-        data = "HMDB-51" if "hmdb" in name else "UCF-101"
         shots = name.rsplit("-", 2)[-2]
-        return f"\nTrained {shots}-shot on {data}.\n"
-    if "kinetics-600" in name:
-        return "\nTrained on Kinetics-600.\n"
+        return f"\nTrained {shots}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}.\n"
     if name.startswith("xclip-"):
-        return "\nTrained on Kinetics-400.\n"
+        return f"\nTrained on Kinetics-{600 if 'kinetics-600' in name else 400}.\n"
     return ""
 
 
@@ -217,32 +147,30 @@ def _verification(
 ) -> str:
     if verification is None:
         return "Not verified (converted with `--no-verify`)."
-    rows = "\n".join(
-        f"| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |" for k, v in verification.max_abs_diff.items()
+    rows = "".join(
+        f"\n| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |"
+        for k, v in verification.max_abs_diff.items()
     )
-    verdict = "passed" if verification.passed else "FAILED"
     if verification.margin == 0:
         worst = "every site agrees exactly"
     else:
         worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
-    if not verification.passed:
-        first = verification.first_divergence
+    if (first := verification.first_divergence) is not None:
         worst += f"; the first over it, in forward order, `{first.name}` at {first.ratio:.3g}×"
     text = (
         "The converted `XCLIPModel` was compared with an independent implementation of the original "
         f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}), at "
         f"{len(verification.compared)} sites: every layer of every stack in forward order, and the outputs "
-        f"below; tolerance `--atol {verification.atol:g}` times each site's largest magnitude; {verdict}, "
-        f"{worst}:\n\n"
-        f"| output | max abs difference | tolerance |\n|---|---|---|\n{rows}"
+        f"below; tolerance `--atol {verification.atol:g}` times each site's largest magnitude; "
+        f"{'passed' if verification.passed else 'FAILED'}, {worst}:\n\n"
+        f"| output | max abs difference | tolerance |\n|---|---|---|{rows}"
     )
     if dtype == "float32":
         return text
-    if float32_distance:
-        rows = "\n".join(f"| {k} | {v:.2e} |" for k, v in float32_distance.items())
-        distance = f"\n\n| output | max abs difference from float32 |\n|---|---|\n{rows}"
-    else:
-        distance = " not measured."
+    rows = "".join(f"\n| {k} | {v:.2e} |" for k, v in (float32_distance or {}).items())
+    distance = (
+        f"\n\n| output | max abs difference from float32 |\n|---|---|{rows}" if rows else " not measured."
+    )
     return (
         f"{text}\n\nThat check proves the mapping. Storing the weights in {dtype} also moves the outputs "
         f"away from the float32 original; that distance is reported here, not gated:{distance}"
@@ -253,19 +181,14 @@ def _preprocessing(image_size: int) -> str:
     from converter import processing
 
     text = (
-        f"The saved image processor resizes the short side to {int(256 / 224 * image_size)} px (bilinear), "
-        f"centre-crops {image_size} px and normalises with ImageNet mean/std, as the original does, but "
-        f"resizes with Pillow (antialiased) where the original uses OpenCV."
+        f"The saved image processor resizes the short side to {processing.resize_short_side(image_size)} px "
+        f"(bilinear), centre-crops {image_size} px and normalises with ImageNet mean/std, as the original "
+        "does, but resizes with Pillow (antialiased) where the original uses OpenCV."
     )
-    figures = processing.PROCESSOR_DEVIATION.get(image_size)
-    if figures is None:
+    if image_size not in processing.PROCESSOR_DEVIATION:
         return f"{text} Its difference from the original's own pipeline was not measured at {image_size} px."
-    mean, largest = figures
+    mean, largest = processing.PROCESSOR_DEVIATION[image_size]
     return (
         f"{text} On real photos, after normalisation, the largest per-frame mean |Δ| is {mean:.3g} and "
         f"the largest |Δ| {largest:.3g} at {image_size} px (one uint8 level is about 0.0175)."
     )
-
-
-def _config_rows(hyper: Hyper) -> str:
-    return "\n".join(f"| {k} | {v} |" for k, v in asdict(hyper).items())

@@ -8,9 +8,8 @@ from huggingface_hub.errors import HFValidationError, HTTPError
 
 from converter.errors import ConverterError, escape, reason
 
-# What a hub call raises when the network or the hub says no: OSError (offline mode, a missing token, and
-# HfHubHTTPError for an HTTP status), ValueError (arguments the hub refuses) and the HTTP client's own
-# errors, whose base huggingface_hub.errors names (httpx's in huggingface_hub 1, httpx2's in 2).
+# What a hub call raises when the network or the hub says no: OSError (offline, no token, and
+# HfHubHTTPError for an HTTP status), ValueError (arguments the hub refuses), the HTTP client's own errors.
 HUB_ERRORS = (OSError, ValueError, HTTPError)
 
 
@@ -34,13 +33,12 @@ def default_repo_id(model_name: str | None) -> str:
     if not model_name:
         raise ConverterError("--push-to-hub needs a REPO_ID when --model-name is not given")
     try:
-        user = HfApi().whoami()["name"]
+        return f"{HfApi().whoami()['name']}/{model_name}"
     except (*HUB_ERRORS, KeyError) as err:  # offline, no token, a revoked one
         raise ConverterError(
             f"cannot determine your hub namespace ({reason(err)}): pass --push-to-hub ORG/NAME "
             "and log in with `hf auth login` or HF_TOKEN"
         ) from None
-    return f"{user}/{model_name}"
 
 
 def push_folder(folder: Path, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:

@@ -1,67 +1,129 @@
-"""The processor saved with a converted model, and the preprocessing entry points scripts import.
-
-The original pipeline lives in its own modules: ``converter.tokenizer`` (CLIP BPE),
-``converter.frames`` (Resize + CenterCrop + Normalize, ``preprocess_video``) and ``converter.video``
-(frame sampling and decoding). This module builds the transformers ``XCLIPProcessor`` that
-``AutoProcessor.from_pretrained`` loads from a converted folder, and states how far its image
-processor is from the original (``PROCESSOR_DEVIATION``).
+"""The original's test-time preprocessing (clips sampled, decoded, then resized and cropped by
+``converter.frames`` and normalised) and the transformers ``XCLIPProcessor`` saved with a converted
+model, whose distance from the original ``PROCESSOR_DEVIATION`` states.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from converter.frames import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    check_frames,
-    check_image_size,
-    preprocess_video,
-    resize_short_side,
-)
-from converter.tokenizer import CLIP_VOCAB_SIZE, MAX_TEXT_LENGTH, build_tokenizer, encode_texts
-from converter.video import load_video, sample_frame_indices
+from converter.errors import ConverterError
+from converter.frames import check_frames, check_positive_int, resize_and_crop, resize_short_side
+
+# Scripts import the tokenizer's names from here with the rest of the preprocessing.
+from converter.tokenizer import CLIP_VOCAB_SIZE, MAX_TEXT_LENGTH, build_tokenizer, encode_texts  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
     from transformers import VideoMAEImageProcessorPil, XCLIPProcessor
 
-__all__ = [
-    "CLIP_VOCAB_SIZE",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "MAX_TEXT_LENGTH",
-    "PROCESSOR_DEVIATION",
-    "build_image_processor",
-    "build_processor",
-    "original_settings",
-    "build_tokenizer",
-    "encode_texts",
-    "load_video",
-    "preprocess_video",
-    "processor_pixel_values",
-    "resize_short_side",
-    "sample_frame_indices",
-]
+# ImageNet statistics for transformers' processor, and on 0-255 as the original states them (img_norm_cfg).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ORIGINAL_MEAN_255 = (123.675, 116.28, 103.53)
+ORIGINAL_STD_255 = (58.395, 57.12, 57.375)
 
-# How far the saved processor (build_image_processor) is from the original, after normalisation, on
-# the real photos of tests/data/preprocessing/reference.npz: {image size: (largest per-frame mean |Δ|,
-# largest |Δ|)}. One uint8 level is about 0.0175. tests/test_processing.py re-measures these figures
-# and fails when they are off; `python benchmarks/preprocessing.py` prints them with preprocess_video's.
-PROCESSOR_DEVIATION: dict[int, tuple[float, float]] = {
-    224: (0.0624, 1.33),
-    336: (0.0468, 1.52),
-}
+# The saved processor's distance from the original after normalisation on tests/data/preprocessing's
+# photos, {image size: (largest per-frame mean |Δ|, largest |Δ|)}; one uint8 level is about 0.0175.
+# Measured by `python benchmarks/preprocessing.py`; tests/test_processing.py checks them.
+PROCESSOR_DEVIATION: dict[int, tuple[float, float]] = {224: (0.0624, 1.33), 336: (0.0468, 1.52)}
+
+
+def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
+    """The original's test-time sample of ``num_frames`` from ``total``: ``int(i * N/T + N/(2T)) % N``
+    (mmaction's ``_get_test_clips``, same float order); a clip shorter than T repeats frames."""
+    if isinstance(total, bool) or not isinstance(total, int | np.integer) or total < 1:
+        raise ConverterError(f"a clip needs at least one frame to sample from, got {total!r} frames")
+    check_positive_int(num_frames, "number of frames")
+    interval = total / float(num_frames)
+    offsets = (np.arange(num_frames) * interval + interval / 2.0).astype(np.int64)
+    return offsets % total  # the original's out_of_bound_opt="loop"
+
+
+def load_video(path: str | Path, num_frames: int) -> np.ndarray:
+    """``num_frames`` RGB frames ``[T, H, W, 3]`` uint8 sampled as the original does, from a ``.npy``
+    array of frames or a video file (PyAV, decoded only up to the last frame needed)."""
+    check_positive_int(num_frames, "number of frames")
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        frames = load_npy(path)
+        return frames[sample_frame_indices(len(frames), num_frames)]
+    try:
+        import av
+    except ImportError as exc:
+        raise ConverterError(
+            f"reading video file {path} needs PyAV, which is not installed: run "
+            'pip install "xclip-converter[video]" (or pass a .npy array of frames [T, H, W, 3] uint8).'
+        ) from exc
+    if not path.is_file():
+        raise ConverterError(f"video file {path} does not exist")
+    try:
+        total = _count_frames(av, path)
+        while total:  # twice at most: a container may state more frames than really decode
+            indices = sample_frame_indices(total, num_frames).tolist()
+            kept, total = _decode_indices(av, path, set(indices))
+            if len(kept) == len(set(indices)):  # np.stack: a ValueError if the resolution changes
+                return check_frames(np.stack([kept[i] for i in indices]), str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise ConverterError(f"cannot decode video file {path}: {exc}") from exc
+    raise ConverterError(f"video file {path} contains no decodable frames")
+
+
+def load_npy(path: str | Path) -> np.ndarray:
+    """Frames ``[T, H, W, 3]`` uint8 from a ``.npy`` file, validated; no pickles (they can run code)."""
+    try:
+        frames = np.load(path, allow_pickle=False)
+    except FileNotFoundError as exc:
+        raise ConverterError(f"video file {path} does not exist") from exc
+    except (OSError, ValueError) as exc:
+        raise ConverterError(
+            f"cannot read {path} as a .npy array of frames [T, H, W, 3] uint8: {exc}"
+        ) from exc
+    return check_frames(frames, str(path))
+
+
+def _count_frames(av, path: Path) -> int:
+    """Frames of the first video stream: the container's count, else its non-empty packets (Matroska/WebM
+    often omit the count; a packet holds one frame, and demuxing costs a fraction of decoding)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ConverterError(f"video file {path} has no video stream")
+        stream = container.streams.video[0]
+        return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode_indices(av, path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+    """The wanted frames as RGB, decoding no further than the last of them; and the frames decoded."""
+    kept: dict[int, np.ndarray] = {}
+    index, last = -1, max(wanted)
+    with av.open(str(path)) as container:
+        for index, frame in enumerate(container.decode(video=0)):
+            if index in wanted:
+                kept[index] = frame.to_ndarray(format="rgb24")
+            if index == last:
+                break
+    return kept, index + 1
+
+
+def preprocess_video(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """Pixel values ``[1, T, 3, S, S]`` float32 for ``[T, H, W, 3]`` uint8 RGB frames, as the original
+    computes them to one uint8 level (about 0.0175 after normalisation)."""
+    import torch
+
+    pixels = resize_and_crop(frames, image_size)
+    mean = torch.tensor(ORIGINAL_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(ORIGINAL_STD_255).view(1, 3, 1, 1)
+    return ((pixels - mean) / std)[None]
 
 
 def original_settings(image_size: int) -> dict:
-    """The original's test-time preprocessing as VideoMAE image processor settings: short side
-    ``int(256 / 224 * size)``, centre crop ``size``, ImageNet mean/std. Bilinear is, of PIL's filters,
-    the closest to the original's OpenCV INTER_LINEAR (measured on the reference photos and ~50 crops);
-    both size and crop_size, since given only a size VideoMAE still centre-crops to 224."""
-    check_image_size(image_size)
+    """The original's preprocessing as VideoMAE image processor settings. Bilinear is, of PIL's filters,
+    the closest to OpenCV's INTER_LINEAR (measured on the reference photos and ~50 crops); crop_size is
+    given too, since with only a size VideoMAE still centre-crops to 224."""
+    check_positive_int(image_size, "image size")
     return {
         "do_resize": True,
         "size": {"shortest_edge": resize_short_side(image_size)},
@@ -77,13 +139,9 @@ def original_settings(image_size: int) -> dict:
 
 
 def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
-    """VideoMAE image processor (pillow backend) with `original_settings`: the closest to the original
-    that plain ``AutoProcessor`` loads, not equal to it (``PROCESSOR_DEVIATION``): PIL antialiases when
-    shrinking and transformers truncates the long side.
-    """
-    # The Pil class directly: `VideoMAEImageProcessor` needs torchvision (which does not import beside
-    # this torch build) and otherwise falls back to this class with a warning. Pillow also keeps
-    # results identical whether or not torchvision happens to be installed.
+    """VideoMAE's Pillow image processor with `original_settings`: the closest to the original that plain
+    ``AutoProcessor`` loads, not equal to it (PIL antialiases, the long side is truncated). Not the class
+    that needs torchvision, which does not import beside this torch build: Pillow's result is the same."""
     from transformers import VideoMAEImageProcessorPil
 
     return VideoMAEImageProcessorPil(**original_settings(image_size))
@@ -97,11 +155,8 @@ def build_processor(image_size: int) -> XCLIPProcessor:
 
 
 def processor_pixel_values(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """Pixel values ``[1, T, 3, S, S]`` as the saved processor computes them (what users of
-    ``AutoProcessor`` get), for ``[T, H, W, 3]`` uint8 frames. ``preprocess_video`` is the original."""
-    frames = check_frames(frames, "video frames")
-    # channels_last stated explicitly: inference is ambiguous for frames with a side of 3 pixels.
-    out = build_image_processor(image_size)(
-        list(frames), return_tensors="pt", input_data_format="channels_last"
-    )
+    """Pixel values ``[1, T, 3, S, S]`` as the saved processor computes them, for ``[T, H, W, 3]`` uint8."""
+    images = list(check_frames(frames, "video frames"))
+    # channels_last stated: inference is ambiguous for frames with a side of 3 pixels.
+    out = build_image_processor(image_size)(images, return_tensors="pt", input_data_format="channels_last")
     return out["pixel_values"]

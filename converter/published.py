@@ -1,34 +1,23 @@
-"""Read a transformers X-CLIP model as it is published: a converted folder or a hub repo id.
-
-Used by the audit (`converter.audit`) and the way back (`converter.to_original`). Reads data only:
-`config.json`, the weights from safetensors (pickled `pytorch_model.bin` files are refused, never
-unpickled), and the processor and tokenizer files. A hub repo is fetched with huggingface_hub's
-`snapshot_download` into the ordinary HF cache; offline, only that cache is used.
+"""Read a transformers X-CLIP model as it is published (a converted folder or a hub repo id), for the
+audit and the way back: data only, with safetensors weights (a pickled `pytorch_model.bin` is refused,
+never unpickled). A hub repo comes through `snapshot_download` into the HF cache; offline, that cache only.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from converter import reader
+from converter.config import load_config_file
 from converter.errors import ConverterError, escape, listed, reason
-from converter.reader import (
-    CONFIG_LIMIT,
-    INDEX_LIMIT,
-    TOKENIZER_LIMIT,
-    check_regular,
-    check_size,
-    finite_number,
-    read_json,
-    read_json_object,
-    shown,
-)
+from converter.paths import is_inside
+from converter.reader import CONFIG_LIMIT, TOKENIZER_LIMIT, finite_number, shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -38,20 +27,7 @@ StateDict = dict[str, torch.Tensor]
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-# Everything a model folder needs except weights; the weights are asked for separately.
-METADATA_PATTERNS = [
-    "config.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-]
-WEIGHT_PATTERNS = [WEIGHTS, WEIGHTS_INDEX, "model-*-of-*.safetensors"]
-# The tokenizer files transformers may read from a folder, with the reader's cap for each; they are
-# checked (regular file, size, and for JSON nesting and integers) before AutoTokenizer opens them.
+# The tokenizer files transformers may read from a folder, each checked under its cap before it does.
 TOKENIZER_FILES = {
     "tokenizer.json": TOKENIZER_LIMIT,
     "vocab.json": TOKENIZER_LIMIT,
@@ -60,8 +36,9 @@ TOKENIZER_FILES = {
     "special_tokens_map.json": CONFIG_LIMIT,
     "added_tokens.json": CONFIG_LIMIT,
 }
-# The largest side an image processor may resize or crop to: L/14 at 336 px resizes to 384, and a
-# frame at this side is already 50 MB in float32.
+# What a hub snapshot fetches: config, processor and tokenizer files, the safetensors weights (or shards).
+HUB_PATTERNS = ["config.json", "*processor_config.json", *TOKENIZER_FILES, "model*.safetensors*"]
+# Largest side a processor may resize or crop to: L/14 at 336 px resizes to 384; a 2048 px frame is 50 MB.
 MAX_PROCESSOR_SIDE = 2048
 # Buffers older transformers versions saved with the weights; recomputed on load, not parameters.
 BENIGN_BUFFERS = re.compile(r".*\.position_ids\Z")
@@ -78,24 +55,21 @@ class Published:
     state_dict: StateDict  # as stored: the published keys and dtype
     image_processor: dict[str, Any] | None  # the published image processor's settings
     revision: str | None = None  # the hub commit read, for a repo id
-    files: list[str] = field(default_factory=list)
 
     def model_state_dict(self) -> StateDict:
         """The state dict without the buffers older transformers versions stored beside the weights."""
         return {k: v for k, v in self.state_dict.items() if not BENIGN_BUFFERS.match(k)}
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The published tokenizer, from its JSON/text files only."""
+        """The published tokenizer, from its JSON and text files only, each checked first."""
         from transformers import AutoTokenizer
 
         for name, limit in TOKENIZER_FILES.items():
-            path = self.folder / name
-            if _present(path):
-                what = f"{escape(self.source)}: {name}"
-                if name.endswith(".json"):
-                    read_json(path, what, limit)
-                else:
-                    check_size(path, what, limit)
+            path, what = self.folder / name, f"{escape(self.source)}: {name}"
+            if _present(path) and name.endswith(".json"):
+                reader.read_json(path, what, limit)
+            elif _present(path):
+                reader.check_size(path, what, limit)
         try:
             return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, KeyError... for broken files
@@ -104,58 +78,38 @@ class Published:
 
 def load_published(source: str | Path, *, revision: str | None = None) -> Published:
     """Read `source` (a folder, or a hub repo id such as `microsoft/xclip-base-patch32`)."""
-    text = str(source)
-    path = Path(source)
+    text, path = str(source), Path(source)
     if path.exists():
         if not path.is_dir():
             raise ConverterError(f"{text}: expected a converted model folder (with config.json), not a file")
-        folder, commit = path, None
-    elif isinstance(source, str) and _REPO_ID.fullmatch(text) and not text.startswith((".", "/")):
+        folder, commit, root = path, None, path
+    elif isinstance(source, str) and _REPO_ID.fullmatch(text):
         folder, commit = _snapshot(text, revision)
+        root = folder.parents[1]  # a snapshot's files are links into its repo's cache folder
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
-    config = _read_config(folder, text)
-    # Shards must lie inside SOURCE; a hub snapshot's files are links into its repo's cache folder.
-    root = folder if commit is None else folder.parents[1]
-    return Published(
-        source=text,
-        folder=folder,
-        config=config,
-        state_dict=_read_weights(_weights_files(folder, root, text), text),
-        image_processor=read_image_processor(folder, text),
-        revision=commit,
-        files=sorted(p.name for p in folder.iterdir()),
-    )
-
-
-def is_inside(path: Path, folder: Path) -> bool:
-    """Whether `path` is `folder` or lies under it (links resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-# ---- the hub -----------------------------------------------------------------------------------
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.HF_HUB_OFFLINE or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    if not _present(folder / "config.json"):
+        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder)")
+    # The same field-by-field validation as --config: a bad size or head count is named here, not met
+    # later as a shape error deep inside torch.
+    config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
+    weights = _read_weights(_weights_files(folder, root, text), text)
+    return Published(text, folder, config, weights, read_image_processor(folder, text), commit)
 
 
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
-    """The repo's metadata and safetensors weights in the HF cache; offline, the cache only."""
-    from huggingface_hub import snapshot_download
+    """The repo's files in the HF cache, downloaded unless offline; the folder and its commit."""
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     from converter.hub import HUB_ERRORS
 
-    offline = _offline()
-    patterns = METADATA_PATTERNS + WEIGHT_PATTERNS
+    offline = constants.is_offline_mode()
     try:
         folder = Path(
-            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=offline)
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
+            )
         )
     except HUB_ERRORS as err:  # not found, gated, offline, an incomplete snapshot
         if offline or isinstance(err, LocalEntryNotFoundError):
@@ -164,8 +118,9 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
                 f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
                 "where it was downloaded before), or pass a local folder instead"
             ) from None
-        why = f"{type(err).__name__}: {reason(err)}"
-        raise ConverterError(f"{repo_id}: cannot download from the hub ({why})") from None
+        raise ConverterError(
+            f"{repo_id}: cannot download from the hub ({type(err).__name__}: {reason(err)})"
+        ) from None
     if not (folder / "config.json").is_file():
         # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
         raise ConverterError(
@@ -175,48 +130,23 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     return folder, folder.name
 
 
-# ---- files -------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path, source: str, limit: int = CONFIG_LIMIT) -> dict[str, Any]:
-    return read_json_object(path, f"{escape(source)}: {path.name}", limit)
-
-
-def _read_config(folder: Path, source: str) -> XCLIPConfig:
-    path = folder / "config.json"
-    if not _present(path):
-        raise ConverterError(f"{escape(source)}: no config.json (not a transformers model folder)")
-    from converter.config import load_config_file
-
-    # The same field-by-field validation as --config: a bad size or head count is named here, not
-    # met later as a shape error deep inside torch.
-    return load_config_file(path, where=f"{escape(source)}: config.json")
-
-
 def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
-    """The safetensors files holding the weights: model.safetensors, or the shards its index names,
-    each a regular file inside `root`."""
-    weights = folder / WEIGHTS
-    if _present(weights):
-        check_regular(weights, f"{escape(source)}: {WEIGHTS}")
-        return [weights]
-    if _present(folder / WEIGHTS_INDEX):
-        return _shards(folder, root, source)
-    pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
-    if pickled:
-        why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
-    else:
+    """model.safetensors, or the shards its index's weight_map names (tensor name -> file name), each a
+    regular file inside `root`."""
+    if _present(folder / WEIGHTS):
+        reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
+        return [folder / WEIGHTS]
+    if not _present(folder / WEIGHTS_INDEX):
+        pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
         why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
-    raise ConverterError(
-        f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
-        "which writes safetensors"
-    )
-
-
-def _shards(folder: Path, root: Path, source: str) -> list[Path]:
-    """The shard files `model.safetensors.index.json`'s weight_map names (tensor name -> file name)."""
+        if pickled:
+            why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
+        raise ConverterError(
+            f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
+            "which writes safetensors"
+        )
     what = f"{escape(source)}: {WEIGHTS_INDEX}"
-    weight_map = _read_json(folder / WEIGHTS_INDEX, source, INDEX_LIMIT).get("weight_map")
+    weight_map = reader.read_json_object(folder / WEIGHTS_INDEX, what, reader.INDEX_LIMIT).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConverterError(
             f"{what}: weight_map must be an object naming each tensor's shard file, found "
@@ -229,17 +159,16 @@ def _shards(folder: Path, root: Path, source: str) -> list[Path]:
             )
     shards, missing = [], []
     for name in sorted(set(weight_map.values())):
-        relative = PurePosixPath(name)
+        path, relative = folder / name, PurePosixPath(name)
         if relative.is_absolute() or ".." in relative.parts or "\\" in name:
             raise ConverterError(
-                f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only "
-                "files inside its own folder"
+                f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
+                "inside its own folder"
             )
-        path = folder / name
         if not _present(path):
             missing.append(escape(name))
             continue
-        check_regular(path, f"{what}: shard {escape(name)}")
+        reader.check_regular(path, f"{what}: shard {escape(name)}")
         if not is_inside(path, root):
             raise ConverterError(
                 f"{what}: shard {escape(name)} is a link to {escape(str(path.resolve()))}, outside "
@@ -269,18 +198,15 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
 
 
 def read_image_processor(folder: Path, source: str | None = None) -> dict[str, Any] | None:
-    """The image processor's settings: a flat `preprocessor_config.json` (the hub's usual file) or
-    the `image_processor` entry of `processor_config.json` (what transformers 5 writes), checked by
-    `check_image_processor`."""
+    """The image processor's settings, checked: a flat `preprocessor_config.json` (the hub's usual file) or
+    the `image_processor` entry of `processor_config.json` (what transformers 5 writes)."""
     source = str(folder) if source is None else source
     for name in ("preprocessor_config.json", "processor_config.json"):
-        path = folder / name
-        if not _present(path):
+        if not _present(folder / name):
             continue
-        data = _read_json(path, source)
-        nested = data.get("image_processor")
-        if isinstance(nested, dict):
-            data = nested
+        data = reader.read_json_object(folder / name, f"{escape(source)}: {name}")
+        if isinstance(data.get("image_processor"), dict):
+            data = data["image_processor"]
         elif name == "processor_config.json":
             return None  # only the processor's class: the image processor is not in this file
         check_image_processor(data, f"{escape(source)}: {name}")
@@ -300,14 +226,14 @@ def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
     for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
         if name in given and not isinstance(given[name], bool):
             raise refuse(name, "true or false")
-    for name in ("size", "crop_size"):
-        if name not in given:
-            continue
-        value = given[name]
+    for name in ("size", "crop_size"):  # one number, a list, or a dict such as {"height": 224, ...}
+        value = given.get(name)
         sides = (
             list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
         )
-        if not sides or not all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides):
+        if name in given and not (
+            sides and all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides)
+        ):
             raise refuse(
                 name, f'sizes in pixels from 1 to {MAX_PROCESSOR_SIDE} (e.g. {{"height": 224, ...}})'
             )

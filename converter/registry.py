@@ -14,7 +14,6 @@ from converter.errors import ConverterError
 
 # The original release; ``$XCLIP_RELEASE_URL`` replaces it with a mirror that holds every file by name.
 RELEASE_BASE_URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0"
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one harmless path component
 
 
 @dataclass(frozen=True)
@@ -29,26 +28,14 @@ class Arch:
     text_layers: int = 12
 
 
-ARCHS = {
-    a.name: a
-    for a in (
-        Arch("ViT-B/32", patch_size=32, vision_width=768, vision_layers=12, embed_dim=512),
-        Arch("ViT-B/16", patch_size=16, vision_width=768, vision_layers=12, embed_dim=512),
-        Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed_dim=768),
-    )
-}
-
-
-def release_base_url() -> str:
-    """Base URL of the released checkpoints: ``$XCLIP_RELEASE_URL`` (a mirror) or the GitHub release."""
-    env = os.environ.get("XCLIP_RELEASE_URL")
-    return env.rstrip("/") if env else RELEASE_BASE_URL
+B32 = Arch("ViT-B/32", patch_size=32, vision_width=768, vision_layers=12, embed_dim=512)
+B16 = Arch("ViT-B/16", patch_size=16, vision_width=768, vision_layers=12, embed_dim=512)
+L14 = Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed_dim=768)
 
 
 def url_cache_path(url: str, cache: Path) -> Path:
-    """Where the cache rooted at `cache` keeps the file downloaded from `url`:
-    ``<cache>/url/<hash of the URL>/<file name>``. The hash keeps same-named files from different sources
-    apart, the name keeps the cache readable."""
+    """Where the cache rooted at `cache` keeps a download: ``<cache>/url/<hash of the URL>/<file name>``
+    (the hash keeps same-named files from different sources apart, the name keeps the cache readable)."""
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
     return cache / "url" / key / (name or "download")
@@ -56,8 +43,7 @@ def url_cache_path(url: str, cache: Path) -> Path:
 
 @dataclass(frozen=True)
 class Source:
-    """A GitHub release asset (`release`) or a Google-Drive file (`gdrive`): where it is downloaded from
-    and where the cache keeps it."""
+    """A GitHub release asset or a Google Drive file: where it comes from, where the cache keeps it."""
 
     kind: Literal["release", "gdrive"]
     ref: str  # release file name, or Drive file id
@@ -67,7 +53,7 @@ class Source:
         # Both end up in cache paths and URLs: refuse anything that could leave its folder.
         if self.kind not in ("release", "gdrive"):
             raise ConverterError(f"unknown source kind {self.kind!r}: expected 'release' or 'gdrive'")
-        if not _SAFE_NAME.fullmatch(self.filename):
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", self.filename):
             raise ConverterError(
                 f"invalid checkpoint file name {self.filename!r}: expected one plain file name"
             )
@@ -78,19 +64,18 @@ class Source:
 
     @property
     def from_release_url(self) -> bool:
-        """Whether it comes from the release URL: a release asset, or any file when a mirror is set (a
-        mirror holds every checkpoint by name, the Drive-hosted ones too)."""
+        """A release asset, or any file when a mirror is set (a mirror holds the Drive-hosted ones too)."""
         return self.kind == "release" or bool(os.environ.get("XCLIP_RELEASE_URL"))
 
     def url(self) -> str:
         """Where it is downloaded from (also what messages and model cards cite)."""
-        if self.from_release_url:
-            return f"{release_base_url()}/{self.filename}"
-        return f"https://drive.google.com/file/d/{self.ref}"
+        if not self.from_release_url:
+            return f"https://drive.google.com/file/d/{self.ref}"
+        return f"{os.environ.get('XCLIP_RELEASE_URL', '').rstrip('/') or RELEASE_BASE_URL}/{self.filename}"
 
     def cache_path(self, cache: Path) -> Path:
-        """Its path in the cache rooted at `cache`: the URL's own path (so a mirror and the release never
-        share a file), or ``gdrive/<id>/<filename>`` for a Drive file."""
+        """Its path in the cache rooted at `cache`: its URL's (so a mirror and the release never share a
+        file), or ``gdrive/<id>/<filename>`` for a Drive file."""
         if self.from_release_url:
             return url_cache_path(self.url(), cache)
         return cache / "gdrive" / self.ref / self.filename
@@ -102,7 +87,7 @@ def release(filename: str) -> Source:
 
 
 def gdrive(file_id: str, filename: str) -> Source:
-    """A Google-Drive file, known by its id; `filename` names it in the cache and on mirrors."""
+    """A Google Drive file, known by its id; `filename` names it in the cache and on mirrors."""
     return Source("gdrive", file_id, filename)
 
 
@@ -111,51 +96,43 @@ class Variant:
     name: str
     arch: Arch
     frames: int
-    image_size: int
     source: Source
-
-
-def _variant(name: str, arch: str, frames: int, source: Source, image_size: int = 224) -> Variant:
-    return Variant(name, ARCHS[arch], frames, image_size, source)
+    image_size: int = 224
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
         # Kinetics-400, fully supervised
-        _variant("xclip-base-patch32", "ViT-B/32", 8, release("k400_32_8.pth")),
-        _variant("xclip-base-patch32-16-frames", "ViT-B/32", 16, release("k400_32_16.pth")),
-        _variant("xclip-base-patch16", "ViT-B/16", 8, release("k400_16_8.pth")),
-        _variant("xclip-base-patch16-16-frames", "ViT-B/16", 16, release("k400_16_16.pth")),
-        _variant(
-            "xclip-large-patch14", "ViT-L/14", 8, gdrive("1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx", "k400_14_8.pth")
-        ),
-        _variant(
+        Variant("xclip-base-patch32", B32, 8, release("k400_32_8.pth")),
+        Variant("xclip-base-patch32-16-frames", B32, 16, release("k400_32_16.pth")),
+        Variant("xclip-base-patch16", B16, 8, release("k400_16_8.pth")),
+        Variant("xclip-base-patch16-16-frames", B16, 16, release("k400_16_16.pth")),
+        Variant("xclip-large-patch14", L14, 8, gdrive("1NUOImq0o5DlQTST17iIP3vG7DgmHQuCx", "k400_14_8.pth")),
+        Variant(
             "xclip-large-patch14-16-frames",
-            "ViT-L/14",
+            L14,
             16,
             gdrive("1FOYgnJc097OJ4lGwtRCCydQyVPJEOH7d", "k400_14_16_336.pth"),
             image_size=336,
         ),
         # Kinetics-600
-        _variant("xclip-base-patch16-kinetics-600", "ViT-B/16", 8, release("k600_16_8.pth")),
-        _variant("xclip-base-patch16-kinetics-600-16-frames", "ViT-B/16", 16, release("k600_16_16.pth")),
-        _variant(
+        Variant("xclip-base-patch16-kinetics-600", B16, 8, release("k600_16_8.pth")),
+        Variant("xclip-base-patch16-kinetics-600-16-frames", B16, 16, release("k600_16_16.pth")),
+        Variant(
             "xclip-large-patch14-kinetics-600",
-            "ViT-L/14",
+            L14,
             8,
             gdrive("1FV8C1INuM91sLAN4ImjzePLIlpMSihwV", "k600_14_8.pth"),
         ),
         # few-shot HMDB-51 / UCF-101
         *(
-            _variant(
-                f"xclip-base-patch16-{data}-{shots}-shot", "ViT-B/16", 32, release(f"few_{data}_{shots}.pth")
-            )
+            Variant(f"xclip-base-patch16-{data}-{shots}-shot", B16, 32, release(f"few_{data}_{shots}.pth"))
             for data in ("hmdb", "ucf")
             for shots in (2, 4, 8, 16)
         ),
         # zero-shot
-        _variant("xclip-base-patch16-zero-shot", "ViT-B/16", 32, release("zero.pth")),
+        Variant("xclip-base-patch16-zero-shot", B16, 32, release("zero.pth")),
     )
 }
 

@@ -1,13 +1,7 @@
-"""The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout.
-
-Writes `{'model': state_dict}` with the original's keys in the original checkpoint's order, derived
-from the same rule table as the forward direction (`converter.rules.hf_to_original`), and proves it:
-the written file is read back weights-only and the oracle, run on those original keys, must reproduce
-the HF model within the same tolerance as a forward conversion. The file is staged beside FILE as the
-forward direction's folder is (`export.staged_file`: owner-named and locked, removed on failure or
-interrupt, or by the next run if its owner was killed) and renamed into place only after that check,
-so a failure leaves nothing behind. Progress is one line per stage (load, map, write, verify), as the
-forward direction's.
+"""The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout,
+`{'model': state_dict}` in the original's key order, by the forward rule table (`rules.hf_to_original`).
+The oracle on the written file, read back weights-only, must reproduce the HF model within the forward
+tolerance before the file, staged beside FILE (`export.staged_file`), is renamed into place.
 """
 
 from __future__ import annotations
@@ -26,15 +20,12 @@ from converter.pipeline import stage
 from converter.published import load_published
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
-StateDict = dict[str, torch.Tensor]
-
 
 @dataclass(frozen=True)
 class BackConversion:
     output: Path
     hyper: Hyper
     tensors: int
-    dtypes: tuple[str, ...]  # of the written tensors: the published ones, unchanged
     verification: Verification
 
 
@@ -48,9 +39,14 @@ def to_original(
 ) -> BackConversion:
     """Convert `source` back to an original checkpoint at `output`, verified; return the figures.
 
-    Raises ConverterError on bad input (nothing written) and VerificationError when the original
-    forward pass on the written weights does not reproduce the HF model (nothing written).
+    Raises ConverterError on bad input and VerificationError when the original forward pass on the
+    written weights does not reproduce the HF model; either way nothing is written.
     """
+    from converter.build import build_model
+    from converter.load import load_checkpoint
+    from converter.rules import check_state_dict, hf_to_original, original_shapes
+    from converter.verify import verify
+
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
     with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
         with stage("load") as note:
@@ -58,9 +54,6 @@ def to_original(
             hyper = hyper_from_config(published.config)
             weights = published.model_state_dict()
             note(f"{escape(str(source))}, {len(weights)} tensors")
-
-        from converter.rules import check_state_dict, hf_to_original, original_shapes
-
         with stage("map") as note:
             check_state_dict(weights, hyper)  # every key, every shape, against the published config
             check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
@@ -72,15 +65,21 @@ def to_original(
             torch_save({"model": original}, partial)
             note(escape(str(output)))
         with stage("verify") as note:
-            verification = _verify_written(partial, published.config, weights, hyper, atol)
+            written = {k: v.float() for k, v in load_checkpoint(partial).items()}
+            model = build_model(published.config, {k: v.float() for k, v in weights.items()})
+            try:
+                verification = verify(model, written, hyper, atol, oracle_heads(hyper))
+            except (RuntimeError, ValueError) as err:  # e.g. head counts that do not divide the width
+                raise VerificationError(
+                    f"the original forward pass cannot run on the written weights: {err}"
+                ) from None
             note(verification.summary().split(";")[0])
         if not verification.passed:
             raise VerificationError(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
-    dtypes = tuple(sorted({str(v.dtype).removeprefix("torch.") for v in original.values()}))
-    return BackConversion(Path(output), hyper, len(original), dtypes, verification)
+    return BackConversion(Path(output), hyper, len(original), verification)
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:
@@ -91,32 +90,14 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
-def _verify_written(
-    path: Path, config: object, weights: StateDict, hyper: Hyper, atol: float
-) -> Verification:
-    """The oracle on the keys as written (read back weights-only) against the HF model."""
-    from converter.build import build_model
-    from converter.load import load_checkpoint
-    from converter.verify import verify
-
-    written = load_checkpoint(path)
-    model = build_model(config, {k: v.float() for k, v in weights.items()})
-    try:
-        return verify(model, {k: v.float() for k, v in written.items()}, hyper, atol, oracle_heads(hyper))
-    except (RuntimeError, ValueError) as err:  # e.g. head counts that do not divide the width
-        raise VerificationError(
-            f"the original forward pass cannot run on the written weights: {err}"
-        ) from None
-
-
 def _heads_hint(hyper: Hyper) -> str:
     """Name the usual cause: head counts other than the original's width // 64 (the old port's 8)."""
-    where = {f.name: f.config_paths[0] for f in FIELDS}  # where XCLIPConfig keeps each count
-    rule = {
-        heads: (getattr(hyper, heads), original_heads(getattr(hyper, width)))
-        for _, width, heads in HEAD_FAMILIES
-    }
-    wrong = [f"{where[heads]} {got} ≠ {want}" for heads, (got, want) in rule.items() if want and got != want]
-    if not wrong or oracle_heads(hyper) is not None:
+    if oracle_heads(hyper) is not None:  # widths below 64: the config's heads are the original's
         return ""
-    return f". The config's heads differ from the original's width // 64: {', '.join(wrong)}"
+    config_path = {f.name: f.config_paths[0] for f in FIELDS}  # where XCLIPConfig keeps each count
+    wrong = [
+        f"{config_path[heads]} {getattr(hyper, heads)} ≠ {original_heads(getattr(hyper, width))}"
+        for _, width, heads in HEAD_FAMILIES
+        if getattr(hyper, heads) != original_heads(getattr(hyper, width))
+    ]
+    return f". The config's heads differ from the original's width // 64: {', '.join(wrong)}" if wrong else ""

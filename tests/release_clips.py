@@ -17,7 +17,7 @@ import pytest
 
 from converter import fetch
 from converter.errors import ConverterError
-from converter.video import load_npy
+from converter.processing import load_npy
 
 SPAGHETTI_REPO = "hf-internal-testing/spaghetti-video"
 SPAGHETTI_FILES = {

@@ -84,8 +84,8 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, monkeypatch, cap
 
 
 def test_the_clip_is_what_video_reads(tmp_path):
+    from converter.processing import load_video
     from converter.synthetic import make_clip
-    from converter.video import load_video
 
     np.save(tmp_path / "clip.npy", make_clip(16, seed=1))
     frames = load_video(tmp_path / "clip.npy", 16)

@@ -1,4 +1,4 @@
-"""Frame sampling (the original's test mode) and clip loading (.npy, PyAV): converter/video.py."""
+"""Frame sampling (the original's test mode) and clip loading (.npy, PyAV): converter/processing.py."""
 
 from __future__ import annotations
 
@@ -173,11 +173,11 @@ def test_overstated_frame_count_is_resampled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decoded: list[int]
 ) -> None:
     """A container claiming more frames than decode: sample from the frames that exist."""
-    from converter import video
+    from converter import processing
 
     path = tmp_path / "clip.mp4"
     write_video(path, 20)
-    monkeypatch.setattr(video, "_count_frames", lambda av, p: 50)
+    monkeypatch.setattr(processing, "_count_frames", lambda av, p: 50)
     assert frame_numbers(load_video(path, 8)) == sample_frame_indices(20, 8).tolist()
 
 

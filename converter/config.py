@@ -266,36 +266,41 @@ def _activation(value: object) -> bool:
     return isinstance(value, str) and value in ACT2FN
 
 
-# The other XCLIPConfig fields building the model reads (paths as in FIELDS): what each must be.
+# The other XCLIPConfig fields building the model reads (paths as in FIELDS), by kind; the last two
+# kinds matter only for training.
+ACTIVATIONS = ("text_config.hidden_act", "vision_config.hidden_act", "prompt_hidden_act")
+EPSILONS = ("text_config.layer_norm_eps", "vision_config.layer_norm_eps")
+PROBABILITIES = (
+    "text_config.attention_dropout",
+    "vision_config.attention_dropout",
+    "vision_config.drop_path_rate",
+    "prompt_attention_dropout",
+    "prompt_projection_dropout",
+)
+FINITE = (
+    "logit_scale_init_value",
+    "prompt_alpha",
+    "initializer_factor",
+    "text_config.initializer_range",
+    "text_config.initializer_factor",
+    "vision_config.initializer_range",
+    "vision_config.initializer_factor",
+)
+# What each must be, as a message says it.
 VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     (
         ("vision_config.num_channels",),
         lambda v: _whole(v, 64),
         "a positive integer of at most 64 (3 for RGB)",
     ),
+    (ACTIVATIONS, _activation, "an activation transformers knows (the original uses quick_gelu)"),
     (
-        ("text_config.hidden_act", "vision_config.hidden_act", "prompt_hidden_act"),
-        _activation,
-        "an activation transformers knows (the original uses quick_gelu)",
-    ),
-    (
-        ("text_config.layer_norm_eps", "vision_config.layer_norm_eps"),
+        EPSILONS,
         lambda v: finite_number(v) and 0 < v < 1,
         "a number between 0 and 1 (the original uses 1e-05)",
     ),
-    (
-        ("text_config.attention_dropout", "vision_config.attention_dropout", "vision_config.drop_path_rate")
-        + ("prompt_attention_dropout", "prompt_projection_dropout"),
-        lambda v: finite_number(v) and 0 <= v <= 1,
-        "a probability from 0 to 1",
-    ),
-    (
-        ("logit_scale_init_value", "prompt_alpha", "initializer_factor", "text_config.initializer_range")
-        + ("text_config.initializer_factor", "vision_config.initializer_range")
-        + ("vision_config.initializer_factor",),
-        finite_number,
-        "a finite number",
-    ),
+    (PROBABILITIES, lambda v: finite_number(v) and 0 <= v <= 1, "a probability from 0 to 1"),
+    (FINITE, finite_number, "a finite number"),
 )
 
 

@@ -268,7 +268,7 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
         if variant is None:
             raise ConverterError("nothing to convert: give a checkpoint (path or URL) or a model name")
         path = fetch.fetch_source(variant.source, sha256=sha256, force=force)
-        return Provenance(path, fetch.source_url(variant.source), sha256)
+        return Provenance(path, variant.source.url(), sha256)
     text = str(source)
     if "://" in text:
         return Provenance(fetch.fetch_url(text, sha256=sha256, force=force), text, sha256)

@@ -3,9 +3,8 @@
     from converter import convert_checkpoint
     result = convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")
 
-The pipeline, one module a stage: fetch -> load -> rules (map; config) -> build -> verify (against
-the oracle) -> export (processor_files, card; hub to publish). `pipeline` runs them, `cli` is its
-command line; `audit` and `to_original` check and invert published conversions.
+`pipeline` runs the stages (fetch, load, rules, build, verify against the oracle, export), `cli` is
+its command line; `audit` and `to_original` check and invert published conversions.
 """
 
 from __future__ import annotations

@@ -25,17 +25,10 @@ import torch
 
 from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
-from converter.config import (
-    Hyper,
-    check_fits_weights,
-    check_heads,
-    check_variant,
-    config_source,
-    hyper_from_config,
-    infer_hyper,
-)
+from converter.config import Hyper, config_source
 from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
+from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
 from converter.registry import Variant, get_variant
@@ -170,7 +163,6 @@ def audit(
     Raises ConverterError on bad input."""
     from converter.config import load_config_file, to_config
     from converter.load import load_checkpoint
-    from converter.rules import original_to_hf
 
     variant = get_variant(model_name) if model_name else None
     if checkpoint is None and variant is None:
@@ -180,14 +172,8 @@ def audit(
     original = load_checkpoint(path)
     where = config_source(config)
     if isinstance(config, (str, Path)):
-        config = load_config_file(config, where=where)
-    hyper = hyper_from_config(config) if config is not None else infer_hyper(original)
-    if config is None:
-        check_heads(hyper)
-    else:  # what no shape shows: image_size's grid, num_channels
-        check_fits_weights(config, original_to_hf(original), where)
-    if variant is not None:
-        check_variant(hyper, variant, str(path))
+        config = load_config_file(config)
+    hyper, _ = map_original(original, config, variant, str(path), where)
     expected_config = config if config is not None else to_config(hyper)
 
     # A given config states the original's heads; otherwise the original's rule (width // 64) does.

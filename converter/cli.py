@@ -1,9 +1,6 @@
-"""`xclip-convert`: argparse around the library (`converter.pipeline`, `converter.audit`,
-`converter.to_original`), and the one mapping from what went wrong to an exit status.
-
-Exit status: 0 verified and written (or an audit that matched); 1 a verification ran and failed (or
-an audit found a mismatch); 2 every other refusal, with one line naming the path, key or flag and
-what to do; 130/143 interrupted by SIGINT/SIGTERM. Results go to stdout, progress to stderr.
+"""`xclip-convert`: argparse around the library (`pipeline`, `audit`, `to_original`) and the one mapping
+from what went wrong to an exit status (EPILOG). Results go to stdout, progress to stderr; every line
+printed has its control characters escaped, so nothing read from a file or a server can forge a line.
 """
 
 from __future__ import annotations
@@ -14,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from converter import DEFAULT_TEXTS, DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
@@ -25,7 +22,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "xclip-convert"
-ATOL_SHOWN = "2e-05"  # converter.verify.DEFAULT_ATOL as --help shows it: --help must not import torch
 EPILOG = """\
 exit status:
   0            converted, verified and written (--audit: the published model matches)
@@ -43,38 +39,14 @@ environment:
 """
 _IMPORTED = time.perf_counter()  # where start-up is measured from when /proc cannot tell
 
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Each option's default after its help, where it has one the help does not already state."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
 # The flags each job reads (argparse dests); any other flag given is refused, naming the job.
-_COMMON = {"quiet", "atol"}
 JOB_FLAGS = {
-    "convert": _COMMON | {
-        "checkpoint", "model_name", "config", "sha256", "force_download", "output", "overwrite", "dtype",
-        "push_to_hub", "create_pr", "private", "no_verify", "video", "texts",
-    },
-    "audit": _COMMON | {
-        "audit", "checkpoint", "model_name", "config", "sha256", "report", "revision", "push_to_hub",
-        "create_pr",
-    },
-    "to_original": _COMMON | {"to_original", "output", "overwrite", "revision"},
-    "list": {"list", "quiet"},
-    "show_config": {"show_config", "model_name", "quiet"},
-}  # fmt: skip
-_JOB_NAMES = {
-    "convert": "a conversion",
-    "audit": "--audit",
-    "to_original": "--to-original",
-    "list": "--list",
-    "show_config": "--show-config",
+    "convert": "quiet atol checkpoint model_name config sha256 force_download output overwrite dtype "
+    "push_to_hub create_pr private no_verify video texts",
+    "audit": "quiet atol audit checkpoint model_name config sha256 report revision push_to_hub create_pr",
+    "to_original": "quiet atol to_original output overwrite revision",
+    "list": "quiet list",
+    "show_config": "quiet show_config model_name",
 }
 
 
@@ -84,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
         epilog=EPILOG,
-        formatter_class=_HelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     src = p.add_argument_group("source")
@@ -92,63 +64,55 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--model-name",
         "--model_name",
-        dest="model_name",
         metavar="NAME",
         help="a published variant (see --list): fetched when --checkpoint is absent, and the "
         "checkpoint must match its registry config",
     )
-    src.add_argument(
-        "--config", metavar="FILE", help="XCLIPConfig JSON overriding inference from the checkpoint"
-    )
+    src.add_argument("--config", metavar="FILE", help="XCLIPConfig JSON instead of inferring it from weights")
     src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
     src.add_argument(
         "--force-download",
         action="store_true",
         help="fetch again even if the cache ($XCLIP_CACHE) holds the checkpoint",
     )
-
     out = p.add_argument_group("output")
     out.add_argument(
         "--output",
         "--pytorch_dump_folder_path",
-        dest="output",
         metavar="DIR",
         help="folder to write (with --to-original: the .pth file)",
     )
     out.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    out.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights")
+    out.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the written weights (default: %(default)s)",
+    )
     out.add_argument(
         "--push-to-hub",
         "--push_to_hub",
-        dest="push_to_hub",
         nargs="?",
         const="",
-        default=None,
         metavar="REPO_ID",
         help="upload the verified folder (default repo: <your user>/<model name>)",
     )
     out.add_argument("--create-pr", action="store_true", help="with --push-to-hub: open a pull request")
     out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-
     ver = p.add_argument_group("verification")
     ver.add_argument(
         "--no-verify", action="store_true", help="skip the comparison with the original forward pass"
     )
+    # converter.verify.DEFAULT_ATOL, written out: --help must not import torch.
     ver.add_argument(
         "--atol",
         type=float,
-        default=None,
-        help=f"largest difference allowed, relative to each output's magnitude (default: {ATOL_SHOWN})",
+        help="largest difference allowed, relative to each output's magnitude (default: 2e-05)",
     )
     ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
     ver.add_argument(
-        "--texts",
-        nargs="+",
-        metavar="TEXT",
-        default=None,
-        help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})",
+        "--texts", nargs="+", metavar="TEXT", help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})"
     )
-
     other = p.add_argument_group("other jobs")
     jobs = other.add_mutually_exclusive_group()  # one job a run
     jobs.add_argument(
@@ -158,24 +122,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
     other.add_argument(
-        "--revision", metavar="REV", help="with --audit / --to-original: the hub revision of SOURCE"
+        "--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision"
     )
+    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
+    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
     jobs.add_argument(
         "--to-original",
         metavar="SOURCE",
         help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
         "at --output FILE.pth",
     )
-    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
-    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
     other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _show_progress(not args.quiet)
     from converter.export import Interrupted, signals_as_exceptions
+
+    logger = logging.getLogger("converter")
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    progress = logging.StreamHandler(sys.stderr)  # this run's stderr: main() may run again in one process
+    progress.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
+    logger.addHandler(progress)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning a retry; our own lines say what failed
 
     try:
         with signals_as_exceptions():
@@ -204,25 +174,28 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
         return EXIT_BAD_INPUT
     finally:
-        logging.getLogger("converter").removeHandler(_PROGRESS)  # a library call after main() logs as usual
+        logger.removeHandler(progress)  # a library call after main() logs as usual
 
 
-def _out(text: str) -> None:
-    """A result on stdout. Every line printed, here and in `_say`, has its control characters escaped,
-    so nothing read from a file or a server (a key, a config string, a finding) can forge a line."""
-    print("\n".join(escape(line) for line in text.splitlines()))
+def _out(text: str, file: TextIO | None = None) -> None:
+    """A result on stdout (or `file`), each line's control characters escaped."""
+    print("\n".join(escape(line) for line in text.splitlines()), file=file)
 
 
 def _say(message: str) -> None:
-    lines = message.splitlines() or [""]
-    print("\n".join(escape(line) for line in [f"{PROG}: {lines[0]}", *lines[1:]]), file=sys.stderr)
+    _out(f"{PROG}: {message}", sys.stderr)
 
 
-def _start_up() -> float:
-    """Seconds from the process start to now: called just before the first stage, what Python, the
-    imports (torch) and the checks of the flags took."""
-    since_start = _seconds_since_process_start()
-    return since_start if since_start is not None else time.perf_counter() - _IMPORTED
+def _seconds_since_process_start() -> float:
+    """From the kernel's record of this process's start (Linux), else from this module's import: what
+    Python, the imports (torch) and the checks of the flags took before the first stage."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+            return max(0.0, float(uptime.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 
 def _log_times(start_up: float) -> None:
@@ -231,19 +204,8 @@ def _log_times(start_up: float) -> None:
         "start-up: Python, the imports and the checks of the flags, before the first stage (%.1f s); "
         "%.1f s in all",
         start_up,
-        _start_up(),
+        _seconds_since_process_start(),
     )
-
-
-def _seconds_since_process_start() -> float | None:
-    """From the kernel's record of this process's start (Linux), or None where there is none."""
-    try:
-        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
-            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
-            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-            return max(0.0, float(uptime.read().split()[0]) - started)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class _EscapedLines(logging.Formatter):
@@ -251,57 +213,34 @@ class _EscapedLines(logging.Formatter):
         return "\n".join(escape(line) for line in super().format(record).splitlines())
 
 
-_PROGRESS = logging.StreamHandler()
-_PROGRESS.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
-
-
-def _show_progress(on: bool) -> None:
-    logger = logging.getLogger("converter")
-    logger.setLevel(logging.INFO if on else logging.WARNING)
-    _PROGRESS.stream = sys.stderr  # this run's: main() may run again in one process
-    logger.addHandler(_PROGRESS)
-    # urllib3 logs each retry as a warning; our own lines say what failed, once.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-
-
 def _run(args: argparse.Namespace) -> int:
-    jobs = ("list", "show_config", "audit", "to_original")
-    job = next((name for name in jobs if getattr(args, name)), "convert")
-    _check_flags_apply(args, job)
-    run = {
-        "list": _list_variants,
-        "show_config": _show_config,
-        "audit": _audit,
-        "to_original": _to_original,
-        "convert": _convert,
-    }[job]
-    return run(args)
-
-
-def _check_flags_apply(args: argparse.Namespace, job: str) -> None:
-    """Refuse, before any work, every flag given that `job` does not read (`JOB_FLAGS`)."""
+    """Run the job the flags name, refusing first, before any work, every flag it does not read."""
+    jobs = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
+    job = next((job for job in jobs if getattr(args, job)), "convert")
     defaults = vars(build_parser().parse_args([]))
     given = [dest for dest, value in vars(args).items() if value != defaults[dest]]
-    unused = [dest for dest in given if dest not in JOB_FLAGS[job]]
-    if not unused:
-        return
-    flag = _flag(unused[0])
-    users = [_JOB_NAMES[other] for other, dests in JOB_FLAGS.items() if unused[0] in dests]
-    more = f" (nor {', '.join(map(_flag, unused[1:]))})" if unused[1:] else ""
-    raise ConverterError(
-        f"{_JOB_NAMES[job]} does not use {flag}{more}: drop it; {flag} goes with {' or '.join(users)}"
-    )
+    unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
+    if unused:
+        flag, *more = map(_flag, unused)
+        users = " or ".join(
+            _job_name(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split()
+        )
+        nor = f" (nor {', '.join(more)})" if more else ""
+        raise ConverterError(f"{_job_name(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+    return jobs.get(job, _convert)(args)
 
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
-def _list_variants(args: argparse.Namespace) -> int:
-    from converter.fetch import source_url
+def _job_name(job: str) -> str:
+    return "a conversion" if job == "convert" else _flag(job)
 
+
+def _list(args: argparse.Namespace) -> int:
     for v in VARIANTS.values():
-        _out(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {source_url(v.source)}")
+        _out(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {v.source.url()}")
     return EXIT_OK
 
 
@@ -314,14 +253,11 @@ def _show_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---- converting ----------------------------------------------------------------------------------
-
-
-def _check_flags(args: argparse.Namespace) -> None:
-    """Everything that can be refused from the flags alone, before any work."""
+def _convert(args: argparse.Namespace) -> int:
     from converter.fetch import parse_sha256
-    from converter.pipeline import check_atol
+    from converter.pipeline import check_atol, convert_checkpoint, push
 
+    # Everything that can be refused from the flags alone, before any work.
     publishing = args.push_to_hub is not None
     if not args.checkpoint and not args.model_name:
         raise ConverterError("nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)")
@@ -336,18 +272,16 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.atol is not None:
         check_atol(args.atol)
     parse_sha256(args.sha256)
-    if args.video:
-        _check_video(Path(args.video))
+    if args.video:  # the clip is checked before minutes of conversion, not after
+        from converter.processing import load_video
 
-
-def _convert(args: argparse.Namespace) -> int:
-    from converter.pipeline import convert_checkpoint, push
-
-    _check_flags(args)
-    repo_id = _repo_id(args) if args.push_to_hub is not None else None  # fail fast offline
+        if not Path(args.video).is_file():
+            raise ConverterError(f"--video {escape(args.video)}: no such file")
+        load_video(Path(args.video), 1)  # reads a .npy's header and one frame, or opens a video's stream
+    repo_id = _repo_id(args) if publishing else None  # fail fast offline
     if args.output is None and repo_id is None:
         logging.getLogger("converter").warning("no --output: nothing will be written")
-    start_up = _start_up()
+    start_up = _seconds_since_process_start()
     result = convert_checkpoint(
         args.checkpoint,
         model_name=args.model_name,
@@ -363,7 +297,12 @@ def _convert(args: argparse.Namespace) -> int:
         hash_source=repo_id is not None,  # provenance on the hub
         protect=[("the --video clip", Path(args.video))] if args.video else (),
     )
-    _print_figures(result)
+    if result.verification is not None:
+        _out(result.verification.summary())
+    if result.written_vs_float32 is not None:
+        figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
+        dtype = str(result.dtype).removeprefix("torch.")
+        _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
     if args.video:
         _classify(result, Path(args.video), args.texts or list(DEFAULT_TEXTS))
     if result.folder is not None:
@@ -376,28 +315,10 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_figures(result: ConversionResult) -> None:
-    if result.verification is not None:
-        _out(result.verification.summary())
-    if result.written_vs_float32 is not None:
-        figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
-        dtype = str(result.dtype).removeprefix("torch.")
-        _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
-
-
 def _repo_id(args: argparse.Namespace) -> str:
     from converter.hub import check_repo_id, default_repo_id
 
     return check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
-
-
-def _check_video(path: Path) -> None:
-    """The clip is checked before minutes of conversion, not after."""
-    from converter.processing import load_video
-
-    if not path.is_file():
-        raise ConverterError(f"--video {escape(str(path))}: no such file")
-    load_video(path, 1)  # reads a .npy's header and one frame, or opens a video file's stream
 
 
 def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
@@ -414,46 +335,39 @@ def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
             f"this checkpoint's vocabulary has {result.hyper.vocab_size} tokens"
         )
     model = result.model or build_model(result.config, {k: v.float() for k, v in result.state_dict.items()})
-    frames = load_video(video, result.hyper.frames)
+    pixels = preprocess_video(load_video(video, result.hyper.frames), result.hyper.image_size)
     with torch.no_grad():
-        out = model(
-            input_ids=encode_texts(texts), pixel_values=preprocess_video(frames, result.hyper.image_size)
-        )
+        out = model(input_ids=encode_texts(texts), pixel_values=pixels)
     for text, prob in zip(texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
         _out(f"{prob:.4f}  {escape(text)}")
 
 
-# ---- the other jobs ------------------------------------------------------------------------------
-
-
 def _audit(args: argparse.Namespace) -> int:
-    from contextlib import ExitStack
+    from contextlib import nullcontext
 
     from converter import paths
     from converter.audit import audit, propose_fix
     from converter.export import staged_file
+    from converter.hub import check_repo_id
 
-    if not args.checkpoint and not args.model_name:
-        raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
     _check_revision(args.audit, args.revision)
-    if args.push_to_hub is not None and (args.no_verify or not args.create_pr):
-        raise ConverterError(
-            "with --audit, --push-to-hub opens a pull request of a verified conversion: "
-            "add --create-pr, drop --no-verify"
-        )
-    repo_id = _repo_id_for_fix(args)
-    with ExitStack() as stack:
-        report_file = None
-        if args.report:
-            # Staged before the audit: a --report that cannot be written is refused first.
-            protected = paths.protected(
-                checkpoint=args.checkpoint,
-                config=args.config,
-                source=args.audit,
-                source_label="the audited folder",
+    repo_id = None
+    if args.push_to_hub is not None:  # a pull request to the audited repo, unless another is named
+        if not args.create_pr:
+            raise ConverterError("with --audit, --push-to-hub opens a pull request: add --create-pr")
+        if not args.push_to_hub and Path(args.audit).exists():
+            raise ConverterError(
+                f"--audit {escape(args.audit)} is a folder: name the repo with --push-to-hub REPO_ID"
             )
-            staged = staged_file(Path(args.report), True, protected, flag="--report")
-            report_file = stack.enter_context(staged)
+        repo_id = check_repo_id(args.push_to_hub or args.audit)
+    # Staged before the audit: a --report that cannot be written is refused first.
+    protected = paths.protected(
+        checkpoint=args.checkpoint, config=args.config, source=args.audit, source_label="the audited folder"
+    )
+    staged = (
+        staged_file(Path(args.report), True, protected, flag="--report") if args.report else nullcontext()
+    )
+    with staged as report_file:
         report = audit(
             args.audit,
             model_name=args.model_name,
@@ -487,26 +401,13 @@ def _audit(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def _repo_id_for_fix(args: argparse.Namespace) -> str | None:
-    if args.push_to_hub is None:
-        return None
-    from converter.hub import check_repo_id
-
-    # The pull request goes to the audited repo unless another one is named.
-    if not args.push_to_hub and Path(args.audit).exists():
-        raise ConverterError(
-            f"--audit {escape(args.audit)} is a folder: name the repo with --push-to-hub REPO_ID"
-        )
-    return check_repo_id(args.push_to_hub or args.audit)
-
-
 def _to_original(args: argparse.Namespace) -> int:
     from converter.to_original import to_original
 
     if not args.output:
         raise ConverterError("--to-original needs --output FILE.pth")
     _check_revision(args.to_original, args.revision)
-    start_up = _start_up()
+    start_up = _seconds_since_process_start()
     result = to_original(
         args.to_original,
         Path(args.output),
@@ -533,7 +434,3 @@ def _atol(args: argparse.Namespace) -> float:
     from converter.verify import DEFAULT_ATOL
 
     return DEFAULT_ATOL if args.atol is None else check_atol(args.atol)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,5 @@
-"""The kinds of failure the CLI distinguishes, and the helpers that keep their messages honest.
-
-Exit status: 0 verified and written, 1 `VerificationError` (a verification ran and failed),
-2 `ConverterError` (every other refusal), 130/143 interrupted by SIGINT/SIGTERM.
-"""
+"""The two kinds of failure the CLI tells apart (exit 1 and 2), and the helpers that keep messages on
+one honest line."""
 
 from __future__ import annotations
 
@@ -12,21 +9,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from converter.verify import Verification
 
-MAX_LISTED = 20  # items of a list shown in one message; the rest are counted
-
 
 class ConverterError(Exception):
-    """Bad input: a file, key, shape, flag or network problem the user can act on (exit 2).
-
-    The message is the whole story: which file/key/shape, and what to do. No traceback is shown.
-    """
+    """Bad input the user can act on (exit 2): the message names the file, key, shape or flag and what
+    to do, and no traceback is shown."""
 
 
 class VerificationError(Exception):
-    """The converted model does not reproduce the original forward pass (exit 1).
-
-    `verification` carries the figures that failed, for the CLI to print as a result; the message
-    then ends with its first divergent site."""
+    """The converted model does not reproduce the original forward pass (exit 1); `verification` holds
+    the figures, and the message ends with its first divergent site."""
 
     def __init__(self, message: str, verification: Verification | None = None):
         if verification is not None and verification.first_divergence is not None:
@@ -36,18 +27,17 @@ class VerificationError(Exception):
 
 
 def escape(text: str) -> str:
-    """A name from a file or a user, printable on one line: control characters (ANSI escapes,
-    newlines) are shown escaped, so a key name cannot forge output lines."""
+    """`text` on one printable line: control characters (ANSI escapes, newlines) shown escaped, so a
+    name from a file or a user cannot forge output lines."""
     return text if text.isprintable() else repr(text)[1:-1]
 
 
-def listed(items: Iterable[str], limit: int = MAX_LISTED) -> list[str]:
+def listed(items: Iterable[str], limit: int = 20) -> list[str]:
     """At most `limit` items, then "... and N more" (20,000 unknown keys must not make a 500 KB message)."""
     items = list(items)
-    shown = items[:limit]
-    if len(items) > limit:
-        shown.append(f"... and {len(items) - limit:,} more")
-    return shown
+    if len(items) <= limit:
+        return items
+    return [*items[:limit], f"... and {len(items) - limit:,} more"]
 
 
 def reason(err: BaseException | None) -> str:

@@ -3,9 +3,8 @@
     result = convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")
     result.verification.passed, result.folder
 
-Every refusal is a `ConverterError` naming the file, key or value and what to do; a verification that
-runs and fails is a `VerificationError` and writes nothing. Progress goes to the `converter` logger,
-one line per stage (the CLI shows it on stderr).
+A refusal is a `ConverterError` naming the file, key or value and what to do; a verification that runs
+and fails is a `VerificationError` and writes nothing. The `converter` logger gets one line a stage.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,9 +30,11 @@ from converter.config import (
     config_source,
     hyper_from_config,
     infer_hyper,
+    load_config_file,
     to_config,
 )
 from converter.errors import ConverterError, VerificationError, escape
+from converter.load import check_finite, load_checkpoint
 from converter.registry import Variant, get_variant
 from converter.rules import check_state_dict, original_to_hf
 
@@ -87,14 +88,12 @@ def convert_checkpoint(
     hash_source: bool = False,
     protect: Iterable[tuple[str, Path]] = (),
 ) -> ConversionResult:
-    """Convert one original checkpoint: a local file, a URL, or (with `model_name` alone) the
-    published variant fetched from its release.
+    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release.
 
-    With `output`, the folder is written while the model is verified and moved into place only
-    when everything passed; `repo_id` is the hub repo its card's usage names. `hash_source` computes
-    the sha256 of a local file for the card (publishing) when neither a pin nor a fetch record has it.
-    `protect` names more of the user's files, as (label, path), that the output must not touch.
-    """
+    `output` is written while the model is verified and moved into place only when all passed;
+    `repo_id` is the hub repo the card's usage names; `hash_source` hashes a local file for the card
+    when no pin or fetch record has its sha256; `protect` names more of the user's files, as
+    (label, path), that the output must not touch."""
     from converter import fetch
     from converter.verify import DEFAULT_ATOL
 
@@ -102,8 +101,12 @@ def convert_checkpoint(
     out_dtype = _output_dtype(dtype)
     variant = get_variant(model_name) if model_name else None
     sha256 = fetch.parse_sha256(sha256)
-    given_config = _read_config(config)
-    protected = [*paths.protected(checkpoint=source, config=_config_path(config)), *protect]
+    config_file = config if isinstance(config, str | Path) else None
+    if config_file is not None:
+        with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
+            note(escape(str(config_file)))
+            config = load_config_file(config_file)
+    protected = [*paths.protected(checkpoint=source, config=config_file), *protect]
 
     with ExitStack() as writing:
         folder = None
@@ -119,36 +122,27 @@ def convert_checkpoint(
             note(escape(str(provenance.path)))
         digest = _digest(provenance, hash_source)
         with stage("load") as note:
-            original = _load(provenance.path)
-            note(f"{len(original)} tensors, {_megabytes(original)} MB")
+            original = load_checkpoint(provenance.path, check_values=False)
+            megabytes = sum(t.numel() * t.element_size() for t in original.values()) >> 20
+            note(f"{len(original)} tensors, {megabytes} MB")
         with stage("map") as note:
-            hyper = hyper_from_config(given_config) if given_config is not None else infer_hyper(original)
-            if variant is not None:
-                check_variant(hyper, variant, escape(str(provenance.origin)))
-            if given_config is None:
-                check_heads(hyper)
-            converted = original_to_hf(original)
-            check_state_dict(converted, hyper)
-            if given_config is not None:  # what no shape shows: image_size's grid, num_channels
-                check_fits_weights(given_config, converted, config_source(config))
+            where = config_source(config_file)
+            hyper, converted = map_original(original, config, variant, str(provenance.origin), where)
             state_dict = {k: v.to(out_dtype) for k, v in converted.items()}
             note(f"{len(state_dict)} tensors, {str(out_dtype).removeprefix('torch.')}")
 
-        name = model_name or Path(provenance.origin).stem
         weights_written = None
         if folder is not None:
             from converter.export import weights_written_meanwhile
 
             # The weights are written while transformers is imported and the model verified.
             weights_written = writing.enter_context(weights_written_meanwhile(folder, state_dict))
-        xclip_config = given_config or to_config(hyper)
+        xclip_config = config or to_config(hyper)  # imports transformers while the weights are written
         if weights_written is not None and not verify:
             weights_written()
-        # NaN/inf are refused before verification (where they would read as a mapping mistake) and
-        # before anything but the staged weights is written. Not before the write: a pass over the
-        # mmap'd checkpoint just before it made the write itself slower, in kernel time (README,
-        # Performance); after the write the pass is cheap.
-        _check_finite(original, provenance.path)
+        # NaN/inf are refused before verification (where they would read as a mapping mistake), and
+        # after the write started: a pass over the mmap'd checkpoint just before it slowed the write.
+        check_finite(original, provenance.path)
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
         if verify:
@@ -163,16 +157,39 @@ def convert_checkpoint(
                     f"the converted model does not reproduce the original ({origin}); nothing was written",
                     verification,
                 )
-        provenance = Provenance(provenance.path, provenance.origin, digest.result())
+        provenance = replace(provenance, sha256=digest.result())
+        name = model_name or Path(provenance.origin).stem
         result = ConversionResult(
             name, hyper, xclip_config, state_dict, out_dtype, provenance, verification, written, model=model
         )
         if folder is None:
             return result
-        note = writing.enter_context(stage("write"))
-        note(escape(str(output)))
-        write_small_files(result, folder, repo_id)
-    return _with_folder(result, output)
+        with stage("write") as note:
+            note(escape(str(output)))
+            write_small_files(result, folder, repo_id)
+    return replace(result, folder=output)
+
+
+def map_original(
+    original: Mapping[str, torch.Tensor],
+    config: XCLIPConfig | None,
+    variant: Variant | None,
+    source: str,
+    where: str = "the config",
+) -> tuple[Hyper, StateDict]:
+    """An original state dict's hyper-parameters (`config`'s, else read off the weights) and its weights
+    under XCLIPModel's keys; refused, naming `source` or `where` (the config), when unlike `variant`,
+    when heads are not inferable, or when a key, shape, image_size or channel count disagrees."""
+    hyper = infer_hyper(original) if config is None else hyper_from_config(config)
+    if variant is not None:
+        check_variant(hyper, variant, escape(source))
+    if config is None:
+        check_heads(hyper)
+    converted = original_to_hf(original)
+    check_state_dict(converted, hyper)
+    if config is not None:
+        check_fits_weights(config, converted, where)
+    return hyper, converted
 
 
 def write_folder(
@@ -182,11 +199,10 @@ def write_folder(
     from converter.export import staged_output, write_weights
 
     folder = Path(folder)
-    protected = paths.protected(checkpoint=result.provenance.path)
-    with staged_output(folder, overwrite, protected) as staging:
+    with staged_output(folder, overwrite, paths.protected(checkpoint=result.provenance.path)) as staging:
         write_weights(staging, result.state_dict)
         write_small_files(result, staging, repo_id)
-    return _with_folder(result, folder)
+    return replace(result, folder=folder)
 
 
 def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:
@@ -197,11 +213,9 @@ def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, pri
 
     if result.verification is None or not result.verification.passed:
         raise ConverterError("only verified conversions are published: convert with verification on")
-    if result.folder is not None:
-        return push_folder(result.folder, repo_id, create_pr=create_pr, private=private)
     with tempfile.TemporaryDirectory(prefix="xclip-push-") as tmp:
-        written = write_folder(result, Path(tmp) / result.name, repo_id=repo_id)
-        return push_folder(written.folder, repo_id, create_pr=create_pr, private=private)
+        folder = result.folder or write_folder(result, Path(tmp) / result.name, repo_id=repo_id).folder
+        return push_folder(folder, repo_id, create_pr=create_pr, private=private)
 
 
 def write_small_files(result: ConversionResult, folder: Path, repo_id: str | None = None) -> None:
@@ -238,31 +252,13 @@ def check_atol(atol: float) -> float:
     return float(atol)
 
 
-# ---- stages --------------------------------------------------------------------------------------
-
-
 @contextmanager
 def stage(name: str) -> Iterator:
-    """Log one line when a stage ends: its name, what it found and how long it took (also the way
-    back's stages, `converter.to_original`)."""
+    """Log one line when a stage ends: its name, what it found and how long it took."""
     start = time.perf_counter()
     details: list[str] = []
     yield details.append
     log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in details), time.perf_counter() - start)
-
-
-def _read_config(config: XCLIPConfig | str | Path | None) -> XCLIPConfig | None:
-    if config is None or not isinstance(config, str | Path):
-        return config
-    from converter.config import load_config_file
-
-    with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
-        note(escape(str(config)))
-        return load_config_file(config)
-
-
-def _config_path(config: XCLIPConfig | str | Path | None) -> str | Path | None:
-    return config if isinstance(config, str | Path) else None
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:
@@ -272,7 +268,7 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
         if variant is None:
             raise ConverterError("nothing to convert: give a checkpoint (path or URL) or a model name")
         path = fetch.fetch_source(variant.source, sha256=sha256, force=force)
-        return Provenance(path, fetch.source_url(variant.source), sha256)
+        return Provenance(path, variant.source.url(), sha256)
     text = str(source)
     if "://" in text:
         return Provenance(fetch.fetch_url(text, sha256=sha256, force=force), text, sha256)
@@ -287,31 +283,17 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
 
 
 def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
-    """The checkpoint's sha256 for the card without a second read where possible: the pin, or the
-    record made when it was fetched. A plain local file is hashed only when asked (publishing), on
-    a second core while the conversion runs."""
+    """The checkpoint's sha256 for the card: the pin or the fetch record, else (when asked: publishing)
+    hashed on a second core while the conversion runs."""
+    from converter.export import in_background
     from converter.fetch import recorded_sha256, sha256_file
 
     known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
-    if known or not hash_source:
-        done: Future[str | None] = Future()
-        done.set_result(known)
-        return done
-    from converter.export import in_background
-
-    return in_background(sha256_file, provenance.path)
-
-
-def _load(path: Path) -> StateDict:
-    from converter.load import load_checkpoint
-
-    return load_checkpoint(path, check_values=False)
-
-
-def _check_finite(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
-    from converter.load import check_finite
-
-    check_finite(state_dict, path)
+    if hash_source and not known:
+        return in_background(sha256_file, provenance.path)
+    done: Future[str | None] = Future()
+    done.set_result(known)
+    return done
 
 
 def _verify(
@@ -322,11 +304,9 @@ def _verify(
     dtype: torch.dtype,
     atol: float,
 ) -> tuple[XCLIPModel, Verification, Verification | None]:
-    """Build the converted XCLIPModel and compare it with the oracle run on the original weights.
-
-    The mapping check sees exactly the values written on both sides (rounded to the output dtype,
-    computed in float32), so only a mapping mistake can fail it. With a reduced dtype the written
-    model is also compared with the float32 original: the rounding's cost, reported not gated."""
+    """The converted XCLIPModel against the oracle on the original weights, both rounded to the output
+    dtype so only a mapping mistake can fail; with a reduced dtype also the written model against the
+    float32 original: the rounding's cost, reported not gated."""
     from converter.build import build_model
     from converter.verify import oracle_heads, verify
 
@@ -338,13 +318,3 @@ def _verify(
     if dtype != torch.float32 and verification.passed:
         written = verify(model, {k: v.float() for k, v in original.items()}, hyper, atol, heads)
     return model, verification, written
-
-
-def _with_folder(result: ConversionResult, folder: Path) -> ConversionResult:
-    from dataclasses import replace
-
-    return replace(result, folder=folder)
-
-
-def _megabytes(state_dict: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state_dict.values()) >> 20

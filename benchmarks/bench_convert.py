@@ -267,7 +267,8 @@ def forward(model: str, checkpoint: str, repeats: str) -> None:
     from converter.config import hyper_for_variant, to_config
     from converter.registry import VARIANTS
     from converter.rules import original_to_hf
-    from converter.verify import hf_outputs, oracle_outputs, synthetic_inputs
+    from converter.verify import synthetic_inputs
+    from tests.helpers import hf_outputs, oracle_outputs
 
     hyper = hyper_for_variant(VARIANTS[model])
     original = _load_training_file(checkpoint, mmap=True)["model"]

@@ -36,13 +36,6 @@ OUTPUT = "output"
 VISION_EMBEDDINGS = "vision embeddings (after ln_pre)"
 TEXT_EMBEDDINGS = "text embeddings"
 _BLOCK_PREFIXES = {VISION: VISION_BLOCKS, TEXT: TEXT_BLOCKS, MIT: MIT_BLOCKS, PROMPT: PROMPT_BLOCKS}
-# The final outputs `original_forward` returns: the arrays of the goldens' expected.npz.
-OUTPUTS = (
-    *("vision_last_hidden_state", "vision_pooled", "cls_features", "mit_last_hidden_state", "video_embeds"),
-    *("text_last_hidden_state", "text_pooled", "text_embeds_raw"),
-    *("img_features", "prompts", "text_embeds"),
-    *("video_embeds_normalized", "text_embeds_normalized", "logit_scale_exp", "logits"),
-)
 
 
 def layer_site(stack: str, layer: int, part: str = OUTPUT) -> str:
@@ -221,12 +214,3 @@ def original_sites(
     yield "video_embeds_normalized", video_embeds_normalized
     yield "text_embeds_normalized", text_embeds_normalized
     yield from dict(logit_scale_exp=logit_scale_exp, logits=logits).items()
-
-
-def original_forward(
-    state_dict: StateDict, pixel_values: Tensor, input_ids: Tensor, heads: OriginalHeads | None = None
-) -> dict[str, Tensor]:
-    """The original X-CLIP's `OUTPUTS` for pixel_values [B, T, 3, H, W] and input_ids [K, L]."""
-    return {
-        name: t for name, t in original_sites(state_dict, pixel_values, input_ids, heads) if name in OUTPUTS
-    }

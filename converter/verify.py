@@ -69,6 +69,17 @@ class Site:
     max_abs_diff: float
     tolerance: float
 
+    @classmethod
+    def measure(cls, name: str, expected: Tensor, actual: Tensor, atol: float) -> Site:
+        """max |Δ| at one site and its tolerance: `atol` times the site's largest magnitude."""
+        if actual.shape != expected.shape:
+            raise VerificationError(
+                f"{name}: shape {list(actual.shape)} vs the original's {list(expected.shape)}"
+            )
+        low, high = torch.aminmax(expected.float())  # no |x| copy of a whole layer's activations
+        diff = (actual.float() - expected.float()).abs_().max().item()
+        return cls(name, diff, atol * max(high.item(), -low.item()))
+
     @property
     def ratio(self) -> float:
         """|Δ| / tolerance: the site passes when it is <= 1."""
@@ -222,47 +233,6 @@ def read_sites(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor, on_si
     on_site("logits", out.logits_per_video)
 
 
-def hf_outputs(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor) -> dict[str, Tensor]:
-    """XCLIPModel's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
-    captured: dict[str, Tensor] = {}
-
-    def keep(name: str, tensor: Tensor) -> None:
-        if name in ORACLE_KEYS:
-            captured[name] = tensor
-
-    read_sites(model, pixel_values, input_ids, keep)
-    return {name: captured[name] for name in ORACLE_KEYS}
-
-
-def oracle_outputs(
-    original_state_dict: Mapping[str, Tensor],
-    pixel_values: Tensor,
-    input_ids: Tensor,
-    heads: OriginalHeads | None = None,
-) -> dict[str, Tensor]:
-    """The oracle's outputs under the names of `ORACLE_KEYS` (the other sites are not kept)."""
-    wanted = set(ORACLE_KEYS.values())
-    sites = original_sites(original_state_dict, pixel_values, input_ids, heads)
-    out = {key: tensor for key, tensor in sites if key in wanted}
-    return {name: out[key] for name, key in ORACLE_KEYS.items()}
-
-
-def _site(name: str, expected: Tensor, actual: Tensor, atol: float) -> Site:
-    """max |Δ| at one site and its tolerance: `atol` times the site's largest magnitude."""
-    if actual.shape != expected.shape:
-        raise VerificationError(
-            f"{name}: shape {list(actual.shape)} vs the original's {list(expected.shape)}"
-        )
-    low, high = torch.aminmax(expected.float())  # no |x| copy of a whole layer's activations
-    diff = (actual.float() - expected.float()).abs_().max().item()
-    return Site(name, diff, atol * max(high.item(), -low.item()))
-
-
-def compare(expected: Mapping[str, Tensor], actual: Mapping[str, Tensor], atol: float) -> Verification:
-    """Compare every output in `expected` (extra outputs in `actual` are ignored)."""
-    return Verification.of((_site(name, want, actual[name], atol) for name, want in expected.items()), atol)
-
-
 def compare_sites(
     model: XCLIPModel,
     expected: Iterable[tuple[str, Tensor]],
@@ -283,7 +253,7 @@ def compare_sites(
             raise VerificationError(
                 f"the converted model computes {name} where the original computes {where}"
             )
-        sites.append(_site(name, found[1], actual, atol))
+        sites.append(Site.measure(name, found[1], actual, atol))
 
     read_sites(model, pixel_values, input_ids, check)
     left = next((k for k, _ in theirs if k not in NOT_COMPARED), None)

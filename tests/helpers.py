@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from converter.config import Hyper
-from converter.oracle import OriginalHeads
+from converter.oracle import OriginalHeads, original_sites
+from converter.verify import ORACLE_KEYS, Site, Verification, read_sites
+
+if TYPE_CHECKING:
+    from transformers import XCLIPModel
 
 GOLDENS = Path(__file__).parent / "data" / "goldens"
+# The final outputs `original_forward` returns: the arrays of the goldens' expected.npz.
+OUTPUTS = (
+    *("vision_last_hidden_state", "vision_pooled", "cls_features", "mit_last_hidden_state", "video_embeds"),
+    *("text_last_hidden_state", "text_pooled", "text_embeds_raw"),
+    *("img_features", "prompts", "text_embeds"),
+    *("video_embeds_normalized", "text_embeds_normalized", "logit_scale_exp", "logits"),
+)
 
 # (fixture folder, checkpoint file, expected outputs)
 CASES = {
@@ -86,3 +99,50 @@ def run(*args: object) -> int:
     from converter.cli import main
 
     return main([str(a) for a in args])
+
+
+def original_forward(
+    state_dict: Mapping[str, torch.Tensor],
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    heads: OriginalHeads | None = None,
+) -> dict[str, torch.Tensor]:
+    """The original X-CLIP's `OUTPUTS` for pixel_values [B, T, 3, H, W] and input_ids [K, L]."""
+    return {
+        name: t for name, t in original_sites(state_dict, pixel_values, input_ids, heads) if name in OUTPUTS
+    }
+
+
+def oracle_outputs(
+    original_state_dict: Mapping[str, torch.Tensor],
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    heads: OriginalHeads | None = None,
+) -> dict[str, torch.Tensor]:
+    """The oracle's outputs under the names of `verify.ORACLE_KEYS` (the other sites are not kept)."""
+    wanted = set(ORACLE_KEYS.values())
+    sites = original_sites(original_state_dict, pixel_values, input_ids, heads)
+    out = {key: tensor for key, tensor in sites if key in wanted}
+    return {name: out[key] for name, key in ORACLE_KEYS.items()}
+
+
+def hf_outputs(
+    model: XCLIPModel, pixel_values: torch.Tensor, input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """XCLIPModel's outputs under the names of `verify.ORACLE_KEYS` (the other sites are not kept)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if name in ORACLE_KEYS:
+            captured[name] = tensor
+
+    read_sites(model, pixel_values, input_ids, keep)
+    return {name: captured[name] for name in ORACLE_KEYS}
+
+
+def compare(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], atol: float
+) -> Verification:
+    """Compare every output in `expected` (extra outputs in `actual` are ignored)."""
+    sites = (Site.measure(name, want, actual[name], atol) for name, want in expected.items())
+    return Verification.of(sites, atol)

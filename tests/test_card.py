@@ -11,8 +11,7 @@ from converter import processing
 from converter.card import INSTALL, PLACEHOLDER, model_card, public_source, usage_snippet
 from converter.config import hyper_for_variant
 from converter.registry import VARIANTS
-from converter.verify import compare
-from tests.helpers import SQUARE
+from tests.helpers import SQUARE, compare
 
 SHA = "0123456789abcdef" * 4
 URL = "https://github.com/nbl97/X-CLIP_Model_Zoo/releases/download/v1.0/k400_32_8.pth"

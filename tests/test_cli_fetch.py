@@ -15,7 +15,7 @@ from converter.fetch import sha256_file
 from converter.synthetic import make_state_dict
 from tests import helpers
 from tests._http import Fault, LoopbackServer
-from tests.helpers import SQUARE, run
+from tests.helpers import SQUARE, original_forward, run
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,6 @@ def test_model_name_fetches_from_the_release_mirror(fast_network, monkeypatch, c
 
 def test_video_and_texts_print_probabilities(tmp_path, capsys):
     """The printed numbers are the original model's probabilities for the clip, text by text."""
-    from converter.oracle import original_forward
     from converter.processing import encode_texts, load_video, preprocess_video
 
     hyper = dataclasses.replace(SQUARE, vocab_size=49408)  # CLIP's vocabulary, so real texts tokenize

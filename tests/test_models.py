@@ -31,8 +31,9 @@ from converter.load import load_checkpoint
 from converter.processing import preprocess_video
 from converter.registry import VARIANTS, Variant
 from converter.synthetic import save_training_layout
-from converter.verify import DEFAULT_ATOL, compare, hf_outputs, oracle_outputs
+from converter.verify import DEFAULT_ATOL
 from tests._http import LoopbackServer
+from tests.helpers import compare, hf_outputs, oracle_outputs
 from tests.release_clips import load_spaghetti_clip, real_checkpoint, unavailable
 from tests.update_synthetic import stored_path, suite_inputs, synthetic_original, write
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from converter.oracle import OriginalHeads, causal_mask, original_forward
+from converter.oracle import OriginalHeads, causal_mask
 from tests import helpers
+from tests.helpers import original_forward
 
 SD = dict[str, torch.Tensor]
 TOLERANCE = 1e-5

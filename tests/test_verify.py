@@ -20,7 +20,6 @@ from converter.oracle import (
     MESSAGE_LN,
     MESSAGE_TOKEN,
     OUTPUT,
-    OUTPUTS,
     PROMPT,
     SELF_ATTENTION,
     layer_site,
@@ -33,16 +32,13 @@ from converter.verify import (
     DEFAULT_ATOL,
     NOT_COMPARED,
     ORACLE_KEYS,
-    compare,
     compare_sites,
-    hf_outputs,
-    oracle_outputs,
     read_sites,
     synthetic_inputs,
     verify,
 )
 from tests import helpers
-from tests.helpers import SQUARE, UNEVEN, heads, run
+from tests.helpers import OUTPUTS, SQUARE, UNEVEN, compare, heads, hf_outputs, oracle_outputs, run
 from tests.mutations import HARMLESS, harmless, mistakes, plant, proof
 
 # ---- inputs ------------------------------------------------------------------------------------

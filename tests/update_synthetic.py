@@ -61,7 +61,7 @@ def write(name: str, outputs: dict[str, torch.Tensor]) -> Path:
 def main(names: list[str]) -> int:
     """Compute the oracle's outputs as the suite feeds it: the saved processor's pixels and ids."""
     from converter.processing import build_processor
-    from converter.verify import oracle_outputs
+    from tests.helpers import oracle_outputs
 
     for name in names or list(VARIANTS):
         variant = VARIANTS[name]

@@ -1,8 +1,6 @@
-"""Audit a published transformers X-CLIP model against the original checkpoint it claims to be.
-
-Five checks, each a list of findings: the config against what the original implies, every weight
-against our conversion of the original, the outputs against the oracle, the processor against the
-original's preprocessing, and the tokenizer's ids against CLIP's. The published folder is only read.
+"""Audit a published transformers X-CLIP model against the original checkpoint it claims to be: its
+config, weights, outputs (against the oracle), preprocessing and tokenizer, each a list of findings;
+and the pull request that fixes what the audit found. The published folder is only read.
 """
 
 from __future__ import annotations
@@ -27,12 +25,11 @@ from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source
 from converter.errors import ConverterError, VerificationError, reason
-from converter.oracle import OriginalHeads
 from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
 from converter.registry import Variant, get_variant
-from converter.verify import DEFAULT_ATOL, Verification
+from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -40,8 +37,8 @@ if TYPE_CHECKING:
 EXIT_MATCH, EXIT_MISMATCH = 0, 1
 KINDS = ("config", "weights", "outputs", "preprocessing", "tokenizer")
 LINES_PER_KIND = 12  # lines() shortens long lists (e.g. every tensor of a transposed family); JSON has all
-# Sentences whose ids the published tokenizer must reproduce: case, punctuation, digits, accents,
-# runs of whitespace, contractions, an empty prompt, and the three labels of the release tests.
+# What the published tokenizer must reproduce: case, punctuation, digits, accents, whitespace runs,
+# contractions, an empty prompt, and the release tests' labels.
 SENTENCES = (
     *DEFAULT_TEXTS,
     "a video of a person playing the violin.",
@@ -60,7 +57,7 @@ class Finding:
     """One compared item: published value against the original's, and whether it matters."""
 
     kind: str  # one of KINDS
-    name: str  # the config field, tensor, output, setting or sentence
+    name: str
     published: Any
     original: Any
     ok: bool
@@ -92,8 +89,7 @@ class AuditReport:
         return EXIT_MATCH if self.passed else EXIT_MISMATCH
 
     def ordered(self) -> list[Finding]:
-        """Worst first: failures before notes; among them what changes the computation first, then by
-        check (the config names a cause, the outputs its effect) and size."""
+        """Worst first: failures, then what changes the computation, then by check (cause before effect)."""
 
         def rank(f: Finding) -> tuple[bool, bool, int, float]:
             return f.ok, not f.ok and f.changes_computation is not True, KINDS.index(f.kind), -f.severity
@@ -155,12 +151,9 @@ def audit(
     reference: str | Path | None = None,
     sha256: str | None = None,
 ) -> AuditReport:
-    """Compare the published model `source` (a folder, a hub repo id, or one already loaded) with the
-    original: `checkpoint` (a path or URL), else `model_name`'s release. `config` (an XCLIPConfig or
-    its JSON) states the original's hyperparameters where the checkpoint cannot (widths below 64);
-    `reference` is a `.npz` of frames and what the original preprocessing made of them (`frame/<name>`,
-    `original<S>/<name>`). The published model is read first, so a bad SOURCE fails before a download.
-    Raises ConverterError on bad input."""
+    """Compare `source` (a folder, hub repo id or loaded model) with `checkpoint`, else `model_name`'s
+    release; `config` states what widths below 64 cannot, `reference` is an `.npz` of frames and the
+    original's preprocessing of them. `source` is read first, so a bad one fails before a download."""
     from converter.config import load_config_file, to_config
     from converter.load import load_checkpoint
 
@@ -175,13 +168,10 @@ def audit(
         config = load_config_file(config)
     hyper, _ = map_original(original, config, variant, str(path), where)
     expected_config = config if config is not None else to_config(hyper)
-
-    # A given config states the original's heads; otherwise the original's rule (width // 64) does.
-    heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
     findings = [
         *config_findings(published.config, expected_config),
         *weight_findings(published.state_dict, original),
-        *output_findings(published, original, hyper, atol, heads if config is not None else None),
+        *output_findings(published, original, hyper, atol),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
@@ -199,8 +189,7 @@ def _resolve_original(
 
 
 def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Finding]:
-    """Every field that changes the computation and differs (in name order), and training-only ones
-    (dropouts, initialisation) as notes."""
+    """Each differing field that changes the computation; training-only ones (dropout, init) as notes."""
     from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES
 
     computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
@@ -230,10 +219,9 @@ def weight_findings(
     buffers = sorted(k for k in published if BENIGN_BUFFERS.match(k) and k not in ours)
     theirs = {k: v for k, v in published.items() if k not in buffers}
     findings = [
-        Finding(
-            "weights", k, "absent", list(ours[k].shape), False, True, f"missing {k} {list(ours[k].shape)}"
-        )
-        for k in sorted(ours.keys() - theirs.keys())
+        Finding("weights", k, "absent", list(v.shape), False, True, f"missing {k} {list(v.shape)}")
+        for k, v in sorted(ours.items())
+        if k not in theirs
     ]
     findings += [
         Finding("weights", k, list(theirs[k].shape), "absent", False, True, f"unexpected {k}")
@@ -264,14 +252,10 @@ def weight_findings(
 
 
 def output_findings(
-    published: Published,
-    original: Mapping[str, torch.Tensor],
-    hyper: Hyper,
-    atol: float,
-    heads: OriginalHeads | None = None,
+    published: Published, original: Mapping[str, torch.Tensor], hyper: Hyper, atol: float
 ) -> list[Finding]:
-    """The published model (its config, its weights) against the oracle on the original weights: every
-    compared site in one finding, then each output. `heads` default to the original's rule, width // 64."""
+    """The published model against the oracle on the original weights: all sites in one finding, then
+    each output."""
     from converter.build import build_model
     from converter.verify import verify
 
@@ -288,7 +272,7 @@ def output_findings(
     dtype = max(sizes, key=sizes.get, default=torch.float32)
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     try:
-        result = verify(model, rounded, hyper, atol, heads)
+        result = verify(model, rounded, hyper, atol, oracle_heads(hyper))
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
     count, first = len(result.compared), result.first_divergence
@@ -318,9 +302,8 @@ def preprocessing_findings(
 ) -> list[Finding]:
     """The published processor's settings against the original's, and its measured output."""
     if raw is None:
-        return [
-            Finding("preprocessing", "files", "absent", "present", False, True, "no image processor files")
-        ]
+        detail = "no image processor files"
+        return [Finding("preprocessing", "files", "absent", "present", False, True, detail)]
     expected = original_preprocessing(image_size)
     got, want = _settings(raw), _settings(expected)
     findings = [
@@ -367,8 +350,8 @@ def _close(a: Any, b: Any) -> bool:
 def _measured(
     raw: Mapping[str, Any], expected: dict[str, Any], size: int, reference: str | Path | None
 ) -> Finding:
-    """Max |Δ| of the published processor's output from the original's, next to what the correctly
-    configured transformers processor achieves (transformers cannot match the original bit for bit)."""
+    """Max |Δ| of the published processor's output from the original's, next to what a correctly
+    configured one achieves (transformers cannot match the original bit for bit)."""
     from transformers import VideoMAEImageProcessorPil
 
     frames, targets, what = _reference_frames(size, reference)
@@ -399,8 +382,8 @@ def _measured(
 def _reference_frames(
     size: int, reference: str | Path | None
 ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Frames and the original's output for them: stored reference data (exact, from the original
-    pipeline) when it covers this size, else seeded frames through converter.processing."""
+    """Frames and the original's output for them: `reference` when it covers this size, else seeded
+    frames through converter.processing."""
     from converter.processing import IMAGENET_MEAN, IMAGENET_STD, preprocess_video
 
     if reference is not None and Path(reference).is_file():
@@ -423,9 +406,8 @@ def _reference_frames(
 
 
 def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCES) -> list[Finding]:
-    """Ids of a fixed sentence set, padded to 77, against CLIP's tokenizer. A difference up to the end
-    token changes what the text tower computes; one after it (the pad id) does not: the tower is
-    causal and pools at the end token (the original itself pads with 0)."""
+    """Ids of `sentences`, padded to 77, against CLIP's tokenizer. Only differences up to the end token
+    matter: the text tower is causal and pools there (the original itself pads with 0)."""
     from converter.processing import build_tokenizer
 
     try:
@@ -439,9 +421,8 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
         try:
             got = _ids(tokenizer, sentence)
         except Exception as err:
-            findings.append(
-                Finding("tokenizer", sentence, None, want, False, True, f"{sentence!r}: {reason(err)}")
-            )
+            detail = f"{sentence!r}: {reason(err)}"
+            findings.append(Finding("tokenizer", sentence, None, want, False, True, detail))
             continue
         if got == want:
             same += 1
@@ -501,8 +482,8 @@ def propose_fix(
     *,
     private: bool = False,
 ) -> str:
-    """Open a pull request on `repo_id` with our converted `folder` and a card listing the findings;
-    return its URL. Refused unless our conversion verified, and when the audit found nothing to fix."""
+    """Open a pull request on `repo_id` with our verified `folder` and a card listing the findings;
+    return its URL."""
     from converter.hub import push_folder
 
     folder = Path(folder)

@@ -29,10 +29,9 @@ def write_processor(folder: Path, image_size: int) -> None:
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
-    """Save `processing.build_processor(image_size)` to `folder`, rewritten so that every version reads it:
-    the image processor flat in `preprocessor_config.json` (`processor_config.json` keeps only the class,
-    as 4.x passes its keys to `__init__` twice), merges as "a b" strings (no CLIP token has a space),
-    and `vocab.json` + `merges.txt` for the slow tokenizer."""
+    """Save `processing.build_processor(image_size)` to `folder` as every version reads it: the image
+    processor flat in `preprocessor_config.json` (4.x passes `processor_config.json`'s keys to `__init__`
+    twice), merges as "a b" strings, and `vocab.json` + `merges.txt` for the slow tokenizer."""
     from converter.processing import build_processor
 
     build_processor(image_size).save_pretrained(folder)
@@ -79,18 +78,15 @@ def _cached_processor(image_size: int) -> Path:
 
     from filelock import FileLock
 
-    from converter import frames, processing, tokenizer
     from converter.export import staged_output
     from converter.fetch import cache_folder
 
-    # The files change when any module that decides their content does.
+    # Keyed by the package's code as a whole: the files change when any module that decides them does.
     code = hashlib.sha256()
-    for module in (processing.__file__, frames.__file__, tokenizer.__file__, __file__):
-        code.update(Path(module).read_bytes())
-    folder = (
-        cache_folder("processor")
-        / f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
-    )
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(module.read_bytes())
+    name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
+    folder = cache_folder("processor") / name
     if not (folder / IMAGE_PROCESSOR_FILE).is_file():
         with FileLock(f"{folder}.lock"):
             if not (folder / IMAGE_PROCESSOR_FILE).is_file():

@@ -79,13 +79,13 @@ def _cached_processor(image_size: int) -> Path:
 
     from filelock import FileLock
 
-    from converter import frames, processing, tokenizer
+    from converter import processing, tokenizer
     from converter.export import staged_output
     from converter.fetch import cache_folder
 
     # The files change when any module that decides their content does.
     code = hashlib.sha256()
-    for module in (processing.__file__, frames.__file__, tokenizer.__file__, __file__):
+    for module in (processing.__file__, tokenizer.__file__, __file__):
         code.update(Path(module).read_bytes())
     folder = (
         cache_folder("processor")

@@ -1,6 +1,6 @@
-"""The original's test-time preprocessing (clips sampled, decoded, then resized and cropped by
-``converter.frames`` and normalised) and the transformers ``XCLIPProcessor`` saved with a converted
-model, whose distance from the original ``PROCESSOR_DEVIATION`` states.
+"""The original's test-time preprocessing (frames sampled, decoded, resized, cropped and normalised with
+torch alone, to one uint8 level of its OpenCV) and the transformers ``XCLIPProcessor`` saved with a
+converted model, whose distance from the original ``PROCESSOR_DEVIATION`` states.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from converter.errors import ConverterError
-from converter.frames import check_frames, check_positive_int, resize_and_crop, resize_short_side
 
 # Scripts import the tokenizer's names from here with the rest of the preprocessing.
 from converter.tokenizer import CLIP_VOCAB_SIZE, MAX_TEXT_LENGTH, build_tokenizer, encode_texts  # noqa: F401
@@ -32,6 +31,56 @@ ORIGINAL_STD_255 = (58.395, 57.12, 57.375)
 PROCESSOR_DEVIATION: dict[int, tuple[float, float]] = {224: (0.0624, 1.33), 336: (0.0468, 1.52)}
 
 
+def resize_short_side(image_size: int) -> int:
+    """Short-side length the original resizes to before centre-cropping ``image_size``."""
+    return int(256 / 224 * image_size)
+
+
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """As mmcv's ``rescale_size``: both sides rounded (transformers truncates the long side: 682, not 683)."""
+    factor = short_side / min(height, width)
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def check_positive_int(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConverterError(f"{what} must be a positive integer, got {value!r}")
+
+
+def check_frames(frames: object, source: str) -> np.ndarray:
+    if not isinstance(frames, np.ndarray):
+        raise ConverterError(f"{source}: expected a numpy array of frames, got {type(frames).__name__}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) == 0:
+        raise ConverterError(
+            f"{source}: expected frames of shape [T, H, W, 3] (RGB, T >= 1), got shape {tuple(frames.shape)}"
+        )
+    if frames.dtype != np.uint8:
+        raise ConverterError(
+            f"{source}: expected uint8 pixels (0-255), got dtype {frames.dtype} "
+            f"with shape {tuple(frames.shape)}; convert the frames to uint8 first."
+        )
+    return frames
+
+
+def resize_and_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
+    """The original's Resize + CenterCrop: ``[T, 3, S, S]`` float32 holding whole numbers 0-255."""
+    import torch
+    import torch.nn.functional as F
+
+    frames = check_frames(frames, "video frames")
+    check_positive_int(image_size, "image size")
+    new_h, new_w = resized_shape(*frames.shape[1:3], resize_short_side(image_size))
+    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    out = []
+    for frame in frames:  # one frame at a time: a 32-frame HD clip would need 350 MB as float at once
+        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
+        x = x[0, :, top : top + image_size, left : left + image_size]
+        # cv2 returns uint8 rounded half up (its fixed-point result); the crop only discards pixels.
+        out.append(torch.floor(x + 0.5).clamp_(0, 255))
+    return torch.stack(out)
+
+
 def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
     """The original's test-time sample of ``num_frames`` from ``total``: ``int(i * N/T + N/(2T)) % N``
     (mmaction's ``_get_test_clips``, same float order); a clip shorter than T repeats frames."""
@@ -44,8 +93,7 @@ def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
 
 
 def load_video(path: str | Path, num_frames: int) -> np.ndarray:
-    """``num_frames`` RGB frames ``[T, H, W, 3]`` uint8 sampled as the original does, from a ``.npy``
-    array of frames or a video file (PyAV, decoded only up to the last frame needed)."""
+    """``num_frames`` RGB frames sampled as the original does, from a ``.npy`` array or a video (PyAV)."""
     check_positive_int(num_frames, "number of frames")
     path = Path(path)
     if path.suffix.lower() == ".npy":
@@ -73,7 +121,7 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
 
 
 def load_npy(path: str | Path) -> np.ndarray:
-    """Frames ``[T, H, W, 3]`` uint8 from a ``.npy`` file, validated; no pickles (they can run code)."""
+    """Frames from a ``.npy`` file, validated; no pickles (they can run code)."""
     try:
         frames = np.load(path, allow_pickle=False)
     except FileNotFoundError as exc:
@@ -86,8 +134,7 @@ def load_npy(path: str | Path) -> np.ndarray:
 
 
 def _count_frames(av, path: Path) -> int:
-    """Frames of the first video stream: the container's count, else its non-empty packets (Matroska/WebM
-    often omit the count; a packet holds one frame, and demuxing costs a fraction of decoding)."""
+    # Matroska/WebM often omit the count; a packet holds one frame, and demuxing costs a fraction of decoding.
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ConverterError(f"video file {path} has no video stream")
@@ -96,7 +143,7 @@ def _count_frames(av, path: Path) -> int:
 
 
 def _decode_indices(av, path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames as RGB, decoding no further than the last of them; and the frames decoded."""
+    """The wanted frames as RGB, decoding no further than the last of them, and how many were decoded."""
     kept: dict[int, np.ndarray] = {}
     index, last = -1, max(wanted)
     with av.open(str(path)) as container:
@@ -109,8 +156,7 @@ def _decode_indices(av, path: Path, wanted: set[int]) -> tuple[dict[int, np.ndar
 
 
 def preprocess_video(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """Pixel values ``[1, T, 3, S, S]`` float32 for ``[T, H, W, 3]`` uint8 RGB frames, as the original
-    computes them to one uint8 level (about 0.0175 after normalisation)."""
+    """Pixel values ``[1, T, 3, S, S]`` as the original computes them, to one uint8 level (~0.0175)."""
     import torch
 
     pixels = resize_and_crop(frames, image_size)
@@ -120,14 +166,13 @@ def preprocess_video(frames: np.ndarray, image_size: int) -> torch.Tensor:
 
 
 def original_settings(image_size: int) -> dict:
-    """The original's preprocessing as VideoMAE image processor settings. Bilinear is, of PIL's filters,
-    the closest to OpenCV's INTER_LINEAR (measured on the reference photos and ~50 crops); crop_size is
-    given too, since with only a size VideoMAE still centre-crops to 224."""
+    """The original's preprocessing as VideoMAE image processor settings; crop_size is given too, since
+    with only a size VideoMAE still centre-crops to 224."""
     check_positive_int(image_size, "image size")
     return {
         "do_resize": True,
         "size": {"shortest_edge": resize_short_side(image_size)},
-        "resample": 2,  # PIL.Image.Resampling.BILINEAR
+        "resample": 2,  # PIL's BILINEAR, of its filters the closest to OpenCV's INTER_LINEAR (measured)
         "do_center_crop": True,
         "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True,
@@ -139,9 +184,8 @@ def original_settings(image_size: int) -> dict:
 
 
 def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
-    """VideoMAE's Pillow image processor with `original_settings`: the closest to the original that plain
-    ``AutoProcessor`` loads, not equal to it (PIL antialiases, the long side is truncated). Not the class
-    that needs torchvision, which does not import beside this torch build: Pillow's result is the same."""
+    """The closest to the original that plain ``AutoProcessor`` loads (PIL antialiases); the Pillow class,
+    since the torchvision one does not import beside this torch build and gives the same result."""
     from transformers import VideoMAEImageProcessorPil
 
     return VideoMAEImageProcessorPil(**original_settings(image_size))
@@ -155,7 +199,7 @@ def build_processor(image_size: int) -> XCLIPProcessor:
 
 
 def processor_pixel_values(frames: np.ndarray, image_size: int) -> torch.Tensor:
-    """Pixel values ``[1, T, 3, S, S]`` as the saved processor computes them, for ``[T, H, W, 3]`` uint8."""
+    """Pixel values ``[1, T, 3, S, S]`` as the saved processor computes them."""
     images = list(check_frames(frames, "video frames"))
     # channels_last stated: inference is ambiguous for frames with a side of 3 pixels.
     out = build_image_processor(image_size)(images, return_tensors="pt", input_data_format="channels_last")

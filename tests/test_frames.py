@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from converter.errors import ConverterError
-from converter.frames import resize_and_crop, resized_shape
-from converter.processing import preprocess_video
+from converter.processing import preprocess_video, resize_and_crop, resized_shape
 from tests.preprocessing_data import (
     MEAN_255,
     ONE_LEVEL,

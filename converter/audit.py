@@ -25,11 +25,12 @@ from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source
 from converter.errors import ConverterError, VerificationError, reason
+from converter.oracle import OriginalHeads
 from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
 from converter.registry import Variant, get_variant
-from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
+from converter.verify import DEFAULT_ATOL, Verification
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -171,7 +172,7 @@ def audit(
     findings = [
         *config_findings(published.config, expected_config),
         *weight_findings(published.state_dict, original),
-        *output_findings(published, original, hyper, atol),
+        *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
@@ -252,10 +253,14 @@ def weight_findings(
 
 
 def output_findings(
-    published: Published, original: Mapping[str, torch.Tensor], hyper: Hyper, atol: float
+    published: Published,
+    original: Mapping[str, torch.Tensor],
+    hyper: Hyper,
+    atol: float,
+    heads_from_config: bool = False,
 ) -> list[Finding]:
     """The published model against the oracle on the original weights: all sites in one finding, then
-    each output."""
+    each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
     from converter.build import build_model
     from converter.verify import verify
 
@@ -272,7 +277,8 @@ def output_findings(
     dtype = max(sizes, key=sizes.get, default=torch.float32)
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     try:
-        result = verify(model, rounded, hyper, atol, oracle_heads(hyper))
+        heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
+        result = verify(model, rounded, hyper, atol, heads if heads_from_config else None)
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
     count, first = len(result.compared), result.first_divergence

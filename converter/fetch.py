@@ -27,7 +27,7 @@ from urllib.request import url2pathname
 from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
 from converter.reader import CONFIG_LIMIT, read_bytes, read_json
-from converter.registry import Source, url_cache_path
+from converter.registry import Source, cache_dir, url_cache_path
 
 if TYPE_CHECKING:
     import requests
@@ -52,12 +52,6 @@ _log = logging.getLogger(__name__)
 
 # Writes the .part given (afresh if asked); says whether an announced length arrived, and the Content-Type.
 Downloader = Callable[[Path, bool], tuple[bool, str | None]]
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$XCLIP_CACHE`` or ``~/.cache/xclip-converter``."""
-    env = os.environ.get("XCLIP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "xclip-converter"
 
 
 def cache_folder(*parts: str) -> Path:

@@ -23,7 +23,7 @@ def caches() -> list[Protected]:
     """Every cache the tool reads from: its own and huggingface_hub's."""
     from huggingface_hub import constants
 
-    from converter.fetch import cache_dir
+    from converter.registry import cache_dir
 
     return [("the download cache", cache_dir()), ("the Hugging Face cache", Path(constants.HF_HUB_CACHE))]
 

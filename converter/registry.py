@@ -31,6 +31,12 @@ B16 = Arch("ViT-B/16", patch_size=16, vision_width=768, vision_layers=12, embed_
 L14 = Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed_dim=768)
 
 
+def cache_dir() -> Path:
+    """The cache root: ``$XCLIP_CACHE`` or ``~/.cache/xclip-converter``."""
+    env = os.environ.get("XCLIP_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "xclip-converter"
+
+
 def url_cache_path(url: str, cache: Path) -> Path:
     """``<cache>/url/<hash of the URL>/<file name>``: the hash keeps same-named files of two sources apart."""
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]

@@ -106,8 +106,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<
     """Refuse NaN and inf, naming each tensor; reads every value, so the pipeline runs it after the write."""
     non_finite = []
     for key, tensor in state_dict.items():
-        # One summing pass is the cheap test (NaN and inf propagate); count only when it fails, which
-        # a sum that merely overflows also does.
+        # One sum is the cheap test (NaN and inf propagate); count only when it fails (an overflow does too).
         if not torch.isfinite(tensor.sum()) and (n := tensor.numel() - int(torch.isfinite(tensor).sum())):
             non_finite.append(f"{escape(key)} ({n:,} of {tensor.numel():,})")
     if non_finite:
@@ -190,7 +189,6 @@ def _refused_globals(path: Path) -> list[str]:
 
 
 def _what_is_wrong(path: Path, err: BaseException) -> str:
-    """What the file is, found by looking at it."""
     try:
         with open(path, "rb") as f:
             head = f.read(64)

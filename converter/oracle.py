@@ -1,9 +1,6 @@
-"""The project's oracle: an independent implementation of the ORIGINAL X-CLIP forward pass.
-
-Written from the original's architecture (microsoft/VideoX) with torch.nn.functional alone, sharing
-no code with transformers' XCLIP, and checked against the original code's outputs (tests/data/goldens).
-`original_sites` yields (site, tensor) in forward order, so a consumer holds one layer at a time.
-"""
+"""The oracle: the ORIGINAL X-CLIP forward pass (microsoft/VideoX) in torch.nn.functional alone, sharing
+no code with transformers' XCLIP and checked against the original code's outputs (tests/data/goldens).
+`original_sites` yields (site, tensor) in forward order, so a consumer holds one layer at a time."""
 
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ Sites = Iterator[tuple[str, Tensor]]
 
 _LN_EPS = 1e-5  # every LayerNorm of the original uses the nn.LayerNorm default
 
-# ---- site names: a layer's site is "<stack> layer <i>, <part>" ---------------------------------
+# Site names: a layer's site is "<stack> layer <i>, <part>".
 VISION, TEXT, MIT, PROMPT = "vision", "text", "MIT", "prompt generator"
 # The parts of a vision block, in the order the original computes them.
 MESSAGE_FC = "message_fc (the message token)"
@@ -39,7 +36,7 @@ _BLOCK_PREFIXES = {VISION: VISION_BLOCKS, TEXT: TEXT_BLOCKS, MIT: MIT_BLOCKS, PR
 
 
 def layer_site(stack: str, layer: int, part: str = OUTPUT) -> str:
-    """The name of one site in one layer of a stack, e.g. 'vision layer 6, output'."""
+    """E.g. 'vision layer 6, output'."""
     return f"{stack} layer {layer}, {part}"
 
 
@@ -82,7 +79,6 @@ def _mlp(x: Tensor, sd: StateDict, fc1: str, fc2: str) -> Tensor:
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None = None) -> Tensor:
-    """Scaled dot-product attention of [N, L, D] projections split into `heads`; [N, L, D] out."""
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
 
@@ -110,8 +106,7 @@ def _prompt_layer(x: Tensor, visual: Tensor, sd: StateDict, layer: int, heads: i
 def _clip_block(
     x: Tensor, sd: StateDict, stack: str, layer: int, heads: int, mask: Tensor | None = None
 ) -> Sites:
-    """Pre-LN CLIP block: x + attn(ln_1 x), then x + mlp(ln_2 x), without a vision block's message token
-    (the last); yields the attention's output and the block's, returns the latter."""
+    """Pre-LN CLIP block (a vision block's message token, the last, dropped after the attention)."""
     prefix = f"{_BLOCK_PREFIXES[stack]}{layer}."
     attended = _self_attention(_ln(x, sd, prefix + "ln_1."), sd, prefix + "attn.", heads, mask)
     yield layer_site(stack, layer, SELF_ATTENTION), attended
@@ -144,8 +139,7 @@ def _cross_frame_block(x: Tensor, sd: StateDict, layer: int, heads: int, frames:
 def original_sites(
     state_dict: StateDict, pixel_values: Tensor, input_ids: Tensor, heads: OriginalHeads | None = None
 ) -> Sites:
-    """The original X-CLIP on an original state dict, yielding (site, tensor) in forward order; half
-    precision is computed in float32, as the original loads it."""
+    """(site, tensor) in forward order; half precision is computed in float32, as the original loads it."""
     sd = {
         key.removeprefix("module."): t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
         for key, t in state_dict.items()

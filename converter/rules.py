@@ -1,8 +1,5 @@
-"""The conversion rules: one table from original X-CLIP keys to transformers' `XCLIPModel` keys.
-
-Each rule names an original key pattern (`{i}` for a layer index), its HF key pattern(s), an op with
-its reverse and the original tensor's shape; both directions and both layouts derive from the table.
-The ops return views, so converting copies no weights.
+"""The conversion rules: one table from original X-CLIP keys to transformers' `XCLIPModel` keys, from
+which both directions and both layouts' shapes derive. The ops return views: converting copies no weights.
 """
 
 from __future__ import annotations
@@ -63,13 +60,10 @@ def _fill(pattern: str, index: str | None) -> str:
     return pattern if index is None else pattern.replace("{i}", index)
 
 
-# ---- helpers that expand into rules: widths are `Hyper` field names, stated once per stack ------
-
-
+# Helpers that expand into rules; widths are `Hyper` field names, stated once per stack.
 def _param(
     original: str, hf: str, *dims: str | int, op: Op = RENAME, layers: str | None = None
 ) -> list[Rule]:
-    """One tensor of shape `dims` (Hyper field names or literal sizes)."""
 
     def shape(h: Hyper) -> Shape:
         return tuple(d if isinstance(d, int) else getattr(h, d) for d in dims)
@@ -78,7 +72,6 @@ def _param(
 
 
 def _norm(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
-    """LayerNorm: `.weight` and `.bias` of the same width."""
     return [
         *_param(f"{original}.weight", f"{hf}.weight", width, layers=layers),
         *_param(f"{original}.bias", f"{hf}.bias", width, layers=layers),
@@ -86,7 +79,6 @@ def _norm(original: str, hf: str, width: str, layers: str | None = None) -> list
 
 
 def _linear(original: str, hf: str, out: str, inp: str, layers: str | None = None) -> list[Rule]:
-    """nn.Linear [out, in] with its bias [out]."""
     return [
         *_param(f"{original}.weight", f"{hf}.weight", out, inp, layers=layers),
         *_param(f"{original}.bias", f"{hf}.bias", out, layers=layers),
@@ -119,8 +111,7 @@ def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> li
 
 
 def _prompt_block(block: str, width: str, mlp: str, layers: str) -> list[Rule]:
-    """PromptGeneratorLayer, named alike on both sides. Its cross-attention is not
-    nn.MultiheadAttention: bias-free q/k/v projections, then `proj` with a bias."""
+    """PromptGeneratorLayer, named alike on both sides (its attention: `oracle._prompt_layer`)."""
     qkv = [f"{block}.cross_attn.{x}_proj.weight" for x in "qkv"]
     return [
         *(rule for key in qkv for rule in _param(key, key, width, width, layers=layers)),
@@ -132,7 +123,6 @@ def _prompt_block(block: str, width: str, mlp: str, layers: str) -> list[Rule]:
     ]
 
 
-# ---- the table ---------------------------------------------------------------------------------
 # In the order the original checkpoints store their keys: consecutive rules of one stack form its
 # block, expanded layer by layer (`original_shapes`).
 
@@ -140,8 +130,7 @@ VISION, TEXT, MIT, PROMPT = (
     blocks + "{i}" for blocks in (VISION_BLOCKS, TEXT_BLOCKS, MIT_BLOCKS, PROMPT_BLOCKS)
 )
 VISION_HF = "vision_model.encoder.layers.{i}"
-# Widths: W vision, TW text, E the joint embedding (also the MIT's and the prompt generator's width);
-# P the patch size.
+# Widths: W vision, TW text, E the joint embedding (the MIT's and prompt generator's too), P patch size.
 W, TW, E, P = "vision_width", "text_width", "embed_dim", "patch_size"
 
 RULES: tuple[Rule, ...] = (
@@ -193,7 +182,6 @@ def _match(rules: tuple[Rule, ...], key: str, side: str) -> tuple[int, int, str 
 def _layout_error(
     context: str, unmapped: Sequence[str], missing: Sequence[str] = (), mismatched: Sequence[str] = ()
 ) -> ConverterError:
-    """Everything that did not line up, in one error."""
     lines = [f"{context}: the checkpoint does not match the expected X-CLIP layout"]
     for title, items in (
         ("source keys no rule consumes", unmapped),

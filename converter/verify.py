@@ -1,12 +1,8 @@
-"""Prove a conversion: the converted XCLIPModel against the independent original forward pass.
+"""Prove a conversion: the converted XCLIPModel against the oracle, site by site in forward order.
 
-The inputs are a seeded clip with structure across space and time (with i.i.d. noise every patch and
-frame look alike, and the message attention, the MIT and the prompt generator would hide a mistake).
-Every block of every stack is compared in forward order (`oracle.original_sites`), where a mistake
-enters rather than where it arrives diluted, each site as the model computes it (read by hooks, never
-recomputed). A site passes when max |HF - original| <= atol * max |original|: sites differ in scale
-by orders of magnitude, and float32 rounding follows each site's scale.
-"""
+Inputs are a seeded clip with structure across space and time (i.i.d. noise would hide mistakes in the
+message attention, MIT and prompt generator). A site passes when max |HF - original| <= atol * max
+|original|, since float32 rounding follows each site's scale."""
 
 from __future__ import annotations
 
@@ -103,7 +99,6 @@ class Verification:
 
     @classmethod
     def of(cls, outputs: Iterable[Site], atol: float, sites: tuple[Site, ...] = ()) -> Verification:
-        """From the outputs' sites (and every compared site, in forward order)."""
         outputs = list(outputs)
         return cls(
             {s.name: s.max_abs_diff for s in outputs}, {s.name: s.tolerance for s in outputs}, atol, sites
@@ -116,12 +111,11 @@ class Verification:
 
     @property
     def ratios(self) -> dict[str, float]:
-        """|Δ| / tolerance per output."""
         return {n: Site(n, diff, self.tolerances[n]).ratio for n, diff in self.max_abs_diff.items()}
 
     @property
     def margin(self) -> float:
-        """The largest ratio over the compared sites: how many times over its tolerance the worst is."""
+        """How many times over its tolerance the worst compared site is."""
         return max((site.ratio for site in self.compared), default=0.0)
 
     @property
@@ -184,8 +178,8 @@ OnSite = Callable[[str, Tensor], None]
 
 @torch.no_grad()
 def read_sites(model: XCLIPModel, pixel_values: Tensor, input_ids: Tensor, on_site: OnSite) -> None:
-    """Run XCLIPModel's forward once, handing each site to `on_site(name, tensor)` as it is computed, in
-    the oracle's order and names (the outputs': `ORACLE_KEYS`), read by hooks, never recomputed."""
+    """Run XCLIPModel's forward once, handing each site to `on_site(name, tensor)` in the oracle's order
+    and names (`ORACLE_KEYS` for the outputs), read by hooks, never recomputed."""
     videos, frames = pixel_values.shape[:2]
     vision, text, prompts = model.vision_model, model.text_model, model.prompts_generator
     handles = []
@@ -240,9 +234,8 @@ def compare_sites(
     input_ids: Tensor,
     atol: float,
 ) -> Verification:
-    """Compare every site of XCLIPModel's forward with `expected` (the oracle's, in forward order), each
-    as the model computes it: a generator advances in step, so only the current sites are alive. A
-    site only one side computes (a different number of layers) is a VerificationError naming it."""
+    """Compare every site of XCLIPModel's forward with the oracle's `expected`, advanced in step so only
+    the current sites are alive; a site only one side computes is a VerificationError naming it."""
     theirs = iter(expected)
     sites: list[Site] = []
 

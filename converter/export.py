@@ -125,24 +125,22 @@ def check_written(
     try:
         with safe_open(path, framework="pt") as f:
             written, wanted = set(f.keys()), set(state_dict)
-            if missing := sorted(wanted - written):
-                raise differs(f"{missing[0]!r} is missing")
-            if extra := sorted(written - wanted):
-                raise differs(f"{extra[0]!r} was not meant to be there")
-            for key, tensor in state_dict.items():
-                header = f.get_slice(key)  # the dtype and shape, no data read
-                dtype, shape = _TYPES.get(header.get_dtype(), header.get_dtype()), tuple(header.get_shape())
-                if dtype != tensor.dtype:
-                    raise differs(f"{key!r} has dtype {dtype} instead of {tensor.dtype}")
-                if shape != tuple(tensor.shape):
-                    raise differs(f"{key!r} has shape {shape} instead of {tuple(tensor.shape)}")
+        if missing := sorted(wanted - written):
+            raise differs(f"{missing[0]!r} is missing")
+        if extra := sorted(written - wanted):
+            raise differs(f"{extra[0]!r} was not meant to be there")
         for batch in _batches(state_dict, batch_bytes):
             with safe_open(path, framework="pt") as f:
                 for key, rows in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    got = f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
-                    want = state_dict[key] if rows is None else state_dict[key][rows]
+                    want, header = state_dict[key], f.get_slice(key)  # the header: dtype and shape, no data
+                    if (dtype := _TYPES.get(header.get_dtype(), header.get_dtype())) != want.dtype:
+                        raise differs(f"{key!r} has dtype {dtype} instead of {want.dtype}")
+                    if (shape := tuple(header.get_shape())) != want.shape:
+                        raise differs(f"{key!r} has shape {shape} instead of {tuple(want.shape)}")
+                    got = f.get_tensor(key) if rows is None else header[rows]
+                    want = want if rows is None else want[rows]
                     # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views,
                     # which copy nothing; torch.equal costs ~9x as much on base-patch32.
                     same_int = as_int[want.element_size()]
@@ -232,22 +230,19 @@ def staged_output(
             staging, lock = _create_staging(target, kind, where)
         try:
             yield staging
-        except OSError as err:  # named as the user knows the output, not as the staging about to go
-            shown = str(err.filename or staging).replace(str(staging), str(output), 1)
-            raise ConverterError(
-                f"could not write {escape(shown)}: {err.strerror or err}; {where} was not changed"
-            ) from err
-        except ConverterError as err:
-            if str(staging) not in str(err):
+        except (OSError, ConverterError) as err:  # named as the user knows the output, not as the staging
+            if isinstance(err, OSError):
+                message = f"could not write {err.filename or staging}: {err.strerror or err}"
+            elif str(staging) in str(err):
+                message = str(err)
+            else:
                 raise
-            raise ConverterError(
-                f"{str(err).replace(str(staging), str(output))}; {where} was not changed"
-            ) from err
-        if kind == "folder":
-            _honour_umask(staging)
+            named = escape(message.replace(str(staging), str(output)))  # escape leaves printable text as is
+            raise ConverterError(f"{named}; {where} was not changed") from err
         with _commit_lock(target.parent), _signals_deferred():
             try:
                 if kind == "folder":
+                    _honour_umask(staging)
                     _move_folder(staging, target, before, overwrite, where)
                 else:
                     _move_file(staging, target, overwrite, where)

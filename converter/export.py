@@ -215,12 +215,6 @@ def staged_output(
     removed when it fails; an OSError in the block becomes one line naming the file as the user knows it."""
     where = f"{flag} {escape(str(output))}"
     target = check_target(output, kind=kind, overwrite=overwrite, protected=protected, flag=flag)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConverterError(
-            f"{where}: cannot create {err.filename or target.parent}: {err.strerror}"
-        ) from err
     _remove_stale_staging(target, kind)
     before = _identity(target)
     staging = lock = None
@@ -296,16 +290,18 @@ def torch_save(obj: object, path: Path) -> None:
 
 
 def _create_staging(target: Path, kind: Kind, where: str) -> tuple[Path, int]:
-    """An empty entry beside `target` and its locked descriptor; its mode from the umask, unlike mkdtemp's."""
+    """An empty entry beside `target` (its folder made) and its locked descriptor; its mode from the umask,
+    unlike mkdtemp's."""
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         if kind == "folder":
             os.mkdir(staging)
             fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
         else:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
-        raise ConverterError(f"{where}: cannot create {staging}: {err.strerror}") from err
+        raise ConverterError(f"{where}: cannot create {err.filename or staging}: {err.strerror}") from err
     _lock(fd)
     return staging, fd
 

@@ -116,7 +116,6 @@ def check_written(
     import numpy as np
     import torch
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import _TYPES  # safetensors' names of torch dtypes ("F32": torch.float32)
 
     def differs(what: str) -> ConverterError:
         return ConverterError(f"{path} read back does not hold the verified weights: {what}")
@@ -134,12 +133,12 @@ def check_written(
                 for key, rows in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    want, header = state_dict[key], f.get_slice(key)  # the header: dtype and shape, no data
-                    if (dtype := _TYPES.get(header.get_dtype(), header.get_dtype())) != want.dtype:
-                        raise differs(f"{key!r} has dtype {dtype} instead of {want.dtype}")
-                    if (shape := tuple(header.get_shape())) != want.shape:
+                    want, header = state_dict[key], f.get_slice(key)
+                    if (shape := tuple(header.get_shape())) != want.shape:  # before `rows` slices it
                         raise differs(f"{key!r} has shape {shape} instead of {tuple(want.shape)}")
                     got = f.get_tensor(key) if rows is None else header[rows]
+                    if got.dtype != want.dtype:
+                        raise differs(f"{key!r} has dtype {got.dtype} instead of {want.dtype}")
                     want = want if rows is None else want[rows]
                     # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views,
                     # which copy nothing; torch.equal costs ~9x as much on base-patch32.

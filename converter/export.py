@@ -319,26 +319,21 @@ def _remove_if_ours(staging: Path, lock: int) -> None:
 def _remove_stale_staging(target: Path, kind: Kind) -> None:
     """Remove earlier runs' staging entries for `target` whose pid is not running and whose lock is free."""
     pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)-[0-9a-f]{8}")
-    try:
+    entries: list[os.DirEntry[str]] = []
+    with suppress(OSError):
         entries = list(os.scandir(target.parent))
-    except OSError:
-        return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        is_kind = (
-            entry.is_dir(follow_symlinks=False) if kind == "folder" else entry.is_file(follow_symlinks=False)
-        )
-        if not found or not is_kind or _pid_alive(int(found[1])):
+        is_kind = entry.is_dir if kind == "folder" else entry.is_file
+        if not found or not is_kind(follow_symlinks=False) or _pid_alive(int(found[1])):
             continue
-        try:
+        with suppress(OSError):  # one it cannot open is left alone
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if _lock(fd):  # else its owner runs (in another pid namespace, say)
-                _remove_if_ours(Path(entry.path), fd)
-        finally:
-            os.close(fd)
+            try:
+                if _lock(fd):  # else its owner runs (in another pid namespace, say)
+                    _remove_if_ours(Path(entry.path), fd)
+            finally:
+                os.close(fd)
 
 
 def _lock(fd: int, wait: bool = False) -> bool:

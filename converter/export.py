@@ -17,7 +17,6 @@ import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from types import FrameType, SimpleNamespace
@@ -197,7 +196,7 @@ def weights_written_meanwhile(
     except BaseException:
         cancel.set()
         with _signals_deferred():
-            wait_for([written])
+            written.exception()  # waits, and leaves the block's own error to be raised
         raise
 
 

@@ -17,7 +17,6 @@ import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from types import FrameType, SimpleNamespace
@@ -116,7 +115,6 @@ def check_written(
     import numpy as np
     import torch
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import _TYPES  # safetensors' names of torch dtypes ("F32": torch.float32)
 
     def differs(what: str) -> ConverterError:
         return ConverterError(f"{path} read back does not hold the verified weights: {what}")
@@ -125,24 +123,22 @@ def check_written(
     try:
         with safe_open(path, framework="pt") as f:
             written, wanted = set(f.keys()), set(state_dict)
-            if missing := sorted(wanted - written):
-                raise differs(f"{missing[0]!r} is missing")
-            if extra := sorted(written - wanted):
-                raise differs(f"{extra[0]!r} was not meant to be there")
-            for key, tensor in state_dict.items():
-                header = f.get_slice(key)  # the dtype and shape, no data read
-                dtype, shape = _TYPES.get(header.get_dtype(), header.get_dtype()), tuple(header.get_shape())
-                if dtype != tensor.dtype:
-                    raise differs(f"{key!r} has dtype {dtype} instead of {tensor.dtype}")
-                if shape != tuple(tensor.shape):
-                    raise differs(f"{key!r} has shape {shape} instead of {tuple(tensor.shape)}")
+        if missing := sorted(wanted - written):
+            raise differs(f"{missing[0]!r} is missing")
+        if extra := sorted(written - wanted):
+            raise differs(f"{extra[0]!r} was not meant to be there")
         for batch in _batches(state_dict, batch_bytes):
             with safe_open(path, framework="pt") as f:
                 for key, rows in batch:
                     if cancel is not None and cancel.is_set():
                         return
-                    got = f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
-                    want = state_dict[key] if rows is None else state_dict[key][rows]
+                    want, header = state_dict[key], f.get_slice(key)
+                    if (shape := tuple(header.get_shape())) != want.shape:  # before `rows` slices it
+                        raise differs(f"{key!r} has shape {shape} instead of {tuple(want.shape)}")
+                    got = f.get_tensor(key) if rows is None else header[rows]
+                    if got.dtype != want.dtype:
+                        raise differs(f"{key!r} has dtype {got.dtype} instead of {want.dtype}")
+                    want = want if rows is None else want[rows]
                     # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views,
                     # which copy nothing; torch.equal costs ~9x as much on base-patch32.
                     same_int = as_int[want.element_size()]
@@ -200,7 +196,7 @@ def weights_written_meanwhile(
     except BaseException:
         cancel.set()
         with _signals_deferred():
-            wait_for([written])
+            written.exception()  # waits, and leaves the block's own error to be raised
         raise
 
 
@@ -217,12 +213,6 @@ def staged_output(
     removed when it fails; an OSError in the block becomes one line naming the file as the user knows it."""
     where = f"{flag} {escape(str(output))}"
     target = check_target(output, kind=kind, overwrite=overwrite, protected=protected, flag=flag)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConverterError(
-            f"{where}: cannot create {err.filename or target.parent}: {err.strerror}"
-        ) from err
     _remove_stale_staging(target, kind)
     before = _identity(target)
     staging = lock = None
@@ -232,22 +222,19 @@ def staged_output(
             staging, lock = _create_staging(target, kind, where)
         try:
             yield staging
-        except OSError as err:  # named as the user knows the output, not as the staging about to go
-            shown = str(err.filename or staging).replace(str(staging), str(output), 1)
-            raise ConverterError(
-                f"could not write {escape(shown)}: {err.strerror or err}; {where} was not changed"
-            ) from err
-        except ConverterError as err:
-            if str(staging) not in str(err):
+        except (OSError, ConverterError) as err:  # named as the user knows the output, not as the staging
+            if isinstance(err, OSError):
+                message = f"could not write {err.filename or staging}: {err.strerror or err}"
+            elif str(staging) in str(err):
+                message = str(err)
+            else:
                 raise
-            raise ConverterError(
-                f"{str(err).replace(str(staging), str(output))}; {where} was not changed"
-            ) from err
-        if kind == "folder":
-            _honour_umask(staging)
+            named = escape(message.replace(str(staging), str(output)))  # escape leaves printable text as is
+            raise ConverterError(f"{named}; {where} was not changed") from err
         with _commit_lock(target.parent), _signals_deferred():
             try:
                 if kind == "folder":
+                    _honour_umask(staging)
                     _move_folder(staging, target, before, overwrite, where)
                 else:
                     _move_file(staging, target, overwrite, where)
@@ -301,16 +288,18 @@ def torch_save(obj: object, path: Path) -> None:
 
 
 def _create_staging(target: Path, kind: Kind, where: str) -> tuple[Path, int]:
-    """An empty entry beside `target` and its locked descriptor; its mode from the umask, unlike mkdtemp's."""
+    """An empty entry beside `target` (its folder made) and its locked descriptor; its mode from the umask,
+    unlike mkdtemp's."""
     staging = target.with_name(f".{target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         if kind == "folder":
             os.mkdir(staging)
             fd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY)
         else:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
-        raise ConverterError(f"{where}: cannot create {staging}: {err.strerror}") from err
+        raise ConverterError(f"{where}: cannot create {err.filename or staging}: {err.strerror}") from err
     _lock(fd)
     return staging, fd
 
@@ -329,26 +318,21 @@ def _remove_if_ours(staging: Path, lock: int) -> None:
 def _remove_stale_staging(target: Path, kind: Kind) -> None:
     """Remove earlier runs' staging entries for `target` whose pid is not running and whose lock is free."""
     pattern = re.compile(re.escape(f".{target.name}.partial-") + r"(\d+)-[0-9a-f]{8}")
-    try:
+    entries: list[os.DirEntry[str]] = []
+    with suppress(OSError):
         entries = list(os.scandir(target.parent))
-    except OSError:
-        return
     for entry in entries:
         found = pattern.fullmatch(entry.name)
-        is_kind = (
-            entry.is_dir(follow_symlinks=False) if kind == "folder" else entry.is_file(follow_symlinks=False)
-        )
-        if not found or not is_kind or _pid_alive(int(found[1])):
+        is_kind = entry.is_dir if kind == "folder" else entry.is_file
+        if not found or not is_kind(follow_symlinks=False) or _pid_alive(int(found[1])):
             continue
-        try:
+        with suppress(OSError):  # one it cannot open is left alone
             fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if _lock(fd):  # else its owner runs (in another pid namespace, say)
-                _remove_if_ours(Path(entry.path), fd)
-        finally:
-            os.close(fd)
+            try:
+                if _lock(fd):  # else its owner runs (in another pid namespace, say)
+                    _remove_if_ours(Path(entry.path), fd)
+            finally:
+                os.close(fd)
 
 
 def _lock(fd: int, wait: bool = False) -> bool:

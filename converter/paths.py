@@ -32,23 +32,20 @@ def protected(
     *,
     checkpoint: str | Path | None = None,
     config: str | Path | None = None,
-    video: str | Path | None = None,
     source: str | Path | None = None,
     source_label: str = "the source",
 ) -> list[Protected]:
     """What a run reads: its inputs that are local paths (a `file://` URL too) and every cache."""
     source = source if source is not None and Path(source).exists() else None
-    given = [("--checkpoint", checkpoint), ("--config", config), ("--video", video), (source_label, source)]
+    given = [("--checkpoint", checkpoint), ("--config", config), (source_label, source)]
     return [(label, path) for label, value in given if (path := _local_path(value)) is not None] + caches()
 
 
 def _local_path(value: str | Path | None) -> Path | None:
-    if value is None:
-        return None
     text = str(value)
     if text.startswith("file://"):
         return Path(unquote(urlsplit(text).path))
-    return None if "://" in text else Path(value)
+    return None if value is None or "://" in text else Path(value)
 
 
 def check_target(
@@ -78,11 +75,10 @@ def check_target(
     )
     existing = what_is_there(path)
     if existing not in (None, "a folder" if kind == "folder" else "a regular file"):
-        if kind == "folder":
-            raise ConverterError(f"{flag} {shown} is {existing}, not a folder; choose another {flag}")
-        name = "report.json" if flag.endswith("report") else "model.pth"
-        example = f", e.g. {flag} {escape(str(path / name))}" if existing == "a folder" else ""
-        raise ConverterError(f"{flag} {shown} is {existing}: name a file to write{example}")
+        what_to_do = (
+            f", not a folder; choose another {flag}" if kind == "folder" else ": name a file to write"
+        )
+        raise ConverterError(f"{flag} {shown} is {existing}{what_to_do}")
     _refuse_protected(flag, path, target, protected)
     ancestor = next(p for p in target.parents if p.exists())  # the root at the latest
     if not ancestor.is_dir():
@@ -92,8 +88,7 @@ def check_target(
     if kind == "file":
         raise ConverterError(f"{flag} {shown} exists; pass --overwrite to replace it")
     try:
-        with os.scandir(target) as entries:
-            empty = next(entries, None) is None
+        empty = not any(target.iterdir())
     except OSError as err:
         raise ConverterError(f"{flag} {shown}: cannot read it ({err.strerror})") from err
     if not empty:

@@ -24,44 +24,33 @@ MAX_DEPTH = 64  # a config is 3 levels deep, tokenizer.json 5
 MAX_INT_DIGITS = 19  # a signed 64-bit integer: no size, id or count in these files needs more
 
 
-def check_regular(path: Path, what: str) -> os.stat_result:
-    """The file's stat when `path` is a regular file (links followed); else one line saying what it is."""
+def check_regular(path: Path | int, what: str) -> os.stat_result:
+    """The stat of `path` (links followed; or of an open descriptor) if it is a regular file; else one line
+    saying what it is."""
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise ConverterError(f"{what}: no such file") from None
     except OSError as err:
         raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
-    _refuse_unless_regular(info, what)
-    return info
-
-
-def _refuse_unless_regular(info: os.stat_result, what: str) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise ConverterError(f"{what} is a folder: give the file inside it")
     if not stat.S_ISREG(info.st_mode):
         raise ConverterError(f"{what} is {kind_of(info.st_mode)}, not a regular file: give a file")
+    return info
 
 
 def read_bytes(path: Path, what: str, limit: int) -> bytes:
     """The whole file, refused unread unless a regular file of at most `limit` bytes."""
-    check_regular(path, what)
+    check_regular(path, what)  # before opening: a device or a FIFO is never opened
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC), "rb") as file:
+            # What was opened, should the path have changed since.
+            _refuse_above(check_regular(file.fileno(), what).st_size, what, limit)
+            data = file.read(limit + 1)  # one byte more tells a file that grew while being read
     except OSError as err:
         raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
-    try:
-        info = os.fstat(fd)
-        _refuse_unless_regular(info, what)  # what was opened, should the path have changed since
-        _refuse_above(info.st_size, what, limit)
-        data = b""
-        while chunk := os.read(fd, limit + 1 - len(data)):
-            data += chunk
-    except OSError as err:
-        raise ConverterError(f"{what}: cannot read it ({err.strerror or reason(err)})") from None
-    finally:
-        os.close(fd)
-    _refuse_above(len(data), what, limit)  # it grew while being read
+    _refuse_above(len(data), what, limit)
     return data
 
 

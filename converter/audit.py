@@ -10,8 +10,7 @@ import math
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import reduce
 from itertools import zip_longest
@@ -29,7 +28,7 @@ from converter.oracle import OriginalHeads
 from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
 from converter.published import BENIGN_BUFFERS, Published, load_published
-from converter.registry import Variant, get_variant
+from converter.registry import get_variant
 from converter.verify import DEFAULT_ATOL, Verification
 
 if TYPE_CHECKING:
@@ -119,7 +118,11 @@ class AuditReport:
     def to_json(self) -> str:
         findings = [asdict(f) for f in self.ordered()]
         data = {"summary": self.summary(), "passed": self.passed, **asdict(self), "findings": findings}
-        return json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n"
+        # JSON has no inf or nan: read back with them as null. Other types are written as their str.
+        text = json.dumps(data, default=str, ensure_ascii=False)
+        return (
+            json.dumps(json.loads(text, parse_constant=lambda _: None), indent=2, ensure_ascii=False) + "\n"
+        )
 
 
 def _show(value: Any) -> str:
@@ -128,17 +131,6 @@ def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_show(v) for v in value) + "]"
     return str(value)
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no inf or nan (null instead); anything but its own types is written as its str."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value if value is None or isinstance(value, (str, int, float, bool)) else str(value)
 
 
 def audit(
@@ -157,36 +149,27 @@ def audit(
     original's preprocessing of them. `source` is read first, so a bad one fails before a download."""
     from converter.config import load_config_file, to_config
     from converter.load import load_checkpoint
+    from converter.pipeline import _fetch
 
     variant = get_variant(model_name) if model_name else None
     if checkpoint is None and variant is None:
         raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
     published = source if isinstance(source, Published) else load_published(source, revision=revision)
-    path, described = _resolve_original(checkpoint, variant, sha256)
-    original = load_checkpoint(path)
+    provenance = _fetch(checkpoint, variant, sha256, False)  # found or downloaded as a conversion does
+    original = load_checkpoint(provenance.path)
     where = config_source(config)
     if isinstance(config, (str, Path)):
         config = load_config_file(config)
-    hyper, _ = map_original(original, config, variant, str(path), where)
-    expected_config = config if config is not None else to_config(hyper)
+    hyper, ours = map_original(original, config, variant, str(provenance.path), where)
     findings = [
-        *config_findings(published.config, expected_config),
-        *weight_findings(published.state_dict, original),
+        *config_findings(published.config, config if config is not None else to_config(hyper)),
+        *weight_findings(published.state_dict, ours),
         *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
+    described = f"{variant.name} ({provenance.origin})" if variant else provenance.origin
     return AuditReport(published.source, described, atol, findings, published.revision)
-
-
-def _resolve_original(
-    checkpoint: str | Path | None, variant: Variant | None, sha256: str | None
-) -> tuple[Path, str]:
-    """The original's local file, found or fetched as a conversion does, and how the report names it."""
-    from converter.pipeline import _fetch
-
-    provenance = _fetch(checkpoint, variant, sha256, False)
-    return provenance.path, f"{variant.name} ({provenance.origin})" if variant else provenance.origin
 
 
 def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Finding]:
@@ -210,13 +193,8 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     return findings
 
 
-def weight_findings(
-    published: Mapping[str, torch.Tensor], original: Mapping[str, torch.Tensor]
-) -> list[Finding]:
-    """Each published tensor against our conversion of the original, in the published dtype."""
-    from converter.rules import original_to_hf
-
-    ours = original_to_hf(original)
+def weight_findings(published: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> list[Finding]:
+    """Each published tensor against `ours`, our conversion of the original, in the published dtype."""
     buffers = sorted(k for k in published if BENIGN_BUFFERS.match(k) and k not in ours)
     theirs = {k: v for k, v in published.items() if k not in buffers}
     findings = [
@@ -306,83 +284,54 @@ def _cannot_run(detail: str) -> Finding:
 def preprocessing_findings(
     raw: Mapping[str, Any] | None, image_size: int, reference: str | Path | None = None
 ) -> list[Finding]:
-    """The published processor's settings against the original's, and its measured output."""
+    """The published processor's settings, as transformers reads them, against the original's, and its
+    measured output."""
+    from transformers import VideoMAEImageProcessorPil
+
     if raw is None:
         detail = "no image processor files"
         return [Finding("preprocessing", "files", "absent", "present", False, True, detail)]
-    expected = original_preprocessing(image_size)
-    got, want = _settings(raw), _settings(expected)
-    findings = [
-        # Severity 1: a setting is the cause, so it comes before the measured effect (severity 0).
-        Finding("preprocessing", name, got[name], want[name], False, True, severity=1.0)
-        for name in want
-        if not _close(got[name], want[name])
-    ]
-    return [*findings, _measured(raw, expected, image_size, reference)]
+    settings = original_preprocessing(image_size)
+    frames, targets, what = _reference_frames(image_size, reference)
+    given = {k: v for k, v in raw.items() if k in settings and v is not None}  # null: the default
+    try:
+        published = VideoMAEImageProcessorPil(**given)
+        outputs = _pixels(published, frames)
+    except Exception as err:
+        detail = f"the published image processor fails on a frame ({reason(err)})"
+        return [Finding("preprocessing", "measured", None, None, False, True, detail, math.inf)]
+    expected = VideoMAEImageProcessorPil(**settings)
+    got, want, findings = published.to_dict(), expected.to_dict(), []
+    for name in settings:
+        if not _close(got[name], want[name]):
+            short = name.removeprefix("image_").removesuffix("_size")  # as a reader says them: crop, mean
+            # Severity 1: a setting is the cause, so it comes before the measured effect (severity 0).
+            findings.append(Finding("preprocessing", short, got[name], want[name], False, True, severity=1.0))
+    if any(o.shape != t.shape for o, t in zip(outputs, targets, strict=True)):
+        shapes = " / ".join(sorted({str(list(o.shape)) for o in outputs}))
+        want_shape = list(targets[0].shape)
+        detail = f"output shape {shapes} ≠ {want_shape} on {what}"
+        return [*findings, Finding("preprocessing", "output shape", shapes, want_shape, False, True, detail)]
+    # Transformers cannot match the original bit for bit: the floor is what the correct settings achieve.
+    diff, floor = _distance(outputs, targets), _distance(_pixels(expected, frames), targets)
+    detail = f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})"
+    ok = diff <= floor + PREPROCESSING_SLACK
+    return [*findings, Finding("preprocessing", "measured", diff, floor, ok, True, detail)]
 
 
-def _settings(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings in comparable form (sizes may be ints, dicts or lists; resample an int)."""
-    from PIL import Image
-
-    def side(value: Any, key: str) -> Any:
-        return value.get(key, dict(value)) if isinstance(value, Mapping) else value
-
-    crop, resample = raw.get("crop_size"), raw.get("resample")
-    with suppress(ValueError):
-        resample = Image.Resampling(resample).name.lower()
-    return {
-        "do_resize": raw.get("do_resize", True),
-        "short side": side(raw.get("size"), "shortest_edge"),
-        "resample": resample,
-        "do_center_crop": raw.get("do_center_crop", True),
-        "crop": [side(crop, "height"), side(crop, "width")] if isinstance(crop, Mapping) else crop,
-        "do_rescale": raw.get("do_rescale", True),
-        "rescale_factor": raw.get("rescale_factor"),
-        "do_normalize": raw.get("do_normalize", True),
-        "mean": [round(float(x), 4) for x in raw.get("image_mean") or []],
-        "std": [round(float(x), 4) for x in raw.get("image_std") or []],
-    }
+def _pixels(processor: Any, frames: list[np.ndarray]) -> list[np.ndarray]:
+    """Each frame as `processor` prepares it alone, [3, S, S] (the frames' shapes differ)."""
+    prepared = [processor([f], return_tensors="np", input_data_format="channels_last") for f in frames]
+    return [p["pixel_values"][0, 0] for p in prepared]
 
 
 def _close(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-        return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6)
-    return a == b
+    """Equal; numbers up to float rounding (a mean stored as 0.48500001)."""
+    return a == b if isinstance(a, dict) else bool(np.allclose(a, b, rtol=1e-4, atol=1e-6))
 
 
-def _measured(
-    raw: Mapping[str, Any], expected: dict[str, Any], size: int, reference: str | Path | None
-) -> Finding:
-    """Max |Δ| of the published processor's output from the original's, next to what a correctly
-    configured one achieves (transformers cannot match the original bit for bit)."""
-    from transformers import VideoMAEImageProcessorPil
-
-    frames, targets, what = _reference_frames(size, reference)
-
-    def run(settings: Mapping[str, Any]) -> list[np.ndarray]:  # [3, S, S] for each frame
-        processor = VideoMAEImageProcessorPil(**{k: settings[k] for k in expected if k in settings})
-        out = [processor([f], return_tensors="np", input_data_format="channels_last") for f in frames]
-        return [np.asarray(o["pixel_values"])[0, 0] for o in out]
-
-    try:
-        published = run(raw)
-    except Exception as err:
-        detail = f"the published image processor fails on a frame ({reason(err)})"
-        return Finding("preprocessing", "measured", None, None, False, True, detail, math.inf)
-    shapes, want = sorted({p.shape for p in published}), list(targets[0].shape)
-    if shapes != sorted({t.shape for t in targets}):
-        got = " / ".join(str(list(s)) for s in shapes)
-        detail = f"output shape {got} ≠ {want} on {what}"
-        return Finding("preprocessing", "output shape", got, want, False, True, detail)
-    diff = max(float(np.abs(p - t).max()) for p, t in zip(published, targets, strict=True))
-    floor = max(float(np.abs(b - t).max()) for b, t in zip(run(expected), targets, strict=True))
-    detail = f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})"
-    return Finding(
-        "preprocessing", "measured", diff, floor, diff <= floor + PREPROCESSING_SLACK, True, detail
-    )
+def _distance(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
+    return max(float(np.abs(o - t).max()) for o, t in zip(outputs, targets, strict=True))
 
 
 def _reference_frames(
@@ -396,8 +345,9 @@ def _reference_frames(
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
         if names and all(f"original{size}/{n}" in data.files for n in names):
-            mean = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None] * 255
-            std = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None] * 255
+            mean, std = (
+                np.array(stat, np.float32)[:, None, None] * 255 for stat in (IMAGENET_MEAN, IMAGENET_STD)
+            )
             originals = [data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) for n in names]
             targets = [(o - mean) / std for o in originals]
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
@@ -411,8 +361,8 @@ def _reference_frames(
     return frames, targets, f"{len(frames)} generated frames (against converter.processing)"
 
 
-def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCES) -> list[Finding]:
-    """Ids of `sentences`, padded to 77, against CLIP's tokenizer. Only differences up to the end token
+def tokenizer_findings(published: Published) -> list[Finding]:
+    """Ids of SENTENCES, padded to 77, against CLIP's tokenizer. Only differences up to the end token
     matter: the text tower is causal and pools there (the original itself pads with 0)."""
     from converter.processing import build_tokenizer
 
@@ -422,7 +372,7 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
         return [Finding("tokenizer", "load", None, None, False, True, str(err), math.inf)]
     reference = build_tokenizer()
     findings, same = [], 0
-    for sentence in sentences:
+    for sentence in SENTENCES:
         want = _ids(reference, sentence)
         try:
             got = _ids(tokenizer, sentence)
@@ -443,10 +393,10 @@ def tokenizer_findings(published: Published, sentences: Sequence[str] = SENTENCE
             Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )
     differ = sum(not f.ok for f in findings)
-    padding = len(sentences) - same - differ
-    detail = f"{same} of {len(sentences)} sentences tokenized exactly as CLIP's tokenizer does"
+    padding = len(SENTENCES) - same - differ
+    detail = f"{same} of {len(SENTENCES)} sentences tokenized exactly as CLIP's tokenizer does"
     detail += f", {padding} differ in the padding only" if padding else ""
-    return [*findings, Finding("tokenizer", "identical", same, len(sentences), differ == 0, detail=detail)]
+    return [*findings, Finding("tokenizer", "identical", same, len(SENTENCES), differ == 0, detail=detail)]
 
 
 def _ids(tokenizer: Any, sentence: str) -> list[int]:

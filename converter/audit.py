@@ -27,7 +27,7 @@ from converter.errors import ConverterError, VerificationError, reason
 from converter.oracle import OriginalHeads
 from converter.pipeline import map_original
 from converter.processing import original_settings as original_preprocessing
-from converter.published import BENIGN_BUFFERS, Published, load_published
+from converter.published import Published, load_published
 from converter.registry import get_variant
 from converter.verify import DEFAULT_ATOL, Verification
 
@@ -163,7 +163,7 @@ def audit(
     hyper, ours = map_original(original, config, variant, str(provenance.path), where)
     findings = [
         *config_findings(published.config, config if config is not None else to_config(hyper)),
-        *weight_findings(published.state_dict, ours),
+        *weight_findings(published, ours),
         *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
@@ -193,27 +193,16 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     return findings
 
 
-def weight_findings(published: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> list[Finding]:
+def weight_findings(published: Published, ours: Mapping[str, torch.Tensor]) -> list[Finding]:
     """Each published tensor against `ours`, our conversion of the original, in the published dtype."""
-    buffers = sorted(k for k in published if BENIGN_BUFFERS.match(k) and k not in ours)
-    theirs = {k: v for k, v in published.items() if k not in buffers}
-    findings = [
-        Finding("weights", k, "absent", list(v.shape), False, True, f"missing {k} {list(v.shape)}")
-        for k, v in sorted(ours.items())
-        if k not in theirs
-    ]
-    findings += [
-        Finding("weights", k, list(theirs[k].shape), "absent", False, True, f"unexpected {k}")
-        for k in sorted(theirs.keys() - ours.keys())
-    ]
-    identical = 0
-    for key in sorted(ours.keys() & theirs.keys()):
-        got, want = theirs[key], ours[key].to(theirs[key].dtype)
-        if got.shape != want.shape:
-            shapes = list(got.shape), list(want.shape)
-            detail = f"{key}: shape {shapes[0]} ≠ {shapes[1]}"
-            findings.append(Finding("weights", key, *shapes, False, True, detail, math.inf))
-        elif torch.equal(got, want):
+    theirs = published.model_state_dict()
+    findings, identical = [], 0
+    for key in sorted(ours.keys() | theirs.keys()):
+        got, want = theirs.get(key), ours.get(key)
+        if got is None or want is None or got.shape != want.shape:  # missing, unexpected or mis-shaped
+            shapes = [list(t.shape) if t is not None else "absent" for t in (got, want)]
+            findings.append(Finding("weights", key, *shapes, False, True, severity=math.inf))
+        elif torch.equal(got, want := want.to(got.dtype)):
             identical += 1
         else:
             diff = (got.float() - want.float()).abs().max().item()
@@ -222,8 +211,8 @@ def weight_findings(published: Mapping[str, torch.Tensor], ours: Mapping[str, to
             )
     dtypes = "/".join(sorted({str(v.dtype).removeprefix("torch.") for v in theirs.values()}))
     summary = f"{identical} of {len(ours)} tensors identical to our conversion of the original ({dtypes})"
-    if buffers:
-        summary += f"; {len(buffers)} position_ids buffers stored by an older transformers, ignored"
+    if buffers := len(published.state_dict) - len(theirs):
+        summary += f"; {buffers} position_ids buffers stored by an older transformers, ignored"
     return [
         *findings,
         Finding("weights", "identical", identical, len(ours), identical == len(ours), detail=summary),
@@ -248,22 +237,17 @@ def output_findings(
     except Exception as err:  # a key or shape transformers refuses: already named by the weights check
         return [_cannot_run(f"the published model does not load its own weights ({reason(err)})")]
     # The oracle sees the original rounded as most published weights are, so only real mistakes remain.
-    sizes = Counter()
-    for tensor in weights.values():
-        if tensor.is_floating_point():
-            sizes[tensor.dtype] += tensor.numel()
-    dtype = max(sizes, key=sizes.get, default=torch.float32)
+    dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype  # the largest's
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
+    heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
     try:
-        heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
         result = verify(model, rounded, hyper, atol, heads if heads_from_config else None)
     except (VerificationError, RuntimeError, ValueError) as err:
         return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
     count, first = len(result.compared), result.first_divergence
-    worst = f"worst {result.worst} at {result.margin:.3g}×"
+    worst = f"worst {result.worst} at {result.margin:.3g}×" if result.margin else "all agree exactly"
     if first is None:
-        detail = f"all {count} sites within tolerance (every block of every stack); "
-        detail += worst if result.margin else "all agree exactly"
+        detail = f"all {count} sites within tolerance (every block of every stack); {worst}"
         findings = [Finding("outputs", "every site", count, count, True, True, detail, result.margin)]
     else:  # as severe as the worst site: listed first among the outputs, where it names the cause
         where = f"{first.name} at {first.ratio:.3g}× its tolerance"
@@ -370,8 +354,7 @@ def tokenizer_findings(published: Published) -> list[Finding]:
         tokenizer = published.load_tokenizer()
     except ConverterError as err:
         return [Finding("tokenizer", "load", None, None, False, True, str(err), math.inf)]
-    reference = build_tokenizer()
-    findings, same = [], 0
+    reference, findings, same = build_tokenizer(), [], 0
     for sentence in SENTENCES:
         want = _ids(reference, sentence)
         try:
@@ -383,20 +366,19 @@ def tokenizer_findings(published: Published) -> list[Finding]:
         if got == want:
             same += 1
             continue
-        end = want.index(reference.eos_token_id) + 1 if reference.eos_token_id in want else len(want)
-        content = got[:end] != want[:end]
         first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
+        content = first <= want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
         where = "before the end token" if content else "padding only, after the end token"
-        ids = f"{_window(got, first)} ≠ {_window(want, first)}"
-        detail = f"{sentence!r}: ids differ from position {first} ({where}): {ids}"
+        detail = f"{sentence!r}: ids differ from position {first} ({where}): "
+        detail += f"{_window(got, first)} ≠ {_window(want, first)}"
         findings.append(
             Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )
-    differ = sum(not f.ok for f in findings)
-    padding = len(SENTENCES) - same - differ
+    padding = sum(f.ok for f in findings)
     detail = f"{same} of {len(SENTENCES)} sentences tokenized exactly as CLIP's tokenizer does"
     detail += f", {padding} differ in the padding only" if padding else ""
-    return [*findings, Finding("tokenizer", "identical", same, len(SENTENCES), differ == 0, detail=detail)]
+    ok = padding == len(findings)
+    return [*findings, Finding("tokenizer", "identical", same, len(SENTENCES), ok, detail=detail)]
 
 
 def _ids(tokenizer: Any, sentence: str) -> list[int]:
@@ -415,10 +397,9 @@ def fix_card(report: AuditReport, card: str) -> str:
 
 An audit by xclip-converter (`xclip-convert --audit {report.source}`) compared this repository
 {f"(commit {report.revision}) " if report.revision else ""}with the original checkpoint, {report.original}:
-{len(failures)} findings. Each changes what the model computes or how its inputs are prepared, so
-results differ from the original X-CLIP's. This pull request replaces the model, config, processor
-and tokenizer with a conversion verified against an independent implementation of the original
-forward pass (figures below).
+{len(failures)} findings, each changing what the model computes or how its inputs are prepared. This pull
+request replaces the model, config, processor and tokenizer with a conversion verified against an
+independent implementation of the original forward pass (figures below).
 
 | check | finding (published ≠ original) |
 |---|---|
@@ -438,8 +419,7 @@ def propose_fix(
     *,
     private: bool = False,
 ) -> str:
-    """Open a pull request on `repo_id` with our verified `folder` and a card listing the findings;
-    return its URL."""
+    """Open a pull request on `repo_id` with our verified `folder`, its card listing the findings; its URL."""
     from converter.hub import push_folder
 
     folder = Path(folder)

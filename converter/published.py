@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,10 +124,9 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
         reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
         return [folder / WEIGHTS]
     if not _present(folder / WEIGHTS_INDEX):
-        pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
         why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
-        if pickled:
-            why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
+        if pickled := next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None):
+            why = f"it has only {pickled}, a pickle, which is never unpickled here"
         raise ConverterError(
             f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
             "which writes safetensors"
@@ -146,17 +145,19 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
             )
     shards, missing = [], []
     for name in sorted(set(weight_map.values())):
-        path = folder / name
-        if not _present(path):
-            missing.append(escape(name))
-            continue
-        reader.check_regular(path, f"{what}: shard {escape(name)}")  # before resolving: a link loop is named
-        if not is_inside(path, root):  # by its name or through a link
+        path, relative = folder / name, PurePosixPath(name)
+        named_outside = relative.is_absolute() or ".." in relative.parts
+        if _present(path) and not named_outside:
+            reader.check_regular(path, f"{what}: shard {escape(name)}")  # before resolving: names a link loop
+        if named_outside or not is_inside(path, root):  # by its name, or through a link
             raise ConverterError(
-                f"{what}: shard {escape(name)} lies outside {escape(source)}: an index may name only files "
+                f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
                 "inside its own folder; copy the file there"
             )
-        shards.append(path)
+        if _present(path):
+            shards.append(path)
+        else:
+            missing.append(escape(name))
     if missing:
         raise ConverterError(f"{what} names missing shards: {', '.join(listed(missing))}")
     return shards

@@ -187,9 +187,7 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
                 note = "" if changes else f"{name} {got} vs {want}: training only"
                 findings.append(Finding("config", name, got, want, not changes, changes, note))
     if all(f.ok for f in findings):
-        findings.append(
-            Finding("config", "all", None, None, True, detail="config: every field that matters agrees")
-        )
+        findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings
 
 
@@ -206,17 +204,14 @@ def weight_findings(published: Published, ours: Mapping[str, torch.Tensor]) -> l
             identical += 1
         else:
             diff = (got.float() - want.float()).abs().max().item()
-            findings.append(
-                Finding("weights", key, None, None, False, True, f"{key}: max |Δ| {diff:.3g}", diff)
-            )
+            detail = f"{key}: max |Δ| {diff:.3g}"
+            findings.append(Finding("weights", key, None, None, False, True, detail, diff))
     dtypes = "/".join(sorted({str(v.dtype).removeprefix("torch.") for v in theirs.values()}))
     summary = f"{identical} of {len(ours)} tensors identical to our conversion of the original ({dtypes})"
     if buffers := len(published.state_dict) - len(theirs):
         summary += f"; {buffers} position_ids buffers stored by an older transformers, ignored"
-    return [
-        *findings,
-        Finding("weights", "identical", identical, len(ours), identical == len(ours), detail=summary),
-    ]
+    ok = identical == len(ours)
+    return [*findings, Finding("weights", "identical", identical, len(ours), ok, detail=summary)]
 
 
 def output_findings(
@@ -224,7 +219,7 @@ def output_findings(
     original: Mapping[str, torch.Tensor],
     hyper: Hyper,
     atol: float,
-    heads_from_config: bool = False,
+    heads_from_config: bool,
 ) -> list[Finding]:
     """The published model against the oracle on the original weights: all sites in one finding, then
     each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
@@ -329,9 +324,8 @@ def _reference_frames(
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
         if names and all(f"original{size}/{n}" in data.files for n in names):
-            mean, std = (
-                np.array(stat, np.float32)[:, None, None] * 255 for stat in (IMAGENET_MEAN, IMAGENET_STD)
-            )
+            mean = np.array(IMAGENET_MEAN, np.float32)[:, None, None] * 255
+            std = np.array(IMAGENET_STD, np.float32)[:, None, None] * 255
             originals = [data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) for n in names]
             targets = [(o - mean) / std for o in originals]
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"

@@ -61,11 +61,9 @@ class Published:
         from transformers import AutoTokenizer
 
         for name, limit in TOKENIZER_FILES.items():
-            path, what = self.folder / name, f"{escape(self.source)}: {name}"
-            if _present(path) and name.endswith(".json"):
-                reader.read_json(path, what, limit)
-            elif _present(path):
-                reader.check_size(path, what, limit)
+            if _present(self.folder / name):  # JSON is read whole, so its depth and numbers are checked too
+                check = reader.read_json if name.endswith(".json") else reader.check_size
+                check(self.folder / name, f"{escape(self.source)}: {name}", limit)
         try:
             return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, KeyError... for broken files

@@ -37,11 +37,8 @@ def to_original(
     overwrite: bool = False,
     revision: str | None = None,
 ) -> BackConversion:
-    """Convert `source` back to an original checkpoint at `output`, verified; return the figures.
-
-    Raises ConverterError on bad input and VerificationError when the original forward pass on the
-    written weights does not reproduce the HF model; either way nothing is written.
-    """
+    """Convert `source` back to an original checkpoint at `output`, verified. Raises ConverterError on bad
+    input, VerificationError when the oracle on the written file disagrees; either way nothing is written."""
     from converter.build import build_model
     from converter.load import load_checkpoint
     from converter.rules import check_state_dict, hf_to_original, original_shapes

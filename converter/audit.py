@@ -22,14 +22,16 @@ import torch
 
 from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
-from converter.config import Hyper, config_source
+from converter.config import Hyper, config_source, load_config_file, to_config
 from converter.errors import ConverterError, VerificationError, reason
+from converter.load import load_checkpoint
 from converter.oracle import OriginalHeads
-from converter.pipeline import map_original
+from converter.pipeline import _fetch, map_original
+from converter.processing import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import DEFAULT_ATOL, Verification
+from converter.verify import DEFAULT_ATOL, Verification, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -119,10 +121,8 @@ class AuditReport:
         findings = [asdict(f) for f in self.ordered()]
         data = {"summary": self.summary(), "passed": self.passed, **asdict(self), "findings": findings}
         # JSON has no inf or nan: read back with them as null. Other types are written as their str.
-        text = json.dumps(data, default=str, ensure_ascii=False)
-        return (
-            json.dumps(json.loads(text, parse_constant=lambda _: None), indent=2, ensure_ascii=False) + "\n"
-        )
+        data = json.loads(json.dumps(data, default=str), parse_constant=lambda _: None)
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
 def _show(value: Any) -> str:
@@ -147,10 +147,6 @@ def audit(
     """Compare `source` (a folder, hub repo id or loaded model) with `checkpoint`, else `model_name`'s
     release; `config` states what widths below 64 cannot, `reference` is an `.npz` of frames and the
     original's preprocessing of them. `source` is read first, so a bad one fails before a download."""
-    from converter.config import load_config_file, to_config
-    from converter.load import load_checkpoint
-    from converter.pipeline import _fetch
-
     variant = get_variant(model_name) if model_name else None
     if checkpoint is None and variant is None:
         raise ConverterError("--audit needs --model-name or --checkpoint: the original to compare against")
@@ -224,7 +220,6 @@ def output_findings(
     """The published model against the oracle on the original weights: all sites in one finding, then
     each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
     from converter.build import build_model
-    from converter.verify import verify
 
     weights = published.model_state_dict()
     try:
@@ -318,8 +313,6 @@ def _reference_frames(
 ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
     """Frames and the original's output for them: `reference` when it covers this size, else seeded
     frames through converter.processing."""
-    from converter.processing import IMAGENET_MEAN, IMAGENET_STD, preprocess_video
-
     if reference is not None and Path(reference).is_file():
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
@@ -342,8 +335,6 @@ def _reference_frames(
 def tokenizer_findings(published: Published) -> list[Finding]:
     """Ids of SENTENCES, padded to 77, against CLIP's tokenizer. Only differences up to the end token
     matter: the text tower is causal and pools there (the original itself pads with 0)."""
-    from converter.processing import build_tokenizer
-
     try:
         tokenizer = published.load_tokenizer()
     except ConverterError as err:
@@ -406,12 +397,7 @@ independent implementation of the original forward pass (figures below).
 
 
 def propose_fix(
-    report: AuditReport,
-    folder: str | Path,
-    verification: Verification | None,
-    repo_id: str,
-    *,
-    private: bool = False,
+    report: AuditReport, folder: str | Path, verification: Verification | None, repo_id: str
 ) -> str:
     """Open a pull request on `repo_id` with our verified `folder`, its card listing the findings; its URL."""
     from converter.hub import push_folder
@@ -431,4 +417,4 @@ def propose_fix(
         shutil.copytree(folder, staged)  # the folder itself stays as it is
         card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
         (staged / "README.md").write_text(fix_card(report, card))
-        return push_folder(staged, repo_id, create_pr=True, private=private)
+        return push_folder(staged, repo_id, create_pr=True)

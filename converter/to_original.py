@@ -16,9 +16,11 @@ from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
+from converter.load import load_checkpoint
 from converter.pipeline import stage
 from converter.published import load_published
-from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
+from converter.rules import check_state_dict, hf_to_original, original_shapes
+from converter.verify import DEFAULT_ATOL, Verification, oracle_heads, verify
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,6 @@ def to_original(
     """Convert `source` back to an original checkpoint at `output`, verified. Raises ConverterError on bad
     input, VerificationError when the oracle on the written file disagrees; either way nothing is written."""
     from converter.build import build_model
-    from converter.load import load_checkpoint
-    from converter.rules import check_state_dict, hf_to_original, original_shapes
-    from converter.verify import verify
 
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
     with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:

@@ -126,6 +126,8 @@ class AuditReport:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, dict):  # a processor's size, {"height": 224, "width": 224}: its sides
+        value = list(value.values())
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -222,18 +224,17 @@ def output_findings(
     from converter.build import build_model
 
     weights = published.model_state_dict()
-    try:
-        model = build_model(published.config, {k: v.float() for k, v in weights.items()})
-    except Exception as err:  # a key or shape transformers refuses: already named by the weights check
-        return [_cannot_run(f"the published model does not load its own weights ({reason(err)})")]
-    # The oracle sees the original rounded as most published weights are, so only real mistakes remain.
-    dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype  # the largest's
+    # The oracle sees the original rounded as the published weights are (the largest tensor's dtype), so
+    # only real mistakes remain.
+    dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
-    try:
+    try:  # load_state_dict raises RuntimeError for a key or shape the weights check names too
+        model = build_model(published.config, {k: v.float() for k, v in weights.items()})
         result = verify(model, rounded, hyper, atol, heads if heads_from_config else None)
     except (VerificationError, RuntimeError, ValueError) as err:
-        return [_cannot_run(f"the published model cannot run the original's inputs ({reason(err)})")]
+        detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
+        return [Finding("outputs", "run", None, None, False, True, detail, math.inf)]
     count, first = len(result.compared), result.first_divergence
     worst = f"worst {result.worst} at {result.margin:.3g}×" if result.margin else "all agree exactly"
     if first is None:
@@ -251,15 +252,10 @@ def output_findings(
     return findings
 
 
-def _cannot_run(detail: str) -> Finding:
-    return Finding("outputs", "run", None, None, False, True, detail, math.inf)
-
-
 def preprocessing_findings(
     raw: Mapping[str, Any] | None, image_size: int, reference: str | Path | None = None
 ) -> list[Finding]:
-    """The published processor's settings, as transformers reads them, against the original's, and its
-    measured output."""
+    """The published processor's settings, as transformers reads them, against the original's; its output."""
     from transformers import VideoMAEImageProcessorPil
 
     if raw is None:

@@ -27,12 +27,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # The tokenizer files transformers may read from a folder, each checked under its cap before it does.
 TOKENIZER_FILES = {
-    "tokenizer.json": TOKENIZER_LIMIT,
-    "vocab.json": TOKENIZER_LIMIT,
-    "merges.txt": TOKENIZER_LIMIT,
-    "tokenizer_config.json": CONFIG_LIMIT,
-    "special_tokens_map.json": CONFIG_LIMIT,
-    "added_tokens.json": CONFIG_LIMIT,
+    **dict.fromkeys(("tokenizer.json", "vocab.json", "merges.txt"), TOKENIZER_LIMIT),
+    **dict.fromkeys(("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"), CONFIG_LIMIT),
 }
 # What a hub snapshot fetches: config, processor and tokenizer files, the safetensors weights (or shards).
 HUB_PATTERNS = ["config.json", "*processor_config.json", *TOKENIZER_FILES, "model*.safetensors*"]

@@ -1,8 +1,6 @@
 """The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout,
-`{'model': state_dict}` in the original's key order, by the forward rule table (`rules.hf_to_original`).
-The oracle on the written file, read back weights-only, must reproduce the HF model within the forward
-tolerance before the file, staged beside FILE (`export.staged_file`), is renamed into place.
-"""
+`{'model': state_dict}` in the original's key order, by the rule table (`rules.hf_to_original`). The oracle
+on the written file, read back weights-only, must reproduce the HF model before it is renamed into place."""
 
 from __future__ import annotations
 
@@ -65,10 +63,9 @@ def to_original(
             model = build_model(published.config, {k: v.float() for k, v in weights.items()})
             try:
                 verification = verify(model, written, hyper, atol, oracle_heads(hyper))
-            except (RuntimeError, ValueError) as err:  # e.g. head counts that do not divide the width
-                raise VerificationError(
-                    f"the original forward pass cannot run on the written weights: {err}"
-                ) from None
+            except (RuntimeError, ValueError) as err:  # e.g. width 129, which width // 64 = 2 does not divide
+                why = f"the original forward pass cannot run on the written weights: {err}"
+                raise VerificationError(why) from None
             note(verification.summary().split(";")[0])
         if not verification.passed:
             raise VerificationError(

@@ -1,7 +1,6 @@
 """Audit a published transformers X-CLIP model against the original checkpoint it claims to be: its
 config, weights, outputs (against the oracle), preprocessing and tokenizer, each a list of findings;
-and the pull request that fixes what the audit found. The published folder is only read.
-"""
+and the pull request that fixes what the audit found. The published folder is only read."""
 
 from __future__ import annotations
 
@@ -39,8 +38,7 @@ if TYPE_CHECKING:
 EXIT_MATCH, EXIT_MISMATCH = 0, 1
 KINDS = ("config", "weights", "outputs", "preprocessing", "tokenizer")
 LINES_PER_KIND = 12  # lines() shortens long lists (e.g. every tensor of a transposed family); JSON has all
-# What the published tokenizer must reproduce: case, punctuation, digits, accents, whitespace runs,
-# contractions, an empty prompt, and the release tests' labels.
+# What the tokenizer must reproduce: case, punctuation, digits, accents, whitespace, contractions, "".
 SENTENCES = (
     *DEFAULT_TEXTS,
     "a video of a person playing the violin.",
@@ -179,8 +177,7 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     findings = []
     for names, changes in ((computation, True), ((*PROBABILITIES, *FINITE), False)):
         for name in sorted(names):
-            got = reduce(getattr, name.split("."), published)
-            want = reduce(getattr, name.split("."), expected)
+            got, want = (reduce(getattr, name.split("."), config) for config in (published, expected))
             if got != want:
                 note = "" if changes else f"{name} {got} vs {want}: training only"
                 findings.append(Finding("config", name, got, want, not changes, changes, note))
@@ -307,8 +304,7 @@ def _distance(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
 def _reference_frames(
     size: int, reference: str | Path | None
 ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Frames and the original's output for them: `reference` when it covers this size, else seeded
-    frames through converter.processing."""
+    """Frames and the original's output: `reference`'s when it covers `size`, else seeded frames'."""
     if reference is not None and Path(reference).is_file():
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
@@ -331,15 +327,23 @@ def _reference_frames(
 def tokenizer_findings(published: Published) -> list[Finding]:
     """Ids of SENTENCES, padded to 77, against CLIP's tokenizer. Only differences up to the end token
     matter: the text tower is causal and pools there (the original itself pads with 0)."""
+
+    def ids(tokenizer: Any, sentence: str) -> list[int]:
+        return list(tokenizer(sentence, padding="max_length", max_length=CONTEXT_LENGTH)["input_ids"])
+
+    def window(tokens: list[int], start: int) -> str:  # four ids from `start`
+        more = ", …" if len(tokens) > start + 4 else ""
+        return f"[{', '.join(map(str, tokens[start : start + 4]))}{more}]"
+
     try:
         tokenizer = published.load_tokenizer()
     except ConverterError as err:
         return [Finding("tokenizer", "load", None, None, False, True, str(err), math.inf)]
     reference, findings, same = build_tokenizer(), [], 0
     for sentence in SENTENCES:
-        want = _ids(reference, sentence)
+        want = ids(reference, sentence)
         try:
-            got = _ids(tokenizer, sentence)
+            got = ids(tokenizer, sentence)
         except Exception as err:
             detail = f"{sentence!r}: {reason(err)}"
             findings.append(Finding("tokenizer", sentence, None, want, False, True, detail))
@@ -351,7 +355,7 @@ def tokenizer_findings(published: Published) -> list[Finding]:
         content = first <= want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
         where = "before the end token" if content else "padding only, after the end token"
         detail = f"{sentence!r}: ids differ from position {first} ({where}): "
-        detail += f"{_window(got, first)} ≠ {_window(want, first)}"
+        detail += f"{window(got, first)} ≠ {window(want, first)}"
         findings.append(
             Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )
@@ -360,14 +364,6 @@ def tokenizer_findings(published: Published) -> list[Finding]:
     detail += f", {padding} differ in the padding only" if padding else ""
     ok = padding == len(findings)
     return [*findings, Finding("tokenizer", "identical", same, len(SENTENCES), ok, detail=detail)]
-
-
-def _ids(tokenizer: Any, sentence: str) -> list[int]:
-    return list(tokenizer(sentence, padding="max_length", max_length=CONTEXT_LENGTH)["input_ids"])
-
-
-def _window(ids: list[int], start: int) -> str:
-    return "[" + ", ".join(map(str, ids[start : start + 4])) + (", …]" if len(ids) > start + 4 else "]")
 
 
 def fix_card(report: AuditReport, card: str) -> str:

@@ -82,8 +82,7 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
         # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
         partial = "" if commit is None else ", or its cached snapshot is incomplete: connect to the internet"
         raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder{partial})")
-    # The same field-by-field validation as --config: a bad size or head count is named here, not met
-    # later as a shape error deep inside torch.
+    # Validated as --config is: a bad size or head count is named here, not met as a shape error in torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
     weights = _read_weights(_weights_files(folder, root, text), text)
     return Published(text, folder, config, weights, read_image_processor(folder, text), commit)
@@ -166,9 +165,8 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
         try:
             state_dict.update(load_file(file))
         except (SafetensorError, OSError) as err:
-            raise ConverterError(
-                f"{escape(source)}: cannot read {escape(file.name)} ({reason(err)})"
-            ) from None
+            why = f"{escape(source)}: cannot read {escape(file.name)} ({reason(err)})"
+            raise ConverterError(why) from None
     if not state_dict:
         raise ConverterError(f"{escape(source)}: {escape(files[0].name)} holds no tensors")
     return state_dict

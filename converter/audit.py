@@ -260,10 +260,18 @@ def preprocessing_findings(
         return [Finding("preprocessing", "files", "absent", "present", False, True, detail)]
     settings = original_preprocessing(image_size)
     frames, targets, what = _reference_frames(image_size, reference)
+
+    def pixels(processor: Any) -> list[np.ndarray]:  # [3, S, S], each frame alone: their shapes differ
+        prepared = [processor([f], return_tensors="np", input_data_format="channels_last") for f in frames]
+        return [p["pixel_values"][0, 0] for p in prepared]
+
+    def distance(outputs: list[np.ndarray]) -> float:
+        return max(float(np.abs(o - t).max()) for o, t in zip(outputs, targets, strict=True))
+
     given = {k: v for k, v in raw.items() if k in settings and v is not None}  # null: the default
     try:
         published = VideoMAEImageProcessorPil(**given)
-        outputs = _pixels(published, frames)
+        outputs = pixels(published)
     except Exception as err:
         detail = f"the published image processor fails on a frame ({reason(err)})"
         return [Finding("preprocessing", "measured", None, None, False, True, detail, math.inf)]
@@ -280,25 +288,15 @@ def preprocessing_findings(
         detail = f"output shape {shapes} ≠ {want_shape} on {what}"
         return [*findings, Finding("preprocessing", "output shape", shapes, want_shape, False, True, detail)]
     # Transformers cannot match the original bit for bit: the floor is what the correct settings achieve.
-    diff, floor = _distance(outputs, targets), _distance(_pixels(expected, frames), targets)
+    diff, floor = distance(outputs), distance(pixels(expected))
     detail = f"max |Δ| {diff:.3g} from the original on {what} (correctly configured: {floor:.3g})"
     ok = diff <= floor + PREPROCESSING_SLACK
     return [*findings, Finding("preprocessing", "measured", diff, floor, ok, True, detail)]
 
 
-def _pixels(processor: Any, frames: list[np.ndarray]) -> list[np.ndarray]:
-    """Each frame as `processor` prepares it alone, [3, S, S] (the frames' shapes differ)."""
-    prepared = [processor([f], return_tensors="np", input_data_format="channels_last") for f in frames]
-    return [p["pixel_values"][0, 0] for p in prepared]
-
-
 def _close(a: Any, b: Any) -> bool:
     """Equal; numbers up to float rounding (a mean stored as 0.48500001)."""
     return a == b if isinstance(a, dict) else bool(np.allclose(a, b, rtol=1e-4, atol=1e-6))
-
-
-def _distance(outputs: list[np.ndarray], targets: list[np.ndarray]) -> float:
-    return max(float(np.abs(o - t).max()) for o, t in zip(outputs, targets, strict=True))
 
 
 def _reference_frames(

@@ -117,12 +117,10 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
         reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
         return [folder / WEIGHTS]
     if not _present(folder / WEIGHTS_INDEX):
-        why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
-        if pickled := next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None):
-            why = f"it has only {pickled}, a pickle, which is never unpickled here"
+        pickled = next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None)
+        only = f" (only {pickled}, a pickle, which is never unpickled here)" if pickled else ""
         raise ConverterError(
-            f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
-            "which writes safetensors"
+            f"{escape(source)}: no {WEIGHTS}{only}; re-save the model with transformers' save_pretrained"
         )
     what = f"{escape(source)}: {WEIGHTS_INDEX}"
     weight_map = reader.read_json_object(folder / WEIGHTS_INDEX, what, reader.INDEX_LIMIT).get("weight_map")

@@ -27,12 +27,8 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # The tokenizer files transformers may read from a folder, each checked under its cap before it does.
 TOKENIZER_FILES = {
-    "tokenizer.json": TOKENIZER_LIMIT,
-    "vocab.json": TOKENIZER_LIMIT,
-    "merges.txt": TOKENIZER_LIMIT,
-    "tokenizer_config.json": CONFIG_LIMIT,
-    "special_tokens_map.json": CONFIG_LIMIT,
-    "added_tokens.json": CONFIG_LIMIT,
+    **dict.fromkeys(("tokenizer.json", "vocab.json", "merges.txt"), TOKENIZER_LIMIT),
+    **dict.fromkeys(("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"), CONFIG_LIMIT),
 }
 # What a hub snapshot fetches: config, processor and tokenizer files, the safetensors weights (or shards).
 HUB_PATTERNS = ["config.json", "*processor_config.json", *TOKENIZER_FILES, "model*.safetensors*"]
@@ -61,11 +57,9 @@ class Published:
         from transformers import AutoTokenizer
 
         for name, limit in TOKENIZER_FILES.items():
-            path, what = self.folder / name, f"{escape(self.source)}: {name}"
-            if _present(path) and name.endswith(".json"):
-                reader.read_json(path, what, limit)
-            elif _present(path):
-                reader.check_size(path, what, limit)
+            if _present(self.folder / name):  # JSON is read whole, so its depth and numbers are checked too
+                check = reader.read_json if name.endswith(".json") else reader.check_size
+                check(self.folder / name, f"{escape(self.source)}: {name}", limit)
         try:
             return AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except Exception as err:  # transformers raises OSError, ValueError, KeyError... for broken files
@@ -85,9 +79,10 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     if not _present(folder / "config.json"):
-        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder)")
-    # The same field-by-field validation as --config: a bad size or head count is named here, not met
-    # later as a shape error deep inside torch.
+        # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
+        partial = "" if commit is None else ", or its cached snapshot is incomplete: connect to the internet"
+        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder{partial})")
+    # Validated as --config is: a bad size or head count is named here, not met as a shape error in torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
     weights = _read_weights(_weights_files(folder, root, text), text)
     return Published(text, folder, config, weights, read_image_processor(folder, text), commit)
@@ -102,28 +97,18 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
 
     offline = constants.is_offline_mode()
     try:
-        folder = Path(
-            snapshot_download(
-                repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
-            )
+        snapshot = snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=offline
         )
-    except HUB_ERRORS as err:  # not found, gated, offline, an incomplete snapshot
-        if offline or isinstance(err, LocalEntryNotFoundError):
-            raise ConverterError(
-                f"{repo_id}: not in the local HF cache and the hub is unreachable"
-                f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
-                "where it was downloaded before), or pass a local folder instead"
-            ) from None
+    except HUB_ERRORS as err:  # not found, gated, offline
+        if not (offline or isinstance(err, LocalEntryNotFoundError)):
+            raise ConverterError(f"{repo_id}: cannot download from the hub ({reason(err)})") from None
         raise ConverterError(
-            f"{repo_id}: cannot download from the hub ({type(err).__name__}: {reason(err)})"
+            f"{repo_id}: not in the local HF cache and the hub is unreachable"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
+            "where it was downloaded before), or pass a local folder instead"
         ) from None
-    if not (folder / "config.json").is_file():
-        # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
-        raise ConverterError(
-            f"{repo_id}: the cached snapshot {folder} has no config.json"
-            f"{'; connect to the internet to complete it' if offline else ' (not a transformers model?)'}"
-        )
-    return folder, folder.name
+    return Path(snapshot), Path(snapshot).name
 
 
 def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
@@ -132,13 +117,10 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
         reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
         return [folder / WEIGHTS]
     if not _present(folder / WEIGHTS_INDEX):
-        pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
-        why = "no weights in safetensors (pickled weights such as pytorch_model.bin are never read)"
-        if pickled:
-            why = f"it has only {pickled[0]}, a pickle, which is never unpickled here"
+        pickled = next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None)
+        only = f" (only {pickled}, a pickle, which is never unpickled here)" if pickled else ""
         raise ConverterError(
-            f"{escape(source)}: no {WEIGHTS}: {why}; re-save the model with transformers' save_pretrained, "
-            "which writes safetensors"
+            f"{escape(source)}: no {WEIGHTS}{only}; re-save the model with transformers' save_pretrained"
         )
     what = f"{escape(source)}: {WEIGHTS_INDEX}"
     weight_map = reader.read_json_object(folder / WEIGHTS_INDEX, what, reader.INDEX_LIMIT).get("weight_map")
@@ -155,21 +137,18 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
     shards, missing = [], []
     for name in sorted(set(weight_map.values())):
         path, relative = folder / name, PurePosixPath(name)
-        if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+        named_outside = relative.is_absolute() or ".." in relative.parts
+        if _present(path) and not named_outside:
+            reader.check_regular(path, f"{what}: shard {escape(name)}")  # before resolving: names a link loop
+        if named_outside or not is_inside(path, root):  # by its name, or through a link
             raise ConverterError(
                 f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
-                "inside its own folder"
+                "inside its own folder; copy the file there"
             )
-        if not _present(path):
+        if _present(path):
+            shards.append(path)
+        else:
             missing.append(escape(name))
-            continue
-        reader.check_regular(path, f"{what}: shard {escape(name)}")
-        if not is_inside(path, root):
-            raise ConverterError(
-                f"{what}: shard {escape(name)} is a link to {escape(str(path.resolve()))}, outside "
-                f"{escape(source)}: copy the file into the folder"
-            )
-        shards.append(path)
     if missing:
         raise ConverterError(f"{what} names missing shards: {', '.join(listed(missing))}")
     return shards
@@ -184,9 +163,8 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
         try:
             state_dict.update(load_file(file))
         except (SafetensorError, OSError) as err:
-            raise ConverterError(
-                f"{escape(source)}: cannot read {escape(file.name)} ({reason(err)})"
-            ) from None
+            why = f"{escape(source)}: cannot read {escape(file.name)} ({reason(err)})"
+            raise ConverterError(why) from None
     if not state_dict:
         raise ConverterError(f"{escape(source)}: {escape(files[0].name)} holds no tensors")
     return state_dict
@@ -210,7 +188,7 @@ def read_image_processor(folder: Path, source: str | None = None) -> dict[str, A
 
 def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
     """Check what a VideoMAE image processor reads, so that running it can neither fail unnamed nor allocate
-    without bound (absent or null: its default)."""
+    without bound (absent or null: its default, which passes)."""
     from PIL import Image
 
     def refuse(name: str, want: str) -> ConverterError:
@@ -218,32 +196,27 @@ def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
 
     given = {name: value for name, value in settings.items() if value is not None}
     for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
-        if name in given and not isinstance(given[name], bool):
+        if not isinstance(given.get(name, True), bool):
             raise refuse(name, "true or false")
     for name in ("size", "crop_size"):  # one number, a list, or a dict such as {"height": 224, ...}
-        value = given.get(name)
-        sides = (
-            list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        )
-        if name in given and not (
-            sides and all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides)
-        ):
+        value = given.get(name, 224)
+        sides = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        if not (sides and all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides)):
             raise refuse(
                 name, f'sizes in pixels from 1 to {MAX_PROCESSOR_SIDE} (e.g. {{"height": 224, ...}})'
             )
     filters = {int(r) for r in Image.Resampling}
-    if "resample" in given and not (_whole(given["resample"]) and given["resample"] in filters):
+    resample = given.get("resample", 2)
+    if not (_whole(resample) and resample in filters):
         raise refuse("resample", f"a PIL resampling filter, 0 to {max(filters)} (2 is bilinear)")
-    if "rescale_factor" in given and not finite_number(given["rescale_factor"]):
+    if not finite_number(given.get("rescale_factor", 1)):
         raise refuse("rescale_factor", "a finite number (1/255 for 8-bit frames)")
     for name in ("image_mean", "image_std"):
-        value = given.get(name)
-        if name in given and not (
-            isinstance(value, list) and len(value) == 3 and all(map(finite_number, value))
-        ):
+        value = given.get(name, [0.5] * 3)
+        if not (isinstance(value, list) and len(value) == 3 and all(map(finite_number, value))):
             raise refuse(name, "a list of 3 finite numbers, one per RGB channel")
-    if "image_std" in given and 0 in given["image_std"]:
-        raise refuse("image_std", "nonzero in every channel")
+        if name == "image_std" and 0 in value:
+            raise refuse(name, "nonzero in every channel")
 
 
 def _present(path: Path) -> bool:

@@ -1,8 +1,6 @@
 """The way back: a transformers X-CLIP (folder or hub repo id) to the original checkpoint layout,
-`{'model': state_dict}` in the original's key order, by the forward rule table (`rules.hf_to_original`).
-The oracle on the written file, read back weights-only, must reproduce the HF model within the forward
-tolerance before the file, staged beside FILE (`export.staged_file`), is renamed into place.
-"""
+`{'model': state_dict}` in the original's key order, by the rule table (`rules.hf_to_original`). The oracle
+on the written file, read back weights-only, must reproduce the HF model before it is renamed into place."""
 
 from __future__ import annotations
 
@@ -16,9 +14,11 @@ from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
+from converter.load import load_checkpoint
 from converter.pipeline import stage
 from converter.published import load_published
-from converter.verify import DEFAULT_ATOL, Verification, oracle_heads
+from converter.rules import check_state_dict, hf_to_original, original_shapes
+from converter.verify import DEFAULT_ATOL, Verification, oracle_heads, verify
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,9 @@ def to_original(
     overwrite: bool = False,
     revision: str | None = None,
 ) -> BackConversion:
-    """Convert `source` back to an original checkpoint at `output`, verified; return the figures.
-
-    Raises ConverterError on bad input and VerificationError when the original forward pass on the
-    written weights does not reproduce the HF model; either way nothing is written.
-    """
+    """Convert `source` back to an original checkpoint at `output`, verified. Raises ConverterError on bad
+    input, VerificationError when the oracle on the written file disagrees; either way nothing is written."""
     from converter.build import build_model
-    from converter.load import load_checkpoint
-    from converter.rules import check_state_dict, hf_to_original, original_shapes
-    from converter.verify import verify
 
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
     with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
@@ -69,10 +63,9 @@ def to_original(
             model = build_model(published.config, {k: v.float() for k, v in weights.items()})
             try:
                 verification = verify(model, written, hyper, atol, oracle_heads(hyper))
-            except (RuntimeError, ValueError) as err:  # e.g. head counts that do not divide the width
-                raise VerificationError(
-                    f"the original forward pass cannot run on the written weights: {err}"
-                ) from None
+            except (RuntimeError, ValueError) as err:  # e.g. width 129, which width // 64 = 2 does not divide
+                why = f"the original forward pass cannot run on the written weights: {err}"
+                raise VerificationError(why) from None
             note(verification.summary().split(";")[0])
         if not verification.passed:
             raise VerificationError(

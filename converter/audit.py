@@ -22,7 +22,7 @@ import torch
 from converter import DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, to_config
-from converter.errors import ConverterError, VerificationError, reason
+from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
 from converter.oracle import OriginalHeads
 from converter.pipeline import _fetch, map_original
@@ -226,10 +226,10 @@ def output_findings(
     dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
-    try:  # load_state_dict raises RuntimeError for a key or shape the weights check names too
+    try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
         model = build_model(published.config, {k: v.float() for k, v in weights.items()})
         result = verify(model, rounded, hyper, atol, heads if heads_from_config else None)
-    except (VerificationError, RuntimeError, ValueError) as err:
+    except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
         return [Finding("outputs", "run", None, None, False, True, detail, math.inf)]
     count, first = len(result.compared), result.first_divergence

@@ -407,14 +407,14 @@ def _cut_or_fail(exc: Exception, url: str, first: bool, got: str | None) -> None
         ) from None
     if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
         raise _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer") from None
-    if isinstance(exc, (SSLError, ProxyError)) or not isinstance(
-        exc, (ConnectionError, ChunkedEncodingError)
+    if isinstance(exc, (ConnectionError, ChunkedEncodingError)) and not isinstance(
+        exc, (SSLError, ProxyError)
     ):
-        raise ConverterError(
-            f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
-            "--checkpoint PATH for a local copy."
-        ) from None
-    raise _Cut("was truncated", got or "connection dropped") from None
+        raise _Cut("was truncated", got or "connection dropped") from None
+    raise ConverterError(
+        f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
+        "--checkpoint PATH for a local copy."
+    ) from None
 
 
 def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
@@ -437,7 +437,6 @@ def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str |
         _progress(part.stem, 0, None) as report,
     ):
         output = Path(scratch) / part.name
-        timeout = (CONNECT_TIMEOUT, STALL_TIMEOUT)
         try:
             gdown.download(
                 id=file_id,
@@ -446,7 +445,7 @@ def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str |
                 progress=report,
                 resume=False,
                 retries=MAX_RETRIES,
-                timeout=timeout,
+                timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT),
             )
         except (FileURLRetrievalError, DownloadError, requests.RequestException) as exc:
             text = str(exc).lower()

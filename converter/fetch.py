@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -28,6 +28,9 @@ from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
 from converter.reader import CONFIG_LIMIT, read_bytes, read_json_object
 from converter.registry import Source, cache_dir, url_cache_path
+
+if TYPE_CHECKING:
+    import requests
 
 # Module constants, not arguments: tests (and impatient users) shorten them in one place.
 CONNECT_TIMEOUT = 10.0  # seconds to establish a TCP connection
@@ -290,9 +293,8 @@ def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int
             bar.update(done - bar.n)
             if bar.disable and time.monotonic() - last >= PROGRESS_EVERY:
                 last = time.monotonic()
-                _log.info(
-                    "downloading %s: %.1f%s MB", name, done / 1e6, f" of {total / 1e6:.1f}" if total else ""
-                )
+                of = f" of {total / 1e6:.1f}" if total else ""
+                _log.info("downloading %s: %.1f%s MB", name, done / 1e6, of)
 
         yield report
 
@@ -302,15 +304,19 @@ class _Cut(Exception):
 
 
 def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]:
+    import requests
+
     if fresh:
         _discard_partial(part)
     for tries in range(1, MAX_RETRIES + 2):
         if tries > 1:
             time.sleep(min(BACKOFF_MAX, BACKOFF_FACTOR * 2 ** (tries - 2)))
         try:
-            return _attempt_http(url, part, first=tries == 1)
+            return _attempt_http(url, part)
         except _Cut as exc:
             how, detail = exc.args
+        except requests.RequestException as exc:
+            how, detail = _cut_or_fail(exc, url, first=tries == 1).args
     have = part.stat().st_size if part.exists() else 0
     keep = f"the {have} bytes received are kept and a re-run resumes them"
     if not have or not Path(f"{part}.json").exists():  # nothing a re-run could resume
@@ -322,77 +328,8 @@ def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]
     )
 
 
-def _attempt_http(url: str, part: Path, first: bool) -> tuple[bool, str | None]:
-    """One GET, written or appended to ``part``; a failure worth retrying raises _Cut."""
-    import requests
-
-    known: dict[str, Any] = {}
-    with suppress(ConverterError):  # the validator of the answer that started ``part``
-        known = read_json_object(Path(f"{part}.json"), "a validator")
-    if not part.exists() or not isinstance(known.get("validator"), str):
-        _discard_partial(part)  # nothing proves these bytes belong to today's file: start over
-        known = {}
-    size = have = part.stat().st_size if known else 0
-    total = None
-    # identity: Content-Length and Range offsets must count the bytes written to disk.
-    headers = {"Accept-Encoding": "identity"}
-    if known:
-        headers |= {"Range": f"bytes={have}-", "If-Range": known["validator"]}
-    try:
-        with requests.get(
-            url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT)
-        ) as resp:
-            status, etag = resp.status_code, resp.headers.get("ETag")
-            # If-Range needs a strong validator: a strong ETag, else Last-Modified.
-            validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-            # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
-            m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
-            start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
-            if status == 416 and known and total == have and known.get("total") in (None, have):
-                return True, None  # the validator held and our file is complete
-            if status >= 500:
-                raise _Cut("failed", f"HTTP {status} {resp.reason}")
-            if status not in (200, 206, 416):
-                _discard_partial(part)
-                raise ConverterError(
-                    f"download of {url} failed: HTTP {status} {resp.reason}; check the model name, the URL "
-                    f"or XCLIP_RELEASE_URL, {_LOCAL_COPY}."
-                )
-            if status != 200 and (
-                status == 416
-                or start != have
-                or validator not in (None, known.get("validator"))
-                or known.get("total") not in (None, total)
-            ):  # a resume we cannot trust (past the end, a server ignoring If-Range, a wrong offset)
-                _discard_partial(part)
-                raise _Cut("was truncated", f"HTTP {status} for a resume at byte {have} of another version")
-            if (
-                status == 200
-            ):  # a full body: the file is new or changed (If-Range failed), so it starts afresh
-                _discard_partial(part)
-                size = have = 0
-                encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
-                total = None if encoded else resp.raw.length_remaining  # urllib3's reading of Content-Length
-                if validator is not None:
-                    record = json.dumps({"validator": validator, "total": total})
-                    write_file(Path(f"{part}.json"), record, flag="the download cache")
-            with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:
-                for block in resp.iter_content(NET_CHUNK_SIZE):  # what is written stays for the next try
-                    f.write(block)
-                    size += len(block)
-                    report(size, total)
-    except requests.RequestException as exc:
-        got = None if size == have else f"got {size} of {total} bytes" if total else f"after {size} bytes"
-        _cut_or_fail(exc, url, first, got)
-    if total is not None and size != total:  # more than announced: the resume's 416 will restart it
-        raise _Cut("was truncated", f"got {size} of {total} bytes")
-    if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end
-        raise _Cut("ended incomplete", f"{why}, after {size} bytes")
-    return total is not None, resp.headers.get("Content-Type")
-
-
-def _cut_or_fail(exc: Exception, url: str, first: bool, got: str | None) -> None:
-    """Raise the _Cut that ``exc`` is, or a ConverterError where retrying cannot help (offline, TLS)."""
+def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str | None = None) -> _Cut:
+    """The retryable cut that ``exc`` is, or a ConverterError where retrying cannot help (offline, TLS)."""
     from requests.exceptions import ChunkedEncodingError, ConnectionError, ProxyError, ReadTimeout, SSLError
     from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
 
@@ -402,19 +339,82 @@ def _cut_or_fail(exc: Exception, url: str, first: bool, got: str | None) -> None
         why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
         if isinstance(cause, NameResolutionError):
             why = "host name could not be resolved"
-        raise ConverterError(
-            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
-        ) from None
+        raise ConverterError(f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}")
     if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
-        raise _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer") from None
+        return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
     if isinstance(exc, (ConnectionError, ChunkedEncodingError)) and not isinstance(
         exc, (SSLError, ProxyError)
     ):
-        raise _Cut("was truncated", got or "connection dropped") from None
+        return _Cut("was truncated", got or "connection dropped")
     raise ConverterError(
         f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
         "--checkpoint PATH for a local copy."
-    ) from None
+    )
+
+
+def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
+    """One GET, written or appended to ``part``; a failure worth retrying raises _Cut or a requests error."""
+    import requests
+
+    known: dict[str, Any] = {}
+    with suppress(ConverterError):  # the validator of the answer that started ``part``
+        known = read_json_object(Path(f"{part}.json"), "a validator")
+    if not part.exists() or not isinstance(known.get("validator"), str):
+        _discard_partial(part)  # nothing proves these bytes belong to today's file: start over
+        known = {}
+    have = part.stat().st_size if known else 0
+    # identity: Content-Length and Range offsets must count the bytes written to disk.
+    headers = {"Accept-Encoding": "identity"}
+    if known:
+        headers |= {"Range": f"bytes={have}-", "If-Range": known["validator"]}
+    with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT)) as resp:
+        status, etag = resp.status_code, resp.headers.get("ETag")
+        # If-Range needs a strong validator: a strong ETag, else Last-Modified.
+        validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+        # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
+        m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
+        start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
+        if status == 416 and known and total == have and known.get("total") in (None, have):
+            return True, None  # the validator held and our file is complete
+        if status >= 500:
+            raise _Cut("failed", f"HTTP {status} {resp.reason}")
+        if status not in (200, 206, 416):
+            _discard_partial(part)
+            raise ConverterError(
+                f"download of {url} failed: HTTP {status} {resp.reason}; check the model name, the URL or "
+                f"XCLIP_RELEASE_URL, {_LOCAL_COPY}."
+            )
+        if status != 200 and (
+            status == 416
+            or start != have
+            or validator not in (None, known.get("validator"))
+            or known.get("total") not in (None, total)
+        ):  # a resume we cannot trust (past the end, a server ignoring If-Range, a wrong offset): start over
+            _discard_partial(part)
+            raise _Cut("was truncated", f"HTTP {status} for a resume at byte {have} of another version")
+        if status == 200:  # a full body: the file is new or changed (If-Range failed), so it starts afresh
+            _discard_partial(part)
+            have = 0
+            encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("identity", "")
+            total = None if encoded else resp.raw.length_remaining  # urllib3's reading of Content-Length
+            if validator is not None:
+                record = json.dumps({"validator": validator, "total": total})
+                write_file(Path(f"{part}.json"), record, flag="the download cache")
+        size = have
+        with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:
+            try:
+                for block in resp.iter_content(NET_CHUNK_SIZE):
+                    f.write(block)
+                    size += len(block)
+                    report(size, total)
+            except requests.RequestException as exc:  # what was written stays, so the next try resumes
+                got = f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
+                raise _cut_or_fail(exc, url, first=False, got=got) from None
+    if total is not None and size != total:  # more than announced: the resume's 416 will restart it
+        raise _Cut("was truncated", f"got {size} of {total} bytes")
+    if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end
+        raise _Cut("ended incomplete", f"{why}, after {size} bytes")
+    return total is not None, resp.headers.get("Content-Type")
 
 
 def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str | None]:

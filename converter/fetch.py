@@ -26,7 +26,7 @@ from urllib.request import url2pathname
 
 from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
-from converter.reader import CONFIG_LIMIT, read_bytes, read_json
+from converter.reader import CONFIG_LIMIT, read_bytes, read_json_object
 from converter.registry import Source, cache_dir, url_cache_path
 
 if TYPE_CHECKING:
@@ -143,8 +143,7 @@ def _cut_off(path: Path) -> str | None:
         if kind == "zip":
             zipfile.ZipFile(path).close()  # reads the end-of-archive record and the central directory
         elif kind == "safetensors":
-            with safe_open(path, framework="numpy"):  # checks that the data covers what the header says
-                pass
+            safe_open(path, framework="numpy")  # checks that the data covers what the header says
     except (zipfile.BadZipFile, SafetensorError, OSError, EOFError) as exc:
         what = "zip archive without its central directory" if kind == "zip" else "safetensors file too short"
         return f"{what}: {reason(exc)}"
@@ -159,7 +158,7 @@ def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | 
     advice = f"check the URL (a login, error or confirmation page?), {_LOCAL_COPY}."
     if mime in ("text/html", "application/xhtml+xml") or _HTML_START.match(head):
         page = "an HTML page"
-        if b"google" in head.lower() and (b"quota" in head.lower() or b"too many users" in head.lower()):
+        if b"google" in head.lower() and re.search(rb"quota|too many users", head, re.I):
             page += ": the Google Drive quota page (too many downloads of this file lately)"
             advice = f"Google Drive limits downloads of popular files: try again in a day, {_LOCAL_COPY}."
         problem = f"is {page}, not a checkpoint; nothing was cached. {advice}"
@@ -179,54 +178,48 @@ def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | 
 
 
 def _fetch_cached(final: Path, what: str, download: Downloader, pin: str | None, force: bool) -> Path:
+    from filelock import FileLock, Timeout
+
+    # Fast path without the lock: ``final`` only ever appears complete (atomic rename), record first.
+    if not force and final.is_file() and (pin is None or recorded_sha256(final) == pin):
+        return final
     root = final.parents[2]  # the cache: <cache>/url/<hash>/<file> or <cache>/gdrive/<id>/<file>
     part = Path(f"{final}.part")
     try:
-        # Fast path without the lock: ``final`` only ever appears complete (atomic rename), record first.
-        if not force and final.is_file() and (pin is None or recorded_sha256(final) == pin):
-            return final
-        with _locked(final, root, what):
-            # Another process may have finished the download while we waited for the lock.
-            if not force and final.is_file() and _cached_is_usable(final, pin):
-                return final
-            sized, content_type = download(part, force)
-            digest = sha256_file(part)
-            if pin is not None and digest != pin:
-                _discard_partial(part)
-                raise ConverterError(
-                    f"checksum mismatch for {what}: expected sha256 {pin}, got {digest}; nothing was "
-                    f"cached. Check --sha256, {_LOCAL_COPY} with a verified copy."
-                )
-            if pin is None:
-                _refuse_implausible(part, what, sized, content_type)
-            write_file(Path(f"{final}.sha256"), digest + "\n", flag="the download cache")
-            os.replace(part, final)
-            _discard_partial(part)  # its validator
+        final.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(_lock_path(final, root))
+        try:
+            held = lock.acquire(blocking=False)
+        except Timeout:
+            _log.info(
+                "waiting for another process fetching %s (lock: %s)", escape(what), escape(lock.lock_file)
+            )
+            held = lock.acquire()
+        with held:
+            try:
+                # Another process may have finished the download while we waited for the lock.
+                if not force and final.is_file() and _cached_is_usable(final, pin):
+                    return final
+                sized, content_type = download(part, force)
+                digest = sha256_file(part)
+                if pin is not None and digest != pin:
+                    _discard_partial(part)
+                    raise ConverterError(
+                        f"checksum mismatch for {what}: expected sha256 {pin}, got {digest}; nothing was "
+                        f"cached. Check --sha256, {_LOCAL_COPY} with a verified copy."
+                    )
+                if pin is None:
+                    _refuse_implausible(part, what, sized, content_type)
+                write_file(Path(f"{final}.sha256"), digest + "\n", flag="the download cache")
+                os.replace(part, final)
+                _discard_partial(part)  # its validator
+            finally:  # a failure leaves no empty folder (a resumable .part keeps its own)
+                for folder in (final.parent, final.parent.parent):  # <cache>/url/<hash>, <cache>/gdrive/<id>
+                    with suppress(OSError):
+                        folder.rmdir()
     except OSError as exc:  # the cache folder: a file, no permission, disk full
         raise _cache_error(exc, root) from None
     return final
-
-
-@contextmanager
-def _locked(final: Path, root: Path, what: str) -> Iterator[None]:
-    """Hold ``final``'s fetch lock (logged if another process has it); a failure leaves no empty folder."""
-    from filelock import FileLock, Timeout
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(_lock_path(final, root))
-    try:
-        held = lock.acquire(blocking=False)
-    except Timeout:
-        _log.info("waiting for another process fetching %s (lock: %s)", escape(what), escape(lock.lock_file))
-        held = lock.acquire()
-    with held:
-        try:
-            yield
-        except BaseException:
-            for folder in (final.parent, final.parent.parent):  # <cache>/url/<hash>, <cache>/gdrive/<id>
-                with suppress(OSError):
-                    folder.rmdir()  # only when empty: a resumable .part keeps it
-            raise
 
 
 def _cached_is_usable(final: Path, pin: str | None) -> bool:
@@ -235,17 +228,16 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
     if pin is None or recorded == pin:
         return True
     actual = sha256_file(final)
-    if actual == pin or recorded is None:
-        write_file(Path(f"{final}.sha256"), actual + "\n", flag="the download cache")
-    if actual == pin:
-        return True
-    if recorded is not None and actual != recorded:
+    if actual != pin and recorded not in (None, actual):
         forget(final)  # our own copy went bad: fetch it again
         return False
-    raise ConverterError(
-        f"the cached {final} has sha256 {actual}, not the pinned {pin}; the file was kept. If the pin is "
-        "right, fetch it again with --force-download; otherwise correct --sha256."
-    )
+    write_file(Path(f"{final}.sha256"), actual + "\n", flag="the download cache")
+    if actual != pin:
+        raise ConverterError(
+            f"the cached {final} has sha256 {actual}, not the pinned {pin}; the file was kept. If the pin "
+            "is right, fetch it again with --force-download; otherwise correct --sha256."
+        )
+    return True
 
 
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
@@ -258,16 +250,10 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
         if not path.is_file():
             raise ConverterError(f"local file not found: {path} (from {url}); check the path.")
         if pin is not None and (digest := sha256_file(path)) != pin:  # the user's file: report, never delete
-            raise ConverterError(
-                f"checksum mismatch for {path}: expected sha256 {pin}, got {digest}; the file is not the "
-                "expected checkpoint."
-            )
+            raise ConverterError(f"checksum mismatch for {path}: expected sha256 {pin}, got {digest}.")
         return path
     if parts.scheme.lower() not in ("http", "https"):
-        raise ConverterError(
-            f"unsupported URL scheme in {url!r}: use an http://, https:// or file:// URL, "
-            "or --checkpoint PATH for a local file."
-        )
+        raise ConverterError(f"unsupported URL scheme in {url!r}: use an http://, https:// or file:// URL.")
     final = url_cache_path(url, Path(cache) if cache is not None else cache_dir())
     return _fetch_cached(final, url, functools.partial(_download_http, url), pin, force)
 
@@ -328,15 +314,14 @@ def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]
         try:
             return _attempt_http(url, part)
         except _Cut as exc:
-            cut = exc
+            how, detail = exc.args
         except requests.RequestException as exc:
-            cut = _cut_or_fail(exc, url, first=tries == 1)
+            how, detail = _cut_or_fail(exc, url, first=tries == 1).args
     have = part.stat().st_size if part.exists() else 0
     keep = f"the {have} bytes received are kept and a re-run resumes them"
-    if not have or _read_validator(part) is None:  # nothing a re-run could resume
+    if not have or not Path(f"{part}.json").exists():  # nothing a re-run could resume
         _discard_partial(part)
         keep = "nothing was kept"
-    how, detail = cut.args
     raise ConverterError(
         f"download of {url} {how} on {tries} tries ({detail}); {keep}; re-run later, or use --checkpoint PATH"
         " for a local copy."
@@ -345,8 +330,7 @@ def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]
 
 def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str | None = None) -> _Cut:
     """The retryable cut that ``exc`` is, or a ConverterError where retrying cannot help (offline, TLS)."""
-    import requests
-    from requests.exceptions import ChunkedEncodingError, ProxyError, SSLError
+    from requests.exceptions import ChunkedEncodingError, ConnectionError, ProxyError, ReadTimeout, SSLError
     from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
 
     inner = exc.args[0] if exc.args else None  # the urllib3 error that requests wraps
@@ -355,36 +339,30 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
         why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
         if isinstance(cause, NameResolutionError):
             why = "host name could not be resolved"
-        raise ConverterError(
-            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
-        ) from None
-    if isinstance(exc, requests.ReadTimeout) or isinstance(inner, ReadTimeoutError):
+        raise ConverterError(f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}")
+    if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
         return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
-    dropped = isinstance(exc, (requests.ConnectionError, ChunkedEncodingError))
-    if not dropped or isinstance(exc, (SSLError, ProxyError)):
-        raise ConverterError(
-            f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
-            "--checkpoint PATH for a local copy."
-        ) from None
-    return _Cut("was truncated", got or "connection dropped")
-
-
-def _read_validator(part: Path) -> dict[str, Any] | None:
-    with suppress(ConverterError):
-        data = read_json(Path(f"{part}.json"), "a validator")
-        return data if isinstance(data, dict) and isinstance(data.get("validator"), str) else None
-    return None
+    if isinstance(exc, (ConnectionError, ChunkedEncodingError)) and not isinstance(
+        exc, (SSLError, ProxyError)
+    ):
+        return _Cut("was truncated", got or "connection dropped")
+    raise ConverterError(
+        f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
+        "--checkpoint PATH for a local copy."
+    )
 
 
 def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
     """One GET, written or appended to ``part``; a failure worth retrying raises _Cut or a requests error."""
     import requests
 
-    have = part.stat().st_size if part.exists() else 0
-    known = (_read_validator(part) if have else None) or {}
-    if not known:  # nothing proves these bytes belong to today's file: start over
-        _discard_partial(part)
-        have = 0
+    known: dict[str, Any] = {}
+    with suppress(ConverterError):  # the validator of the answer that started ``part``
+        known = read_json_object(Path(f"{part}.json"), "a validator")
+    if not part.exists() or not isinstance(known.get("validator"), str):
+        _discard_partial(part)  # nothing proves these bytes belong to today's file: start over
+        known = {}
+    have = part.stat().st_size if known else 0
     # identity: Content-Length and Range offsets must count the bytes written to disk.
     headers = {"Accept-Encoding": "identity"}
     if known:
@@ -396,26 +374,24 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
         m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
         start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
-        if status == 416 and known:  # the validator held and our file is at or past the end
-            if total == have and known.get("total") in (None, have):
-                return True, None
-            _discard_partial(part)
-            raise _Cut("was truncated", f"HTTP 416 for a resume at byte {have}")
+        if status == 416 and known and total == have and known.get("total") in (None, have):
+            return True, None  # the validator held and our file is complete
         if status >= 500:
             raise _Cut("failed", f"HTTP {status} {resp.reason}")
-        if status not in (200, 206):
+        if status not in (200, 206, 416):
             _discard_partial(part)
             raise ConverterError(
                 f"download of {url} failed: HTTP {status} {resp.reason}; check the model name, the URL or "
                 f"XCLIP_RELEASE_URL, {_LOCAL_COPY}."
             )
-        if status == 206 and (
-            start != have
+        if status != 200 and (
+            status == 416
+            or start != have
             or validator not in (None, known.get("validator"))
             or known.get("total") not in (None, total)
-        ):  # a resume we cannot trust (a server ignoring If-Range, a wrong offset): start over
+        ):  # a resume we cannot trust (past the end, a server ignoring If-Range, a wrong offset): start over
             _discard_partial(part)
-            raise _Cut("was truncated", f"the server resumed at byte {start} of another version, not {have}")
+            raise _Cut("was truncated", f"HTTP {status} for a resume at byte {have} of another version")
         if status == 200:  # a full body: the file is new or changed (If-Range failed), so it starts afresh
             _discard_partial(part)
             have = 0

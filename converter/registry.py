@@ -55,13 +55,9 @@ class Source:
         if self.kind not in ("release", "gdrive"):
             raise ConverterError(f"unknown source kind {self.kind!r}: expected 'release' or 'gdrive'")
         if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", self.filename):
-            raise ConverterError(
-                f"invalid checkpoint file name {self.filename!r}: expected one plain file name"
-            )
+            raise ConverterError(f"invalid checkpoint file name {self.filename!r}: not a plain file name")
         if self.kind == "gdrive" and not re.fullmatch(r"[A-Za-z0-9_-]+", self.ref):
-            raise ConverterError(
-                f"invalid Google Drive file id {self.ref!r}: expected only letters, digits, '-' and '_'."
-            )
+            raise ConverterError(f"invalid Google Drive file id {self.ref!r}: use letters, digits, - and _")
 
     @property
     def from_release_url(self) -> bool:

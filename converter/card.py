@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from converter import DEFAULT_TEXTS
+from converter import DEFAULT_TEXTS, processing
 from converter.config import Hyper
 from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
 
@@ -63,10 +63,7 @@ def model_card(
     )
     card = Template((resources.files("converter") / "data" / "model_card.md").read_text(encoding="utf-8"))
     text = card.substitute(
-        # license first, then the keys as the hub's own cards have them: the hub and tests read line one
-        metadata=metadata.to_yaml(
-            original_order=["license", "library_name", "language", "tags", "base_model"]
-        ),
+        metadata=metadata.to_yaml(original_order=["license"]),  # first: the hub and tests read line one
         name=name,
         trained_on=_trained_on(name),
         source=f"{source} ({how})" if how else source,
@@ -151,12 +148,11 @@ def _verification(
         f"\n| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |"
         for k, v in verification.max_abs_diff.items()
     )
-    if verification.margin == 0:
-        worst = "every site agrees exactly"
-    else:
+    worst = "every site agrees exactly"
+    if verification.margin:
         worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
-    if (first := verification.first_divergence) is not None:
-        worst += f"; the first over it, in forward order, `{first.name}` at {first.ratio:.3g}×"
+    if divergence := verification.divergence():
+        worst += f"; {divergence}"
     text = (
         "The converted `XCLIPModel` was compared with an independent implementation of the original "
         f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}), at "
@@ -178,8 +174,6 @@ def _verification(
 
 
 def _preprocessing(image_size: int) -> str:
-    from converter import processing
-
     text = (
         f"The saved image processor resizes the short side to {processing.resize_short_side(image_size)} px "
         f"(bilinear), centre-crops {image_size} px and normalises with ImageNet mean/std, as the original "

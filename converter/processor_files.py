@@ -51,13 +51,8 @@ def build_processor_files(folder: Path, image_size: int) -> None:
 
     tokenizer = _read_json(folder / "tokenizer.json")
     model = tokenizer["model"]
-    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
-    if any(len(m) != 2 or any(" " in part for part in m) for m in merges):
-        raise ConverterError(
-            f"{folder / 'tokenizer.json'}: a BPE merge is not two space-free tokens, so it cannot be "
-            f'written as "a b"; report it with the transformers version.'
-        )
-    model["merges"] = [" ".join(m) for m in merges]
+    # Pairs as "a b" strings, the form 4.x reads; no token holds a space (CLIP's merges file is "a b" lines).
+    model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     _write_json(folder / "tokenizer.json", tokenizer)
     _write_json(folder / "vocab.json", model["vocab"])
     # The slow CLIPTokenizer skips the first line of merges.txt, as in OpenAI's and the hub's files.

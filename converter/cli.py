@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-name",
         "--model_name",
         metavar="NAME",
-        help="a published variant (see --list): fetched without --checkpoint, which must otherwise match it",
+        help="a published variant (see --list): fetched when --checkpoint is absent, and the "
+        "checkpoint must match its registry config",
     )
     add("--config", metavar="FILE", help="XCLIPConfig JSON instead of inferring it from weights")
     add("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
@@ -98,25 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--texts", nargs="+", metavar="TEXT", help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})"
     )
     other = parser.add_argument_group("other jobs")
+    add = other.add_argument
     job = other.add_mutually_exclusive_group().add_argument  # one job a run
     job(
         "--audit",
         metavar="SOURCE",
         help="check a published X-CLIP (folder or hub repo id) against --model-name or --checkpoint",
     )
-    other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
-    other.add_argument(
-        "--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision"
-    )
+    add("--report", metavar="FILE", help="with --audit: write the findings as JSON")
+    add("--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision")
     job("--list", action="store_true", help="list the published variants and exit")
     job("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
-    job(
-        "--to-original",
-        metavar="SOURCE",
-        help="convert a transformers X-CLIP (folder or hub repo id) back "
-        "to an original checkpoint at --output FILE.pth",
-    )
-    other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    job("--to-original", metavar="SOURCE", help="convert a transformers X-CLIP back to --output FILE.pth")
+    add("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
 
@@ -145,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         _say(str(err))
         return err.exit_code
-    except KeyboardInterrupt:  # before the signal handlers are in place
-        _say("interrupted")
-        return 130
     except OSError as err:  # disk full, permissions, a path that is not a folder, ...
         where = f"{escape(str(err.filename))}: " if err.filename else ""
         _say(f"error: {where}{err.strerror or reason(err)}")

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from converter import DEFAULT_TEXTS, DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
@@ -269,12 +269,9 @@ def _convert(args: argparse.Namespace) -> int:
     start_up = _seconds_since_process_start()
     result = convert_checkpoint(
         args.checkpoint,
-        model_name=args.model_name,
-        config=args.config,
+        **_original(args),
         dtype=args.dtype,
         verify=not args.no_verify,
-        atol=args.atol,
-        sha256=args.sha256,
         force_download=args.force_download,
         output=args.output,
         overwrite=args.overwrite,
@@ -298,6 +295,11 @@ def _convert(args: argparse.Namespace) -> int:
         _out(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
     _log_times(start_up)
     return EXIT_OK
+
+
+def _original(args: argparse.Namespace) -> dict[str, Any]:
+    """How the flags name and check the original checkpoint, as convert_checkpoint and audit take it."""
+    return {"model_name": args.model_name, "config": args.config, "sha256": args.sha256, "atol": args.atol}
 
 
 def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
@@ -346,17 +348,8 @@ def _audit(args: argparse.Namespace) -> int:
         staged_file(Path(args.report), True, protected, flag="--report") if args.report else nullcontext()
     )
     with staged as report_file:
-        report = audit(
-            args.audit,
-            model_name=args.model_name,
-            checkpoint=args.checkpoint,
-            config=args.config,
-            atol=args.atol,
-            sha256=args.sha256,
-            revision=args.revision,
-        )
-        for line in report.lines():
-            _out(line)
+        report = audit(args.audit, checkpoint=args.checkpoint, **_original(args), revision=args.revision)
+        _out("\n".join(report.lines()))
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
     if repo_id is not None:
@@ -365,15 +358,9 @@ def _audit(args: argparse.Namespace) -> int:
         from converter.pipeline import convert_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
+            converted = Path(tmp) / "converted"
             result = convert_checkpoint(
-                args.checkpoint,
-                model_name=args.model_name,
-                config=args.config,
-                atol=args.atol,
-                sha256=args.sha256,
-                output=Path(tmp) / "converted",
-                repo_id=repo_id,
-                hash_source=True,
+                args.checkpoint, **_original(args), output=converted, repo_id=repo_id, hash_source=True
             )
             _out(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
     return report.exit_code

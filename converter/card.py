@@ -113,16 +113,14 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
     """The source a card records, and how the file was had when that is not the source itself: a
     published variant's file from any other URL (a mirror set with XCLIP_RELEASE_URL) is recorded as
     the authors' release, "fetched through a mirror", since a mirror's host is a private detail."""
-    public = public_source(source)
-    if variant is None or urlsplit(source).scheme not in ("http", "https"):
+    public = public_source(source)  # an http(s) URL, or a file name alone
+    if variant is None or "://" not in public or not public.endswith(f"/{variant.source.filename}"):
         return public, ""
     if variant.source.kind == "release":
         release = f"{RELEASE_BASE_URL}/{variant.source.filename}"
     else:
         release = f"https://drive.google.com/file/d/{variant.source.ref}"
-    if public == release or PurePath(urlsplit(source).path).name != variant.source.filename:
-        return public, ""
-    return release, "fetched through a mirror"
+    return (public, "") if public == release else (release, "fetched through a mirror")
 
 
 def _trained_on(name: str) -> str:

@@ -198,11 +198,9 @@ def _run(args: argparse.Namespace) -> int:
     unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
     if unused:
         flag, *more = map(_flag, unused)
-        users = " or ".join(
-            _job_name(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split()
-        )
+        users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
-        raise ConverterError(f"{_job_name(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+        raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
     if "atol" in given:
         from converter.pipeline import check_atol
 
@@ -216,11 +214,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _job_name(job: str) -> str:
-    return "a conversion" if job == "convert" else _flag(job)
+    """The flag of an argparse dest; the job without one, a conversion, by name."""
+    return "a conversion" if dest == "convert" else "--" + dest.replace("_", "-")
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -73,9 +73,8 @@ def _cached_processor(image_size: int) -> Path:
         code.update(module.read_bytes())
     name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
     folder = cache_folder("processor") / name
-    if not (folder / IMAGE_PROCESSOR_FILE).is_file():
-        with FileLock(f"{folder}.lock"):
-            if not (folder / IMAGE_PROCESSOR_FILE).is_file():
-                with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
-                    build_processor_files(staging, image_size)
+    with FileLock(f"{folder}.lock"):  # one process builds it; the others wait and copy
+        if not (folder / IMAGE_PROCESSOR_FILE).is_file():
+            with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
+                build_processor_files(staging, image_size)
     return folder

@@ -125,16 +125,14 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
 
 def _trained_on(name: str) -> str:
     if "zero-shot" in name:
-        return (
-            "\nTrained on Kinetics-400; published for zero-shot recognition "
-            "(HMDB-51, UCF-101, Kinetics-600).\n"
-        )
-    if "-shot" in name:
-        shots = name.rsplit("-", 2)[-2]
-        return f"\nTrained {shots}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}.\n"
-    if name.startswith("xclip-"):
-        return f"\nTrained on Kinetics-{600 if 'kinetics-600' in name else 400}.\n"
-    return ""
+        text = "Trained on Kinetics-400; for zero-shot recognition (HMDB-51, UCF-101, Kinetics-600)."
+    elif "-shot" in name:
+        text = f"Trained {name.rsplit('-', 2)[-2]}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}."
+    elif name.startswith("xclip-"):
+        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
+    else:
+        return ""
+    return f"\n{text}\n"
 
 
 def _verification(

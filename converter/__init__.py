@@ -1,11 +1,6 @@
-"""Convert original X-CLIP checkpoints to transformers' XCLIPModel and prove each conversion right.
-
-    from converter import convert_checkpoint
-    result = convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")
-
-`pipeline` runs the stages (fetch, load, rules, build, verify against the oracle, export), `cli` is
-its command line; `audit` and `to_original` check and invert published conversions.
-"""
+"""Convert original X-CLIP checkpoints to transformers' XCLIPModel and prove each conversion right:
+`convert_checkpoint("k400_32_8.pth", model_name="xclip-base-patch32", output="out")`. `pipeline` runs the
+stages, `cli` is its command line; `audit` and `to_original` check and invert published conversions."""
 
 from __future__ import annotations
 

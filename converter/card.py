@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from converter import DEFAULT_TEXTS
+from converter import DEFAULT_TEXTS, processing
 from converter.config import Hyper
 from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
 
@@ -63,10 +63,7 @@ def model_card(
     )
     card = Template((resources.files("converter") / "data" / "model_card.md").read_text(encoding="utf-8"))
     text = card.substitute(
-        # license first, then the keys as the hub's own cards have them: the hub and tests read line one
-        metadata=metadata.to_yaml(
-            original_order=["license", "library_name", "language", "tags", "base_model"]
-        ),
+        metadata=metadata.to_yaml(original_order=["license"]),  # first: the hub and tests read line one
         name=name,
         trained_on=_trained_on(name),
         source=f"{source} ({how})" if how else source,
@@ -116,30 +113,26 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
     """The source a card records, and how the file was had when that is not the source itself: a
     published variant's file from any other URL (a mirror set with XCLIP_RELEASE_URL) is recorded as
     the authors' release, "fetched through a mirror", since a mirror's host is a private detail."""
-    public = public_source(source)
-    if variant is None or urlsplit(source).scheme not in ("http", "https"):
+    public = public_source(source)  # an http(s) URL, or a file name alone
+    if variant is None or "://" not in public or not public.endswith(f"/{variant.source.filename}"):
         return public, ""
     if variant.source.kind == "release":
         release = f"{RELEASE_BASE_URL}/{variant.source.filename}"
     else:
         release = f"https://drive.google.com/file/d/{variant.source.ref}"
-    if public == release or PurePath(urlsplit(source).path).name != variant.source.filename:
-        return public, ""
-    return release, "fetched through a mirror"
+    return (public, "") if public == release else (release, "fetched through a mirror")
 
 
 def _trained_on(name: str) -> str:
     if "zero-shot" in name:
-        return (
-            "\nTrained on Kinetics-400; published for zero-shot recognition "
-            "(HMDB-51, UCF-101, Kinetics-600).\n"
-        )
-    if "-shot" in name:
-        shots = name.rsplit("-", 2)[-2]
-        return f"\nTrained {shots}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}.\n"
-    if name.startswith("xclip-"):
-        return f"\nTrained on Kinetics-{600 if 'kinetics-600' in name else 400}.\n"
-    return ""
+        text = "Trained on Kinetics-400; for zero-shot recognition (HMDB-51, UCF-101, Kinetics-600)."
+    elif "-shot" in name:
+        text = f"Trained {name.rsplit('-', 2)[-2]}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}."
+    elif name.startswith("xclip-"):
+        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
+    else:
+        return ""
+    return f"\n{text}\n"
 
 
 def _verification(
@@ -151,12 +144,11 @@ def _verification(
         f"\n| {k} | {v:.2e} | {verification.tolerances[k]:.2e} |"
         for k, v in verification.max_abs_diff.items()
     )
-    if verification.margin == 0:
-        worst = "every site agrees exactly"
-    else:
+    worst = "every site agrees exactly"
+    if verification.margin:
         worst = f"the worst, `{verification.worst}`, at {verification.margin:.2g}× its tolerance"
-    if (first := verification.first_divergence) is not None:
-        worst += f"; the first over it, in forward order, `{first.name}` at {first.ratio:.3g}×"
+    if divergence := verification.divergence():
+        worst += f"; {divergence}"
     text = (
         "The converted `XCLIPModel` was compared with an independent implementation of the original "
         f"X-CLIP forward pass on seeded inputs, with the weights as written ({dtype}), at "
@@ -178,8 +170,6 @@ def _verification(
 
 
 def _preprocessing(image_size: int) -> str:
-    from converter import processing
-
     text = (
         f"The saved image processor resizes the short side to {processing.resize_short_side(image_size)} px "
         f"(bilinear), centre-crops {image_size} px and normalises with ImageNet mean/std, as the original "

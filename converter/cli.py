@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from converter import DEFAULT_TEXTS, DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
@@ -51,45 +51,31 @@ JOB_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog=PROG,
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    src = p.add_argument_group("source")
-    src.add_argument("--checkpoint", metavar="PATH|URL", help="original checkpoint: a local file or URL")
-    src.add_argument(
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add = parser.add_argument_group("source").add_argument
+    add("--checkpoint", metavar="PATH|URL", help="original checkpoint: a local file or URL")
+    add(
         "--model-name",
         "--model_name",
         metavar="NAME",
         help="a published variant (see --list): fetched when --checkpoint is absent, and the "
         "checkpoint must match its registry config",
     )
-    src.add_argument("--config", metavar="FILE", help="XCLIPConfig JSON instead of inferring it from weights")
-    src.add_argument("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
-    src.add_argument(
-        "--force-download",
-        action="store_true",
-        help="fetch again even if the cache ($XCLIP_CACHE) holds the checkpoint",
-    )
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--output",
-        "--pytorch_dump_folder_path",
-        metavar="DIR",
-        help="folder to write (with --to-original: the .pth file)",
-    )
-    out.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    out.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="float32",
-        help="dtype of the written weights (default: %(default)s)",
-    )
-    out.add_argument(
+    add("--config", metavar="FILE", help="XCLIPConfig JSON instead of inferring it from weights")
+    add("--sha256", metavar="HEX", help="pin the checkpoint's sha256 (64 hex digits)")
+    add("--force-download", action="store_true", help="fetch again even if $XCLIP_CACHE holds the checkpoint")
+    add = parser.add_argument_group("output").add_argument
+    add("--output", "--pytorch_dump_folder_path", metavar="DIR", help="folder to write (--to-original: .pth)")
+    add("--overwrite", action="store_true", help="replace an existing --output")
+    add("--dtype", choices=DTYPES, default="float32", help="written weights' dtype (default: %(default)s)")
+    add(
         "--push-to-hub",
         "--push_to_hub",
         nargs="?",
@@ -97,43 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPO_ID",
         help="upload the verified folder (default repo: <your user>/<model name>)",
     )
-    out.add_argument("--create-pr", action="store_true", help="with --push-to-hub: open a pull request")
-    out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    ver = p.add_argument_group("verification")
-    ver.add_argument(
-        "--no-verify", action="store_true", help="skip the comparison with the original forward pass"
-    )
+    add("--create-pr", action="store_true", help="with --push-to-hub: open a pull request")
+    add("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    add = parser.add_argument_group("verification").add_argument
+    add("--no-verify", action="store_true", help="skip the comparison with the original forward pass")
     # converter.verify.DEFAULT_ATOL, written out: --help must not import torch.
-    ver.add_argument(
+    add(
         "--atol",
         type=float,
-        help="largest difference allowed, relative to each output's magnitude (default: 2e-05)",
+        default=2e-5,
+        help="largest difference allowed, relative to each output's magnitude (default: %(default)s)",
     )
-    ver.add_argument("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
-    ver.add_argument(
+    add("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
+    add(
         "--texts", nargs="+", metavar="TEXT", help=f"labels for --video (default: {', '.join(DEFAULT_TEXTS)})"
     )
-    other = p.add_argument_group("other jobs")
-    jobs = other.add_mutually_exclusive_group()  # one job a run
-    jobs.add_argument(
+    other = parser.add_argument_group("other jobs")
+    add = other.add_argument
+    job = other.add_mutually_exclusive_group().add_argument  # one job a run
+    job(
         "--audit",
         metavar="SOURCE",
         help="check a published X-CLIP (folder or hub repo id) against --model-name or --checkpoint",
     )
-    other.add_argument("--report", metavar="FILE", help="with --audit: write the findings as JSON")
-    other.add_argument(
-        "--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision"
-    )
-    jobs.add_argument("--list", action="store_true", help="list the published variants and exit")
-    jobs.add_argument("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
-    jobs.add_argument(
-        "--to-original",
-        metavar="SOURCE",
-        help="convert a transformers X-CLIP (folder or hub repo id) back to an original checkpoint "
-        "at --output FILE.pth",
-    )
-    other.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
-    return p
+    add("--report", metavar="FILE", help="with --audit: write the findings as JSON")
+    add("--revision", metavar="REV", help="with --audit or --to-original: SOURCE's hub revision")
+    job("--list", action="store_true", help="list the published variants and exit")
+    job("--show-config", action="store_true", help="print --model-name's XCLIPConfig and exit")
+    job("--to-original", metavar="SOURCE", help="convert a transformers X-CLIP back to --output FILE.pth")
+    add("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         _say(str(err))
         return err.exit_code
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return 130
     except OSError as err:  # disk full, permissions, a path that is not a folder, ...
         where = f"{escape(str(err.filename))}: " if err.filename else ""
         _say(f"error: {where}{err.strerror or reason(err)}")
@@ -184,6 +160,11 @@ def _out(text: str, file: TextIO | None = None) -> None:
 
 def _say(message: str) -> None:
     _out(f"{PROG}: {message}", sys.stderr)
+
+
+class _EscapedLines(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(escape(line) for line in super().format(record).splitlines())
 
 
 def _seconds_since_process_start() -> float:
@@ -208,13 +189,8 @@ def _log_times(start_up: float) -> None:
     )
 
 
-class _EscapedLines(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return "\n".join(escape(line) for line in super().format(record).splitlines())
-
-
 def _run(args: argparse.Namespace) -> int:
-    """Run the job the flags name, refusing first, before any work, every flag it does not read."""
+    """Run the job the flags name, refusing first, before any work, what the flags alone show wrong."""
     jobs = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
     job = next((job for job in jobs if getattr(args, job)), "convert")
     defaults = vars(build_parser().parse_args([]))
@@ -222,20 +198,24 @@ def _run(args: argparse.Namespace) -> int:
     unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
     if unused:
         flag, *more = map(_flag, unused)
-        users = " or ".join(
-            _job_name(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split()
-        )
+        users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
-        raise ConverterError(f"{_job_name(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+        raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+    if "atol" in given:
+        from converter.pipeline import check_atol
+
+        check_atol(args.atol)
+    if args.revision is not None and Path(args.audit or args.to_original).exists():
+        raise ConverterError(
+            f"--revision {escape(args.revision)} names a commit of a hub repo, but "
+            f"{escape(args.audit or args.to_original)} is a local folder: drop --revision"
+        )
     return jobs.get(job, _convert)(args)
 
 
 def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
-
-
-def _job_name(job: str) -> str:
-    return "a conversion" if job == "convert" else _flag(job)
+    """The flag of an argparse dest; the job without one, a conversion, by name."""
+    return "a conversion" if dest == "convert" else "--" + dest.replace("_", "-")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -255,47 +235,44 @@ def _show_config(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from converter.fetch import parse_sha256
-    from converter.pipeline import check_atol, convert_checkpoint, push
+    from converter.hub import check_repo_id, default_repo_id
+    from converter.pipeline import convert_checkpoint, push
 
-    # Everything that can be refused from the flags alone, before any work.
-    publishing = args.push_to_hub is not None
     if not args.checkpoint and not args.model_name:
         raise ConverterError("nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)")
     if args.model_name:
         get_variant(args.model_name)
-    if publishing and args.no_verify:
+    if args.push_to_hub is not None and args.no_verify:
         raise ConverterError("--push-to-hub publishes only verified conversions: drop --no-verify")
-    if (args.create_pr or args.private) and not publishing:
+    if (args.create_pr or args.private) and args.push_to_hub is None:
         raise ConverterError("--create-pr and --private go with --push-to-hub")
     if args.texts is not None and not args.video:
         raise ConverterError("--texts labels a clip: give the clip with --video PATH")
-    if args.atol is not None:
-        check_atol(args.atol)
     parse_sha256(args.sha256)
-    if args.video:  # the clip is checked before minutes of conversion, not after
+    video = Path(args.video) if args.video else None
+    if video:  # the clip is checked before minutes of conversion, not after
         from converter.processing import load_video
 
-        if not Path(args.video).is_file():
+        if not video.is_file():
             raise ConverterError(f"--video {escape(args.video)}: no such file")
-        load_video(Path(args.video), 1)  # reads a .npy's header and one frame, or opens a video's stream
-    repo_id = _repo_id(args) if publishing else None  # fail fast offline
-    if args.output is None and repo_id is None:
+        load_video(video, 1)  # reads a .npy's header and one frame, or opens a video's stream
+    repo_id = None
+    if args.push_to_hub is not None:  # checked, or looked up, before the work: fails fast offline
+        repo_id = check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
+    elif args.output is None:
         logging.getLogger("converter").warning("no --output: nothing will be written")
     start_up = _seconds_since_process_start()
     result = convert_checkpoint(
         args.checkpoint,
-        model_name=args.model_name,
-        config=args.config,
+        **_original(args),
         dtype=args.dtype,
         verify=not args.no_verify,
-        atol=args.atol,
-        sha256=args.sha256,
         force_download=args.force_download,
         output=args.output,
         overwrite=args.overwrite,
         repo_id=repo_id,
         hash_source=repo_id is not None,  # provenance on the hub
-        protect=[("the --video clip", Path(args.video))] if args.video else (),
+        protect=[("the --video clip", video)] if video else (),
     )
     if result.verification is not None:
         _out(result.verification.summary())
@@ -303,8 +280,8 @@ def _convert(args: argparse.Namespace) -> int:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
         dtype = str(result.dtype).removeprefix("torch.")
         _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
-    if args.video:
-        _classify(result, Path(args.video), args.texts or list(DEFAULT_TEXTS))
+    if video:
+        _classify(result, video, args.texts or list(DEFAULT_TEXTS))
     if result.folder is not None:
         _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
@@ -315,10 +292,9 @@ def _convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _repo_id(args: argparse.Namespace) -> str:
-    from converter.hub import check_repo_id, default_repo_id
-
-    return check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
+def _original(args: argparse.Namespace) -> dict[str, Any]:
+    """How the flags name and check the original checkpoint, as convert_checkpoint and audit take it."""
+    return {"model_name": args.model_name, "config": args.config, "sha256": args.sha256, "atol": args.atol}
 
 
 def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
@@ -350,7 +326,6 @@ def _audit(args: argparse.Namespace) -> int:
     from converter.export import staged_file
     from converter.hub import check_repo_id
 
-    _check_revision(args.audit, args.revision)
     repo_id = None
     if args.push_to_hub is not None:  # a pull request to the audited repo, unless another is named
         if not args.create_pr:
@@ -368,17 +343,8 @@ def _audit(args: argparse.Namespace) -> int:
         staged_file(Path(args.report), True, protected, flag="--report") if args.report else nullcontext()
     )
     with staged as report_file:
-        report = audit(
-            args.audit,
-            model_name=args.model_name,
-            checkpoint=args.checkpoint,
-            config=args.config,
-            atol=_atol(args),
-            sha256=args.sha256,
-            revision=args.revision,
-        )
-        for line in report.lines():
-            _out(line)
+        report = audit(args.audit, checkpoint=args.checkpoint, **_original(args), revision=args.revision)
+        _out("\n".join(report.lines()))
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
     if repo_id is not None:
@@ -387,15 +353,9 @@ def _audit(args: argparse.Namespace) -> int:
         from converter.pipeline import convert_checkpoint
 
         with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
+            converted = Path(tmp) / "converted"
             result = convert_checkpoint(
-                args.checkpoint,
-                model_name=args.model_name,
-                config=args.config,
-                atol=args.atol,
-                sha256=args.sha256,
-                output=Path(tmp) / "converted",
-                repo_id=repo_id,
-                hash_source=True,
+                args.checkpoint, **_original(args), output=converted, repo_id=repo_id, hash_source=True
             )
             _out(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
     return report.exit_code
@@ -406,31 +366,11 @@ def _to_original(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise ConverterError("--to-original needs --output FILE.pth")
-    _check_revision(args.to_original, args.revision)
     start_up = _seconds_since_process_start()
     result = to_original(
-        args.to_original,
-        Path(args.output),
-        atol=_atol(args),
-        overwrite=args.overwrite,
-        revision=args.revision,
+        args.to_original, Path(args.output), atol=args.atol, overwrite=args.overwrite, revision=args.revision
     )
     _out(result.verification.summary())
     _out(f"wrote {escape(str(result.output))}")
     _log_times(start_up)
     return EXIT_OK
-
-
-def _check_revision(source: str, revision: str | None) -> None:
-    if revision is not None and Path(source).exists():
-        raise ConverterError(
-            f"--revision {escape(revision)} names a commit of a hub repo, but {escape(source)} is a local "
-            "folder: drop --revision"
-        )
-
-
-def _atol(args: argparse.Namespace) -> float:
-    from converter.pipeline import check_atol
-    from converter.verify import DEFAULT_ATOL
-
-    return DEFAULT_ATOL if args.atol is None else check_atol(args.atol)

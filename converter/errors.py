@@ -20,9 +20,8 @@ class VerificationError(Exception):
     the figures, and the message ends with its first divergent site."""
 
     def __init__(self, message: str, verification: Verification | None = None):
-        if verification is not None and verification.first_divergence is not None:
-            message = f"{message}; {verification.divergence()}"
-        super().__init__(message)
+        divergence = verification.divergence() if verification is not None else ""
+        super().__init__(f"{message}; {divergence}" if divergence else message)
         self.verification = verification
 
 

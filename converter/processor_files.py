@@ -13,7 +13,6 @@ from converter.errors import ConverterError
 
 PROCESSOR_CLASS = "XCLIPProcessor"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
-PROCESSOR_FILE = "processor_config.json"
 
 
 def write_processor(folder: Path, image_size: int) -> None:
@@ -29,35 +28,22 @@ def write_processor(folder: Path, image_size: int) -> None:
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
-    """Save `processing.build_processor(image_size)` to `folder` as every version reads it: the image
-    processor flat in `preprocessor_config.json` (4.x passes `processor_config.json`'s keys to `__init__`
-    twice), merges as "a b" strings, and `vocab.json` + `merges.txt` for the slow tokenizer."""
-    from converter.processing import build_processor
+    """Save the XCLIPProcessor of `processing` to `folder` as every version reads it: the image processor
+    flat in `preprocessor_config.json` (4.x passes `processor_config.json`'s keys to `__init__` twice),
+    merges as "a b" strings, and `vocab.json` + `merges.txt` for the slow tokenizer."""
+    from converter.processing import build_image_processor, build_tokenizer
 
-    build_processor(image_size).save_pretrained(folder)
-    nested = _read_json(folder / PROCESSOR_FILE) if (folder / PROCESSOR_FILE).is_file() else {}
-    image = nested.pop("image_processor", None)
-    if image is None and (folder / IMAGE_PROCESSOR_FILE).is_file():
-        image = _read_json(folder / IMAGE_PROCESSOR_FILE)
-    nested.pop("processor_class", None)
-    if image is None or nested:  # another sub-processor or attribute would be lost, or break 4.x
-        raise ConverterError(
-            f"unexpected processor layout in {folder} (image processor: {image is not None}, other "
-            f"entries: {sorted(nested)}): this transformers version saves XCLIPProcessor differently; "
-            f"report it with the version."
-        )
+    build_tokenizer().save_pretrained(folder)
+    image = build_image_processor(image_size).to_dict()
     _write_json(folder / IMAGE_PROCESSOR_FILE, {**image, "processor_class": PROCESSOR_CLASS})
-    _write_json(folder / PROCESSOR_FILE, {"processor_class": PROCESSOR_CLASS})
+    _write_json(folder / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
+    config = _read_json(folder / "tokenizer_config.json")
+    _write_json(folder / "tokenizer_config.json", {**config, "processor_class": PROCESSOR_CLASS})
 
     tokenizer = _read_json(folder / "tokenizer.json")
     model = tokenizer["model"]
-    merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model["merges"]]
-    if any(len(m) != 2 or any(" " in part for part in m) for m in merges):
-        raise ConverterError(
-            f"{folder / 'tokenizer.json'}: a BPE merge is not two space-free tokens, so it cannot be "
-            f'written as "a b"; report it with the transformers version.'
-        )
-    model["merges"] = [" ".join(m) for m in merges]
+    # Pairs as "a b" strings, the form 4.x reads; no token holds a space (CLIP's merges file is "a b" lines).
+    model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     _write_json(folder / "tokenizer.json", tokenizer)
     _write_json(folder / "vocab.json", model["vocab"])
     # The slow CLIPTokenizer skips the first line of merges.txt, as in OpenAI's and the hub's files.
@@ -87,9 +73,8 @@ def _cached_processor(image_size: int) -> Path:
         code.update(module.read_bytes())
     name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
     folder = cache_folder("processor") / name
-    if not (folder / IMAGE_PROCESSOR_FILE).is_file():
-        with FileLock(f"{folder}.lock"):
-            if not (folder / IMAGE_PROCESSOR_FILE).is_file():
-                with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
-                    build_processor_files(staging, image_size)
+    with FileLock(f"{folder}.lock"):  # one process builds it; the others wait and copy
+        if not (folder / IMAGE_PROCESSOR_FILE).is_file():
+            with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
+                build_processor_files(staging, image_size)
     return folder

@@ -5,7 +5,7 @@ no code with transformers' XCLIP and checked against the original code's outputs
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,7 @@ def layer_site(stack: str, layer: int, part: str = OUTPUT) -> str:
     return f"{stack} layer {layer}, {part}"
 
 
-@dataclass(frozen=True)
-class OriginalHeads:
+class OriginalHeads(NamedTuple):
     """Head counts of the four attention families (a checkpoint does not store them)."""
 
     vision: int
@@ -148,9 +147,8 @@ def original_sites(
     conv = sd["visual.conv1.weight"]
     vision_width, dtype, device = conv.shape[0], conv.dtype, conv.device
     text_width, embed_dim = sd["text_projection"].shape
-    widths = {"vision": vision_width, "text": text_width, "mit": embed_dim, "prompts": embed_dim}
-    for family, count in asdict(heads).items():
-        width = widths[family]
+    widths = (vision_width, text_width, embed_dim, embed_dim)
+    for family, count, width in zip(OriginalHeads._fields, heads, widths, strict=True):
         if count <= 0 or width % count:
             raise ValueError(f"{family}: {count} heads do not divide width {width}; pass OriginalHeads")
 

@@ -1,23 +1,29 @@
 """The original's test-time preprocessing (frames sampled, decoded, resized, cropped and normalised with
-torch alone, to one uint8 level of its OpenCV) and the transformers ``XCLIPProcessor`` saved with a
-converted model, whose distance from the original ``PROCESSOR_DEVIATION`` states.
+torch alone, to one uint8 level of its OpenCV), OpenAI's CLIP tokenizer built offline from the vocabulary
+in ``converter/data``, and the transformers ``XCLIPProcessor`` saved with a converted model, whose
+distance from the original ``PROCESSOR_DEVIATION`` states. torch and transformers are imported inside
+functions: importing them costs a second of CLI start-up.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from converter.clip import CONTEXT_LENGTH as MAX_TEXT_LENGTH
+from converter.clip import VOCAB_SIZE as CLIP_VOCAB_SIZE
 from converter.errors import ConverterError
-
-# Scripts import the tokenizer's names from here with the rest of the preprocessing.
-from converter.tokenizer import CLIP_VOCAB_SIZE, MAX_TEXT_LENGTH, build_tokenizer, encode_texts  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
-    from transformers import VideoMAEImageProcessorPil, XCLIPProcessor
+    from transformers import CLIPTokenizer, VideoMAEImageProcessorPil, XCLIPProcessor
+
+CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps these first merges of the file (it has more)
 
 # ImageNet statistics for transformers' processor, and on 0-255 as the original states them (img_norm_cfg).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -112,9 +118,18 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
         total = _count_frames(av, path)
         while total:  # twice at most: a container may state more frames than really decode
             indices = sample_frame_indices(total, num_frames).tolist()
-            kept, total = _decode_indices(av, path, set(indices))
+            kept: dict[int, np.ndarray] = {}
+            decoded = 0
+            with av.open(str(path)) as container:  # decoding no further than the last wanted frame
+                for frame in container.decode(video=0):
+                    if decoded in indices:
+                        kept[decoded] = frame.to_ndarray(format="rgb24")
+                    decoded += 1
+                    if decoded > indices[-1]:  # the indices ascend
+                        break
             if len(kept) == len(set(indices)):  # np.stack: a ValueError if the resolution changes
                 return check_frames(np.stack([kept[i] for i in indices]), str(path))
+            total = decoded
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise ConverterError(f"cannot decode video file {path}: {exc}") from exc
     raise ConverterError(f"video file {path} contains no decodable frames")
@@ -140,19 +155,6 @@ def _count_frames(av, path: Path) -> int:
             raise ConverterError(f"video file {path} has no video stream")
         stream = container.streams.video[0]
         return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-
-
-def _decode_indices(av, path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
-    """The wanted frames as RGB, decoding no further than the last of them, and how many were decoded."""
-    kept: dict[int, np.ndarray] = {}
-    index, last = -1, max(wanted)
-    with av.open(str(path)) as container:
-        for index, frame in enumerate(container.decode(video=0)):
-            if index in wanted:
-                kept[index] = frame.to_ndarray(format="rgb24")
-            if index == last:
-                break
-    return kept, index + 1
 
 
 def preprocess_video(frames: np.ndarray, image_size: int) -> torch.Tensor:
@@ -181,6 +183,64 @@ def original_settings(image_size: int) -> dict:
         "image_mean": list(IMAGENET_MEAN),
         "image_std": list(IMAGENET_STD),
     }
+
+
+def bpe_vocab_path() -> Path:
+    """The packaged OpenAI BPE vocabulary, ``converter/data/bpe_simple_vocab_16e6.txt.gz``."""
+    return Path(str(resources.files("converter") / "data" / "bpe_simple_vocab_16e6.txt.gz"))
+
+
+@functools.lru_cache(maxsize=1)
+def load_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary (49408 tokens) and merges (48894) as OpenAI's ``SimpleTokenizer`` builds them, read once
+    per process (plain data that no caller changes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # OpenAI's byte-level alphabet
+
+    path = bpe_vocab_path()
+    try:
+        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
+    except (OSError, EOFError) as exc:
+        raise ConverterError(f"cannot read {path} ({exc}): reinstall xclip-converter") from exc
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]  # line 0 is a version header
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = [*byte_chars, *(c + "</w>" for c in byte_chars), *("".join(m) for m in merges)]
+    vocab = {token: i for i, token in enumerate([*tokens, "<|startoftext|>", "<|endoftext|>"])}
+    return vocab, merges  # type: ignore[return-value]
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """CLIP's tokenizer (49408 tokens, max length 77, pad ``<|endoftext|>``), a new one each call: padding
+    changes its backend's state, which a saved processor would carry (``"padding": {"Fixed": 77}``)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = load_clip_bpe()
+    # vocab=/merges=, not vocab_file=/merges_file=, which silently give a 3-token tokenizer in
+    # transformers 5. CLIPTokenizer's default special tokens are openai/clip-vit-base-patch32's.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TEXT_LENGTH)
+    if len(tokenizer) != CLIP_VOCAB_SIZE:
+        raise ConverterError(
+            f"built a CLIP tokenizer with {len(tokenizer)} tokens instead of {CLIP_VOCAB_SIZE}: this "
+            "transformers version builds CLIPTokenizer differently; report it with the version."
+        )
+    return tokenizer
+
+
+def encode_texts(texts: list[str]) -> torch.Tensor:
+    """Token ids ``[K, 77]`` int64, padded with ``<|endoftext|>`` where the original pads with 0: the text
+    model is causal and pools at the first end-of-text token, so the padding never reaches the output."""
+    import torch
+
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ConverterError(f"texts must be a non-empty list of strings, got {texts!r}")
+    ids = build_tokenizer()(texts, padding="max_length", max_length=MAX_TEXT_LENGTH).input_ids
+    # The original (clip.tokenize) refuses over-long prompts rather than silently truncating them.
+    for text, text_ids in zip(texts, ids, strict=True):
+        if len(text_ids) > MAX_TEXT_LENGTH:
+            raise ConverterError(
+                f"text {text[:60]!r} is {len(text_ids)} tokens long; CLIP allows at most {MAX_TEXT_LENGTH} "
+                "(including start/end tokens): shorten it."
+            )
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:

@@ -61,27 +61,19 @@ def _fill(pattern: str, index: str | None) -> str:
 
 
 # Helpers that expand into rules; widths are `Hyper` field names, stated once per stack.
-def _param(
-    original: str, hf: str, *dims: str | int, op: Op = RENAME, layers: str | None = None
-) -> list[Rule]:
+def _param(original: str, hf: str, *dims: str | int, op: Op = RENAME, layers: str | None = None) -> Rule:
 
     def shape(h: Hyper) -> Shape:
         return tuple(d if isinstance(d, int) else getattr(h, d) for d in dims)
 
-    return [Rule(original, (hf,), shape, op, layers)]
+    return Rule(original, (hf,), shape, op, layers)
 
 
-def _norm(original: str, hf: str, width: str, layers: str | None = None) -> list[Rule]:
+def _affine(original: str, hf: str, *dims: str, layers: str | None = None) -> list[Rule]:
+    """A LayerNorm's or Linear's weight (shape `dims`) and bias (the weight's first dim)."""
     return [
-        *_param(f"{original}.weight", f"{hf}.weight", width, layers=layers),
-        *_param(f"{original}.bias", f"{hf}.bias", width, layers=layers),
-    ]
-
-
-def _linear(original: str, hf: str, out: str, inp: str, layers: str | None = None) -> list[Rule]:
-    return [
-        *_param(f"{original}.weight", f"{hf}.weight", out, inp, layers=layers),
-        *_param(f"{original}.bias", f"{hf}.bias", out, layers=layers),
+        _param(f"{original}.weight", f"{hf}.weight", *dims, layers=layers),
+        _param(f"{original}.bias", f"{hf}.bias", dims[0], layers=layers),
     ]
 
 
@@ -95,7 +87,7 @@ def _packed_attention(original: str, hf: str, width: str, layers: str | None = N
     return [
         in_proj("weight", lambda w: (3 * w, w)),
         in_proj("bias", lambda w: (3 * w,)),
-        *_linear(f"{original}.out_proj", f"{hf}.out_proj", width, width, layers),
+        *_affine(f"{original}.out_proj", f"{hf}.out_proj", width, width, layers=layers),
     ]
 
 
@@ -103,10 +95,10 @@ def _clip_block(original: str, hf: str, width: str, mlp: str, layers: str) -> li
     """CLIP's ResidualAttentionBlock (pre-LN attention + QuickGELU MLP)."""
     return [
         *_packed_attention(f"{original}.attn", f"{hf}.self_attn", width, layers),
-        *_norm(f"{original}.ln_1", f"{hf}.layer_norm1", width, layers),
-        *_linear(f"{original}.mlp.c_fc", f"{hf}.mlp.fc1", mlp, width, layers),
-        *_linear(f"{original}.mlp.c_proj", f"{hf}.mlp.fc2", width, mlp, layers),
-        *_norm(f"{original}.ln_2", f"{hf}.layer_norm2", width, layers),
+        *_affine(f"{original}.ln_1", f"{hf}.layer_norm1", width, layers=layers),
+        *_affine(f"{original}.mlp.c_fc", f"{hf}.mlp.fc1", mlp, width, layers=layers),
+        *_affine(f"{original}.mlp.c_proj", f"{hf}.mlp.fc2", width, mlp, layers=layers),
+        *_affine(f"{original}.ln_2", f"{hf}.layer_norm2", width, layers=layers),
     ]
 
 
@@ -114,12 +106,12 @@ def _prompt_block(block: str, width: str, mlp: str, layers: str) -> list[Rule]:
     """PromptGeneratorLayer, named alike on both sides (its attention: `oracle._prompt_layer`)."""
     qkv = [f"{block}.cross_attn.{x}_proj.weight" for x in "qkv"]
     return [
-        *(rule for key in qkv for rule in _param(key, key, width, width, layers=layers)),
-        *_linear(f"{block}.cross_attn.proj", f"{block}.cross_attn.proj", width, width, layers),
-        *_norm(f"{block}.norm1", f"{block}.norm1", width, layers),
-        *_norm(f"{block}.norm3", f"{block}.norm3", width, layers),
-        *_linear(f"{block}.mlp.0", f"{block}.mlp.0", mlp, width, layers),
-        *_linear(f"{block}.mlp.3", f"{block}.mlp.3", width, mlp, layers),
+        *(_param(key, key, width, width, layers=layers) for key in qkv),
+        *_affine(f"{block}.cross_attn.proj", f"{block}.cross_attn.proj", width, width, layers=layers),
+        *_affine(f"{block}.norm1", f"{block}.norm1", width, layers=layers),
+        *_affine(f"{block}.norm3", f"{block}.norm3", width, layers=layers),
+        *_affine(f"{block}.mlp.0", f"{block}.mlp.0", mlp, width, layers=layers),
+        *_affine(f"{block}.mlp.3", f"{block}.mlp.3", width, mlp, layers=layers),
     ]
 
 
@@ -134,39 +126,39 @@ VISION_HF = "vision_model.encoder.layers.{i}"
 W, TW, E, P = "vision_width", "text_width", "embed_dim", "patch_size"
 
 RULES: tuple[Rule, ...] = (
-    *_param("positional_embedding", "text_model.embeddings.position_embedding.weight", "context_length", TW),
-    *_param("text_projection", "text_projection.weight", TW, E, op=TRANSPOSE),
-    *_param("logit_scale", "logit_scale"),
+    _param("positional_embedding", "text_model.embeddings.position_embedding.weight", "context_length", TW),
+    _param("text_projection", "text_projection.weight", TW, E, op=TRANSPOSE),
+    _param("logit_scale", "logit_scale"),
     # The video-specific prompt generator. `prompts_visual_proj` is used as `x @ P` in the original
     # AND in XCLIPModel (a bare Parameter): no transpose.
-    *_param("prompts_visual_proj", "prompts_visual_projection", W, E),
-    *_param("prompts_generator.alpha", "prompts_generator.alpha", E),
-    *_norm("prompts_generator.norm", "prompts_generator.layernorm", E),
+    _param("prompts_visual_proj", "prompts_visual_projection", W, E),
+    _param("prompts_generator.alpha", "prompts_generator.alpha", E),
+    *_affine("prompts_generator.norm", "prompts_generator.layernorm", E),
     *_prompt_block(PROMPT, E, "prompt_mlp", "prompt_layers"),
     # The multi-frame integration transformer (MIT).
-    *_param("mit.positional_embedding", "mit.position_embedding", 1, "frames", E),
+    _param("mit.positional_embedding", "mit.position_embedding", 1, "frames", E),
     *_clip_block(MIT, "mit.encoder.layers.{i}", E, "mit_mlp", "mit_layers"),
     # The vision tower: CLIP blocks plus X-CLIP's cross-frame message attention.
-    *_param("visual.class_embedding", "vision_model.embeddings.class_embedding", W),
-    *_param(
+    _param("visual.class_embedding", "vision_model.embeddings.class_embedding", W),
+    _param(
         "visual.positional_embedding",
         "vision_model.embeddings.position_embedding.weight",
         "vision_positions",
         W,
     ),
-    *_param("visual.proj", "visual_projection.weight", W, E, op=TRANSPOSE),
-    *_param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", W, 3, P, P),
-    *_norm("visual.ln_pre", "vision_model.pre_layernorm", W),
-    *_linear(f"{VISION}.message_fc", f"{VISION_HF}.message_fc", W, W, "vision_layers"),
-    *_norm(f"{VISION}.message_ln", f"{VISION_HF}.message_ln", W, "vision_layers"),
+    _param("visual.proj", "visual_projection.weight", W, E, op=TRANSPOSE),
+    _param("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight", W, 3, P, P),
+    *_affine("visual.ln_pre", "vision_model.pre_layernorm", W),
+    *_affine(f"{VISION}.message_fc", f"{VISION_HF}.message_fc", W, W, layers="vision_layers"),
+    *_affine(f"{VISION}.message_ln", f"{VISION_HF}.message_ln", W, layers="vision_layers"),
     *_packed_attention(f"{VISION}.message_attn", f"{VISION_HF}.message_attn", W, "vision_layers"),
     *_clip_block(VISION, VISION_HF, W, "vision_mlp", "vision_layers"),
-    *_norm("visual.ln_post", "vision_model.post_layernorm", W),
+    *_affine("visual.ln_post", "vision_model.post_layernorm", W),
     # The text tower.
     *_clip_block(TEXT, "text_model.encoder.layers.{i}", TW, "text_mlp", "text_layers"),
-    *_param("token_embedding.weight", "text_model.embeddings.token_embedding.weight", "vocab_size", TW),
-    *_norm("ln_final", "text_model.final_layer_norm", TW),
-    *_norm("prompts_visual_ln", "prompts_visual_layernorm", W),
+    _param("token_embedding.weight", "text_model.embeddings.token_embedding.weight", "vocab_size", TW),
+    *_affine("ln_final", "text_model.final_layer_norm", TW),
+    *_affine("prompts_visual_ln", "prompts_visual_layernorm", W),
 )
 
 
@@ -243,9 +235,9 @@ def original_shapes(h: Hyper, rules: Iterable[Rule] = RULES) -> dict[str, Shape]
     shapes: dict[str, Shape] = {}
     for layers, run in groupby(rules, key=lambda rule: rule.layers):
         run = list(run)
-        for index in range(getattr(h, layers)) if layers else [None]:
+        for index in map(str, range(getattr(h, layers))) if layers else [None]:
             for rule in run:
-                shapes[_fill(rule.original, None if index is None else str(index))] = rule.shape(h)
+                shapes[_fill(rule.original, index)] = rule.shape(h)
     return shapes
 
 

@@ -33,10 +33,9 @@ def _init(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
         return torch.tensor(math.log(100.0))
     if key == "prompts_generator.alpha":
         return torch.full(shape, 0.1) + 0.01 * torch.randn(shape, generator=gen)
-    name = key.rsplit(".", 1)[-1]
-    if name == "weight" and any(p in key for p in ("ln_", "_ln.", "norm")):
+    if key.endswith(".weight") and any(p in key for p in ("ln_", "_ln.", "norm")):
         return 1.0 + 0.05 * torch.randn(shape, generator=gen)
-    if name in ("bias", "in_proj_bias"):
+    if key.endswith("bias"):  # .bias and .in_proj_bias
         return 0.01 * torch.randn(shape, generator=gen)
     if "embedding" in key:
         return 0.02 * torch.randn(shape, generator=gen)

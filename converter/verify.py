@@ -123,13 +123,13 @@ class Verification:
         return max(self.compared, key=lambda site: site.ratio).name
 
     @property
-    def passed(self) -> bool:
-        return all(site.passed for site in self.compared)
-
-    @property
     def first_divergence(self) -> Site | None:
         """The first site in forward order over its tolerance: where a mistake enters."""
         return next((site for site in self.compared if not site.passed), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_divergence is None
 
     def divergence(self) -> str:
         """'first divergence: <site> at <ratio>x its tolerance', or '' when every site passed."""
@@ -137,15 +137,14 @@ class Verification:
         return "" if first is None else f"first divergence: {first.name} at {first.ratio:.3g}x its tolerance"
 
     def summary(self) -> str:
-        diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
-        verdict = "OK" if self.passed else "FAILED"
         worst = "every site identical"
         if self.margin:
             worst = f"worst {self.worst} at {self.margin:.3g}x its tolerance"
-        first = f", {divergence}" if (divergence := self.divergence()) else ""
+        first = f", {self.divergence()}" if self.first_divergence else ""
+        diffs = ", ".join(f"{name} {diff:.2e}" for name, diff in self.max_abs_diff.items())
         return (
-            f"verification {verdict}: {worst}{first} ({len(self.compared)} sites compared, atol "
-            f"{self.atol:g} x each site's max |value|); max |Δ| {diffs}"
+            f"verification {'OK' if self.passed else 'FAILED'}: {worst}{first} ({len(self.compared)} sites "
+            f"compared, atol {self.atol:g} x each site's max |value|); max |Δ| {diffs}"
         )
 
 
@@ -236,22 +235,18 @@ def compare_sites(
 ) -> Verification:
     """Compare every site of XCLIPModel's forward with the oracle's `expected`, advanced in step so only
     the current sites are alive; a site only one side computes is a VerificationError naming it."""
-    theirs = iter(expected)
+    theirs = ((key, tensor) for key, tensor in expected if key not in NOT_COMPARED)
     sites: list[Site] = []
 
     def check(name: str, actual: Tensor) -> None:
-        found = next(((k, t) for k, t in theirs if k not in NOT_COMPARED), None)
-        if found is None or found[0] != ORACLE_KEYS.get(name, name):
-            where = "nothing more" if found is None else found[0]
-            raise VerificationError(
-                f"the converted model computes {name} where the original computes {where}"
-            )
-        sites.append(Site.measure(name, found[1], actual, atol))
+        key, tensor = next(theirs, ("nothing more", None))
+        if key != ORACLE_KEYS.get(name, name):
+            raise VerificationError(f"the converted model computes {name} where the original computes {key}")
+        sites.append(Site.measure(name, tensor, actual, atol))
 
     read_sites(model, pixel_values, input_ids, check)
-    left = next((k for k, _ in theirs if k not in NOT_COMPARED), None)
-    if left is not None:
-        raise VerificationError(f"the original computes {left}, which the converted model never computes")
+    if (left := next(theirs, None)) is not None:
+        raise VerificationError(f"the original computes {left[0]}, which the converted model never computes")
     outputs = {site.name: site for site in sites if site.name in ORACLE_KEYS}
     return Verification.of((outputs[name] for name in ORACLE_KEYS), atol, tuple(sites))
 

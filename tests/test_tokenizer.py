@@ -1,11 +1,11 @@
-"""The CLIP BPE tokenizer built offline (converter/tokenizer.py)."""
+"""The CLIP BPE tokenizer built offline (converter/processing.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from converter import tokenizer as T
+from converter import processing as T
 from converter.errors import ConverterError
 
 

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from converter import DEFAULT_TEXTS, processing
 from converter.config import Hyper
-from converter.registry import RELEASE_BASE_URL, VARIANTS, Variant
+from converter.registry import VARIANTS, Variant
 
 if TYPE_CHECKING:
     from converter.verify import Verification
@@ -116,10 +116,7 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
     public = public_source(source)  # an http(s) URL, or a file name alone
     if variant is None or "://" not in public or not public.endswith(f"/{variant.source.filename}"):
         return public, ""
-    if variant.source.kind == "release":
-        release = f"{RELEASE_BASE_URL}/{variant.source.filename}"
-    else:
-        release = f"https://drive.google.com/file/d/{variant.source.ref}"
+    release = variant.source.published_url
     return (public, "") if public == release else (release, "fetched through a mirror")
 
 

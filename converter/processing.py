@@ -252,7 +252,7 @@ def build_image_processor(image_size: int) -> VideoMAEImageProcessorPil:
 
 
 def build_processor(image_size: int) -> XCLIPProcessor:
-    """``XCLIPProcessor`` (VideoMAE image processor + CLIP tokenizer) to save next to a converted model."""
+    """``XCLIPProcessor`` with the original's settings: what a converted folder's processor files load as."""
     from transformers import XCLIPProcessor
 
     return XCLIPProcessor(image_processor=build_image_processor(image_size), tokenizer=build_tokenizer())

@@ -64,11 +64,17 @@ class Source:
         """A release asset, or any file when a mirror is set (a mirror holds the Drive-hosted ones too)."""
         return self.kind == "release" or bool(os.environ.get("XCLIP_RELEASE_URL"))
 
-    def url(self) -> str:
-        """Where it is downloaded from (also what messages and model cards cite)."""
-        if not self.from_release_url:
+    @property
+    def published_url(self) -> str:
+        """Where the authors published it (the release or Drive), whatever mirror is set."""
+        if self.kind == "gdrive":
             return f"https://drive.google.com/file/d/{self.ref}"
-        return f"{os.environ.get('XCLIP_RELEASE_URL', '').rstrip('/') or RELEASE_BASE_URL}/{self.filename}"
+        return f"{RELEASE_BASE_URL}/{self.filename}"
+
+    def url(self) -> str:
+        """Where it is downloaded from: a mirror set with XCLIP_RELEASE_URL, else where it was published."""
+        mirror = os.environ.get("XCLIP_RELEASE_URL", "").rstrip("/")
+        return f"{mirror}/{self.filename}" if mirror else self.published_url
 
     def cache_path(self, cache: Path) -> Path:
         """Its URL's cache path (a mirror and the release never share one), or gdrive/<id>/<filename>."""

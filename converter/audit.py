@@ -24,13 +24,12 @@ from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, to_config
 from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
-from converter.oracle import OriginalHeads
 from converter.pipeline import _fetch, map_original
 from converter.processing import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import DEFAULT_ATOL, Verification, verify
+from converter.verify import DEFAULT_ATOL, Verification, config_heads, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -225,10 +224,9 @@ def output_findings(
     # only real mistakes remain.
     dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
-    heads = OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
         model = build_model(published.config, {k: v.float() for k, v in weights.items()})
-        result = verify(model, rounded, hyper, atol, heads if heads_from_config else None)
+        result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)
     except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
         return [Finding("outputs", "run", None, None, False, True, detail, math.inf)]

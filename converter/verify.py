@@ -264,9 +264,14 @@ def verify(
     return compare_sites(model, expected, pixel_values, input_ids, atol)
 
 
+def config_heads(hyper: Hyper) -> OriginalHeads:
+    """The head counts `hyper` states, for the oracle."""
+    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
+
+
 def oracle_heads(hyper: Hyper) -> OriginalHeads | None:
     """None, the original's own rule (width // 64), and not the config's heads, so wrong heads are
     caught rather than reproduced; below width 64 (small test models) the config's heads."""
     if min(hyper.vision_width, hyper.text_width, hyper.embed_dim) >= HEAD_DIM:
         return None
-    return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)
+    return config_heads(hyper)

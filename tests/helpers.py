@@ -14,7 +14,7 @@ import torch
 
 from converter.config import Hyper
 from converter.oracle import OriginalHeads, original_sites
-from converter.verify import ORACLE_KEYS, Site, Verification, read_sites
+from converter.verify import ORACLE_KEYS, Site, Verification, config_heads, read_sites
 
 if TYPE_CHECKING:
     from transformers import XCLIPModel
@@ -89,9 +89,7 @@ SQUARE = dataclasses.replace(
 )  # fmt: skip
 
 
-def heads(h: Hyper) -> OriginalHeads:
-    """The explicit head counts of a small test model (its widths may be below 64)."""
-    return OriginalHeads(vision=h.vision_heads, text=h.text_heads, mit=h.mit_heads, prompts=h.prompt_heads)
+heads = config_heads  # the explicit head counts of a small test model (its widths may be below 64)
 
 
 def run(*args: object) -> int:

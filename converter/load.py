@@ -72,16 +72,13 @@ def extract_state_dict(obj: object, source: str | Path = "<checkpoint>") -> Stat
         )
     if not obj:
         raise ConverterError(f"{where}: the state dict is empty")
-    if collisions := [
-        f"{escape(k)!r} and 'module.{escape(k)}'"
-        for k in obj
-        if f"module.{k}" in obj and not k.startswith("module.")
-    ]:
-        raise ConverterError(
-            f"{where}: keys collide once the 'module.' prefix is removed: "
-            f"{'; '.join(listed(collisions, 5))}. Keep one of each pair"
-        )
     state_dict = {key.removeprefix("module."): tensor for key, tensor in obj.items()}
+    if len(state_dict) < len(obj):
+        collided = [escape(k) for k in obj if f"module.{k}" in obj and not k.startswith("module.")]
+        raise ConverterError(
+            f"{where}: keys collide once the 'module.' prefix is removed: {', '.join(listed(collided, 5))} "
+            "(each with and without it). Keep one of each pair"
+        )
     if any(k.startswith(_HF_KEY_PREFIXES) for k in state_dict):
         raise ConverterError(
             f"{where}: this looks like an already converted transformers checkpoint "

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import reduce
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -38,35 +38,35 @@ def depth(keys: Iterable[str], prefix: str) -> int:
     return max((int(m.group(1)) + 1 for key in keys if (m := pattern.match(key))), default=0)
 
 
-def _kept(*config_paths: str, limit: int, original: str | None = "") -> Any:
+def _kept(*config_paths: str, limit: int, **original_name: str | None) -> Any:
     """A `Hyper` field: where XCLIPConfig keeps it (the first path is read; every path is written), the
     largest value a config may give it — far above every published X-CLIP, below where shapes or
     storage sizes would overflow — and the original code's name for it where that differs (None: it
     has none)."""
-    return field(metadata={"config_paths": config_paths, "limit": limit, "original": original})
+    return field(metadata={"config_paths": config_paths, "limit": limit, **original_name})
 
 
 @dataclass(frozen=True)
 class Hyper:
     embed_dim: int = _kept("projection_dim", "vision_config.mit_hidden_size", limit=16384)
-    image_size: int = _kept("vision_config.image_size", limit=1024, original="image_resolution")
-    patch_size: int = _kept("vision_config.patch_size", limit=1024, original="vision_patch_size")
-    frames: int = _kept("vision_config.num_frames", limit=128, original="DATA.NUM_FRAMES")
+    image_size: int = _kept("vision_config.image_size", limit=1024, original_name="image_resolution")
+    patch_size: int = _kept("vision_config.patch_size", limit=1024, original_name="vision_patch_size")
+    frames: int = _kept("vision_config.num_frames", limit=128, original_name="DATA.NUM_FRAMES")
     vision_width: int = _kept("vision_config.hidden_size", limit=16384)
     vision_layers: int = _kept("vision_config.num_hidden_layers", limit=256)
     vision_heads: int = _kept("vision_config.num_attention_heads", limit=1024)
-    vision_mlp: int = _kept("vision_config.intermediate_size", limit=65536, original=None)
-    text_width: int = _kept("text_config.hidden_size", limit=16384, original="transformer_width")
-    text_layers: int = _kept("text_config.num_hidden_layers", limit=256, original="transformer_layers")
-    text_heads: int = _kept("text_config.num_attention_heads", limit=1024, original="transformer_heads")
-    text_mlp: int = _kept("text_config.intermediate_size", limit=65536, original=None)
+    vision_mlp: int = _kept("vision_config.intermediate_size", limit=65536, original_name=None)
+    text_width: int = _kept("text_config.hidden_size", limit=16384, original_name="transformer_width")
+    text_layers: int = _kept("text_config.num_hidden_layers", limit=256, original_name="transformer_layers")
+    text_heads: int = _kept("text_config.num_attention_heads", limit=1024, original_name="transformer_heads")
+    text_mlp: int = _kept("text_config.intermediate_size", limit=65536, original_name=None)
     vocab_size: int = _kept("text_config.vocab_size", limit=1 << 20)
     context_length: int = _kept("text_config.max_position_embeddings", limit=4096)
     mit_layers: int = _kept("vision_config.mit_num_hidden_layers", limit=256)
     mit_heads: int = _kept("vision_config.mit_num_attention_heads", limit=1024)
-    mit_mlp: int = _kept("vision_config.mit_intermediate_size", limit=65536, original="mit_mlp_width")
-    prompt_layers: int = _kept("prompt_layers", limit=256, original="prompts_layers")
-    prompt_heads: int = _kept("prompt_num_attention_heads", limit=1024, original="prompts_heads")
+    mit_mlp: int = _kept("vision_config.mit_intermediate_size", limit=65536, original_name="mit_mlp_width")
+    prompt_layers: int = _kept("prompt_layers", limit=256, original_name="prompts_layers")
+    prompt_heads: int = _kept("prompt_num_attention_heads", limit=1024, original_name="prompts_heads")
 
     @property
     def vision_positions(self) -> int:
@@ -86,21 +86,16 @@ class Hyper:
         ]
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     """A `Hyper` field with what `_kept` says of it."""
 
     name: str
     config_paths: tuple[str, ...]
     limit: int
-    original: str | None  # "": the original's name is `name`
-
-    @property
-    def original_name(self) -> str | None:
-        return self.name if self.original == "" else self.original
+    original_name: str | None
 
 
-FIELDS = tuple(Field(f.name, **f.metadata) for f in fields(Hyper))
+FIELDS = tuple(Field(**{"name": f.name, "original_name": f.name, **f.metadata}) for f in fields(Hyper))
 LIMITS = {f.name: f.limit for f in FIELDS}
 
 # (family, width field, heads field): each attention family's heads must divide its width.
@@ -286,8 +281,18 @@ FINITE = (
     "vision_config.initializer_range",
     "vision_config.initializer_factor",
 )
-# What each must be, as a message says it.
+# What each field the converter reads must be, as a message says it; the size checks run first, so the
+# limits compare integers.
 VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
+    *((f.config_paths, _whole, "a positive integer") for f in FIELDS),
+    *(
+        (
+            f.config_paths,
+            lambda v, f=f: v <= f.limit,
+            f"at most {f.limit:,}, far above any X-CLIP's (fix the file)",
+        )
+        for f in FIELDS
+    ),
     (
         ("vision_config.num_channels",),
         lambda v: _whole(v, 64),
@@ -314,14 +319,7 @@ def check_config_values(data: Mapping[str, Any], where: str) -> None:
             raise ConverterError(
                 f"{where}: {section} must be an object, found {type(data[section]).__name__}"
             )
-    sizes: list[tuple[tuple[str, ...], Callable[[Any], bool], str]] = []
-    for f in FIELDS:
-        at_most = f"at most {f.limit:,}, far above any X-CLIP's (fix the file)"
-        sizes += [
-            (f.config_paths, _whole, "a positive integer"),
-            (f.config_paths, lambda v, f=f: v <= f.limit, at_most),
-        ]
-    for paths, allowed, want in (*sizes, *VALUE_RULES):
+    for paths, allowed, want in VALUE_RULES:
         for path in paths:
             *section, name = path.split(".")
             value = (data.get(section[0], {}) if section else data).get(name)
@@ -329,29 +327,22 @@ def check_config_values(data: Mapping[str, Any], where: str) -> None:
                 raise ConverterError(f"{where}: {path} must be {want}, found {shown(value)}")
 
 
-# Where an XCLIPModel keeps the two tensors whose shapes say what image_size and num_channels must be.
-POSITION_EMBEDDING = "vision_model.embeddings.position_embedding.weight"
-PATCH_EMBEDDING = "vision_model.embeddings.patch_embedding.weight"
-
-
 def check_fits_weights(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """The config fields no weight shape shows, against the weights (XCLIPModel keys): image_size beyond
-    its patch grid (at patch 32, 224 and 240 both give 7×7, and a 240 crop changes every output), and
-    the patch embedding's input channels."""
+    """The config fields no weight shape shows, against weights `check_state_dict` has passed: image_size
+    beyond its patch grid (at patch 32, 224 and 240 both give 7×7, and a 240 crop changes every output),
+    and the patch embedding's input channels."""
     vision = config.vision_config
-    positions = state_dict.get(POSITION_EMBEDDING)
-    if positions is not None and positions.ndim == 2:
-        grid = math.isqrt(max(positions.shape[0] - 1, 0))
-        if grid * grid == positions.shape[0] - 1 and vision.image_size != vision.patch_size * grid:
-            raise ConverterError(
-                f"{where}: vision_config.image_size {vision.image_size} is not vision_config.patch_size "
-                f"{vision.patch_size} × the {grid}×{grid} patch grid of the weights' position embedding: "
-                f"set image_size to {vision.patch_size * grid}"
-            )
-    patches = state_dict.get(PATCH_EMBEDDING)
-    if patches is not None and patches.ndim == 4 and patches.shape[1] != vision.num_channels:
+    grid = vision.image_size // vision.patch_size
+    if vision.image_size != vision.patch_size * grid:
+        raise ConverterError(
+            f"{where}: vision_config.image_size {vision.image_size} is not vision_config.patch_size "
+            f"{vision.patch_size} × the {grid}×{grid} patch grid of the weights' position embedding: "
+            f"set image_size to {vision.patch_size * grid}"
+        )
+    channels = state_dict["vision_model.embeddings.patch_embedding.weight"].shape[1]
+    if channels != vision.num_channels:
         raise ConverterError(
             f"{where}: vision_config.num_channels {vision.num_channels} does not match the "
-            f"{patches.shape[1]} input channels of the weights' patch embedding (conv1): "
-            f"set num_channels to {patches.shape[1]}"
+            f"{channels} input channels of the weights' patch embedding (conv1): "
+            f"set num_channels to {channels}"
         )

@@ -7,13 +7,16 @@ stripped. Whatever else it holds is refused in one line naming what and where.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import pickletools
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -22,16 +25,10 @@ from converter.errors import ConverterError, escape, listed, reason
 StateDict = dict[str, torch.Tensor]
 
 
-class _CfgNodeStandIn:
-    """The trainer's yacs `CfgNode` config read as a plain OrderedDict (the weights-only unpickler
-    allows SETITEM on exact dicts only); it runs nothing and needs no yacs."""
-
-    def __new__(cls, *args: object, **kwargs: object) -> OrderedDict:  # type: ignore[misc]
-        return OrderedDict()
-
-
-# The whole allow-list beyond torch's own weights-only defaults.
-ALLOWED_GLOBALS: list[tuple[object, str]] = [(_CfgNodeStandIn, "yacs.config.CfgNode")]
+# The whole allow-list beyond torch's own weights-only defaults: the trainer's yacs `CfgNode` config is
+# read as a plain OrderedDict (the weights-only unpickler allows SETITEM on exact dicts only); it runs
+# nothing and needs no yacs.
+ALLOWED_GLOBALS: list[tuple[object, str]] = [(OrderedDict, "yacs.config.CfgNode")]
 _CONTAINER_KEYS = ("model", "state_dict")
 _HF_KEY_PREFIXES = ("vision_model.", "text_model.", "visual_projection.", "mit.encoder.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,16 +72,13 @@ def extract_state_dict(obj: object, source: str | Path = "<checkpoint>") -> Stat
         )
     if not obj:
         raise ConverterError(f"{where}: the state dict is empty")
-    if collisions := [
-        f"{escape(k)!r} and 'module.{escape(k)}'"
-        for k in obj
-        if f"module.{k}" in obj and not k.startswith("module.")
-    ]:
-        raise ConverterError(
-            f"{where}: keys collide once the 'module.' prefix is removed: "
-            f"{'; '.join(listed(collisions, 5))}. Keep one of each pair"
-        )
     state_dict = {key.removeprefix("module."): tensor for key, tensor in obj.items()}
+    if len(state_dict) < len(obj):
+        collided = [escape(k) for k in obj if f"module.{k}" in obj and not k.startswith("module.")]
+        raise ConverterError(
+            f"{where}: keys collide once the 'module.' prefix is removed: {', '.join(listed(collided, 5))} "
+            "(each with and without it). Keep one of each pair"
+        )
     if any(k.startswith(_HF_KEY_PREFIXES) for k in state_dict):
         raise ConverterError(
             f"{where}: this looks like an already converted transformers checkpoint "
@@ -156,11 +150,8 @@ def _load(path: Path) -> object:
 
 
 def _refused_globals(path: Path) -> list[str]:
-    """Every global the file's pickles reference that the allow-list does not cover."""
-    allowed = {name for _, name in ALLOWED_GLOBALS} | {
-        f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1]
-        for g in torch.serialization.get_safe_globals()
-    }
+    """Every global the file's pickles reference beyond the allow-list and torch's own rebuild functions
+    and storages (what weights-only loading is built from)."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -171,20 +162,16 @@ def _refused_globals(path: Path) -> list[str]:
         return []
     found: set[str] = set()
     for data in records:
-        stream = io.BytesIO(data)
-        try:
-            while True:  # pickles in a row: torch's legacy format has five, then the tensors' bytes
-                strings: list[str] = []
-                for opcode, arg, _ in pickletools.genops(stream):
-                    if opcode.name == "GLOBAL":
-                        found.add(str(arg).replace(" ", "."))
-                    elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-                        found.add(f"{strings[-2]}.{strings[-1]}")
-                    elif isinstance(arg, str):
-                        strings.append(arg)
-        except ValueError:  # the end of the pickles
-            pass
-    # torch's own rebuild functions and storages are what weights-only loading is built from.
+        for ops in _pickles(io.BytesIO(data)):
+            strings: list[str] = []
+            for opcode, arg, _ in ops:
+                if opcode.name == "GLOBAL":
+                    found.add(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    allowed = {name for _, name in ALLOWED_GLOBALS}
     return sorted(g for g in found if g not in allowed and not g.startswith(("torch.", "collections.")))
 
 
@@ -215,20 +202,21 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
     if not head.startswith(b"\x80"):  # not pickle protocol 2+ (torch's legacy format, a plain pickle)
         return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
-    with open(path, "rb") as stream:  # walk the pickles without unpickling them
-        try:
-            first = list(pickletools.genops(stream))
-            if not any(op.name in ("LONG1", "LONG4") and arg == _LEGACY_MAGIC for op, arg, _ in first):
-                return (
-                    f"{_NOT_A_CHECKPOINT}: a plain pickle (protocol {head[1]}) holding what weights-only "
-                    "loading cannot read"
-                )
-            for _ in range(4):  # protocol version, system info, the state dict's structure, storage keys
-                list(pickletools.genops(stream))
-        except ValueError:
-            if stream.tell() >= path.stat().st_size:
-                return "it ends in the middle of its pickled data: the file was cut short"
-            return f"its pickled data is damaged at byte {stream.tell():,}"
-    return (
-        "the tensor data after its pickled structure is incomplete or damaged (a cut-short or corrupt file)"
-    )
+    with open(path, "rb") as stream:  # a legacy file: its magic number, then four more pickles
+        pickles = list(itertools.islice(_pickles(stream), 5))
+        parsed = stream.tell()
+    if pickles and _LEGACY_MAGIC not in (arg for _, arg, _ in pickles[0]):
+        return f"{_NOT_A_CHECKPOINT}: a plain pickle (protocol {head[1]}) weights-only loading cannot read"
+    if len(pickles) == 5:
+        return "the tensor data after its pickled structure is cut short or damaged"
+    if parsed < path.stat().st_size:
+        return f"its pickled data is damaged at byte {parsed:,}"
+    return "it ends in the middle of its pickled data: the file was cut short"
+
+
+def _pickles(stream: BinaryIO) -> Iterator[list[tuple]]:
+    """Each pickle in a row in `stream` as its opcodes, read without unpickling them; stops at the first
+    that does not parse (torch's legacy format has five, then the tensors' bytes)."""
+    with contextlib.suppress(ValueError):
+        while True:
+            yield list(pickletools.genops(stream))

@@ -13,7 +13,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from converter.config import (
 )
 from converter.errors import ConverterError, VerificationError, escape
 from converter.load import check_finite, load_checkpoint
+from converter.reader import check_regular
 from converter.registry import Variant, get_variant
 from converter.rules import check_state_dict, original_to_hf
 
@@ -95,6 +95,7 @@ def convert_checkpoint(
     when no pin or fetch record has its sha256; `protect` names more of the user's files, as
     (label, path), that the output must not touch."""
     from converter import fetch
+    from converter.export import in_background, staged_output, weights_written_meanwhile
     from converter.verify import DEFAULT_ATOL
 
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
@@ -111,8 +112,6 @@ def convert_checkpoint(
     with ExitStack() as writing:
         folder = None
         if output is not None:
-            from converter.export import staged_output
-
             # Staged before any work: a folder that cannot be written is refused now, not after the
             # download; a failure below removes the staging, so nothing is left behind.
             output = Path(output)
@@ -120,7 +119,7 @@ def convert_checkpoint(
         with stage("fetch") as note:
             provenance = _fetch(source, variant, sha256, force_download)
             note(escape(str(provenance.path)))
-        digest = _digest(provenance, hash_source)
+        digest = in_background(_sha256, provenance, hash_source)
         with stage("load") as note:
             original = load_checkpoint(provenance.path, check_values=False)
             megabytes = sum(t.numel() * t.element_size() for t in original.values()) >> 20
@@ -133,8 +132,6 @@ def convert_checkpoint(
 
         weights_written = None
         if folder is not None:
-            from converter.export import weights_written_meanwhile
-
             # The weights are written while transformers is imported and the model verified.
             weights_written = writing.enter_context(weights_written_meanwhile(folder, state_dict))
         xclip_config = config or to_config(hyper)  # imports transformers while the weights are written
@@ -240,10 +237,10 @@ def write_small_files(result: ConversionResult, folder: Path, repo_id: str | Non
 
 
 def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    by_name = getattr(torch, dtype) if dtype in DTYPES else dtype
-    if by_name not in [getattr(torch, name) for name in DTYPES]:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
         raise ConverterError(f"dtype must be one of {', '.join(DTYPES)}, got {escape(str(dtype))}")
-    return by_name
+    return getattr(torch, name)
 
 
 def check_atol(atol: float) -> float:
@@ -273,27 +270,19 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
     if "://" in text:
         return Provenance(fetch.fetch_url(text, sha256=sha256, force=force), text, sha256)
     path = Path(source)
-    if path.is_dir():
-        raise ConverterError(f"--checkpoint {escape(text)} is a folder: give the checkpoint file inside it")
-    if not path.exists():
-        raise ConverterError(f"--checkpoint {escape(text)}: no such file")
+    check_regular(path, f"--checkpoint {escape(text)}")
     if sha256:
         fetch.fetch_url(path.resolve().as_uri(), sha256=sha256)  # checks the pin, never deletes
     return Provenance(path, path.name, sha256)
 
 
-def _digest(provenance: Provenance, hash_source: bool) -> Future[str | None]:
+def _sha256(provenance: Provenance, hash_source: bool) -> str | None:
     """The checkpoint's sha256 for the card: the pin or the fetch record, else (when asked: publishing)
-    hashed on a second core while the conversion runs."""
-    from converter.export import in_background
+    hashed; the pipeline runs this on a second core while the conversion runs."""
     from converter.fetch import recorded_sha256, sha256_file
 
     known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
-    if hash_source and not known:
-        return in_background(sha256_file, provenance.path)
-    done: Future[str | None] = Future()
-    done.set_result(known)
-    return done
+    return sha256_file(provenance.path) if hash_source and not known else known
 
 
 def _verify(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter import paths
+from converter import paths, rules
 from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
@@ -17,7 +17,7 @@ from converter.export import staged_file, torch_save
 from converter.load import load_checkpoint
 from converter.pipeline import stage
 from converter.published import load_published
-from converter.rules import check_state_dict, hf_to_original, original_shapes
+from converter.rules import check_state_dict, original_shapes
 from converter.verify import DEFAULT_ATOL, Verification, oracle_heads, verify
 
 
@@ -51,7 +51,7 @@ def to_original(
         with stage("map") as note:
             check_state_dict(weights, hyper)  # every key, every shape, against the published config
             check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
-            back = hf_to_original(weights)
+            back = rules.hf_to_original(weights)
             # In the order the original trainer saved them: what a reader of the original file expects.
             original = {k: _compact(back[k]) for k in original_shapes(hyper)}
             note(f"{len(original)} tensors in the original layout")

@@ -211,7 +211,9 @@ def make_venv(version: str, root: Path) -> str:
     constraints.write_text(f"torch=={torch.__version__}\n")  # already satisfied: never a second torch
     install = subprocess.run(
         [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        + ["--constraint", str(constraints), f"transformers=={version}"],
+        # The release's own kernels range (this environment's newer kernels breaks 5.0's import); an
+        # older release without the extra installs with a warning.
+        + ["--constraint", str(constraints), f"transformers[hub-kernels]=={version}"],
         capture_output=True,
         text=True,
     )

@@ -327,6 +327,8 @@ def _audit(args: argparse.Namespace) -> int:
     from converter.hub import check_repo_id
 
     repo_id = None
+    if args.create_pr and args.push_to_hub is None:
+        raise ConverterError("with --audit, --create-pr goes with --push-to-hub: add it, or drop --create-pr")
     if args.push_to_hub is not None:  # a pull request to the audited repo, unless another is named
         if not args.create_pr:
             raise ConverterError("with --audit, --push-to-hub opens a pull request: add --create-pr")

@@ -72,3 +72,19 @@ def test_audit_of_a_changed_folder_exits_1_naming_the_tensor(converted, tmp_path
     save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
     assert run("--audit", changed, "--checkpoint", helpers.checkpoint("tiny-a"), "--config", config) == 1
     assert "text_projection.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--create-pr"], "--create-pr goes with --push-to-hub"),
+        (["--push-to-hub", "me/fix"], "--push-to-hub opens a pull request: add --create-pr"),
+        (["--push-to-hub", "--create-pr"], "is a folder: name the repo with --push-to-hub REPO_ID"),
+    ],
+)
+def test_audit_refuses_pull_request_flags_that_cannot_work(converted, flags, message, capsys):
+    folder, config = converted
+    args = ["--audit", folder, "--checkpoint", helpers.checkpoint("tiny-a"), "--config", config, *flags]
+    assert run(*args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

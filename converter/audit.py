@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from converter import DEFAULT_TEXTS
+from converter import DEFAULT_ATOL, DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, to_config
 from converter.errors import ConverterError, reason
@@ -29,7 +29,7 @@ from converter.processing import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, p
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import DEFAULT_ATOL, Verification, config_heads, verify
+from converter.verify import Verification, config_heads, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from converter import DEFAULT_TEXTS, DTYPES, __version__
+from converter import DEFAULT_ATOL, DEFAULT_TEXTS, DTYPES, __version__
 from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
@@ -87,11 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--private", action="store_true", help="with --push-to-hub: create the repo private")
     add = parser.add_argument_group("verification").add_argument
     add("--no-verify", action="store_true", help="skip the comparison with the original forward pass")
-    # converter.verify.DEFAULT_ATOL, written out: --help must not import torch.
     add(
         "--atol",
         type=float,
-        default=2e-5,
+        default=DEFAULT_ATOL,
         help="largest difference allowed, relative to each output's magnitude (default: %(default)s)",
     )
     add("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")

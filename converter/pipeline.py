@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter import DTYPES, paths
+from converter import DEFAULT_ATOL, DTYPES, paths
 from converter.config import (
     Hyper,
     check_fits_weights,
@@ -96,7 +96,6 @@ def convert_checkpoint(
     (label, path), that the output must not touch."""
     from converter import fetch
     from converter.export import in_background, staged_output, weights_written_meanwhile
-    from converter.verify import DEFAULT_ATOL
 
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
     out_dtype = _output_dtype(dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from converter import paths, rules
+from converter import DEFAULT_ATOL, paths, rules
 from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
 from converter.errors import VerificationError, escape
@@ -18,7 +18,7 @@ from converter.load import load_checkpoint
 from converter.pipeline import stage
 from converter.published import load_published
 from converter.rules import check_state_dict, original_shapes
-from converter.verify import DEFAULT_ATOL, Verification, oracle_heads, verify
+from converter.verify import Verification, oracle_heads, verify
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter import oracle
+from converter import DEFAULT_ATOL, oracle
 from converter.clip import HEAD_DIM
 from converter.config import Hyper
 from converter.errors import VerificationError
@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 
-# Between two measurements: the ORIGINAL code's outputs on the goldens differ from the converted
-# model's by <= 3e-7 relative (tests/test_verify.py), and the subtlest planted mistake at full size
-# exceeds 2e-5 by 33x (benchmarks/verification_power.py, docs/verification.md).
-DEFAULT_ATOL = 2e-5
 NUM_TEXTS = 3
 BLOCK = 16  # pixels per side of the scene's blocks
 # Amplitudes of scene, per-frame offset and noise: variances sum to ~1, like normalised images.

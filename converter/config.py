@@ -17,7 +17,7 @@ import torch
 
 from converter.clip import CONTEXT_LENGTH, HEAD_DIM, MIT_LAYERS, PROMPT_LAYERS, VOCAB_SIZE, original_heads
 from converter.errors import ConverterError, escape, reason
-from converter.reader import CONFIG_LIMIT, finite_number, read_json_object, shown
+from converter.reader import CONFIG_LIMIT, finite_number, positive_int, read_json_object, shown
 from converter.registry import Variant
 
 if TYPE_CHECKING:
@@ -251,10 +251,6 @@ def load_config_file(path: str | Path, *, where: str | None = None) -> XCLIPConf
     return config
 
 
-def _whole(value: object, limit: float = math.inf) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
-
-
 def _activation(value: object) -> bool:
     from transformers.activations import ACT2FN
 
@@ -284,7 +280,7 @@ FINITE = (
 # What each field the converter reads must be, as a message says it; the size checks run first, so the
 # limits compare integers.
 VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
-    *((f.config_paths, _whole, "a positive integer") for f in FIELDS),
+    *((f.config_paths, positive_int, "a positive integer") for f in FIELDS),
     *(
         (
             f.config_paths,
@@ -295,7 +291,7 @@ VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     ),
     (
         ("vision_config.num_channels",),
-        lambda v: _whole(v, 64),
+        lambda v: positive_int(v, 64),
         "a positive integer of at most 64 (3 for RGB)",
     ),
     (ACTIVATIONS, _activation, "an activation transformers knows (the original uses quick_gelu)"),

@@ -18,6 +18,7 @@ import numpy as np
 from converter.clip import CONTEXT_LENGTH as MAX_TEXT_LENGTH
 from converter.clip import VOCAB_SIZE as CLIP_VOCAB_SIZE
 from converter.errors import ConverterError
+from converter.reader import positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,7 @@ def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def check_positive_int(value: object, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not positive_int(value):
         raise ConverterError(f"{what} must be a positive integer, got {value!r}")
 
 

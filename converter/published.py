@@ -15,7 +15,7 @@ from converter import reader
 from converter.config import load_config_file
 from converter.errors import ConverterError, escape, listed, reason
 from converter.paths import is_inside
-from converter.reader import CONFIG_LIMIT, TOKENIZER_LIMIT, finite_number, shown
+from converter.reader import CONFIG_LIMIT, TOKENIZER_LIMIT, finite_number, positive_int, shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, XCLIPConfig
@@ -201,13 +201,13 @@ def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
     for name in ("size", "crop_size"):  # one number, a list, or a dict such as {"height": 224, ...}
         value = given.get(name, 224)
         sides = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
-        if not (sides and all(_whole(side) and 0 < side <= MAX_PROCESSOR_SIDE for side in sides)):
+        if not (sides and all(positive_int(side, MAX_PROCESSOR_SIDE) for side in sides)):
             raise refuse(
                 name, f'sizes in pixels from 1 to {MAX_PROCESSOR_SIDE} (e.g. {{"height": 224, ...}})'
             )
     filters = {int(r) for r in Image.Resampling}
     resample = given.get("resample", 2)
-    if not (_whole(resample) and resample in filters):
+    if not (type(resample) is int and resample in filters):  # not a bool, nor a float equal to one
         raise refuse("resample", f"a PIL resampling filter, 0 to {max(filters)} (2 is bilinear)")
     if not finite_number(given.get("rescale_factor", 1)):
         raise refuse("rescale_factor", "a finite number (1/255 for 8-bit frames)")
@@ -222,7 +222,3 @@ def check_image_processor(settings: Mapping[str, Any], what: str) -> None:
 def _present(path: Path) -> bool:
     """Whether anything is at `path`, even a broken link."""
     return path.exists() or path.is_symlink()
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

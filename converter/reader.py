@@ -113,6 +113,11 @@ def shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def positive_int(value: object, limit: float = math.inf) -> bool:
+    """An integer (not a boolean) from 1 to `limit`."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
 def finite_number(value: object) -> bool:
     """A JSON number (not a boolean) that is finite."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -14,6 +14,7 @@ import torch
 from converter import reader
 from converter.config import load_config_file
 from converter.errors import ConverterError, escape, listed, reason
+from converter.export import WEIGHTS_NAME
 from converter.paths import is_inside
 from converter.reader import CONFIG_LIMIT, TOKENIZER_LIMIT, finite_number, positive_int, shown
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
 StateDict = dict[str, torch.Tensor]
 
-WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # The tokenizer files transformers may read from a folder, each checked under its cap before it does.
@@ -113,14 +113,14 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
 
 def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
     """model.safetensors, or the shards its index's weight_map names, each a regular file inside `root`."""
-    if _present(folder / WEIGHTS):
-        reader.check_regular(folder / WEIGHTS, f"{escape(source)}: {WEIGHTS}")
-        return [folder / WEIGHTS]
+    if _present(folder / WEIGHTS_NAME):
+        reader.check_regular(folder / WEIGHTS_NAME, f"{escape(source)}: {WEIGHTS_NAME}")
+        return [folder / WEIGHTS_NAME]
     if not _present(folder / WEIGHTS_INDEX):
         pickled = next((name for name in PICKLED_WEIGHTS if (folder / name).is_file()), None)
         only = f" (only {pickled}, a pickle, which is never unpickled here)" if pickled else ""
         raise ConverterError(
-            f"{escape(source)}: no {WEIGHTS}{only}; re-save the model with transformers' save_pretrained"
+            f"{escape(source)}: no {WEIGHTS_NAME}{only}; re-save the model with transformers' save_pretrained"
         )
     what = f"{escape(source)}: {WEIGHTS_INDEX}"
     weight_map = reader.read_json_object(folder / WEIGHTS_INDEX, what, reader.INDEX_LIMIT).get("weight_map")

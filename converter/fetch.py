@@ -339,7 +339,9 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
         why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
         if isinstance(cause, NameResolutionError):
             why = "host name could not be resolved"
-        raise ConverterError(f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}")
+        raise ConverterError(
+            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
+        ) from None
     if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
         return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
     if isinstance(exc, (ConnectionError, ChunkedEncodingError)) and not isinstance(
@@ -349,7 +351,7 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
     raise ConverterError(
         f"download of {url} failed ({reason(exc)}); check the URL, proxy and TLS settings, or pass "
         "--checkpoint PATH for a local copy."
-    )
+    ) from None
 
 
 def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
@@ -378,7 +380,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
             return True, None  # the validator held and our file is complete
         if status >= 500:
             raise _Cut("failed", f"HTTP {status} {resp.reason}")
-        if status not in (200, 206, 416):
+        if status not in (200, 206) and not (status == 416 and known):  # 416 answers only a resume
             _discard_partial(part)
             raise ConverterError(
                 f"download of {url} failed: HTTP {status} {resp.reason}; check the model name, the URL or "

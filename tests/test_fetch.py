@@ -87,6 +87,18 @@ def test_404_fails_at_once_and_leaves_nothing(server: LoopbackServer, _fast_and_
     assert _cache_files(_fast_and_isolated) == []
 
 
+def test_416_to_a_request_without_range_fails_at_once(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """A 416 answers only a resume: to a fresh request it is a server's mistake, not a cut to retry."""
+    server.set_always(PATH, Fault(status=416))
+    with pytest.raises(ConverterError, match="HTTP 416") as err:
+        fetch.fetch_url(server.url(PATH))
+    assert server.url(PATH) in str(err.value)
+    assert len(server.hits_for(PATH)) == 1
+    assert _cache_files(_fast_and_isolated) == []
+
+
 def test_4xx_after_a_drop_removes_the_partial_file(server: LoopbackServer, _fast_and_isolated: Path) -> None:
     server.add_faults(PATH, Fault(truncate=0.5), Fault(status=403))
     with pytest.raises(ConverterError, match="403"):

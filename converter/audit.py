@@ -25,7 +25,7 @@ from converter.config import Hyper, config_source, load_config_file, to_config
 from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
 from converter.pipeline import _fetch, map_original
-from converter.processing import IMAGENET_MEAN, IMAGENET_STD, build_tokenizer, preprocess_video
+from converter.processing import build_tokenizer, normalize, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
@@ -305,10 +305,10 @@ def _reference_frames(
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
         if names and all(f"original{size}/{n}" in data.files for n in names):
-            mean = np.array(IMAGENET_MEAN, np.float32)[:, None, None] * 255
-            std = np.array(IMAGENET_STD, np.float32)[:, None, None] * 255
-            originals = [data[f"original{size}/{n}"].transpose(2, 0, 1).astype(np.float32) for n in names]
-            targets = [(o - mean) / std for o in originals]
+            originals = [
+                torch.from_numpy(data[f"original{size}/{n}"]).permute(2, 0, 1).float() for n in names
+            ]
+            targets = [normalize(o).numpy() for o in originals]
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
     # Three shapes: 4:3, portrait 9:16, and small 4:3 that needs upscaling.
     rng, frames = np.random.default_rng(0), []

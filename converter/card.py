@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from converter import DEFAULT_TEXTS, processing
 from converter.config import Hyper
+from converter.paths import local_path
 from converter.registry import VARIANTS, Variant
 
 if TYPE_CHECKING:
@@ -105,8 +106,7 @@ def public_source(source: str) -> str:
     if parts.scheme in ("http", "https") and parts.hostname:
         port = f":{parts.port}" if parts.port else ""
         return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
-    path = parts.path if parts.scheme == "file" else source
-    return PurePath(path.replace("\\", "/")).name or source
+    return PurePath(str(local_path(source) or source).replace("\\", "/")).name or source
 
 
 def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:

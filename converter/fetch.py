@@ -22,11 +22,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
-from converter.reader import CONFIG_LIMIT, read_bytes, read_json_object
+from converter.paths import local_path
+from converter.reader import CONFIG_LIMIT, file_format, read_bytes, read_json_object
 from converter.registry import Source, cache_dir, url_cache_path
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ _OFFLINE_HINT = (
 )
 _LOCAL_COPY = "or download it yourself and pass --checkpoint PATH"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_HTML_START = re.compile(rb"\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I)
 _log = logging.getLogger(__name__)
 
 # Writes the .part given (afresh if asked); says whether an announced length arrived, and the Content-Type.
@@ -125,20 +124,12 @@ def _discard_partial(part: Path) -> None:
     Path(f"{part}.json").unlink(missing_ok=True)
 
 
-def _format(head: bytes) -> str | None:
-    if head.startswith(b"PK\x03\x04"):
-        return "zip"  # torch.save's format since torch 1.6
-    if head[8:9] == b"{":
-        return "safetensors"  # 8-byte header length, then the JSON header
-    return "pickle" if head.startswith(b"\x80") else None  # torch's legacy format: no end marker to check
-
-
 def _cut_off(path: Path) -> str | None:
     """Why a zip or safetensors file is cut off (from its directory or header, not the weights), or None."""
     from safetensors import SafetensorError, safe_open
 
     with open(path, "rb") as f:
-        kind = _format(f.read(9))
+        kind = file_format(f.read(9))
     try:
         if kind == "zip":
             zipfile.ZipFile(path).close()  # reads the end-of-archive record and the central directory
@@ -154,9 +145,9 @@ def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | 
     """Refuse (and delete) a finished ``.part`` that is a web page, or unproven where no length came."""
     with open(part, "rb") as f:
         head = f.read(64 << 10)  # enough of a page to read its title
-    kind, mime = _format(head), (content_type or "").split(";")[0].strip().lower()
+    kind, mime = file_format(head), (content_type or "").split(";")[0].strip().lower()
     advice = f"check the URL (a login, error or confirmation page?), {_LOCAL_COPY}."
-    if mime in ("text/html", "application/xhtml+xml") or _HTML_START.match(head):
+    if mime in ("text/html", "application/xhtml+xml") or kind == "html":
         page = "an HTML page"
         if b"google" in head.lower() and re.search(rb"quota|too many users", head, re.I):
             page += ": the Google Drive quota page (too many downloads of this file lately)"
@@ -244,7 +235,7 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
     """The local path of an http(s):// or file:// URL; a cached copy meeting the pin skips the network."""
     parts, pin = urlsplit(url), parse_sha256(sha256)
     if parts.scheme.lower() == "file":
-        path = Path(url2pathname(parts.path))
+        path = local_path(url)
         if parts.netloc not in ("", "localhost"):
             raise ConverterError(f"cannot use {url}: only local file:// URLs (no host) are supported.")
         if not path.is_file():

@@ -21,6 +21,7 @@ from typing import BinaryIO
 import torch
 
 from converter.errors import ConverterError, escape, listed, reason
+from converter.reader import file_format
 
 StateDict = dict[str, torch.Tensor]
 
@@ -183,13 +184,13 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         head = b""
     if not head:
         return "the file is empty"
-    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+    if (kind := file_format(head)) == "html":
         return "it is a web page (HTML), not a checkpoint"
     if path.suffix == ".safetensors":
         return f"it is not a valid safetensors file ({reason(err)})"
-    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+    if kind == "zip" and not zipfile.is_zipfile(path):
         return "it is a zip archive (PyTorch's format) whose end is missing: the file was cut short"
-    if head.startswith(b"PK\x03\x04"):
+    if kind == "zip":
         try:
             with zipfile.ZipFile(path) as archive:
                 if not any(name.endswith("data.pkl") for name in archive.namelist()):
@@ -200,7 +201,7 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         if damaged is not None:
             return f"it is a damaged zip archive: {escape(damaged)} fails its checksum"
         return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
-    if not head.startswith(b"\x80"):  # not pickle protocol 2+ (torch's legacy format, a plain pickle)
+    if kind != "pickle":
         return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
     with open(path, "rb") as stream:  # a legacy file: its magic number, then four more pickles
         pickles = list(itertools.islice(_pickles(stream), 5))

@@ -10,7 +10,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from converter.errors import ConverterError, escape
 
@@ -38,14 +39,15 @@ def protected(
     """What a run reads: its inputs that are local paths (a `file://` URL too) and every cache."""
     source = source if source is not None and Path(source).exists() else None
     given = [("--checkpoint", checkpoint), ("--config", config), (source_label, source)]
-    return [(label, path) for label, value in given if (path := _local_path(value)) is not None] + caches()
+    return [(label, path) for label, value in given if (path := local_path(value)) is not None] + caches()
 
 
-def _local_path(value: str | Path | None) -> Path | None:
-    text = str(value)
-    if text.startswith("file://"):
-        return Path(unquote(urlsplit(text).path))
-    return None if value is None or "://" in text else Path(value)
+def local_path(value: str | Path | None) -> Path | None:
+    """The local file a path or a file:// URL names; None for None or any other URL."""
+    parts = urlsplit(str(value))
+    if parts.scheme.lower() == "file":
+        return Path(url2pathname(parts.path))
+    return None if value is None or "://" in str(value) else Path(value)
 
 
 def check_target(

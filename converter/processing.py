@@ -160,12 +160,15 @@ def _count_frames(av, path: Path) -> int:
 
 def preprocess_video(frames: np.ndarray, image_size: int) -> torch.Tensor:
     """Pixel values ``[1, T, 3, S, S]`` as the original computes them, to one uint8 level (~0.0175)."""
+    return normalize(resize_and_crop(frames, image_size))[None]
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels ``[..., 3, H, W]`` on 0-255 normalised with the original's mean and std."""
     import torch
 
-    pixels = resize_and_crop(frames, image_size)
-    mean = torch.tensor(ORIGINAL_MEAN_255).view(1, 3, 1, 1)
-    std = torch.tensor(ORIGINAL_STD_255).view(1, 3, 1, 1)
-    return ((pixels - mean) / std)[None]
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ORIGINAL_MEAN_255, ORIGINAL_STD_255))
+    return (pixels - mean) / std
 
 
 def original_settings(image_size: int) -> dict:

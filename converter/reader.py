@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,19 @@ INDEX_LIMIT = 16 * MiB  # model.safetensors.index.json: ≈ 100 bytes a tensor, 
 TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json ≈ 2.2 MB for CLIP, vocab.json ≈ 0.9 MB, merges.txt ≈ 0.5 MB
 MAX_DEPTH = 64  # a config is 3 levels deep, tokenizer.json 5
 MAX_INT_DIGITS = 19  # a signed 64-bit integer: no size, id or count in these files needs more
+_HTML_START = re.compile(rb"\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I)
+
+
+def file_format(head: bytes) -> str | None:
+    """What a file's first bytes show: "html" (a web page in a checkpoint's place), "zip" (torch.save's
+    format since torch 1.6), "safetensors", "pickle" (torch's legacy format), or None."""
+    if _HTML_START.match(head):
+        return "html"
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[8:9] == b"{":
+        return "safetensors"  # 8-byte header length, then the JSON header
+    return "pickle" if head.startswith(b"\x80") else None
 
 
 def check_regular(path: Path | int, what: str) -> os.stat_result:

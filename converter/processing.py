@@ -26,11 +26,9 @@ if TYPE_CHECKING:
 
 CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps these first merges of the file (it has more)
 
-# ImageNet statistics for transformers' processor, and on 0-255 as the original states them (img_norm_cfg).
+# ImageNet statistics: transformers' processor takes them on 0-1, the original (img_norm_cfg) on 0-255.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ORIGINAL_MEAN_255 = (123.675, 116.28, 103.53)
-ORIGINAL_STD_255 = (58.395, 57.12, 57.375)
 
 # The saved processor's distance from the original after normalisation on tests/data/preprocessing's
 # photos, {image size: (largest per-frame mean |Δ|, largest |Δ|)}; one uint8 level is about 0.0175.
@@ -167,7 +165,7 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """Pixels ``[..., 3, H, W]`` on 0-255 normalised with the original's mean and std."""
     import torch
 
-    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (ORIGINAL_MEAN_255, ORIGINAL_STD_255))
+    mean, std = (torch.tensor([255 * c for c in v]).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
     return (pixels - mean) / std
 
 

@@ -275,14 +275,15 @@ def write_file(
 
 
 def torch_save(obj: object, path: Path) -> None:
-    """`torch.save`, failing with the OSError (ENOSPC, EIO) torch's zip writer wraps in a RuntimeError."""
+    """`torch.save`, failing with what its zip writer wraps in a RuntimeError when closing the archive: an
+    OSError (ENOSPC, EIO), or the `Interrupted` of a signal that arrived while it wrote."""
     import torch
 
     try:
         with open(path, "wb") as file:
             torch.save(obj, file)
     except RuntimeError as err:
-        if isinstance(err.__context__, OSError):
+        if isinstance(err.__context__, OSError | Interrupted):
             raise err.__context__ from None
         raise
 

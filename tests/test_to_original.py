@@ -121,6 +121,36 @@ def test_nothing_half_written(tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+def test_ctrl_c_while_torch_save_writes_is_the_interruption(tmp_path, monkeypatch, capsys):
+    """A signal handled inside torch.save's writes leaves its zip writer unable to close the archive,
+    which raises a RuntimeError of its own: the run still ends as interrupted (130), with nothing left."""
+    import io
+    import signal
+
+    from converter import cli, export
+
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    folder = hf_folder(tmp_path / "hf", original, case="tiny-a")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    class InterruptedWhileWriting(io.FileIO):  # as the handler raises it within the third write
+        writes = 0
+
+        def write(self, data):
+            InterruptedWhileWriting.writes += 1
+            if InterruptedWhileWriting.writes == 3:
+                raise export.Interrupted(signal.SIGINT)
+            return super().write(data)
+
+    monkeypatch.setattr(export, "open", InterruptedWhileWriting, raising=False)
+    assert cli.main(["--to-original", str(folder), "--output", str(out / "back.pth")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"xclip-convert: interrupted by SIGINT; --output {out / 'back.pth'} was not changed"
+    )
+    assert list(out.iterdir()) == []
+
+
 def test_a_real_full_disk_is_named_and_leaves_nothing(tmp_path, small_disk):
     """torch.save's own failure on a full disk (not a mocked OSError) is one line naming the file."""
     from converter.config import to_config

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -116,49 +117,54 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from converter.export import Interrupted, signals_as_exceptions
-
     logger = logging.getLogger("converter")
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     progress = logging.StreamHandler(sys.stderr)  # this run's stderr: main() may run again in one process
     progress.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
     logger.addHandler(progress)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning a retry; our own lines say what failed
+    try:
+        return run_job(lambda: _run(args))
+    finally:
+        logger.removeHandler(progress)  # a library call after main() logs as usual
+
+
+def run_job(job: Callable[[], int], prog: str = PROG) -> int:
+    """`job()`'s exit status, with signals as exceptions; a failure is one line on stderr and the status
+    EPILOG gives it (the traceback of a bug of ours with XCLIP_DEBUG=1)."""
+    from converter.export import Interrupted, signals_as_exceptions
+
+    def say(message: str) -> None:
+        _out(f"{prog}: {message}", sys.stderr)
 
     try:
         with signals_as_exceptions():
-            return _run(args)
+            return job()
     except ConverterError as err:
-        _say(f"error: {err}")
+        say(f"error: {err}")
         return EXIT_BAD_INPUT
     except VerificationError as err:
         if err.verification is not None:
             _out(err.verification.summary())
-        _say(str(err))
+        say(str(err))
         return EXIT_VERIFICATION_FAILED
     except Interrupted as err:
-        _say(str(err))
+        say(str(err))
         return err.exit_code
     except OSError as err:  # disk full, permissions, a path that is not a folder, ...
         where = f"{escape(str(err.filename))}: " if err.filename else ""
-        _say(f"error: {where}{err.strerror or reason(err)}")
+        say(f"error: {where}{err.strerror or reason(err)}")
         return EXIT_BAD_INPUT
-    except Exception as err:  # a bug of ours: one line, and the traceback on request
+    except Exception as err:
         if os.environ.get("XCLIP_DEBUG"):
             raise
-        _say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
+        say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
         return EXIT_BAD_INPUT
-    finally:
-        logger.removeHandler(progress)  # a library call after main() logs as usual
 
 
 def _out(text: str, file: TextIO | None = None) -> None:
     """A result on stdout (or `file`), each line's control characters escaped."""
     print("\n".join(escape(line) for line in text.splitlines()), file=file)
-
-
-def _say(message: str) -> None:
-    _out(f"{PROG}: {message}", sys.stderr)
 
 
 class _EscapedLines(logging.Formatter):

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from converter import paths
+from converter.cli import run_job
 from converter.config import Hyper, hyper_for_variant
 from converter.errors import ConverterError, escape
-from converter.export import Interrupted, signals_as_exceptions, staged_file, torch_save
-from converter.registry import VARIANTS, Variant, get_variant
+from converter.export import staged_file, torch_save
+from converter.registry import VARIANTS, get_variant
 from converter.rules import original_shapes
 
 PROG = "python -m converter.synthetic"
@@ -104,34 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", metavar="FILE.npy", type=Path, help="also write a clip of random frames")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE (and the clip) if they exist")
     args = parser.parse_args(argv)
-    try:
-        with signals_as_exceptions():
-            variant = _write(args)
-    except ConverterError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, permissions
-        where = f"{escape(str(err.filename))}: " if err.filename else ""
-        print(f"{PROG}: error: {where}{err.strerror or err}; nothing was written", file=sys.stderr)
-        return 2
-    except Interrupted as err:
-        print(f"{PROG}: {err}; nothing was written", file=sys.stderr)
-        return err.exit_code
-    file = escape(str(args.file))
-    print(
-        f"wrote {file}: a synthetic {variant.name} checkpoint ({args.file.stat().st_size / 1e6:,.0f} MB): "
-        f"seeded random weights (--seed {args.seed}), not the released ones, so its predictions mean nothing"
-    )
-    command = f"xclip-convert --checkpoint {file} --model-name {variant.name} --output out"
-    if args.clip:
-        clip = escape(str(args.clip))
-        print(f"wrote {clip}: {variant.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
-        command += f" --video {clip}"
-    print(f"next, with no network: {command}")
-    return 0
+    return run_job(lambda: _write(args), PROG)
 
 
-def _write(args: argparse.Namespace) -> Variant:
+def _write(args: argparse.Namespace) -> int:
     """Both files refused before any work if they cannot be written, then each written whole."""
     variant, clip, protected = get_variant(args.model_name), args.clip, paths.caches()
     if clip is not None:  # FILE is checked as it is staged, before the work
@@ -147,7 +124,17 @@ def _write(args: argparse.Namespace) -> Variant:
         with staged_file(clip, args.overwrite, protected, flag="--clip") as partial:
             with open(partial, "wb") as fh:  # np.save given a name would add .npy to the partial's
                 np.save(fh, make_clip(hyper.frames, args.seed))
-    return variant
+    file = escape(str(args.file))
+    print(
+        f"wrote {file}: a synthetic {variant.name} checkpoint ({args.file.stat().st_size / 1e6:,.0f} MB): "
+        f"seeded random weights (--seed {args.seed}), not the released ones, so its predictions mean nothing"
+    )
+    command = f"xclip-convert --checkpoint {file} --model-name {variant.name} --output out"
+    if clip is not None:
+        print(f"wrote {escape(str(clip))}: {hyper.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
+        command += f" --video {escape(str(clip))}"
+    print(f"next, with no network: {command}")
+    return 0
 
 
 if __name__ == "__main__":

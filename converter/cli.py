@@ -257,9 +257,9 @@ def _convert(args: argparse.Namespace) -> int:
     video = Path(args.video) if args.video else None
     if video:  # the clip is checked before minutes of conversion, not after
         from converter.processing import load_video
+        from converter.reader import check_regular
 
-        if not video.is_file():
-            raise ConverterError(f"--video {escape(args.video)}: no such file")
+        check_regular(video, f"--video {escape(args.video)}")
         load_video(video, 1)  # reads a .npy's header and one frame, or opens a video's stream
     repo_id = None
     if args.push_to_hub is not None:  # checked, or looked up, before the work: fails fast offline

@@ -78,7 +78,7 @@ def resize_and_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
     top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
     out = []
     for frame in frames:  # one frame at a time: a 32-frame HD clip would need 350 MB as float at once
-        x = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
+        x = torch.tensor(frame).permute(2, 0, 1)[None].float()  # a copy: a mapped clip is read-only
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
         x = x[0, :, top : top + image_size, left : left + image_size]
         # cv2 returns uint8 rounded half up (its fixed-point result); the crop only discards pixels.
@@ -103,7 +103,7 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
     path = Path(path)
     if path.suffix.lower() == ".npy":
         frames = load_npy(path)
-        return frames[sample_frame_indices(len(frames), num_frames)]
+        return np.array(frames[sample_frame_indices(len(frames), num_frames)])  # read from the mapped file
     try:
         import av
     except ImportError as exc:
@@ -135,12 +135,13 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
 
 
 def load_npy(path: str | Path) -> np.ndarray:
-    """Frames from a ``.npy`` file, validated; no pickles (they can run code)."""
+    """Frames from a ``.npy`` file, validated, and mapped: a clip larger than memory is read only where
+    frames are taken. No pickles (they can run code)."""
     try:
-        frames = np.load(path, allow_pickle=False)
+        frames = np.load(path, allow_pickle=False, mmap_mode="r")
     except FileNotFoundError as exc:
         raise ConverterError(f"video file {path} does not exist") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file
         raise ConverterError(
             f"cannot read {path} as a .npy array of frames [T, H, W, 3] uint8: {exc}"
         ) from exc

@@ -92,6 +92,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("texts-without-video", lambda w: w.convert("--texts", "a", "b"), 2, "--video"),
     ("video-missing", lambda w: w.convert("--video", w.root / "clip.npy"), 2, "clip.npy"),
     ("video-not-npy", lambda w: w.convert("--video", w.file("clip.npy", "not numpy")), 2, "clip.npy"),
+    ("video-empty-npy", lambda w: w.convert("--video", w.file("clip.npy", "")), 2, "cannot read"),
+    ("video-is-a-folder", lambda w: w.convert("--video", w.root), 2, "is a folder: give the file inside it"),
+    ("video-is-a-fifo", lambda w: w.convert("--video", _fifo(w.root / "c.npy")), 2, "is a FIFO"),
     (
         "video-wrong-shape",
         lambda w: w.convert("--video", _npy(w, np.zeros((4, 8, 8), np.uint8))),

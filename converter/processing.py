@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer, VideoMAEImageProcessorPil, XCLIPProcessor
 
 CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps these first merges of the file (it has more)
+MAX_FRAME_SIDE = 16384  # pixels: one such square frame is 768 MiB as uint8, 3 GiB as float
 
 # ImageNet statistics: transformers' processor takes them on 0-1, the original (img_norm_cfg) on 0-255.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,6 +64,11 @@ def check_frames(frames: object, source: str) -> np.ndarray:
         raise ConverterError(
             f"{source}: expected uint8 pixels (0-255), got dtype {frames.dtype} "
             f"with shape {tuple(frames.shape)}; convert the frames to uint8 first."
+        )
+    if max(frames.shape[1:3]) > MAX_FRAME_SIDE:
+        raise ConverterError(
+            f"{source}: frames of {frames.shape[2]}x{frames.shape[1]} pixels, more than the {MAX_FRAME_SIDE} "
+            "a side this reads (a frame of 8K video has 7680); downscale the clip first."
         )
     return frames
 

@@ -83,23 +83,35 @@ def test_npy_pickles_are_refused(tmp_path: Path) -> None:
         load_video(path, 8)
 
 
+def sparse_clip(path: Path, shape: tuple[int, int, int, int]) -> Path:
+    """A uint8 .npy clip of `shape` whose frames take no disk space (a sparse file of zeros)."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        f.truncate(f.tell() + int(np.prod(shape)))
+    return path
+
+
 def test_an_npy_clip_larger_than_memory_is_read_where_frames_are_taken(tmp_path: Path) -> None:
-    """An 8.7 GB clip (a sparse file) read in a process that may allocate 1 GiB: only the sampled frames
-    are read, from the mapped file."""
+    """An 8.7 GB clip read in a process that may allocate 1 GiB: only the sampled frames are read, from
+    the mapped file."""
     import subprocess
     import sys
 
-    path, shape = tmp_path / "long.npy", (1400, 1080, 1920, 3)
-    with open(path, "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False}
-        np.lib.format.write_array_header_1_0(f, {**header, "shape": shape})
-        f.truncate(f.tell() + int(np.prod(shape)))
+    path = sparse_clip(tmp_path / "long.npy", (1400, 1080, 1920, 3))
     code = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30)); "
         "from converter.processing import load_video; print(load_video(sys.argv[1], 8).shape)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (0, "(8, 1080, 1920, 3)\n"), done.stderr[-500:]
+
+
+def test_frames_too_large_to_read_are_refused_by_name(tmp_path: Path) -> None:
+    path = sparse_clip(tmp_path / "huge.npy", (2, 100_000, 120_000, 3))  # one frame: 36 GB
+    with pytest.raises(
+        ConverterError, match=r"^.*huge.npy: frames of 120000x100000 pixels, more than the 16384 a"
+    ):
+        load_video(path, 8)
 
 
 @pytest.mark.parametrize("num_frames", [0, -1, 8.0, True])

@@ -233,7 +233,11 @@ def _cached_is_usable(final: Path, pin: str | None) -> bool:
 
 def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache: Path | None = None) -> Path:
     """The local path of an http(s):// or file:// URL; a cached copy meeting the pin skips the network."""
-    parts, pin = urlsplit(url), parse_sha256(sha256)
+    pin = parse_sha256(sha256)
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # e.g. "http://[::1/x.pth"
+        raise ConverterError(f"cannot use {escape(url)}: not a valid URL ({reason(err)})") from None
     if parts.scheme.lower() == "file":
         path = local_path(url)
         if parts.netloc not in ("", "localhost"):

@@ -43,11 +43,14 @@ def protected(
 
 
 def local_path(value: str | Path | None) -> Path | None:
-    """The local file a path or a file:// URL names; None for None or any other URL."""
-    parts = urlsplit(str(value))
-    if parts.scheme.lower() == "file":
-        return Path(url2pathname(parts.path))
-    return None if value is None or "://" in str(value) else Path(value)
+    """The local file a path or a file:// URL names; None for None, any other URL or a malformed one."""
+    text = str(value)
+    if text[:7].lower() == "file://":
+        try:
+            return Path(url2pathname(urlsplit(text).path))
+        except ValueError:  # e.g. "file://[x/..." (fetch_url says why)
+            return None
+    return None if value is None or "://" in text else Path(value)
 
 
 def check_target(

@@ -83,6 +83,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("nothing", lambda w: [], 2, "nothing to convert"),
     ("missing-checkpoint", lambda w: ["--checkpoint", w.root / "nope.pth"], 2, "no such file"),
     ("checkpoint-is-folder", lambda w: ["--checkpoint", w.root], 2, "is a folder"),
+    ("checkpoint-invalid-url", lambda w: ["--checkpoint", "http://[::1/k.pth"], 2, "not a valid URL"),
+    ("checkpoint-invalid-file-url", lambda w: ["--checkpoint", "file://[x/k.pth"], 2, "not a valid URL"),
     ("unknown-model", lambda w: ["--model-name", "xclip-huge"], 2, "unknown model name 'xclip-huge'"),
     ("show-config-alone", lambda w: ["--show-config"], 2, "--show-config needs --model-name"),
     ("atol-inf", lambda w: w.convert("--atol", "inf"), 2, "--atol must be a finite number above 0"),

@@ -256,11 +256,12 @@ def _convert(args: argparse.Namespace) -> int:
     parse_sha256(args.sha256)
     video = Path(args.video) if args.video else None
     if video:  # the clip is checked before minutes of conversion, not after
-        from converter.processing import load_video
+        from converter.processing import encode_texts, load_video
         from converter.reader import check_regular
 
         check_regular(video, f"--video {escape(args.video)}")
         load_video(video, 1)  # reads a .npy's header and one frame, or opens a video's stream
+        encode_texts(args.texts or list(DEFAULT_TEXTS))  # refuses an over-long text
     repo_id = None
     if args.push_to_hub is not None:  # checked, or looked up, before the work: fails fast offline
         repo_id = check_repo_id(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)

@@ -55,6 +55,19 @@ def test_output_loads_offline_without_missing_or_unexpected_keys(golden, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
 
 
+def test_an_over_long_text_is_refused_before_the_work(golden, tmp_path, capsys):
+    checkpoint, config = golden
+    clip = tmp_path / "clip.npy"
+    np.save(clip, np.zeros((4, 32, 32, 3), np.uint8))
+    assert run("--checkpoint", checkpoint, "--config", config, "--video", clip, "--texts", "word " * 80) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "stage" not in err and "load:" not in err  # no stage ran
+    assert err.splitlines()[-1].startswith("xclip-convert: error: text 'word word")
+    assert err.splitlines()[-1].endswith(
+        "is 82 tokens long; CLIP allows at most 77 (including start/end tokens): shorten it."
+    )
+
+
 def test_old_flag_names_still_work(golden, tmp_path):
     checkpoint, config = golden
     out = tmp_path / "out"

@@ -6,6 +6,7 @@ printed has its control characters escaped, so nothing read from a file or a ser
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -133,6 +134,10 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
     """`job()`'s exit status, with signals as exceptions; a failure is one line on stderr and the status
     EPILOG gives it (the traceback of a bug of ours with XCLIP_DEBUG=1)."""
     from converter.export import Interrupted, signals_as_exceptions
+
+    for stream in (sys.stdout, sys.stderr):  # a console or log that is not UTF-8: Δ written as \u0394
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
     def say(message: str) -> None:
         _out(f"{prog}: {message}", sys.stderr)

@@ -68,6 +68,22 @@ def test_an_over_long_text_is_refused_before_the_work(golden, tmp_path, capsys):
     )
 
 
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_a_console_that_is_not_utf8_gets_every_line(golden, tmp_path, encoding):
+    """The results hold Δ, ≠ and ×: where stdout cannot encode them (a Windows log file, PYTHONIOENCODING)
+    they are written escaped, and the run succeeds as it did."""
+    import os
+
+    checkpoint, config = golden
+    command = [sys.executable, "-m", "converter", "--checkpoint", checkpoint, "--config", config]
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    done = subprocess.run([*command, "--output", tmp_path / "out"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "max |\\u0394| logits" in done.stdout and done.stdout.rstrip().endswith(
+        f"wrote {tmp_path / 'out'}"
+    )
+
+
 def test_old_flag_names_still_work(golden, tmp_path):
     checkpoint, config = golden
     out = tmp_path / "out"

@@ -40,6 +40,7 @@ BACKOFF_FACTOR = 1.0  # seconds before the first retry, doubling for each next o
 BACKOFF_MAX = 30.0  # ... up to this (Retry-After is not obeyed: it may ask for hours)
 PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal (a log)
 NET_CHUNK_SIZE = 64 << 10  # small: the part of a block that a dropped connection interrupts is lost
+MAX_DOWNLOAD_BYTES = 16 << 30  # the largest published checkpoint is 1.7 GB: a server sending more lies
 
 _OFFLINE_HINT = (
     "you appear to be offline. Use --checkpoint PATH for a local file, set XCLIP_CACHE to a cache that "
@@ -401,6 +402,12 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:
             try:
                 for block in resp.iter_content(NET_CHUNK_SIZE):
+                    if max(size + len(block), total or 0) > MAX_DOWNLOAD_BYTES:  # announced or sent
+                        _discard_partial(part)
+                        raise ConverterError(
+                            f"download of {url} is larger than the {MAX_DOWNLOAD_BYTES >> 30} GiB any X-CLIP "
+                            f"checkpoint comes near; nothing was cached. Check the URL, {_LOCAL_COPY}."
+                        )
                     f.write(block)
                     size += len(block)
                     report(size, total)

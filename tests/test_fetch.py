@@ -471,6 +471,19 @@ def test_no_length_needs_a_checkpoint_that_proves_itself_complete(_fast_and_isol
         assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA  # the pin proves it
 
 
+@pytest.mark.parametrize("fault", [Fault(no_length=True), Fault()], ids=["endless", "announced"])
+def test_a_body_larger_than_any_checkpoint_is_refused_and_discarded(
+    _fast_and_isolated: Path, monkeypatch: pytest.MonkeyPatch, fault: Fault
+) -> None:
+    """A server that sends without end (or announces more than any checkpoint) does not fill the disk."""
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(DATA) - 1)
+    with LoopbackServer({PATH: DATA}) as server:
+        server.set_always(PATH, fault)
+        with pytest.raises(ConverterError, match="is larger than the 0 GiB any X-CLIP checkpoint comes near"):
+            fetch.fetch_url(server.url(PATH))
+        assert _cache_files(_fast_and_isolated) == [] and len(server.hits_for(PATH)) == 1
+
+
 def test_safetensors_without_length_is_checked_by_its_header(_fast_and_isolated: Path) -> None:
     import safetensors.torch
     import torch

@@ -9,6 +9,7 @@ import argparse
 import io
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ exit status:
   1            a verification ran and failed; nothing written (--audit: a mismatch, named)
   2            any other refusal: one line naming the file, key or flag, and what to do
   130/143/129  interrupted by Ctrl-C / SIGTERM / SIGHUP; nothing left behind
+  141          stdout's reader went away (`| head`): the results were cut short, not the work
 
 environment:
   XCLIP_CACHE        where fetched checkpoints are kept (default: ~/.cache/xclip-converter)
@@ -144,7 +146,12 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
 
     try:
         with signals_as_exceptions():
-            return job()
+            status = job()
+            sys.stdout.flush()  # a reader that is gone (`| head`) is met here, not at exit
+            return status
+    except BrokenPipeError:  # stdout's reader is gone: stop silently, as shell tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ConverterError as err:
         say(f"error: {err}")
         return EXIT_BAD_INPUT

@@ -84,6 +84,14 @@ def test_a_console_that_is_not_utf8_gets_every_line(golden, tmp_path, encoding):
     )
 
 
+def test_a_reader_that_goes_away_ends_the_run_as_sigpipe_silently():
+    """`xclip-convert --list | head -0`: exit 141, as the shell's own tools end, and no traceback."""
+    command = [sys.executable, "-m", "converter", "--list"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as done:
+        done.stdout.close()  # before it writes a line
+        assert (done.wait(), done.stderr.read()) == (141, b"")
+
+
 def test_old_flag_names_still_work(golden, tmp_path):
     checkpoint, config = golden
     out = tmp_path / "out"

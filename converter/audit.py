@@ -49,6 +49,7 @@ SENTENCES = (
     "",
 )
 PREPROCESSING_SLACK = 1e-6  # float rounding between two runs of the same processor settings
+VIDEOMAE = "VideoMAEImageProcessor"  # X-CLIP's image processor class; each transformers names a variant
 
 
 @dataclass(frozen=True)
@@ -275,6 +276,9 @@ def preprocessing_findings(
         return [Finding("preprocessing", "measured", None, None, False, True, detail, math.inf)]
     expected = VideoMAEImageProcessorPil(**settings)
     got, want, findings = published.to_dict(), expected.to_dict(), []
+    # The class AutoImageProcessor builds: another one (CLIP's, say) prepares frames as separate images.
+    if (kind := raw.get("image_processor_type")) is not None and not str(kind).startswith(VIDEOMAE):
+        findings.append(Finding("preprocessing", "processor_type", kind, VIDEOMAE, False, True, severity=1.0))
     for name in settings:
         if not _close(got[name], want[name]):
             short = name.removeprefix("image_").removesuffix("_size")  # as a reader says them: crop, mean

@@ -52,6 +52,7 @@ MISTAKES = {
     ),
     "0.5-stats": (SQUARE, {"preprocessing"}, {"mean", "std", "measured"}),
     "224-crop": (S336, {"preprocessing"}, {"crop", "output shape"}),
+    "clip-processor": (SQUARE, {"preprocessing"}, {"processor_type"}),
     "left-padding": (SQUARE, {"tokenizer"}, {"playing sports", "eating spaghetti"}),
     "changed-weight": (SQUARE, {"weights", "outputs"}, {"text_projection.weight"}),
 }  # fmt: skip
@@ -90,6 +91,8 @@ def publish(folder: Path, hyper: Hyper, original: dict[str, torch.Tensor], mista
         config.vision_config.mit_num_attention_heads = 8
     elif mistake == "0.5-stats":
         processor.update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    elif mistake == "clip-processor":  # AutoImageProcessor would build CLIP's, which takes frames as images
+        processor.update(image_processor_type="CLIPImageProcessor")
     elif mistake == "224-crop":
         processor.update(crop_size={"height": 224, "width": 224})
     elif mistake == "changed-weight":

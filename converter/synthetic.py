@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    """Both files refused before any work if they cannot be written, then each written whole."""
+    """Both files refused before any work if they cannot be written, then each written whole; the next
+    command printed."""
     variant, clip, protected = get_variant(args.model_name), args.clip, paths.caches()
     if clip is not None:  # FILE is checked as it is staged, before the work
         if clip.suffix != ".npy":

@@ -182,6 +182,19 @@ def test_a_strict_umask_is_honoured_too(tmp_path):
     assert stat.S_IMODE((tmp_path / "out" / WEIGHTS_NAME).stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOTSUP])
+def test_a_filesystem_without_modes_is_written_all_the_same(tmp_path, monkeypatch, code):
+    """FAT, exFAT and SMB mounts (a USB stick, a shared drive) refuse chmod: the output is written."""
+
+    def refused(path, mode, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(os, "chmod", refused)
+    with staged_output(tmp_path / "out", overwrite=False) as folder:
+        (folder / "config.json").write_text("{}")
+    assert names(tmp_path / "out") == ["config.json"]
+
+
 def test_overwrite_replaces_only_once_the_new_folder_is_complete(tmp_path, rename):
     out = tmp_path / "out"
     out.mkdir()

@@ -13,6 +13,15 @@ from converter.errors import ConverterError
 
 PROCESSOR_CLASS = "XCLIPProcessor"
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+# What build_processor_files writes whatever else save_pretrained adds: a cache entry lacking one is rebuilt.
+FILES = (
+    IMAGE_PROCESSOR_FILE,
+    "processor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def write_processor(folder: Path, image_size: int) -> None:
@@ -74,7 +83,7 @@ def _cached_processor(image_size: int) -> Path:
     name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
     folder = cache_folder("processor") / name
     with FileLock(f"{folder}.lock"):  # one process builds it; the others wait and copy
-        if not (folder / IMAGE_PROCESSOR_FILE).is_file():
+        if not all((folder / name).is_file() for name in FILES):  # a cache cleaner may have taken some
             with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
                 build_processor_files(staging, image_size)
     return folder

@@ -101,6 +101,23 @@ def test_cached_processor_files_equal_a_fresh_build(tmp_path, monkeypatch, image
             assert (folder / file.name).read_bytes() == file.read_bytes(), file.name
 
 
+def test_a_cached_processor_entry_missing_a_file_is_rebuilt(tmp_path, monkeypatch):
+    """A cache cleaner that takes some of an entry's files: the next conversion's folder is whole."""
+    from converter.processor_files import FILES
+
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "first").mkdir()
+    write_processor(tmp_path / "first", 224)
+    for name in FILES:
+        next((tmp_path / "cache" / "processor").glob(f"224-*/{name}")).unlink()
+        folder = tmp_path / name
+        folder.mkdir()
+        write_processor(folder, 224)
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            p.name for p in (tmp_path / "first").iterdir()
+        )
+
+
 # --- reading model.safetensors back ----------------------------------------------------------------
 
 MIXED = {

@@ -26,6 +26,22 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+def check_can_push(repo_id: str) -> str:
+    """`repo_id` as the hub accepts it, and a hub that answers a logged-in user, checked before any work:
+    no token or no network fails now, not after the conversion."""
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    try:
+        HfApi().whoami()
+    except HUB_ERRORS as err:
+        raise ConverterError(
+            f"cannot push to {repo_id} ({reason(err)}): log in with `hf auth login` or HF_TOKEN, and check "
+            "the network"
+        ) from None
+    return repo_id
+
+
 def default_repo_id(model_name: str | None) -> str:
     """`<user>/<model-name>` in the logged-in user's namespace."""
     from huggingface_hub import HfApi

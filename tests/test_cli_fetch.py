@@ -150,6 +150,23 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
     assert sha256_file(helpers.checkpoint("tiny-a")) in (out / "README.md").read_text()
 
 
+def test_push_without_a_hub_fails_before_the_work(fake_hub, golden_config, tmp_path, monkeypatch, capsys):
+    """No token or no network: refused at once, not after minutes of conversion."""
+
+    def offline(self):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(FakeApi, "whoami", offline)
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config]
+    assert run(*args, "--output", tmp_path / "out", "--push-to-hub", "org/xclip-tiny") == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "xclip-convert: error: cannot push to org/xclip-tiny ([Errno -2] Name or service not known): log in "
+        "with `hf auth login` or HF_TOKEN, and check the network"
+    )
+    assert "load:" not in err and fake_hub == [] and not (tmp_path / "out").exists()
+
+
 def test_push_defaults_to_the_users_namespace_and_old_flag(fake_hub, monkeypatch):
     """`--push_to_hub` without a repo id resolves <user>/<model name> before any work starts."""
     from converter import pipeline

@@ -92,6 +92,13 @@ def make_clip(frames: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (frames, *CLIP_SIZE, 3), dtype=np.uint8)
 
 
+def _seed(text: str) -> int:
+    """A seed both torch and numpy take: a whole number from 0 to 2**63 - 1."""
+    if not (text.isdigit() and int(text) < 1 << 63):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to 2**63 - 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model_name", metavar="MODEL_NAME", help=f"one of: {', '.join(VARIANTS)}")
     parser.add_argument("file", metavar="FILE", type=Path, help="the checkpoint to write, e.g. k400_32_8.pth")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (and the clip)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (and the clip)")
     parser.add_argument("--clip", metavar="FILE.npy", type=Path, help="also write a clip of random frames")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE (and the clip) if they exist")
     args = parser.parse_args(argv)

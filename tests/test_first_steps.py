@@ -83,6 +83,17 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, monkeypatch, cap
     assert (tmp_path / "exists.pth").read_bytes() == b"mine"
 
 
+@pytest.mark.parametrize("seed", ["-1", str(1 << 63), "1.5"])
+def test_a_seed_neither_torch_nor_numpy_takes_is_refused_before_any_work(tmp_path, monkeypatch, capsys, seed):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        synthetic([NAME, "x.pth", "--clip", "x.npy", "--seed", seed])
+    assert (
+        done.value.code == 2 and f"argument --seed: {seed!r} is not a whole number" in capsys.readouterr().err
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_clip_is_what_video_reads(tmp_path):
     from converter.processing import load_video
     from converter.synthetic import make_clip

@@ -252,7 +252,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from converter.fetch import parse_sha256
-    from converter.hub import check_can_push, default_repo_id
+    from converter.hub import push_target
     from converter.pipeline import convert_checkpoint, push
 
     if not args.checkpoint and not args.model_name:
@@ -276,7 +276,7 @@ def _convert(args: argparse.Namespace) -> int:
         encode_texts(args.texts or list(DEFAULT_TEXTS))  # refuses an over-long text
     repo_id = None
     if args.push_to_hub is not None:  # checked, or looked up, before the work: fails fast offline
-        repo_id = check_can_push(args.push_to_hub) if args.push_to_hub else default_repo_id(args.model_name)
+        repo_id = push_target(args.push_to_hub, args.model_name)
     elif args.output is None:
         logging.getLogger("converter").warning("no --output: nothing will be written")
     start_up = _seconds_since_process_start()
@@ -342,7 +342,7 @@ def _audit(args: argparse.Namespace) -> int:
     from converter import paths
     from converter.audit import audit, propose_fix
     from converter.export import staged_file
-    from converter.hub import check_can_push
+    from converter.hub import push_target
 
     repo_id = None
     if args.create_pr and args.push_to_hub is None:
@@ -354,7 +354,7 @@ def _audit(args: argparse.Namespace) -> int:
             raise ConverterError(
                 f"--audit {escape(args.audit)} is a folder: name the repo with --push-to-hub REPO_ID"
             )
-        repo_id = check_can_push(args.push_to_hub or args.audit)
+        repo_id = push_target(args.push_to_hub or args.audit)
     # Staged before the audit: a --report that cannot be written is refused first.
     protected = paths.protected(
         checkpoint=args.checkpoint, config=args.config, source=args.audit, source_label="the audited folder"

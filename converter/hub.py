@@ -13,48 +13,35 @@ from converter.errors import ConverterError, escape, reason
 HUB_ERRORS = (OSError, ValueError, HTTPError)
 
 
-def check_repo_id(repo_id: str) -> str:
-    """A repo id as the hub accepts it (`name` or `namespace/name`), checked before any work."""
+def push_target(repo_id: str | None, model_name: str | None = None) -> str:
+    """The repo to push to, checked before any work: `repo_id` as the hub accepts it (`name` or
+    `namespace/name`), else `<user>/<model_name>`. Either way the hub is asked who is logged in, so no
+    token or no network fails now, not after the conversion."""
+    from huggingface_hub import HfApi
     from huggingface_hub.utils import validate_repo_id
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise ConverterError(
-            f"--push-to-hub {escape(repo_id)!r} is not a valid repo id: {reason(err)}"
-        ) from None
-    return repo_id
-
-
-def check_can_push(repo_id: str) -> str:
-    """`repo_id` as the hub accepts it, and a hub that answers a logged-in user, checked before any work:
-    no token or no network fails now, not after the conversion."""
-    from huggingface_hub import HfApi
-
-    check_repo_id(repo_id)
-    try:
-        HfApi().whoami()
-    except HUB_ERRORS as err:
-        raise ConverterError(
-            f"cannot push to {repo_id} ({reason(err)}): log in with `hf auth login` or HF_TOKEN, and check "
-            "the network"
-        ) from None
-    return repo_id
-
-
-def default_repo_id(model_name: str | None) -> str:
-    """`<user>/<model-name>` in the logged-in user's namespace."""
-    from huggingface_hub import HfApi
-
-    if not model_name:
+    if repo_id:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as err:
+            raise ConverterError(
+                f"--push-to-hub {escape(repo_id)!r} is not a valid repo id: {reason(err)}"
+            ) from None
+    elif not model_name:
         raise ConverterError("--push-to-hub needs a REPO_ID when --model-name is not given")
     try:
-        return f"{HfApi().whoami()['name']}/{model_name}"
+        user = HfApi().whoami()["name"]
     except (*HUB_ERRORS, KeyError) as err:  # offline, no token, a revoked one
+        if repo_id:
+            raise ConverterError(
+                f"cannot push to {repo_id} ({reason(err)}): log in with `hf auth login` or HF_TOKEN, and "
+                "check the network"
+            ) from None
         raise ConverterError(
             f"cannot determine your hub namespace ({reason(err)}): pass --push-to-hub ORG/NAME "
             "and log in with `hf auth login` or HF_TOKEN"
         ) from None
+    return repo_id or f"{user}/{model_name}"
 
 
 def push_folder(folder: Path, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:

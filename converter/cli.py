@@ -21,6 +21,8 @@ from converter.errors import ConverterError, VerificationError, escape, reason
 from converter.registry import VARIANTS, get_variant
 
 if TYPE_CHECKING:
+    import torch
+
     from converter.pipeline import ConversionResult
 
 EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -266,14 +268,14 @@ def _convert(args: argparse.Namespace) -> int:
     if args.texts is not None and not args.video:
         raise ConverterError("--texts labels a clip: give the clip with --video PATH")
     parse_sha256(args.sha256)
-    video = Path(args.video) if args.video else None
-    if video:  # the clip is checked before minutes of conversion, not after
+    video, texts = (Path(args.video) if args.video else None), args.texts or list(DEFAULT_TEXTS)
+    if video:  # the clip and the texts are checked before minutes of conversion, not after
         from converter.processing import encode_texts, load_video
         from converter.reader import check_regular
 
         check_regular(video, f"--video {escape(args.video)}")
         load_video(video, 1)  # reads a .npy's header and one frame, or opens a video's stream
-        encode_texts(args.texts or list(DEFAULT_TEXTS))  # refuses an over-long text
+        input_ids = encode_texts(texts)  # refuses an over-long text
     repo_id = None
     if args.push_to_hub is not None:  # checked, or looked up, before the work: fails fast offline
         repo_id = push_target(args.push_to_hub, args.model_name)
@@ -299,7 +301,7 @@ def _convert(args: argparse.Namespace) -> int:
         dtype = str(result.dtype).removeprefix("torch.")
         _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
     if video:
-        _classify(result, video, args.texts or list(DEFAULT_TEXTS))
+        _classify(result, video, texts, input_ids)
     if result.folder is not None:
         _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
@@ -315,13 +317,13 @@ def _original(args: argparse.Namespace) -> dict[str, Any]:
     return {"model_name": args.model_name, "config": args.config, "sha256": args.sha256, "atol": args.atol}
 
 
-def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
+def _classify(result: ConversionResult, video: Path, texts: list[str], input_ids: torch.Tensor) -> None:
     """Print each text's probability for the user's clip, from the converted model."""
     import torch
 
     from converter.build import build_model
     from converter.clip import VOCAB_SIZE
-    from converter.processing import encode_texts, load_video, preprocess_video
+    from converter.processing import load_video, preprocess_video
 
     if result.hyper.vocab_size != VOCAB_SIZE:
         raise ConverterError(
@@ -331,7 +333,7 @@ def _classify(result: ConversionResult, video: Path, texts: list[str]) -> None:
     model = result.model or build_model(result.config, {k: v.float() for k, v in result.state_dict.items()})
     pixels = preprocess_video(load_video(video, result.hyper.frames), result.hyper.image_size)
     with torch.no_grad():
-        out = model(input_ids=encode_texts(texts), pixel_values=pixels)
+        out = model(input_ids=input_ids, pixel_values=pixels)
     for text, prob in zip(texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
         _out(f"{prob:.4f}  {escape(text)}")
 

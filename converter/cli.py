@@ -271,9 +271,7 @@ def _convert(args: argparse.Namespace) -> int:
     video, texts = (Path(args.video) if args.video else None), args.texts or list(DEFAULT_TEXTS)
     if video:  # the clip and the texts are checked before minutes of conversion, not after
         from converter.processing import encode_texts, load_video
-        from converter.reader import check_regular
 
-        check_regular(video, f"--video {escape(args.video)}")
         load_video(video, 1)  # reads a .npy's header and one frame, or opens a video's stream
         input_ids = encode_texts(texts)  # refuses an over-long text
     repo_id = None

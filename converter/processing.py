@@ -18,7 +18,7 @@ import numpy as np
 from converter.clip import CONTEXT_LENGTH as MAX_TEXT_LENGTH
 from converter.clip import VOCAB_SIZE as CLIP_VOCAB_SIZE
 from converter.errors import ConverterError
-from converter.reader import positive_int
+from converter.reader import check_regular, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +107,8 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
     """``num_frames`` RGB frames sampled as the original does, from a ``.npy`` array or a video (PyAV)."""
     check_positive_int(num_frames, "number of frames")
     path = Path(path)
+    if path.exists():  # a folder, FIFO or device is named, never opened (reading a FIFO would block)
+        check_regular(path, f"video file {path}")
     if path.suffix.lower() == ".npy":
         frames = load_npy(path)
         return np.array(frames[sample_frame_indices(len(frames), num_frames)])  # read from the mapped file

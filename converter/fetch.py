@@ -295,6 +295,16 @@ def _progress(name: str, done: int, total: int | None) -> Iterator[Callable[[int
         yield report
 
 
+def _refuse_oversized(done: int, total: int | None, what: str, part: Path) -> None:
+    """Refuse (and delete) a download that announces or sends more than any checkpoint is: endless."""
+    if max(done, total or 0) > MAX_DOWNLOAD_BYTES:
+        _discard_partial(part)
+        raise ConverterError(
+            f"download of {what} is larger than the {MAX_DOWNLOAD_BYTES >> 30} GiB any X-CLIP checkpoint "
+            f"comes near; nothing was cached. Check the URL, {_LOCAL_COPY}."
+        )
+
+
 class _Cut(Exception):
     """An HTTP try that ended early, retried from where it stopped; args: (how it ended, detail)."""
 
@@ -402,12 +412,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:
             try:
                 for block in resp.iter_content(NET_CHUNK_SIZE):
-                    if max(size + len(block), total or 0) > MAX_DOWNLOAD_BYTES:  # announced or sent
-                        _discard_partial(part)
-                        raise ConverterError(
-                            f"download of {url} is larger than the {MAX_DOWNLOAD_BYTES >> 30} GiB any X-CLIP "
-                            f"checkpoint comes near; nothing was cached. Check the URL, {_LOCAL_COPY}."
-                        )
+                    _refuse_oversized(size + len(block), total, url, part)
                     f.write(block)
                     size += len(block)
                     report(size, total)
@@ -441,12 +446,17 @@ def _download_gdrive(file_id: str, part: Path, fresh: bool) -> tuple[bool, str |
         _progress(part.stem, 0, None) as report,
     ):
         output = Path(scratch) / part.name
+
+        def bounded(done: int, total: int | None) -> None:  # gdown aborts on what its callback raises
+            _refuse_oversized(done, total, what, part)
+            report(done, total)
+
         try:
             gdown.download(
                 id=file_id,
                 output=str(output),
                 quiet=True,
-                progress=report,
+                progress=bounded,
                 resume=False,
                 retries=MAX_RETRIES,
                 timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT),

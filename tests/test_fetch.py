@@ -739,6 +739,32 @@ def test_gdrive_cut_off_file_is_not_cached(
     assert _cache_files(_fast_and_isolated) == []
 
 
+@pytest.mark.parametrize("announced", [None, len(DATA)], ids=["endless", "announced"])
+def test_gdrive_body_larger_than_any_checkpoint_is_refused(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path, announced: int | None
+) -> None:
+    """gdown has no size limit of its own: its progress callback stops a Drive answer without end."""
+    import gdown
+
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(DATA) - 1)
+    sent = []
+
+    def endless(**kwargs: object) -> str:  # as gdown does: a chunk written, then progress(done, total)
+        progress = kwargs["progress"]
+        assert callable(progress)
+        with open(str(kwargs["output"]), "wb") as f:
+            while sum(sent) < 10 * len(DATA):  # "endless": ten times what the limit allows
+                f.write(DATA[:4096])
+                sent.append(4096)
+                progress(sum(sent), announced)
+        return str(kwargs["output"])
+
+    monkeypatch.setattr(gdown, "download", endless)
+    with pytest.raises(ConverterError, match="Google Drive file id 1Big is larger than the 0 GiB"):
+        fetch.fetch_source(registry.gdrive("1Big", "m.pth"))
+    assert sum(sent) <= len(DATA) + 4096 and _cache_files(_fast_and_isolated) == []
+
+
 def test_gdrive_offline_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import gdown
 

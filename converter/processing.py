@@ -65,12 +65,16 @@ def check_frames(frames: object, source: str) -> np.ndarray:
             f"{source}: expected uint8 pixels (0-255), got dtype {frames.dtype} "
             f"with shape {tuple(frames.shape)}; convert the frames to uint8 first."
         )
-    if max(frames.shape[1:3]) > MAX_FRAME_SIDE:
-        raise ConverterError(
-            f"{source}: frames of {frames.shape[2]}x{frames.shape[1]} pixels, more than the {MAX_FRAME_SIDE} "
-            "a side this reads (a frame of 8K video has 7680); downscale the clip first."
-        )
+    _check_frame_size(frames.shape[2], frames.shape[1], source)
     return frames
+
+
+def _check_frame_size(width: int, height: int, source: str) -> None:
+    if max(width, height) > MAX_FRAME_SIDE:
+        raise ConverterError(
+            f"{source}: frames of {width}x{height} pixels, more than the {MAX_FRAME_SIDE} a side this reads "
+            "(a frame of 8K video has 7680); downscale the clip first."
+        )
 
 
 def resize_and_crop(frames: np.ndarray, image_size: int) -> torch.Tensor:
@@ -129,7 +133,8 @@ def load_video(path: str | Path, num_frames: int) -> np.ndarray:
             decoded = 0
             with av.open(str(path)) as container:  # decoding no further than the last wanted frame
                 for frame in container.decode(video=0):
-                    if decoded in indices:
+                    if decoded in indices:  # checked before T such frames are kept as RGB
+                        _check_frame_size(frame.width, frame.height, str(path))
                         kept[decoded] = frame.to_ndarray(format="rgb24")
                     decoded += 1
                     if decoded > indices[-1]:  # the indices ascend

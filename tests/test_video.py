@@ -220,3 +220,23 @@ def test_undecodable_video_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"not a video at all" * 100)
     with pytest.raises(ConverterError, match=r"broken\.mp4"):
         load_video(path, 8)
+
+
+def test_video_file_with_frames_too_large_is_refused_at_the_first_one(
+    tmp_path: Path, decoded: list[int]
+) -> None:
+    """Not after T of them are held as RGB: at 16,384 px a side that is 768 MiB a frame."""
+    import av
+
+    path = tmp_path / "wide.mkv"
+    with av.open(str(path), "w") as container:  # FFV1: lossless, and small for flat frames of any size
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 16_400, 16, "yuv420p"
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16_400, 3), np.uint8))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(ConverterError, match=r"wide\.mkv: frames of 16400x16 pixels, more than the 16384"):
+        load_video(path, 8)
+    assert len(decoded) == 1

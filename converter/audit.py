@@ -159,6 +159,7 @@ def audit(
     hyper, ours = map_original(original, config, variant, str(provenance.path), where)
     findings = [
         *config_findings(published.config, config if config is not None else to_config(hyper)),
+        *dtype_findings(published),
         *weight_findings(published, ours),
         *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
@@ -184,6 +185,18 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     if all(f.ok for f in findings):
         findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings
+
+
+def dtype_findings(published: Published) -> list[Finding]:
+    """config.json's dtype is what from_pretrained loads the weights as: other than theirs, it rounds them."""
+    stated, stored = published.config.dtype, published.weights_dtype
+    if stated is None or stated == stored:
+        return []
+    stated, stored = (str(dtype).removeprefix("torch.") for dtype in (stated, stored))
+    detail = (
+        f"dtype {stated} in config.json, but the weights are {stored}: from_pretrained loads them as {stated}"
+    )
+    return [Finding("config", "dtype", stated, stored, False, True, detail)]
 
 
 def weight_findings(published: Published, ours: Mapping[str, torch.Tensor]) -> list[Finding]:
@@ -221,10 +234,8 @@ def output_findings(
     from converter.build import build_model
 
     weights = published.model_state_dict()
-    # The oracle sees the original rounded as the published weights are (the largest tensor's dtype), so
-    # only real mistakes remain.
-    dtype = max(weights.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
-    rounded = {k: v.to(dtype).float() for k, v in original.items()}
+    # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
+    rounded = {k: v.to(published.weights_dtype).float() for k, v in original.items()}
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
         model = build_model(published.config, {k: v.float() for k, v in weights.items()})
         result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)

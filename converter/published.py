@@ -48,6 +48,11 @@ class Published:
     image_processor: dict[str, Any] | None  # the published image processor's settings
     revision: str | None = None  # the hub commit read, for a repo id
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in: the largest floating-point tensor's."""
+        return max(self.state_dict.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
+
     def model_state_dict(self) -> StateDict:
         """The state dict without the buffers older transformers versions stored beside the weights."""
         return {k: v for k, v in self.state_dict.items() if not BENIGN_BUFFERS.match(k)}

@@ -55,6 +55,7 @@ MISTAKES = {
     "clip-processor": (SQUARE, {"preprocessing"}, {"processor_type"}),
     "left-padding": (SQUARE, {"tokenizer"}, {"playing sports", "eating spaghetti"}),
     "changed-weight": (SQUARE, {"weights", "outputs"}, {"text_projection.weight"}),
+    "float16-config": (SQUARE, {"config"}, {"dtype"}),
 }  # fmt: skip
 MODELS = {"square": SQUARE, "l14": L14, "s336": S336}
 
@@ -95,6 +96,8 @@ def publish(folder: Path, hyper: Hyper, original: dict[str, torch.Tensor], mista
         processor.update(image_processor_type="CLIPImageProcessor")
     elif mistake == "224-crop":
         processor.update(crop_size={"height": 224, "width": 224})
+    elif mistake == "float16-config":  # float32 weights that from_pretrained would load as float16
+        config.dtype = torch.float16
     elif mistake == "changed-weight":
         weights["text_projection.weight"] = weights["text_projection.weight"] + 1e-3
     config.save_pretrained(folder)

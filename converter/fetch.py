@@ -48,6 +48,7 @@ _OFFLINE_HINT = (
 )
 _LOCAL_COPY = "or download it yourself and pass --checkpoint PATH"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEADER_VALUE = re.compile(r"[!-~][ -~]*")  # what a validator must be to be sent back in If-Range
 _log = logging.getLogger(__name__)
 
 # Writes the .part given (afresh if asked); says whether an announced length arrived, and the Content-Type.
@@ -143,25 +144,30 @@ def _cut_off(path: Path) -> str | None:
 
 
 def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | None) -> None:
-    """Refuse (and delete) a finished ``.part`` that is a web page, or unproven where no length came."""
+    """Refuse (and delete) a finished ``.part`` that is no checkpoint (a web page, an error text), shows
+    itself cut off, or is a legacy pickle that came without a length (nothing shows where it ends)."""
     with open(part, "rb") as f:
         head = f.read(64 << 10)  # enough of a page to read its title
     kind, mime = file_format(head), (content_type or "").split(";")[0].strip().lower()
-    advice = f"check the URL (a login, error or confirmation page?), {_LOCAL_COPY}."
-    if mime in ("text/html", "application/xhtml+xml") or kind == "html":
-        page = "an HTML page"
-        if b"google" in head.lower() and re.search(rb"quota|too many users", head, re.I):
-            page += ": the Google Drive quota page (too many downloads of this file lately)"
-            advice = f"Google Drive limits downloads of popular files: try again in a day, {_LOCAL_COPY}."
-        problem = f"is {page}, not a checkpoint; nothing was cached. {advice}"
-    elif mime.startswith("text/") and kind is None:
-        problem = f"is a {mime} page, not a checkpoint; nothing was cached. {advice}"
-    elif not sized and kind not in ("zip", "safetensors"):
+    advice = f"Check the URL (a login, error or confirmation page?), {_LOCAL_COPY}."
+    if kind in ("html", None):  # a checkpoint is a zip archive, a safetensors file or a pickle
+        page = "not a checkpoint (neither a zip archive, a safetensors file nor a pickle)"
+        if kind == "html" or mime in ("text/html", "application/xhtml+xml"):
+            page = "an HTML page, not a checkpoint"
+            if b"google" in head.lower() and re.search(rb"quota|too many users", head, re.I):
+                page = (
+                    "the Google Drive quota page (too many downloads of this file lately), not a checkpoint"
+                )
+                advice = f"Google Drive limits downloads of popular files: try again in a day, {_LOCAL_COPY}."
+        elif mime.startswith("text/"):
+            page = f"a {mime} page, not a checkpoint"
+        problem = f"is {page}; nothing was cached. {advice}"
+    elif not sized and kind == "pickle":
         problem = (
-            f"came without a length and is {'a legacy torch pickle' if kind else 'not a checkpoint'}, so it "
-            f"cannot be proven complete; nothing was cached. Pin its digest with --sha256 HEX, {_LOCAL_COPY}."
+            "came without a length and is a legacy torch pickle, so it cannot be proven complete; nothing "
+            f"was cached. Pin its digest with --sha256 HEX, {_LOCAL_COPY}."
         )
-    elif not sized and (why := _cut_off(part)):
+    elif why := _cut_off(part):  # also where a length came: a server may announce a wrong one
         problem = f"is incomplete ({why}); nothing was cached. Re-run to fetch it again, {_LOCAL_COPY}."
     else:
         return
@@ -367,7 +373,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
     known: dict[str, Any] = {}
     with suppress(ConverterError):  # the validator of the answer that started ``part``
         known = read_json_object(Path(f"{part}.json"), "a validator")
-    if not part.exists() or not isinstance(known.get("validator"), str):
+    if not part.exists() or not _HEADER_VALUE.fullmatch(str(known.get("validator"))):
         _discard_partial(part)  # nothing proves these bytes belong to today's file: start over
         known = {}
     have = part.stat().st_size if known else 0
@@ -377,14 +383,16 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         headers |= {"Range": f"bytes={have}-", "If-Range": known["validator"]}
     with requests.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, STALL_TIMEOUT)) as resp:
         status, etag = resp.status_code, resp.headers.get("ETag")
-        # If-Range needs a strong validator: a strong ETag, else Last-Modified.
+        # If-Range needs a strong validator: a strong ETag, else Last-Modified; one that could not be sent
+        # back (a folded header) is none.
         validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+        validator = validator if _HEADER_VALUE.fullmatch(validator or "") else None
         # "bytes START-END/TOTAL" (206) or "bytes */TOTAL" (416)
         m = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+)\s*", resp.headers.get("Content-Range", ""))
         start, total = (int(m[1]) if m and m[1] else None), (int(m[2]) if m else None)
         if status == 416 and known and total == have and known.get("total") in (None, have):
             return True, None  # the validator held and our file is complete
-        if status >= 500:
+        if status >= 500 or status in (408, 429):  # the server's trouble, or too many requests: try again
             raise _Cut("failed", f"HTTP {status} {resp.reason}")
         if status not in (200, 206) and not (status == 416 and known):  # 416 answers only a resume
             _discard_partial(part)
@@ -395,7 +403,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
         if status != 200 and (
             status == 416
             or start != have
-            or validator not in (None, known.get("validator"))
+            or validator != known.get("validator")  # absent: nothing shows it is the same version
             or known.get("total") not in (None, total)
         ):  # a resume we cannot trust (past the end, a server ignoring If-Range, a wrong offset): start over
             _discard_partial(part)

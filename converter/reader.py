@@ -23,7 +23,9 @@ INDEX_LIMIT = 16 * MiB  # model.safetensors.index.json: ≈ 100 bytes a tensor, 
 TOKENIZER_LIMIT = 64 * MiB  # tokenizer.json ≈ 2.2 MB for CLIP, vocab.json ≈ 0.9 MB, merges.txt ≈ 0.5 MB
 MAX_DEPTH = 64  # a config is 3 levels deep, tokenizer.json 5
 MAX_INT_DIGITS = 19  # a signed 64-bit integer: no size, id or count in these files needs more
-_HTML_START = re.compile(rb"\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I)
+_HTML_START = re.compile(  # after an optional UTF-8 byte order mark
+    rb"(\xef\xbb\xbf)?\s*<(!doctype\s+html|html|head|body|\?xml|!--|script|title|meta)", re.I
+)
 
 
 def file_format(head: bytes) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -21,9 +22,10 @@ from converter.errors import ConverterError
 from tests._http import Fault, LoopbackServer
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = random.Random(0).randbytes(256 * 1024 + 13)  # odd size: halves are not chunk-aligned
+# Stand-ins for a checkpoint: a pickle's first byte (fetch caches no other kind of file), then noise.
+DATA = b"\x80" + random.Random(0).randbytes(256 * 1024 + 12)  # odd size: halves are not chunk-aligned
 SHA = hashlib.sha256(DATA).hexdigest()
-V2 = random.Random(1).randbytes(len(DATA) + 1000)  # a new version of the file on the server
+V2 = b"\x80" + random.Random(1).randbytes(len(DATA) + 999)  # a new version of the file on the server
 PATH = "/v1.0/k400_32_8.pth"
 
 
@@ -220,7 +222,7 @@ def test_force_and_forget_redownload(server: LoopbackServer) -> None:
 
 
 def test_same_basename_from_two_sources_gets_two_paths(tmp_path: Path) -> None:
-    other = b"another model"
+    other = b"\x80 another model"  # a pickle's first byte, as DATA
     with LoopbackServer({"/a/model.pth": DATA, "/b/model.pth": other}) as srv:
         pa = fetch.fetch_url(srv.url("/a/model.pth"), cache=tmp_path / "c")
         pb = fetch.fetch_url(srv.url("/b/model.pth"), cache=tmp_path / "c")
@@ -385,6 +387,44 @@ def test_a_206_of_another_version_restarts(server: LoopbackServer) -> None:
     assert [h.status for h in server.hits_for(PATH)] == [200, 206, 200]
 
 
+def test_a_206_without_a_validator_restarts(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A server ignoring If-Range whose 206 carries no validator, for a new version of the same size:
+    # nothing shows the bytes belong to the version the .part started with.
+    same_size = b"\x80" + random.Random(2).randbytes(len(DATA) - 1)
+    real = server._validators
+    monkeypatch.setattr(server, "_validators", lambda p, b: {} if b == same_size else real(p, b))
+    server.add_faults(PATH, Fault(truncate=0.5, swap=same_size))
+    server.set_always(PATH, Fault(ignore_if_range=True))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == same_size  # not two versions spliced
+    assert [h.status for h in server.hits_for(PATH)] == [200, 206, 200]
+
+
+@pytest.mark.parametrize("etag", ['"abc\r\n def"', "\u2603"], ids=["folded", "not-latin-1"])
+def test_a_validator_that_cannot_be_sent_back_is_none(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, etag: str
+) -> None:
+    # Recorded, it would fail every later run before a request is made.
+    part = fetch.url_cache_path(server.url(PATH), fetch.cache_dir()).with_suffix(".pth.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(DATA[:1000])
+    Path(f"{part}.json").write_text(json.dumps({"validator": etag, "total": len(DATA)}))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA  # a .part.json written by hand
+    assert [h.range for h in server.hits_for(PATH)] == [None]
+    if etag.isascii():  # from the server: a folded header (a Latin-1 one is sent as such)
+        real = server._validators
+        monkeypatch.setattr(server, "_validators", lambda p, b: {**real(p, b), "ETag": etag})
+        server.add_faults("/b.pth", Fault(truncate=0.5))
+        server.files["/b.pth"] = DATA
+        assert fetch.fetch_url(server.url("/b.pth")).read_bytes() == DATA
+        assert [h.range for h in server.hits_for("/b.pth")] == [None, None]
+
+
+def test_too_many_requests_is_retried(server: LoopbackServer) -> None:
+    server.add_faults(PATH, Fault(status=429), Fault(status=408))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert [h.status for h in server.hits_for(PATH)] == [429, 408, 200]
+
+
 def test_part_without_a_validator_starts_over(_fast_and_isolated: Path) -> None:
     with LoopbackServer({PATH: DATA}, validators=False) as server:
         server.add_faults(PATH, Fault(truncate=0.5))
@@ -419,7 +459,12 @@ LOGIN_PAGE = b"\n  <html><head><title>Sign in</title></head><body>Sign in to con
         (LOGIN_PAGE, "text/html", "HTML page"),
         (LOGIN_PAGE, "application/octet-stream", "HTML page"),  # the first bytes give it away
         (b"Service temporarily unavailable, try later\n", "text/plain", "text/plain page"),
+        (b"\xef\xbb\xbf<!DOCTYPE html><html>Sign in</html>", "application/octet-stream", "HTML page"),
+        (b'{"error": "token expired"}', "application/json", "not a checkpoint"),
+        (b"Error: bandwidth limit exceeded", "application/octet-stream", "not a checkpoint"),
+        (b"", "application/octet-stream", "not a checkpoint"),
     ],
+    ids=["quota", "html", "html-bytes", "text", "html-bom", "json", "error-bytes", "empty"],
 )
 def test_a_web_page_is_never_cached(
     server: LoopbackServer, _fast_and_isolated: Path, page: bytes, content_type: str, named: str
@@ -482,6 +527,15 @@ def test_a_body_larger_than_any_checkpoint_is_refused_and_discarded(
         with pytest.raises(ConverterError, match="is larger than the 0 GiB any X-CLIP checkpoint comes near"):
             fetch.fetch_url(server.url(PATH))
         assert _cache_files(_fast_and_isolated) == [] and len(server.hits_for(PATH)) == 1
+
+
+def test_a_zip_without_its_end_is_not_cached_even_with_a_length(_fast_and_isolated: Path) -> None:
+    """A server announcing (and sending) the length of a cut-off file: the archive shows it."""
+    data = _checkpoint_bytes()
+    with LoopbackServer({PATH: data[: len(data) // 2]}) as server:
+        with pytest.raises(ConverterError, match="is incomplete .zip archive without its central directory"):
+            fetch.fetch_url(server.url(PATH))
+    assert _cache_files(_fast_and_isolated) == []
 
 
 def test_safetensors_without_length_is_checked_by_its_header(_fast_and_isolated: Path) -> None:

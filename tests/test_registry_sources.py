@@ -11,6 +11,8 @@ from converter.errors import ConverterError
 from converter.registry import VARIANTS
 from tests._http import LoopbackServer
 
+CHECKPOINT = b"\x80 weights"  # a pickle's first byte: fetch caches only what could be a checkpoint
+
 
 def test_release_assets_come_from_the_release_or_a_mirror(monkeypatch: pytest.MonkeyPatch) -> None:
     source = VARIANTS["xclip-base-patch32"].source
@@ -66,10 +68,10 @@ def test_a_source_cannot_point_outside_its_folder(make, match: str) -> None:
 
 def test_fetch_source_and_cached_source_use_the_registry_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     source = VARIANTS["xclip-base-patch32"].source
-    with LoopbackServer({"/k400_32_8.pth": b"weights"}) as mirror:
+    with LoopbackServer({"/k400_32_8.pth": CHECKPOINT}) as mirror:
         monkeypatch.setenv("XCLIP_RELEASE_URL", mirror.base_url)
         assert fetch.cached_source(source) is None
         path = fetch.fetch_source(source, sha256=None)
         assert path == source.cache_path(fetch.cache_dir()) == fetch.cached_source(source)
         assert fetch.source_url(source) == mirror.url("/k400_32_8.pth")
-    assert path.read_bytes() == b"weights"
+    assert path.read_bytes() == CHECKPOINT

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 CLIP_NUM_MERGES = 49152 - 256 - 2  # OpenAI keeps these first merges of the file (it has more)
 MAX_FRAME_SIDE = 16384  # pixels: one such square frame is 768 MiB as uint8, 3 GiB as float
+# Resizing the short side to 256 multiplies the long one as much: a 1x16384 frame would become 4M x 256.
+MAX_ASPECT_RATIO = 16  # 32:9, the widest screens, is 3.6
 
 # ImageNet statistics: transformers' processor takes them on 0-1, the original (img_norm_cfg) on 0-255.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,6 +76,11 @@ def _check_frame_size(width: int, height: int, source: str) -> None:
         raise ConverterError(
             f"{source}: frames of {width}x{height} pixels, more than the {MAX_FRAME_SIDE} a side this reads "
             "(a frame of 8K video has 7680); downscale the clip first."
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ConverterError(
+            f"{source}: frames of {width}x{height} pixels, one side more than {MAX_ASPECT_RATIO} times the "
+            "other (resizing the short side would blow up the long one); crop the clip first."
         )
 
 

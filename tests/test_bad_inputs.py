@@ -103,6 +103,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "[T, H, W, 3]",
     ),
+    (
+        "video-frames-too-thin",
+        lambda w: w.convert("--video", _npy(w, np.zeros((1, 1, 16_384, 3), np.uint8))),
+        2,
+        "one side more than 16 times the other",
+    ),
     ("sha256-malformed", lambda w: w.convert("--sha256", "xyz"), 2, "64 hex"),
     ("sha256-not-hex", lambda w: w.convert("--sha256", "g" * 64), 2, "64 hex"),
     ("sha256-mismatch", lambda w: w.convert("--sha256", "0" * 64), 2, "0" * 64),

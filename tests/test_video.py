@@ -116,6 +116,16 @@ def test_frames_too_large_to_read_are_refused_by_name(tmp_path: Path) -> None:
         load_video(path, 8)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 16_384, 3), (1, 100, 1, 3)])
+def test_frames_too_thin_to_resize_are_refused_by_name(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """Their short side resized to 256, a 1x16384 frame would be 4M pixels long: 12 GB as float."""
+    np.save(tmp_path / "thin.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(
+        ConverterError, match=r"thin\.npy: frames of \d+x\d+ pixels, one side more than 16 times"
+    ):
+        load_video(tmp_path / "thin.npy", 8)
+
+
 @pytest.mark.parametrize("num_frames", [0, -1, 8.0, True])
 def test_bad_frame_count(tmp_path: Path, num_frames) -> None:
     with pytest.raises(ConverterError, match="number of frames must be a positive integer"):

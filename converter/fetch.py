@@ -7,6 +7,7 @@ matching any ``--sha256`` pin. A ``.part`` resumes only with ``If-Range`` on the
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 from converter.errors import ConverterError, escape, reason
 from converter.export import write_file
 from converter.paths import local_path
-from converter.reader import CONFIG_LIMIT, file_format, read_bytes, read_json_object
+from converter.reader import CONFIG_LIMIT, check_regular, file_format, read_bytes, read_json_object
 from converter.registry import Source, cache_dir, url_cache_path
 
 if TYPE_CHECKING:
@@ -68,9 +69,10 @@ def cache_folder(*parts: str) -> Path:
 
 
 def _cache_error(exc: OSError, root: Path) -> ConverterError:
-    where = Path(exc.filename or root)
+    where = Path(exc.filename2 or exc.filename or root)  # filename2: where a rename was going
     why = f"{where}: {(exc.strerror or reason(exc)).lower()}"
-    if blocker := next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None):
+    blockers = (p for p in [where, *where.parents] if p.exists() and not p.is_dir())
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := next(blockers, None)):
         why = f"{blocker} is a file, not a folder"
     return ConverterError(
         f"cannot use the download cache {root} ({why}): set XCLIP_CACHE to a writable folder with free "
@@ -249,8 +251,9 @@ def fetch_url(url: str, *, sha256: str | None = None, force: bool = False, cache
         path = local_path(url)
         if parts.netloc not in ("", "localhost"):
             raise ConverterError(f"cannot use {url}: only local file:// URLs (no host) are supported.")
-        if not path.is_file():
+        if not path.exists():
             raise ConverterError(f"local file not found: {path} (from {url}); check the path.")
+        check_regular(path, f"{path} (from {escape(url)})")  # a folder, FIFO or device is named
         if pin is not None and (digest := sha256_file(path)) != pin:  # the user's file: report, never delete
             raise ConverterError(f"checksum mismatch for {path}: expected sha256 {pin}, got {digest}.")
         return path
@@ -351,8 +354,12 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
         why = (getattr(cause.__cause__, "strerror", None) or "connection timed out").lower()
         if isinstance(cause, NameResolutionError):
             why = "host name could not be resolved"
-        raise ConverterError(
-            f"cannot reach {urlsplit(url).hostname} ({why} for {url}): {_OFFLINE_HINT}"
+        host, failed = urlsplit(url).hostname, getattr(exc.request, "url", None) or url
+        if urlsplit(failed).hostname == host:
+            raise ConverterError(f"cannot reach {host} ({why} for {url}): {_OFFLINE_HINT}") from None
+        raise ConverterError(  # the first host answered, with a redirect: not offline, but kept from the next
+            f"cannot reach {urlsplit(failed).hostname} ({why} for {failed}), where {url} redirects (a "
+            "firewall or proxy?): download it yourself and pass --checkpoint PATH."
         ) from None
     if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
         return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")

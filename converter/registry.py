@@ -40,7 +40,8 @@ def cache_dir() -> Path:
 def url_cache_path(url: str, cache: Path) -> Path:
     """``<cache>/url/<hash of the URL>/<file name>``: the hash keeps same-named files of two sources apart."""
     key = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", unquote(PurePosixPath(urlsplit(url).path).name)).lstrip(".")
+    name = unquote(PurePosixPath(urlsplit(url).path).name)[-100:]  # the end: its suffix; the hash tells apart
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
     return cache / "url" / key / (name or "download")
 
 

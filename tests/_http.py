@@ -42,6 +42,7 @@ class Fault:
     no_length:    send no Content-Length; the end of the body is the end of the connection.
     body, content_type: answer 200 with this body and type instead of the file (an HTML page, say).
     swap:         after this answer, the file has these bytes (a new version, with a new ETag and date).
+    redirect:     answer 302 with this Location.
     """
 
     status: int | None = None
@@ -55,6 +56,7 @@ class Fault:
     body: bytes | None = None
     content_type: str | None = None
     swap: bytes | None = None
+    redirect: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, path: str, range_header: str | None, fault: Fault) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, extra headers) for this request."""
         owner = self.owner
+        if fault.redirect is not None:
+            return 302, b"", {"Location": fault.redirect}
         if fault.body is not None:
             return 200, fault.body, {"Content-Type": fault.content_type or "text/html; charset=utf-8"}
         body = owner._body(path)

@@ -316,6 +316,19 @@ def test_connection_refused_is_reported_fast_as_offline() -> None:
     assert "\n" not in msg
 
 
+def test_a_redirect_to_an_unreachable_host_names_that_host(server: LoopbackServer) -> None:
+    # As GitHub redirects a release asset to another host, which a firewall may block.
+    target = f"http://localhost:{_closed_port()}/asset.pth"
+    server.add_faults(PATH, Fault(redirect=target))
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert msg.startswith(
+        f"cannot reach localhost (connection refused for {target}), where {server.url(PATH)}"
+    )
+    assert "offline" not in msg and "--checkpoint PATH" in msg
+
+
 def test_unresolvable_host_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     # Simulate the resolver of an offline machine, so the test does not depend on this machine's DNS.
     calls = []
@@ -659,6 +672,26 @@ def test_a_cache_that_is_a_file_is_named(
     msg = str(err.value)
     assert f"{blocker} is a file, not a folder" in msg and "XCLIP_CACHE" in msg and "\n" not in msg
     assert blocker.read_text() == "x"
+
+
+def test_a_folder_in_the_cached_files_place_is_named(server: LoopbackServer) -> None:
+    final = fetch.url_cache_path(server.url(PATH), fetch.cache_dir())
+    final.mkdir(parents=True)
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    assert f"({final}: is a directory)" in str(err.value)  # not its .part, called a file
+
+
+def test_a_long_file_name_is_cached_under_a_short_one(server: LoopbackServer) -> None:
+    name = "a" * 300 + ".pth"
+    server.files["/" + name] = DATA
+    path = fetch.fetch_url(server.url("/" + name))
+    assert path.read_bytes() == DATA and path.name == name[-100:]
+
+
+def test_a_file_url_to_a_folder_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConverterError, match=r"is a folder: give the file inside it"):
+        fetch.fetch_url(tmp_path.as_uri())
 
 
 def test_an_unwritable_cache_is_named(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -276,12 +276,19 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
 
 
 def _sha256(provenance: Provenance, hash_source: bool) -> str | None:
-    """The checkpoint's sha256 for the card: the pin or the fetch record, else (when asked: publishing)
-    hashed; the pipeline runs this on a second core while the conversion runs."""
+    """The checkpoint's sha256 for the card: the pin or the fetch record, or (when asked: publishing) the
+    file hashed, which must agree with them; the pipeline runs this on a second core meanwhile."""
     from converter.fetch import recorded_sha256, sha256_file
 
     known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
-    return sha256_file(provenance.path) if hash_source and not known else known
+    if not hash_source:
+        return known
+    if known not in (None, actual := sha256_file(provenance.path)):  # a cached copy changed since
+        raise ConverterError(
+            f"{escape(str(provenance.path))} has sha256 {actual}, not the {known} it was fetched or pinned "
+            "with: it changed since; fetch it again with --force-download"
+        )
+    return actual
 
 
 def _verify(

@@ -53,6 +53,23 @@ def test_corrupt_cached_file_says_how_to_refetch(fast_network, golden_config, tm
         assert server.full_gets("/c.pth") == 2
 
 
+def test_a_cached_file_changed_since_its_fetch_is_not_published(
+    fast_network, fake_hub, golden_config, tmp_path, capsys
+):
+    """The card would vouch for the fetched file's digest: publishing hashes the file it converted."""
+    import hashlib
+
+    data = helpers.checkpoint("tiny-a").read_bytes()
+    with LoopbackServer({"/c.pth": data}) as server:
+        url = server.url("/c.pth")
+        cached = fetch.fetch_url(url)
+        cached.write_bytes(helpers.checkpoint("tiny-a-training-layout").read_bytes())  # converts too
+        assert run("--checkpoint", url, "--config", golden_config, "--push-to-hub", "org/x") == 2
+    err = capsys.readouterr().err
+    assert f"not the {hashlib.sha256(data).hexdigest()} it was fetched" in err and "--force-download" in err
+    assert [call[0] for call in fake_hub] == []
+
+
 def test_404_is_one_clear_line(fast_network, tmp_path, capsys):
     with LoopbackServer({}) as server:
         assert run("--checkpoint", server.url("/missing.pth"), "--output", tmp_path / "o") == 2

@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from converter.errors import ConverterError, escape, reason
@@ -29,9 +29,6 @@ from converter.export import write_file
 from converter.paths import local_path
 from converter.reader import CONFIG_LIMIT, check_regular, file_format, read_bytes, read_json_object
 from converter.registry import Source, cache_dir, url_cache_path
-
-if TYPE_CHECKING:
-    import requests
 
 # Module constants, not arguments: tests (and impatient users) shorten them in one place.
 CONNECT_TIMEOUT = 10.0  # seconds to establish a TCP connection
@@ -343,10 +340,10 @@ def _download_http(url: str, part: Path, fresh: bool) -> tuple[bool, str | None]
     )
 
 
-def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str | None = None) -> _Cut:
+def _cut_or_fail(exc: Exception, url: str, first: bool, got: str | None = None) -> _Cut:
     """The retryable cut that ``exc`` is, or a ConverterError where retrying cannot help (offline, TLS)."""
     from requests.exceptions import ChunkedEncodingError, ConnectionError, ProxyError, ReadTimeout, SSLError
-    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ReadTimeoutError
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, ProtocolError, ReadTimeoutError
 
     inner = exc.args[0] if exc.args else None  # the urllib3 error that requests wraps
     cause = getattr(inner, "reason", None)  # why urllib3 made no connection
@@ -361,10 +358,10 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
             f"cannot reach {urlsplit(failed).hostname} ({why} for {failed}), where {url} redirects (a "
             "firewall or proxy?): download it yourself and pass --checkpoint PATH."
         ) from None
-    if isinstance(exc, ReadTimeout) or isinstance(inner, ReadTimeoutError):
+    if isinstance(exc, ReadTimeout | ReadTimeoutError) or isinstance(inner, ReadTimeoutError):
         return _Cut(f"stalled (no data for {STALL_TIMEOUT:g} s)", got or "no answer")
-    if isinstance(exc, (ConnectionError, ChunkedEncodingError)) and not isinstance(
-        exc, (SSLError, ProxyError)
+    if isinstance(exc, ConnectionError | ChunkedEncodingError | ProtocolError) and not isinstance(
+        exc, SSLError | ProxyError
     ):
         return _Cut("was truncated", got or "connection dropped")
     raise ConverterError(
@@ -376,6 +373,7 @@ def _cut_or_fail(exc: requests.RequestException, url: str, first: bool, got: str
 def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
     """One GET, written or appended to ``part``; a failure worth retrying raises _Cut or a requests error."""
     import requests
+    from urllib3.exceptions import HTTPError
 
     known: dict[str, Any] = {}
     with suppress(ConverterError):  # the validator of the answer that started ``part``
@@ -423,17 +421,27 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
             if validator is not None:
                 record = json.dumps({"validator": validator, "total": total})
                 write_file(Path(f"{part}.json"), record, flag="the download cache")
-        size = have
+        size = window_size = have
+        window_start = time.monotonic()
+
+        def received() -> str:
+            return f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
+
         with open(part, "ab" if have else "wb") as f, _progress(part.stem, have, total) as report:
             try:
-                for block in resp.iter_content(NET_CHUNK_SIZE):
+                # read1 returns what has arrived: a server sending a trickle is timed, not waited for.
+                while block := resp.raw.read1(NET_CHUNK_SIZE, decode_content=True):
                     _refuse_oversized(size + len(block), total, url, part)
                     f.write(block)
                     size += len(block)
                     report(size, total)
-            except requests.RequestException as exc:  # what was written stays, so the next try resumes
-                got = f"got {size} of {total} bytes" if total is not None else f"after {size} bytes"
-                raise _cut_or_fail(exc, url, first=False, got=got) from None
+                    if time.monotonic() - window_start >= STALL_TIMEOUT:  # a trickle is a stall too
+                        if size - window_size < NET_CHUNK_SIZE:
+                            less = f"under {NET_CHUNK_SIZE >> 10} KiB in {STALL_TIMEOUT:g} s"
+                            raise _Cut(f"stalled ({less})", received())
+                        window_start, window_size = time.monotonic(), size
+            except (requests.RequestException, HTTPError) as exc:  # what was written stays: a resume
+                raise _cut_or_fail(exc, url, first=False, got=received()) from None
     if total is not None and size != total:  # more than announced: the resume's 416 will restart it
         raise _Cut("was truncated", f"got {size} of {total} bytes")
     if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end

@@ -584,6 +584,19 @@ def test_a_stall_is_reported_as_a_stall(server: LoopbackServer, monkeypatch: pyt
     assert server.url(PATH) in msg and "\n" not in msg
 
 
+def test_a_trickle_is_a_stall(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server sending a few bytes at a time never lets a read time out: a slow window is a stall."""
+    monkeypatch.setattr(fetch, "STALL_TIMEOUT", 0.3)
+    monkeypatch.setattr(fetch, "MAX_RETRIES", 1)
+    monkeypatch.setattr(fetch, "NET_CHUNK_SIZE", 200_000)  # more than the 16 KiB pieces sent in 0.3 s
+    server.set_always(PATH, Fault(pace=0.1, ignore_range=True))  # 160 KiB/s: a file takes 1.6 s
+    with pytest.raises(ConverterError) as err:
+        fetch.fetch_url(server.url(PATH))
+    msg = str(err.value)
+    assert "stalled (under 195 KiB in 0.3 s) on 2 tries" in msg, msg
+    assert len(server.hits_for(PATH)) == 2
+
+
 def test_a_slow_download_shows_progress_in_a_log(
     server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -223,8 +223,9 @@ def staged_output(
         try:
             yield staging
         except (OSError, ConverterError) as err:  # named as the user knows the output, not as the staging
-            if isinstance(err, OSError):
-                message = f"could not write {err.filename or staging}: {err.strerror or err}"
+            if isinstance(err, OSError):  # a write only if in the staging: else a read, of an input
+                name = str(err.filename or staging)
+                message = f"{'could not write ' if str(staging) in name else ''}{name}: {err.strerror or err}"
             elif str(staging) in str(err):
                 message = str(err)
             else:

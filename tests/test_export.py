@@ -44,6 +44,19 @@ def test_output_that_is_a_file_is_refused(tmp_path):
         pass
 
 
+def test_an_os_error_is_named_a_write_only_in_the_staging(tmp_path):
+    """A read of an input that fails in the block is no failure to write: named as the read it was."""
+    source = tmp_path / "source.json"
+    with pytest.raises(ConverterError) as failed, staged_output(tmp_path / "out", overwrite=False) as folder:
+        (folder / "config.json").write_text("{}")
+        source.read_text()
+    unchanged = f"--output {tmp_path / 'out'} was not changed"
+    assert str(failed.value) == f"{source}: No such file or directory; {unchanged}"
+    with pytest.raises(ConverterError, match="^could not write .*out/sub/x: No such file"):
+        with staged_output(tmp_path / "out", overwrite=False) as folder:
+            (folder / "sub" / "x").write_text("{}")
+
+
 WEIGHTS = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3, 2).t()}  # b: a transposed view
 
 

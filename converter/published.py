@@ -135,7 +135,7 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
             f"{shown(weight_map)}; re-save the model with transformers' save_pretrained"
         )
     for tensor, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
+        if not isinstance(shard, str) or not shard or "\0" in shard:  # no file's name holds a NUL
             raise ConverterError(
                 f"{what}: weight_map[{shown(tensor)}] must be a shard file name, found {shown(shard)}"
             )
@@ -143,14 +143,18 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
     for name in sorted(set(weight_map.values())):
         path, relative = folder / name, PurePosixPath(name)
         named_outside = relative.is_absolute() or ".." in relative.parts
-        if _present(path) and not named_outside:
+        try:  # a name too long, or a folder on the way that may not be searched: a read of the source
+            present = _present(path)
+        except OSError as err:
+            raise ConverterError(f"{what}: cannot read shard {shown(name)} ({err.strerror})") from None
+        if present and not named_outside:
             reader.check_regular(path, f"{what}: shard {escape(name)}")  # before resolving: names a link loop
         if named_outside or not is_inside(path, root):  # by its name, or through a link
             raise ConverterError(
                 f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
                 "inside its own folder; copy the file there"
             )
-        if _present(path):
+        if present:
             shards.append(path)
         else:
             missing.append(escape(name))

@@ -894,8 +894,29 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
             2,
             "must be a shard file name",
         )
-        for kind, value in (("int", 5), ("null", None), ("list", ["a"]), ("empty", ""))
+        for kind, value in (("int", 5), ("null", None), ("list", ["a"]), ("empty", ""), ("nul", "a\0b"))
     ],
+    (  # a read of the source that fails (ENAMETOOLONG), named as a read, not as a failed write
+        "index-shard-name-too-long",
+        lambda w: _sharded(w, lambda i: _one_shard(i, "a" * 5000 + ".safetensors")),
+        2,
+        "model.safetensors.index.json: cannot read shard 'aaaa",
+    ),
+    (
+        "audit-report-of-an-index-shard-name-too-long",
+        lambda w: [
+            "--audit",
+            _sharded(w, lambda i: _one_shard(i, "a" * 5000 + ".safetensors"))[1],
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config,
+            "--report",
+            w.root / "r.json",
+        ],
+        2,
+        "model.safetensors.index.json: cannot read shard 'aaaa",
+    ),
     ("index-not-object", lambda w: _sharded(w, lambda i: [i]), 2, "index.json: expected a JSON object"),
     (
         "index-shard-dotdot",

@@ -53,6 +53,11 @@ class Published:
         """The dtype the weights are stored in: the largest floating-point tensor's."""
         return max(self.state_dict.values(), key=lambda t: (t.is_floating_point(), t.numel())).dtype
 
+    @property
+    def weights_name(self) -> str:
+        """The weights as the folder names them: model.safetensors, or the index of its shards."""
+        return WEIGHTS_NAME if _present(self.folder / WEIGHTS_NAME) else WEIGHTS_INDEX
+
     def model_state_dict(self) -> StateDict:
         """The state dict without the buffers older transformers versions stored beside the weights."""
         return {k: v for k, v in self.state_dict.items() if not BENIGN_BUFFERS.match(k)}

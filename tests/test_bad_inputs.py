@@ -917,6 +917,21 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "model.safetensors.index.json: cannot read shard 'aaaa",
     ),
+    # Published weights that no original holds: named in the source, before anything is written.
+    (
+        "published-weights-nan",
+        lambda w: _back_with_weight(w, lambda t: torch.full_like(t, float("nan"))),
+        2,
+        "converted: model.safetensors: NaN or inf in 1 tensors: text_model.final_layer_norm.bias. The "
+        "weights are damaged: convert or download the model again",
+    ),
+    (
+        "published-weights-int32",
+        lambda w: _back_with_weight(w, lambda t: t.to(torch.int32)),
+        2,
+        "converted: model.safetensors: 1 tensors are not real floating-point weights: "
+        "text_model.final_layer_norm.bias (dtype int32)",
+    ),
     ("index-not-object", lambda w: _sharded(w, lambda i: [i]), 2, "index.json: expected a JSON object"),
     (
         "index-shard-dotdot",
@@ -1145,6 +1160,17 @@ def _back_with(
         folder = folder.rename(w.root.parent / "converted")
     (folder / name).unlink(missing_ok=True)
     spoil(folder / name)
+    return ["--to-original", folder, "--output", w.root / "back.pth"]
+
+
+def _back_with_weight(w: Workspace, change: Callable[[torch.Tensor], torch.Tensor]) -> list[object]:
+    """--to-original of a converted golden whose text_model.final_layer_norm.bias is `change`d."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _converted(w)
+    weights = load_file(folder / "model.safetensors")
+    key = "text_model.final_layer_norm.bias"
+    save_file({**weights, key: change(weights[key])}, folder / "model.safetensors")
     return ["--to-original", folder, "--output", w.root / "back.pth"]
 
 

@@ -7,6 +7,8 @@ only whole and only where allowed.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -178,6 +180,23 @@ def test_bad_source(tmp_path, monkeypatch):
     with pytest.raises(ConverterError, match="not in the local HF cache"):
         to_original("microsoft/xclip-base-patch32", tmp_path / "x.pth")
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_damaged_weights_are_named_in_the_source_before_anything_is_written(tmp_path):
+    """inf in a sharded folder's weights: its index and the published key, no advice for another job."""
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    damaged = {**original, "ln_final.bias": original["ln_final.bias"] / 0}
+    folder = hf_folder(tmp_path / "hf", damaged, case="tiny-a")
+    (folder / "model.safetensors").rename(folder / "shard.safetensors")
+    index = {"weight_map": dict.fromkeys(original_to_hf(original), "shard.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConverterError) as refused:
+        to_original(folder, tmp_path / "back.pth")
+    assert str(refused.value) == (
+        f"{folder}: model.safetensors.index.json: NaN or inf in 1 tensors: text_model.final_layer_norm.bias. "
+        "The weights are damaged: convert or download the model again"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def test_a_killed_runs_partial_file_is_removed_by_the_next_run(tmp_path):

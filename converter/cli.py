@@ -211,7 +211,10 @@ def _log_times(start_up: float) -> None:
 def _run(args: argparse.Namespace) -> int:
     """Run the job the flags name, refusing first, before any work, what the flags alone show wrong."""
     jobs = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
-    job = next((job for job in jobs if getattr(args, job)), "convert")
+    # An empty value (`--video "$CLIP"` with CLIP unset) names nothing; --push-to-hub's is the default repo.
+    if empty := [dest for dest, value in vars(args).items() if value == "" and dest != "push_to_hub"]:
+        raise ConverterError(f"{_flag(empty[0])} is empty: give it a value, or drop it")
+    job = next((job for job in jobs if getattr(args, job) not in (None, False)), "convert")
     defaults = vars(build_parser().parse_args([]))
     given = [dest for dest, value in vars(args).items() if value != defaults[dest]]
     unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
@@ -220,6 +223,9 @@ def _run(args: argparse.Namespace) -> int:
         users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
         raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+    for dest in ["report"] + (["output"] if job == "to_original" else []):  # the flags naming a file
+        if (getattr(args, dest) or "").endswith(("/", os.sep)):  # Path() drops it, and writes a file there
+            raise ConverterError(f"{_flag(dest)} {escape(getattr(args, dest))} names a folder: name the file")
     if "atol" in given:
         from converter.pipeline import check_atol
 

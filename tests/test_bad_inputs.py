@@ -623,6 +623,20 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "a conversion does not use --revision",
     ),
     ("list-with-output", lambda w: ["--list", "--output", "o"], 2, "--list does not use --output"),
+    # An empty value (`--video "$CLIP"` with CLIP unset) is refused by its flag, whatever the job.
+    ("audit-empty", lambda w: ["--audit", "", "--checkpoint", w.checkpoint], 2, "--audit is empty"),
+    ("to-original-empty", lambda w: ["--to-original", "", "--output", "b.pth"], 2, "--to-original is empty"),
+    ("config-empty", lambda w: ["--checkpoint", w.checkpoint, "--config", ""], 2, "--config is empty"),
+    ("video-empty", lambda w: w.convert("--video", ""), 2, "--video is empty"),
+    ("output-empty", lambda w: w.convert()[:4] + ["--output", ""], 2, "--output is empty"),
+    # A file's flag ending in a slash names a folder: Path() would drop the slash and write a file there.
+    (
+        "to-original-output-slash",
+        lambda w: ["--to-original", w.root, "--output", "d/"],
+        2,
+        "--output d/ names",
+    ),
+    ("audit-report-slash", lambda w: [*_audited(w, w.root)[:-1], "d/"], 2, "--report d/ names a folder"),
     (
         "show-config-with-checkpoint",
         lambda w: ["--show-config", "--model-name", "xclip-base-patch32", "--checkpoint", w.checkpoint],

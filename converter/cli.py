@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_job(job: Callable[[], int], prog: str = PROG) -> int:
     """`job()`'s exit status, with signals as exceptions; a failure is one line on stderr and the status
     EPILOG gives it (the traceback of a bug of ours with XCLIP_DEBUG=1)."""
-    from converter.export import Interrupted, signals_as_exceptions
+    from converter.export import Interrupted, signal_raised, signals_as_exceptions
 
     for stream in (sys.stdout, sys.stderr):  # a console or log that is not UTF-8: Δ written as \u0394
         if isinstance(stream, io.TextIOWrapper):
@@ -170,6 +170,9 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
         say(f"error: {where}{err.strerror or reason(err)}")
         return EXIT_BAD_INPUT
     except Exception as err:
+        if signum := signal_raised():  # not a bug of ours: what the signal broke midway
+            say(str(Interrupted(signum)))
+            return 128 + signum
         if os.environ.get("XCLIP_DEBUG"):
             raise
         say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")

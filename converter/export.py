@@ -48,16 +48,22 @@ class Interrupted(BaseException):
         return f"interrupted by {name}" + (f"; {self.outcome}" if self.outcome else "")
 
 
-# raised: an Interrupted is unwinding, later signals are ignored; deferring: inside _signals_deferred.
-_signals = SimpleNamespace(raised=False, deferring=0, pending=None)
+# raised: the first signal raised as an Interrupted (0: none); deferring: inside _signals_deferred.
+_signals = SimpleNamespace(raised=0, deferring=0, pending=None)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _signals.deferring:
         _signals.pending = _signals.pending or signum
-    elif not _signals.raised:
-        _signals.raised = True
+    else:  # a repeated signal too: a library's bare `except:` may have swallowed the first
+        _signals.raised = _signals.raised or signum
         raise Interrupted(signum)
+
+
+def signal_raised() -> int:
+    """The signal the last `signals_as_exceptions` block raised as an `Interrupted`, 0 if none: what a
+    library it broke halfway (a module left half-imported) failed with next is that interruption."""
+    return _signals.raised
 
 
 @contextmanager
@@ -67,7 +73,7 @@ def signals_as_exceptions() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    _signals.raised, _signals.pending = False, None
+    _signals.raised, _signals.pending = 0, None
     try:
         yield
     finally:

@@ -438,6 +438,39 @@ def test_a_signal_during_a_deferred_step_is_raised_after_it(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
 
 
+def test_what_a_signal_broke_midway_is_reported_as_the_interruption(capsys):
+    """A library interrupted halfway through an import fails with its own error (ModuleNotFoundError)."""
+    from converter.cli import run_job
+
+    def job() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        except BaseException:
+            raise ModuleNotFoundError("Could not import module 'XCLIPModel'") from None
+        return 0
+
+    assert run_job(job) == 143
+    assert capsys.readouterr().err == "xclip-convert: interrupted by SIGTERM\n"
+
+
+def test_a_signal_after_a_swallowed_one_still_interrupts():
+    """A library's bare `except:` swallowed the first Ctrl-C: the second one must still stop the run."""
+    from converter.cli import run_job
+
+    def job() -> int:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except BaseException:
+            pass
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+        return 0
+
+    assert run_job(job) == 130
+
+
 _WRITER = """
 import sys, threading, time
 from pathlib import Path

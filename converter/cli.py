@@ -307,12 +307,12 @@ def _convert(args: argparse.Namespace) -> int:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
         dtype = str(result.dtype).removeprefix("torch.")
         _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
-    if video:
-        _classify(result, video, texts, input_ids)
-    if result.folder is not None:
+    if result.folder is not None:  # said first: the classification can still fail (a vocabulary not CLIP's)
         _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
         _out("no --output given: nothing written")
+    if video:
+        _classify(result, video, texts, input_ids)
     if repo_id is not None:
         _out(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
     _log_times(start_up)

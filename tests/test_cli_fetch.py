@@ -123,6 +123,15 @@ def test_video_needs_the_clip_vocabulary(golden_config, tmp_path, capsys):
     assert "120 tokens" in capsys.readouterr().err
 
 
+def test_a_folder_written_before_the_classification_failed_is_said(golden_config, tmp_path, capsys):
+    """The vocabulary is known only once the model is converted: the folder is written by then."""
+    clip, out = tmp_path / "clip.npy", tmp_path / "out"
+    np.save(clip, np.zeros((4, 32, 32, 3), dtype=np.uint8))
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config, "--output", out]
+    assert run(*args, "--video", clip) == 2
+    assert f"wrote {out}" in capsys.readouterr().out and (out / "config.json").is_file()
+
+
 class FakeApi:
     calls: list = []
 

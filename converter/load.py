@@ -115,6 +115,8 @@ def _kind(tensor: torch.Tensor) -> str | None:
     """Why a tensor cannot be a weight, or None when it can."""
     if tensor.is_meta:
         return "a meta tensor without data"
+    if tensor.is_nested:  # its layout reads as strided, but it has no single shape
+        return "a nested tensor"
     if tensor.layout != torch.strided:
         return f"sparse, {tensor.layout}"
     if tensor.is_quantized or tensor.device.type != "cpu":

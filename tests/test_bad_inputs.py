@@ -10,6 +10,7 @@ import pickle
 import resource
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,17 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         lambda w: ["--checkpoint", w.file("evil.bin", pickle.dumps(_evil())), "--config", w.config],
         2,
         "allow-list",
+    ),
+    (
+        "nested-tensor",
+        lambda w: [
+            "--checkpoint",
+            w.saved("c.pth", {**w.state_dict(), "ln_final.bias": _nested_tensor()}),
+            "--config",
+            w.config,
+        ],
+        2,
+        "ln_final.bias (a nested tensor)",
     ),
     (
         "colliding-keys",
@@ -1076,6 +1088,12 @@ def _truncated(path: Path, size: int) -> Path:
     with open(path, "wb") as file:
         file.truncate(size)
     return path
+
+
+def _nested_tensor() -> torch.Tensor:
+    with warnings.catch_warnings():  # torch's notice that the nested-tensor API is a prototype
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
 
 
 def _sparse(w: Workspace, name: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import mmap
 import pickletools
 import warnings
 import zipfile
@@ -157,7 +158,7 @@ def _refused_globals(path: Path) -> list[str]:
     and storages (what weights-only loading is built from)."""
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
+            with _open_zip(path) as archive:
                 records = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
         else:
             records = [path.read_bytes()]
@@ -178,6 +179,18 @@ def _refused_globals(path: Path) -> list[str]:
     return sorted(g for g in found if g not in allowed and not g.startswith(("torch.", "collections.")))
 
 
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip archive at `path`, refused (BadZipFile) unless reading its entries by name, as `read` and
+    `testzip` do, unpacks at most the file's size: torch.save stores each entry once, uncompressed. A zip
+    bomb, or a central directory listing one entry over and over, would unpack without bound."""
+    archive = zipfile.ZipFile(path)
+    unpacked = sum(archive.getinfo(name).file_size for name in archive.namelist())
+    if unpacked > (size := path.stat().st_size):
+        archive.close()
+        raise zipfile.BadZipFile(f"its entries unpack to {unpacked:,} bytes, more than the file's {size:,}")
+    return archive
+
+
 def _what_is_wrong(path: Path, err: BaseException) -> str:
     try:
         with open(path, "rb") as f:
@@ -194,7 +207,7 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         return "it is a zip archive (PyTorch's format) whose end is missing: the file was cut short"
     if kind == "zip":
         try:
-            with zipfile.ZipFile(path) as archive:
+            with _open_zip(path) as archive:
                 if not any(name.endswith("data.pkl") for name in archive.namelist()):
                     return f"{_NOT_A_CHECKPOINT}: a zip archive without the data.pkl that torch.save writes"
                 damaged = archive.testzip()
@@ -205,7 +218,9 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
     if kind != "pickle":
         return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
-    with open(path, "rb") as stream:  # a legacy file: its magic number, then four more pickles
+    # A legacy file: its magic number, then four more pickles. Mapped, not buffered: a length field claiming
+    # more bytes than the file holds reads what is there, where a buffered read would allocate the claim.
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as stream:
         pickles = list(itertools.islice(_pickles(stream), 5))
         parsed = stream.tell()
     if pickles and _LEGACY_MAGIC not in (arg for _, arg, _ in pickles[0]):

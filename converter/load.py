@@ -1,8 +1,8 @@
 """Load an original X-CLIP checkpoint safely: weights only, never code from the file.
 
-`.pth`/`.pt`/`.bin` (torch's zip or legacy format) or `.safetensors`; the training saver's dict
-(`{'model': sd, ..., 'config'}`), `{'state_dict': sd}` or a bare state dict, `module.` prefixes
-stripped. Whatever else it holds is refused in one line naming what and where.
+torch's zip or legacy format or safetensors, told apart by content whatever the file is named; the
+training saver's dict (`{'model': sd, ..., 'config'}`), `{'state_dict': sd}` or a bare state dict,
+`module.` prefixes stripped. Whatever else it holds is refused in one line naming what and where.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import mmap
 import pickletools
 import warnings
 import zipfile
@@ -115,6 +116,8 @@ def _kind(tensor: torch.Tensor) -> str | None:
     """Why a tensor cannot be a weight, or None when it can."""
     if tensor.is_meta:
         return "a meta tensor without data"
+    if tensor.is_nested:  # its layout reads as strided, but it has no single shape
+        return "a nested tensor"
     if tensor.layout != torch.strided:
         return f"sparse, {tensor.layout}"
     if tensor.is_quantized or tensor.device.type != "cpu":
@@ -128,24 +131,39 @@ def _load(path: Path) -> object:
     """The file's contents, weights only, or an error in our own words: torch's message advises
     `weights_only=False`, the opposite of this tool's promise."""
     try:
-        if path.suffix == ".safetensors":
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except OSError as err:
+        raise ConverterError(
+            f"{escape(str(path))}: cannot read checkpoint ({err.strerror or reason(err)})"
+        ) from None
+    kind = file_format(head)
+    try:
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             return load_file(path)
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS), warnings.catch_warnings():
+        with (
+            torch.serialization.safe_globals(ALLOWED_GLOBALS),
+            warnings.catch_warnings(),
+            open(path, "rb") as file,
+        ):
             # A plain pickle of protocol 3+ makes torch warn before it fails; the failure is explained.
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            # mmap keeps the file's pages out of anonymous memory; only the zip format supports it.
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            # torch.load reads a path named *.safetensors as safetensors, an open file by its content.
+            # mmap keeps the file's pages out of anonymous memory; it needs the path, and the zip format.
+            by_path = path.suffix != ".safetensors"
+            source = path if by_path else file
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=by_path and kind == "zip")
     except Exception as err:  # noqa: BLE001 - torch raises many types; we explain in our own words
-        if path.suffix != ".safetensors" and (refused := _refused_globals(path)):
+        if kind != "safetensors" and (refused := _refused_globals(path)):
             raise ConverterError(
                 f"{escape(str(path))}: refused to load: the file references Python objects outside the "
                 f"allow-list: {', '.join(listed(refused, 10))}. Checkpoints are loaded weights-only and code "
                 "from them is never run; re-save the file as a plain state dict "
                 "(torch.save(model.state_dict(), ...)) or as .safetensors"
             ) from None
-        what = _what_is_wrong(path, err)
+        what = _what_is_wrong(path, head, err)
         advice = _RESAVE if what.startswith(_NOT_A_CHECKPOINT) else _REFETCH
         raise ConverterError(f"{escape(str(path))}: cannot read checkpoint: {what}; {advice}") from None
 
@@ -155,7 +173,7 @@ def _refused_globals(path: Path) -> list[str]:
     and storages (what weights-only loading is built from)."""
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
+            with _open_zip(path) as archive:
                 records = [archive.read(name) for name in archive.namelist() if name.endswith(".pkl")]
         else:
             records = [path.read_bytes()]
@@ -176,23 +194,30 @@ def _refused_globals(path: Path) -> list[str]:
     return sorted(g for g in found if g not in allowed and not g.startswith(("torch.", "collections.")))
 
 
-def _what_is_wrong(path: Path, err: BaseException) -> str:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError:
-        head = b""
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip archive at `path`, refused (BadZipFile) unless reading its entries by name, as `read` and
+    `testzip` do, unpacks at most the file's size: torch.save stores each entry once, uncompressed. A zip
+    bomb, or a central directory listing one entry over and over, would unpack without bound."""
+    archive = zipfile.ZipFile(path)
+    unpacked = sum(archive.getinfo(name).file_size for name in archive.namelist())
+    if unpacked > (size := path.stat().st_size):
+        archive.close()
+        raise zipfile.BadZipFile(f"its entries unpack to {unpacked:,} bytes, more than the file's {size:,}")
+    return archive
+
+
+def _what_is_wrong(path: Path, head: bytes, err: BaseException) -> str:
     if not head:
         return "the file is empty"
     if (kind := file_format(head)) == "html":
         return "it is a web page (HTML), not a checkpoint"
-    if path.suffix == ".safetensors":
+    if kind == "safetensors":
         return f"it is not a valid safetensors file ({reason(err)})"
     if kind == "zip" and not zipfile.is_zipfile(path):
         return "it is a zip archive (PyTorch's format) whose end is missing: the file was cut short"
     if kind == "zip":
         try:
-            with zipfile.ZipFile(path) as archive:
+            with _open_zip(path) as archive:
                 if not any(name.endswith("data.pkl") for name in archive.namelist()):
                     return f"{_NOT_A_CHECKPOINT}: a zip archive without the data.pkl that torch.save writes"
                 damaged = archive.testzip()
@@ -203,7 +228,9 @@ def _what_is_wrong(path: Path, err: BaseException) -> str:
         return "it is a PyTorch zip archive whose contents are not plain tensors and containers"
     if kind != "pickle":
         return f"{_NOT_A_CHECKPOINT}: neither a PyTorch zip archive or pickle nor a safetensors file"
-    with open(path, "rb") as stream:  # a legacy file: its magic number, then four more pickles
+    # A legacy file: its magic number, then four more pickles. Mapped, not buffered: a length field claiming
+    # more bytes than the file holds reads what is there, where a buffered read would allocate the claim.
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as stream:
         pickles = list(itertools.islice(_pickles(stream), 5))
         parsed = stream.tell()
     if pickles and _LEGACY_MAGIC not in (arg for _, arg, _ in pickles[0]):

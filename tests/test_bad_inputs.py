@@ -10,6 +10,8 @@ import pickle
 import resource
 import threading
 import time
+import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +234,40 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         lambda w: ["--checkpoint", w.file("evil.bin", pickle.dumps(_evil())), "--config", w.config],
         2,
         "allow-list",
+    ),
+    (
+        "zip-bomb-entry",  # 1.25 GiB of zeros in 6 MB, which was read whole to look for globals
+        lambda w: _unloadable_zip(w, "archive/bomb.pkl", mib=1280),
+        2,
+        "entries unpack to 1,342,",
+    ),
+    (
+        "zip-entry-listed-over-and-over",  # testzip decompressed each listing: 1 GiB here, any amount
+        lambda w: _unloadable_zip(w, "archive/pad", mib=1, listed=1000),
+        2,
+        "entries unpack to 1,048,",
+    ),
+    (
+        "pickle-claiming-2**62-bytes",  # 14 bytes declaring a 4 EiB BINBYTES8 (a MemoryError before)
+        lambda w: [
+            "--checkpoint",
+            w.file("b.pth", b"\x80\x04\x8e" + (1 << 62).to_bytes(8, "little") + b"abc"),
+            "--config",
+            w.config,
+        ],
+        2,
+        "cut short",
+    ),
+    (
+        "nested-tensor",
+        lambda w: [
+            "--checkpoint",
+            w.saved("c.pth", {**w.state_dict(), "ln_final.bias": _nested_tensor()}),
+            "--config",
+            w.config,
+        ],
+        2,
+        "ln_final.bias (a nested tensor)",
     ),
     (
         "colliding-keys",
@@ -1132,6 +1168,31 @@ def _truncated(path: Path, size: int) -> Path:
     with open(path, "wb") as file:
         file.truncate(size)
     return path
+
+
+def _unloadable_zip(w: Workspace, entry: str, mib: int, listed: int = 1) -> list[object]:
+    """A torch zip that torch.load refuses (its tensor's record left out), plus `entry`: `mib` MiB of zeros,
+    deflated, listed `listed` times in the central directory; the tool reads the archive to explain it."""
+    whole = w.saved("whole.pth", {"model": {"w": torch.ones(4)}})
+    path = w.root / "c.pth"
+    with (
+        zipfile.ZipFile(whole) as source,
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive,
+    ):
+        for info in source.infolist():
+            if not info.filename.endswith("/data/0"):
+                archive.writestr(info, source.read(info))
+        with archive.open(entry, "w", force_zip64=True) as file:
+            for _ in range(mib):
+                file.write(bytes(1 << 20))
+        archive.filelist += [archive.getinfo(entry)] * (listed - 1)  # written out as the central directory
+    return ["--checkpoint", path, "--config", w.config]
+
+
+def _nested_tensor() -> torch.Tensor:
+    with warnings.catch_warnings():  # torch's notice that the nested-tensor API is a prototype
+        warnings.simplefilter("ignore")
+        return torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
 
 
 def _sparse(w: Workspace, name: str) -> Path:

@@ -97,6 +97,26 @@ def test_malicious_pickle_is_refused_naming_the_global_and_not_executed(tmp_path
     assert not marker.exists()
 
 
+def _save_safetensors(obj, path):
+    save_file({k: v.clone() for k, v in obj["model"].items()}, path)
+
+
+@pytest.mark.parametrize(
+    "save, name",
+    [
+        (_save_safetensors, "ckpt.pth"),
+        (_save_safetensors, "weights"),  # a URL's last component, cached under that name
+        (_save_zip, "ckpt.safetensors"),  # torch.load itself reads a path so named as safetensors
+        (_save_legacy, "ckpt.safetensors"),
+    ],
+    ids=["safetensors-as-pth", "safetensors-no-suffix", "zip-as-safetensors", "legacy-as-safetensors"],
+)
+def test_the_format_is_told_by_content_not_by_name(reference, tmp_path, save, name):
+    path = tmp_path / name
+    save({"model": reference}, path)
+    assert_same(load_checkpoint(path), reference)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -98,7 +98,9 @@ def check_kinds(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<c
         )
 
 
-def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>") -> None:
+def check_finite(
+    state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>", advice: str = _REFETCH
+) -> None:
     """Refuse NaN and inf, naming each tensor; reads every value, so the pipeline runs it after the write."""
     non_finite = []
     for key, tensor in state_dict.items():
@@ -108,7 +110,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str | Path = "<
     if non_finite:
         raise ConverterError(
             f"{escape(str(source))}: non-finite values (NaN or inf) in {len(non_finite):,} tensors: "
-            f"{', '.join(listed(non_finite, 5))}. The checkpoint is damaged; {_REFETCH}"
+            f"{', '.join(listed(non_finite, 5))}. The weights are damaged; {advice}"
         )
 
 

@@ -12,9 +12,9 @@ import torch
 from converter import DEFAULT_ATOL, paths, rules
 from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
-from converter.errors import ConverterError, VerificationError, escape, listed
+from converter.errors import VerificationError, escape
 from converter.export import staged_file, torch_save
-from converter.load import check_kinds, load_checkpoint
+from converter.load import check_finite, check_kinds, load_checkpoint
 from converter.pipeline import stage
 from converter.published import load_published
 from converter.rules import check_state_dict, original_shapes
@@ -47,7 +47,11 @@ def to_original(
             published = load_published(source, revision=revision)
             hyper = hyper_from_config(published.config)
             weights = published.model_state_dict()
-            _check_values(weights, f"{escape(str(source))}: {published.weights_name}")
+            # Refused by the published key before anything is written (read back, they would be named
+            # by the written file's keys).
+            where = f"{escape(str(source))}: {published.weights_name}"
+            check_kinds(weights, where)
+            check_finite(weights, where, advice="convert or download the model again")
             note(f"{escape(str(source))}, {len(weights)} tensors")
         with stage("map") as note:
             check_state_dict(weights, hyper)  # every key, every shape, against the published config
@@ -75,17 +79,6 @@ def to_original(
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
     return BackConversion(Path(output), hyper, len(original), verification)
-
-
-def _check_values(weights: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse, by the published key, what cannot be an original weight: before anything is written, and
-    named in the source (read back from the output, it would be named as the written file's keys)."""
-    check_kinds(weights, where)
-    if damaged := [escape(k) for k, v in weights.items() if not v.isfinite().all()]:
-        raise ConverterError(
-            f"{where}: NaN or inf in {len(damaged):,} tensors: {', '.join(listed(damaged, 5))}. The "
-            "weights are damaged: convert or download the model again"
-        )
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

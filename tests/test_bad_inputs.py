@@ -972,8 +972,9 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "published-weights-nan",
         lambda w: _back_with_weight(w, lambda t: torch.full_like(t, float("nan"))),
         2,
-        "converted: model.safetensors: NaN or inf in 1 tensors: text_model.final_layer_norm.bias. The "
-        "weights are damaged: convert or download the model again",
+        "converted: model.safetensors: non-finite values (NaN or inf) in 1 tensors: "
+        "text_model.final_layer_norm.bias (32 of 32). The weights are damaged; convert or download the model "
+        "again",
     ),
     (
         "published-weights-int32",

@@ -193,8 +193,9 @@ def test_damaged_weights_are_named_in_the_source_before_anything_is_written(tmp_
     with pytest.raises(ConverterError) as refused:
         to_original(folder, tmp_path / "back.pth")
     assert str(refused.value) == (
-        f"{folder}: model.safetensors.index.json: NaN or inf in 1 tensors: text_model.final_layer_norm.bias. "
-        "The weights are damaged: convert or download the model again"
+        f"{folder}: model.safetensors.index.json: non-finite values (NaN or inf) in 1 tensors: "
+        "text_model.final_layer_norm.bias (32 of 32). The weights are damaged; convert or download the model "
+        "again"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 

@@ -134,43 +134,62 @@ def hyper_for_variant(variant: Variant) -> Hyper:
     )
 
 
-def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
-    """Read every hyper-parameter off an original state dict's keys and shapes (head counts: width // 64,
-    which `check_heads` refuses below width 64)."""
+# Where `infer_hyper` reads each size: (checkpoint key, dimension); and the stacks whose blocks it counts.
+SHAPES = {
+    "embed_dim": ("text_projection", 1),
+    "text_width": ("text_projection", 0),
+    "vision_width": ("visual.conv1.weight", 0),
+    "patch_size": ("visual.conv1.weight", 2),
+    "frames": ("mit.positional_embedding", 1),
+    "vision_mlp": (VISION_BLOCKS + "0.mlp.c_fc.weight", 0),
+    "text_mlp": (TEXT_BLOCKS + "0.mlp.c_fc.weight", 0),
+    "vocab_size": ("token_embedding.weight", 0),
+    "context_length": ("positional_embedding", 0),
+    "mit_mlp": (MIT_BLOCKS + "0.mlp.c_fc.weight", 0),
+}
+STACKS = {
+    "vision_layers": VISION_BLOCKS,
+    "text_layers": TEXT_BLOCKS,
+    "mit_layers": MIT_BLOCKS,
+    "prompt_layers": PROMPT_BLOCKS,
+}
 
-    def size(key: str, dim: int) -> int:
+
+def infer_hyper(state_dict: Mapping[str, torch.Tensor]) -> Hyper:
+    """Read every hyper-parameter off an original state dict's keys and shapes, held to the rules a config
+    is (head counts: width // 64, which `check_heads` refuses below width 64)."""
+
+    def shape(key: str, dim: int) -> list[int]:
         if key not in state_dict:
             raise ConverterError(f"cannot infer the model: key {key!r} is missing from the checkpoint")
         shape = list(state_dict[key].shape)
         if len(shape) <= dim:
             raise ConverterError(f"cannot infer the model: {key!r} has shape {shape}, too few dims")
-        return shape[dim]
+        return shape
 
-    embed, text_width = size("text_projection", 1), size("text_projection", 0)
-    vision_width, patch = size("visual.conv1.weight", 0), size("visual.conv1.weight", 2)
-    positions = size("visual.positional_embedding", 0) - 1
+    sizes = {name: shape(key, dim)[dim] for name, (key, dim) in SHAPES.items()}
+    origins = {name: f"{key!r} has shape {shape(key, dim)}" for name, (key, dim) in SHAPES.items()}
+    for name, prefix in STACKS.items():
+        sizes[name] = depth(state_dict, prefix)
+        origins[name] = f"the checkpoint has {sizes[name]} blocks '{prefix}<i>.'"
+    positions = shape("visual.positional_embedding", 0)[0] - 1
     grid = math.isqrt(max(positions, 0))
     if grid * grid != positions or positions <= 0:
         raise ConverterError(
             f"visual.positional_embedding has {positions} patch positions, not a square grid"
         )
-    return _with_original_heads(
-        embed_dim=embed,
-        image_size=grid * patch,
-        patch_size=patch,
-        frames=size("mit.positional_embedding", 1),
-        vision_width=vision_width,
-        vision_layers=depth(state_dict, VISION_BLOCKS),
-        vision_mlp=size(VISION_BLOCKS + "0.mlp.c_fc.weight", 0),
-        text_width=text_width,
-        text_layers=depth(state_dict, TEXT_BLOCKS),
-        text_mlp=size(TEXT_BLOCKS + "0.mlp.c_fc.weight", 0),
-        vocab_size=size("token_embedding.weight", 0),
-        context_length=size("positional_embedding", 0),
-        mit_layers=depth(state_dict, MIT_BLOCKS),
-        mit_mlp=size(MIT_BLOCKS + "0.mlp.c_fc.weight", 0),
-        prompt_layers=depth(state_dict, PROMPT_BLOCKS),
+    sizes["image_size"] = grid * sizes["patch_size"]
+    origins["image_size"] = (
+        f"'visual.positional_embedding' has a {grid}×{grid} patch grid, {origins['patch_size']}"
     )
+    for paths, allowed, want in VALUE_RULES:  # what a config giving these sizes would be held to
+        for f in FIELDS:
+            if f.name in sizes and f.config_paths[0] in paths and not allowed(sizes[f.name]):
+                raise ConverterError(
+                    f"cannot infer the model: {origins[f.name]}, so {f.config_paths[0]} would be "
+                    f"{sizes[f.name]}; it must be {want}"
+                )
+    return _with_original_heads(**sizes)
 
 
 def check_heads(h: Hyper) -> None:
@@ -285,9 +304,14 @@ VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
         (
             f.config_paths,
             lambda v, f=f: v <= f.limit,
-            f"at most {f.limit:,}, far above any X-CLIP's (fix the file)",
+            f"at most {f.limit:,}, far above any X-CLIP's",
         )
         for f in FIELDS
+    ),
+    (
+        ("text_config.max_position_embeddings",),
+        lambda v: v >= 2,
+        "at least 2 (a text holds a start and an end token)",
     ),
     (
         ("vision_config.num_channels",),

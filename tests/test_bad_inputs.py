@@ -199,6 +199,35 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "mit.position_embedding: checkpoint gives [1, 4, 32], config expects [1, 8, 32]",
     ),
     ("heads-need-config", lambda w: ["--checkpoint", w.checkpoint], 2, "--config"),
+    # sizes read off the weights are held to a config's rules, naming the key they came from
+    (
+        "inferred-no-prompt-blocks",
+        lambda w: _inferred(
+            w, lambda sd: {k: v for k, v in sd.items() if "prompts_generator.decoder." not in k}
+        ),
+        2,
+        "has 0 blocks 'prompts_generator.decoder.<i>.', so prompt_layers would be 0",
+    ),
+    (
+        "inferred-context-1",
+        lambda w: _inferred(w, lambda sd: {**sd, "positional_embedding": sd["positional_embedding"][:1]}),
+        2,
+        "'positional_embedding' has shape [1, 32], so text_config.max_position_embeddings would be 1; "
+        "it must be at least 2",
+    ),
+    (
+        "inferred-context-5000",
+        lambda w: _inferred(w, lambda sd: {**sd, "positional_embedding": torch.zeros(5000, 32)}),
+        2,
+        "text_config.max_position_embeddings would be 5000; it must be at most 4,096",
+    ),
+    (
+        "inferred-zero-width-mlp",
+        lambda w: _inferred(w, _zero_width_text_mlp),
+        2,
+        "'transformer.resblocks.0.mlp.c_fc.weight' has shape [0, 32], so text_config.intermediate_size "
+        "would be 0; it must be a positive integer",
+    ),
     ("empty-file", lambda w: ["--checkpoint", w.file("e.pth", b""), "--config", w.config], 2, "empty"),
     (
         "html-page",
@@ -1117,6 +1146,21 @@ def _audited(w: Workspace, report: Path) -> list[object]:
 def _back(w: Workspace, path: str, value: object) -> list[object]:
     """--to-original of a converted folder whose config.json has `path` set to `value`."""
     return ["--to-original", _converted(w, lambda d: _set(d, path, value)), "--output", w.root / "back.pth"]
+
+
+def _inferred(w: Workspace, change: Callable[[dict], dict]) -> list[object]:
+    """A conversion, without --config, of the golden's weights passed through `change`."""
+    return ["--checkpoint", w.saved("changed.pth", {"model": change(w.state_dict())})]
+
+
+def _zero_width_text_mlp(state_dict: dict) -> dict:
+    mlp = "transformer.resblocks.0.mlp."
+    empty = {
+        "c_fc.weight": torch.zeros(0, 32),
+        "c_fc.bias": torch.zeros(0),
+        "c_proj.weight": torch.zeros(32, 0),
+    }
+    return {**state_dict, **{mlp + k: v for k, v in empty.items()}}
 
 
 def _wrong_heads(w: Workspace) -> list[object]:

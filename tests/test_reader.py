@@ -231,6 +231,10 @@ def _config(**changes: object) -> dict:
         ({"vision_config__mit_hidden_size": 10**9}, "vision_config.mit_hidden_size must be at most"),
         ({"text_config__vocab_size": 2**40}, "text_config.vocab_size must be at most 1,048,576"),
         ({"vision_config__num_frames": 1000}, "vision_config.num_frames must be at most 128"),
+        (
+            {"text_config__max_position_embeddings": 1},
+            "text_config.max_position_embeddings must be at least 2",
+        ),
         ({"vision_config__num_channels": True}, "vision_config.num_channels must be a positive integer"),
         (
             {"vision_config__num_channels": 65},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -12,9 +13,14 @@ if TYPE_CHECKING:
 
 
 def meta_model(config: XCLIPConfig) -> XCLIPModel:
-    """An XCLIPModel on the meta device: shapes only, no memory, no init cost."""
+    """An XCLIPModel on the meta device: shapes only, no memory, no init cost. Built on a copy that returns
+    named outputs with transformers' default attention: a config's output switches (return_dict,
+    output_attentions) and attn_implementation change how a forward pass reports, not what it computes,
+    and stay the config's own to write."""
     from transformers import XCLIPModel
 
+    config = copy.deepcopy(config)
+    config.return_dict, config.output_attentions, config._attn_implementation = True, False, None
     with torch.device("meta"):
         return XCLIPModel(config)
 

@@ -27,6 +27,7 @@ from converter.registry import VARIANTS
 from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
 from converter.verify import Verification, verify
+from tests import helpers
 from tests.helpers import SQUARE
 from tests.release_clips import real_checkpoint, unavailable
 
@@ -189,6 +190,29 @@ def test_padding_id_alone_is_a_note(originals, tmp_path):
     report = audit(str(folder), checkpoint=path, config=to_config(SQUARE))
     notes = [f for f in report.findings if f.kind == "tokenizer" and f.changes_computation is False]
     assert notes and all(f.ok for f in notes) and "padding only" in notes[0].detail
+    assert report.passed, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize(
+    "switches", [{"return_dict": False}, {"output_attentions": True}, {"attn_implementation": "nonsense"}]
+)
+def test_a_configs_switches_change_no_check(switches, tmp_path):
+    """A --config's output switches and attention choice are the user's to keep, and neither the
+    verification nor an audit of the written folder reads its outputs through them."""
+    from transformers import XCLIPModel
+
+    from converter.pipeline import convert_checkpoint
+
+    path, config = helpers.checkpoint("tiny-a"), helpers.write_config("tiny-a", tmp_path / "cfg")
+    given = {**json.loads(config.read_text()), **switches}
+    (tmp_path / "given.json").write_text(json.dumps(given))
+
+    convert_checkpoint(path, config=tmp_path / "given.json", output=tmp_path / "out")
+
+    loaded = XCLIPModel.from_pretrained(tmp_path / "out").config
+    assert loaded.return_dict is switches.get("return_dict", True)
+    assert loaded.output_attentions is switches.get("output_attentions", False)
+    report = audit(str(tmp_path / "out"), checkpoint=path, config=config, reference=REFERENCE)
     assert report.passed, "\n".join(report.lines())
 
 

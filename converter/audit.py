@@ -21,7 +21,7 @@ import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
 from converter.clip import CONTEXT_LENGTH
-from converter.config import Hyper, config_source, load_config_file, to_config
+from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
 from converter.pipeline import _fetch, map_original
@@ -182,6 +182,9 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
             if got != want:
                 note = "" if changes else f"{name} {got} vs {want}: training only"
                 findings.append(Finding("config", name, got, want, not changes, changes, note))
+    for key in loading_keys(published):
+        detail = f"{key} in config.json: from_pretrained would not load the published weights as they are"
+        findings.append(Finding("config", key, getattr(published, key), None, False, True, detail))
     if all(f.ok for f in findings):
         findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings

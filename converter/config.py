@@ -329,6 +329,15 @@ VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
 )
 
 
+# config.json keys with which from_pretrained loads something other than the weights as they are stored:
+# quantized, through a repo's own code (AutoModel), another weights file, or with fused modules.
+LOADING_KEYS = ("quantization_config", "auto_map", "transformers_weights", "fusion_config")
+
+
+def loading_keys(config: XCLIPConfig) -> list[str]:
+    return [key for key in LOADING_KEYS if getattr(config, key, None) is not None]
+
+
 def check_config_values(data: Mapping[str, Any], where: str) -> None:
     """Every XCLIPConfig field the converter reads, checked by type and range in the JSON as given
     (absent fields take transformers' defaults); one line naming the first wrong field."""

@@ -30,6 +30,7 @@ from converter.config import (
     hyper_from_config,
     infer_hyper,
     load_config_file,
+    loading_keys,
     to_config,
 )
 from converter.errors import ConverterError, VerificationError, escape
@@ -215,11 +216,22 @@ def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, pri
 
 
 def write_small_files(result: ConversionResult, folder: Path, repo_id: str | None = None) -> None:
-    """Everything but the weights: config.json, the processor files and the model card."""
+    """Everything but the weights: config.json, the processor files and the model card. config.json names
+    the XCLIPModel the folder holds, and no LOADING_KEYS (say, of a --config copied from a quantized repo):
+    the folder is the verified model, as its dtype is --dtype's whatever the --config said."""
     from converter.card import model_card
     from converter.processor_files import write_processor
 
-    result.config.save_pretrained(folder)
+    config = result.config
+    if dropped := loading_keys(config):
+        log.warning(
+            "config.json leaves out %s, which make from_pretrained load other than the verified weights",
+            ", ".join(dropped),
+        )
+        for key in dropped:
+            delattr(config, key)
+    config.architectures = ["XCLIPModel"]
+    config.save_pretrained(folder)
     write_processor(folder, result.hyper.image_size)
     written = result.written_vs_float32
     card = model_card(

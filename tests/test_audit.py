@@ -57,6 +57,7 @@ MISTAKES = {
     "left-padding": (SQUARE, {"tokenizer"}, {"playing sports", "eating spaghetti"}),
     "changed-weight": (SQUARE, {"weights", "outputs"}, {"text_projection.weight"}),
     "float16-config": (SQUARE, {"config"}, {"dtype"}),
+    "loading-keys": (SQUARE, {"config"}, {"quantization_config", "auto_map"}),
 }  # fmt: skip
 MODELS = {"square": SQUARE, "l14": L14, "s336": S336}
 
@@ -99,6 +100,9 @@ def publish(folder: Path, hyper: Hyper, original: dict[str, torch.Tensor], mista
         processor.update(crop_size={"height": 224, "width": 224})
     elif mistake == "float16-config":  # float32 weights that from_pretrained would load as float16
         config.dtype = torch.float16
+    elif mistake == "loading-keys":  # from_pretrained would quantize, or AutoModel run the repo's code
+        config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+        config.auto_map = {"AutoModel": "evil.Model"}
     elif mistake == "changed-weight":
         weights["text_projection.weight"] = weights["text_projection.weight"] + 1e-3
     config.save_pretrained(folder)
@@ -191,6 +195,28 @@ def test_padding_id_alone_is_a_note(originals, tmp_path):
     notes = [f for f in report.findings if f.kind == "tokenizer" and f.changes_computation is False]
     assert notes and all(f.ok for f in notes) and "padding only" in notes[0].detail
     assert report.passed, "\n".join(report.lines())
+
+
+def test_a_config_is_written_to_load_as_verified(tmp_path, caplog):
+    """A --config's keys that make from_pretrained load something other than the verified weights are
+    left out of config.json, with a warning naming them; config.json always names XCLIPModel."""
+    from transformers import XCLIPModel
+
+    from converter.config import LOADING_KEYS
+    from converter.pipeline import convert_checkpoint
+
+    path, config = helpers.checkpoint("tiny-a"), helpers.write_config("tiny-a", tmp_path / "cfg")
+    given = json.loads(config.read_text())
+    given.update(architectures=5, auto_map={"AutoModel": "evil.Model"}, transformers_weights="x.safetensors")
+    given.update(quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    (tmp_path / "given.json").write_text(json.dumps(given))
+
+    convert_checkpoint(path, config=tmp_path / "given.json", output=tmp_path / "out")
+
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["XCLIPModel"] and not set(LOADING_KEYS) & written.keys()
+    assert "leaves out quantization_config, auto_map, transformers_weights, which make" in caplog.text
+    XCLIPModel.from_pretrained(tmp_path / "out")  # bitsandbytes would be asked for, were it kept
 
 
 @pytest.mark.parametrize(

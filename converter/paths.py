@@ -69,6 +69,7 @@ def check_target(
     if path.is_symlink() and not path.exists():
         raise ConverterError(f"{flag} {shown} is a broken symlink; remove it or choose another {kind}")
     target = _resolved(flag, path)
+    check_utf8(target, f"{flag} {shown}")  # the staging beside it has its whole path
     if kind == "folder" and target in (cwd := _resolved(flag, Path.cwd()), *cwd.parents):
         raise ConverterError(
             f"{flag} {shown} is the current folder or holds it ({target}); choose a folder below it"
@@ -99,6 +100,16 @@ def check_target(
     if not empty:
         raise ConverterError(f"{flag} {shown} exists and is not empty; pass --overwrite to replace it")
     return target
+
+
+def check_utf8(path: str | Path | int, what: str) -> None:
+    """Refuse a path that is not valid UTF-8 (a descriptor passes): torch and safetensors cannot open it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConverterError(
+            f"{what}: the path is not valid UTF-8, which torch and safetensors cannot open: use a UTF-8 name"
+        ) from None
 
 
 def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[Protected]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConverterError, escape, reason
-from converter.paths import kind_of
+from converter.paths import check_utf8, kind_of
 
 MiB = 1 << 20
 # The caps hold the largest real file of each kind many times over; a file above them is not one.
@@ -43,6 +43,7 @@ def file_format(head: bytes) -> str | None:
 def check_regular(path: Path | int, what: str) -> os.stat_result:
     """The stat of `path` (links followed; or of an open descriptor) if it is a regular file; else one line
     saying what it is."""
+    check_utf8(path, what)
     try:
         info = os.stat(path)
     except FileNotFoundError:

@@ -63,6 +63,10 @@ class Workspace:
         ]
 
 
+_NOT_UTF8 = os.fsdecode(b"\xff")  # how Python names a file whose name has the byte 0xff
+_NOT_UTF8_SAID = "the path is not valid UTF-8, which torch and safetensors cannot open"
+
+
 def _evil() -> object:
     class Payload:
         def __reduce__(self):
@@ -702,6 +706,20 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "--output d/ names",
     ),
     ("audit-report-slash", lambda w: [*_audited(w, w.root)[:-1], "d/"], 2, "--report d/ names a folder"),
+    # A name that is not UTF-8, which torch and safetensors cannot open, is refused before any work.
+    ("output-not-utf8", lambda w: w.convert()[:4] + ["--output", w.parent / _NOT_UTF8], 2, _NOT_UTF8_SAID),
+    (
+        "to-original-output-not-utf8",
+        lambda w: ["--to-original", _converted(w), "--output", w.root / f"{_NOT_UTF8}.pth"],
+        2,
+        _NOT_UTF8_SAID,
+    ),
+    (
+        "checkpoint-not-utf8",
+        lambda w: ["--checkpoint", w.file(f"{_NOT_UTF8}.pth", w.checkpoint.read_bytes()), *w.convert()[2:]],
+        2,
+        _NOT_UTF8_SAID,
+    ),
     (
         "show-config-with-checkpoint",
         lambda w: ["--show-config", "--model-name", "xclip-base-patch32", "--checkpoint", w.checkpoint],

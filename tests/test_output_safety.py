@@ -130,6 +130,17 @@ def test_an_output_below_a_file_is_refused_naming_the_file(tmp_path, output):
     assert str(err.value) == f"--output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
+def test_a_path_that_is_not_utf8_is_refused(tmp_path, monkeypatch):
+    """safetensors and torch cannot open it: refused before any work, also when only the cwd is not UTF-8."""
+    bad = tmp_path / os.fsdecode(b"\xff")
+    with pytest.raises(ConverterError, match="^--output .*: the path is not valid UTF-8, which torch"):
+        check_output(bad / "out", overwrite=False)
+    bad.mkdir()
+    monkeypatch.chdir(bad)
+    with pytest.raises(ConverterError, match="^--output out: the path is not valid UTF-8"):
+        check_output(Path("out"), overwrite=False)
+
+
 def test_a_broken_symlink_is_refused(tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "gone")
     with pytest.raises(ConverterError, match="broken symlink"):

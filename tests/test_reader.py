@@ -168,6 +168,14 @@ def test_a_folder_or_nothing(tmp_path):
         reader.read_json(tmp_path / "none.json", "N")
 
 
+def test_a_name_that_is_not_utf8_is_refused_before_it_is_read(tmp_path):
+    """torch.load and safetensors cannot open it: said so, not misread as a file with foreign contents."""
+    path = tmp_path / os.fsdecode(b"c\xff.pth")
+    path.write_bytes(b"PK\x03\x04")
+    with pytest.raises(ConverterError, match="^C: the path is not valid UTF-8, which torch and safetensors"):
+        reader.check_regular(path, "C")
+
+
 def test_values_are_shown_on_one_short_line():
     assert reader.shown("\x1b[2Kok\r\nfake") == "'\\x1b[2Kok\\r\\nfake'"
     assert len(reader.shown("x" * 10_000)) == 80

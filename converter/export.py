@@ -221,6 +221,7 @@ def staged_output(
     target = check_target(output, kind=kind, overwrite=overwrite, protected=protected, flag=flag)
     _remove_stale_staging(target, kind)
     before = _identity(target)
+    made = [folder for folder in target.parents if not folder.exists()]  # innermost first
     staging = lock = None
     committed = False
     try:
@@ -255,9 +256,12 @@ def staged_output(
                 raise ConverterError(f"{where}: cannot move it into place: {err.strerror}") from err
             committed = True
     except BaseException as err:
-        if lock is not None:
-            with _signals_deferred():
+        with _signals_deferred():
+            if lock is not None:
                 _remove_if_ours(staging, lock)
+            for folder in made:  # the folders _create_staging made, unless something is in them now
+                with suppress(OSError):
+                    os.rmdir(folder)
         if isinstance(err, Interrupted) and not err.outcome:
             err.outcome = f"{where} " + ("was complete first" if committed else "was not changed")
         raise

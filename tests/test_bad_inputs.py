@@ -720,6 +720,32 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         _NOT_UTF8_SAID,
     ),
+    # A failed run removes the output's parent folders it made (the snapshot shows any left behind).
+    (
+        "output-parents-made",
+        lambda w: ["--checkpoint", w.root / "nope.pth", "--output", w.parent / "a" / "b" / "out"],
+        2,
+        "no such file",
+    ),
+    (
+        "report-parents-made",
+        lambda w: [
+            "--audit",
+            w.root / "nope",
+            "--checkpoint",
+            w.checkpoint,
+            "--report",
+            w.parent / "a/r.json",
+        ],
+        2,
+        "nope",
+    ),
+    (
+        "to-original-output-parents-made",
+        lambda w: ["--to-original", w.root / "nope", "--output", w.parent / "a" / "b" / "back.pth"],
+        2,
+        "nope",
+    ),
     (
         "show-config-with-checkpoint",
         lambda w: ["--show-config", "--model-name", "xclip-base-patch32", "--checkpoint", w.checkpoint],

@@ -369,6 +369,20 @@ def test_a_run_waits_to_move_into_place_while_another_is_moving_into_the_same_fo
 # --- failures and signals leave nothing behind -----------------------------------------------------
 
 
+def test_a_failure_removes_the_folders_made_for_the_output_unless_something_is_in_them(tmp_path):
+    (tmp_path / "a").mkdir()
+    out = tmp_path / "a" / "b" / "c" / "out"
+    with pytest.raises(ConverterError, match="^failed$"):
+        with staged_output(out, overwrite=False):
+            raise ConverterError("failed")
+    assert names(tmp_path) == ["a"] and names(tmp_path / "a") == []  # a was there before
+    with pytest.raises(Interrupted):
+        with staged_output(out, overwrite=False):
+            (tmp_path / "a" / "b" / "theirs").write_text("x")  # another run's, say
+            raise Interrupted(signal.SIGINT)
+    assert names(tmp_path / "a") == ["b"] and names(tmp_path / "a" / "b") == ["theirs"]
+
+
 def test_an_oserror_in_the_block_names_the_output_file_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConverterError) as err:

@@ -84,7 +84,7 @@ def test_wrong_heads_are_not_written(tmp_path):
     folder = publish(tmp_path / "published", L14, original, "8-heads")
     with pytest.raises(VerificationError, match=r"prompt_num_attention_heads 8 ≠ 12.*nothing was written"):
         to_original(folder, tmp_path / "out" / "model.pth")
-    assert list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()  # nor the folder made for it
     # The same weights with the right config go back fine.
     correct = publish(tmp_path / "correct", L14, original, "correct")
     assert to_original(correct, tmp_path / "out" / "model.pth").verification.passed

@@ -56,6 +56,7 @@ class Provenance:
     path: Path  # the local file that was converted
     origin: str  # URL, or the file name
     sha256: str | None
+    config: str | Path | None = None  # the config file read with it, which no output may touch
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     repo_id: str | None = None,
     hash_source: bool = False,
-    protect: Iterable[tuple[str, Path]] = (),
+    protect: Iterable[tuple[str, str | Path]] = (),
 ) -> ConversionResult:
     """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release.
 
@@ -107,7 +108,7 @@ def convert_checkpoint(
         with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
             note(escape(str(config_file)))
             config = load_config_file(config_file)
-    protected = [*paths.protected(checkpoint=source, config=config_file), *protect]
+    protected = [*paths.protected(checkpoint=source, config=config_file), *((k, Path(p)) for k, p in protect)]
 
     with ExitStack() as writing:
         folder = None
@@ -154,7 +155,7 @@ def convert_checkpoint(
                     f"the converted model does not reproduce the original ({origin}); nothing was written",
                     verification,
                 )
-        provenance = replace(provenance, sha256=digest.result())
+        provenance = replace(provenance, sha256=digest.result(), config=config_file)
         name = model_name or Path(provenance.origin).stem
         result = ConversionResult(
             name, hyper, xclip_config, state_dict, out_dtype, provenance, verification, written, model=model
@@ -196,7 +197,8 @@ def write_folder(
     from converter.export import staged_output, write_weights
 
     folder = Path(folder)
-    with staged_output(folder, overwrite, paths.protected(checkpoint=result.provenance.path)) as staging:
+    read = paths.protected(checkpoint=result.provenance.path, config=result.provenance.config)
+    with staged_output(folder, overwrite, read) as staging:
         write_weights(staging, result.state_dict)
         write_small_files(result, staging, repo_id)
     return replace(result, folder=folder)

@@ -29,6 +29,7 @@ from converter.export import (
     weights_written_meanwhile,
 )
 from converter.paths import Protected, check_target
+from tests import helpers
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
 
@@ -103,6 +104,23 @@ def test_the_overwrite_that_deleted_the_input_now_keeps_it(tmp_path):
         with staged_output(tmp_path / "out", True, [("--checkpoint", tmp_path / "out" / "ft.pth")]):
             pass
     assert (tmp_path / "out" / "ft.pth").read_text() == "precious" and names(tmp_path) == ["out"]
+
+
+def test_the_library_protects_the_config_it_read_and_paths_given_as_text(tmp_path):
+    from converter.pipeline import convert_checkpoint, write_folder
+
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    result = convert_checkpoint(helpers.checkpoint("tiny-a"), config=config, verify=False)
+    with pytest.raises(ConverterError, match=f"^--output {tmp_path / 'cfg'} contains --config {config};"):
+        write_folder(result, tmp_path / "cfg", overwrite=True)
+    with pytest.raises(ConverterError, match=f"^--output {tmp_path / 'cfg'} contains my notes {config};"):
+        convert_checkpoint(
+            helpers.checkpoint("tiny-a"),
+            output=tmp_path / "cfg",
+            overwrite=True,
+            protect=[("my notes", str(config))],
+        )
+    assert names(tmp_path / "cfg") == ["config.json"]
 
 
 @pytest.mark.parametrize("output", [".", "..", "sub/..", "sub/../..", "/"])

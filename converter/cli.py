@@ -226,9 +226,6 @@ def _run(args: argparse.Namespace) -> int:
         users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
         raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
-    for dest in ["report"] + (["output"] if job == "to_original" else []):  # the flags naming a file
-        if (getattr(args, dest) or "").endswith(("/", os.sep)):  # Path() drops it, and writes a file there
-            raise ConverterError(f"{_flag(dest)} {escape(getattr(args, dest))} names a folder: name the file")
     if "atol" in given:
         from converter.pipeline import check_atol
 
@@ -368,9 +365,7 @@ def _audit(args: argparse.Namespace) -> int:
     protected = paths.protected(
         checkpoint=args.checkpoint, config=args.config, source=args.audit, source_label="the audited folder"
     )
-    staged = (
-        staged_file(Path(args.report), True, protected, flag="--report") if args.report else nullcontext()
-    )
+    staged = staged_file(args.report, True, protected, flag="--report") if args.report else nullcontext()
     with staged as report_file:
         report = audit(args.audit, checkpoint=args.checkpoint, **_original(args), revision=args.revision)
         _out("\n".join(report.lines()))
@@ -397,7 +392,7 @@ def _to_original(args: argparse.Namespace) -> int:
         raise ConverterError("--to-original needs --output FILE.pth")
     start_up = _seconds_since_process_start()
     result = to_original(
-        args.to_original, Path(args.output), atol=args.atol, overwrite=args.overwrite, revision=args.revision
+        args.to_original, args.output, atol=args.atol, overwrite=args.overwrite, revision=args.revision
     )
     _out(result.verification.summary())
     _out(f"wrote {escape(str(result.output))}")

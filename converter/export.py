@@ -208,7 +208,7 @@ def weights_written_meanwhile(
 
 @contextmanager
 def staged_output(
-    output: Path,
+    output: str | Path,
     overwrite: bool,
     protected: Iterable[Protected] = (),
     *,
@@ -271,7 +271,7 @@ def staged_output(
 
 
 def staged_file(
-    output: Path, overwrite: bool, protected: Iterable[Protected] = (), *, flag: str = "--output"
+    output: str | Path, overwrite: bool, protected: Iterable[Protected] = (), *, flag: str = "--output"
 ) -> AbstractContextManager[Path]:
     """`staged_output` for one file, renamed onto `output` (or where a symlink there points)."""
     return staged_output(output, overwrite, protected, flag=flag, kind="file")

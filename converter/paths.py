@@ -54,7 +54,7 @@ def local_path(value: str | Path | None) -> Path | None:
 
 
 def check_target(
-    path: Path,
+    path: str | Path,
     *,
     kind: Kind,
     overwrite: bool,
@@ -63,6 +63,9 @@ def check_target(
 ) -> Path:
     """Refuse `path` (what `flag` names) if the policy forbids writing it; return it resolved."""
     shown = escape(str(path))
+    if kind == "file" and str(path).endswith(("/", os.sep)):  # Path() drops the slash, and writes a file
+        raise ConverterError(f"{flag} {shown} names a folder: name the file")
+    path = Path(path)
     if path.name in ("", ".", ".."):
         example = "xclip-model" if kind == "folder" else "model.pth"
         raise ConverterError(f"{flag} {shown}: name the {kind} to write, e.g. {flag} {shown}/{example}")

@@ -42,7 +42,7 @@ def to_original(
     from converter.build import build_model
 
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
-    with staged_file(Path(output), overwrite, paths.protected(source=source)) as partial:
+    with staged_file(output, overwrite, paths.protected(source=source)) as partial:
         with stage("load") as note:
             published = load_published(source, revision=revision)
             hyper = hyper_from_config(published.config)

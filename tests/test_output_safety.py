@@ -148,6 +148,16 @@ def test_an_output_below_a_file_is_refused_naming_the_file(tmp_path, output):
     assert str(err.value) == f"--output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder"
 
 
+def test_a_file_named_with_a_trailing_slash_is_refused(tmp_path):
+    """A trailing slash names a folder; Path() drops it, and a file would be written under that name."""
+    for given in (f"{tmp_path}/new/", f"{tmp_path}/new{os.sep}"):
+        with pytest.raises(
+            ConverterError, match=f"^--report {re.escape(given)} names a folder: name the file$"
+        ):
+            check_target(given, kind="file", overwrite=True, flag="--report")
+    assert check_target(f"{tmp_path}/new/", kind="folder", overwrite=False) == tmp_path / "new"
+
+
 def test_a_path_that_is_not_utf8_is_refused(tmp_path, monkeypatch):
     """safetensors and torch cannot open it: refused before any work, also when only the cwd is not UTF-8."""
     bad = tmp_path / os.fsdecode(b"\xff")

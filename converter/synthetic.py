@@ -7,29 +7,34 @@ like a trained CLIP so outputs are not degenerate, but its predictions mean noth
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from converter import paths
 from converter.cli import run_job
-from converter.config import Hyper, hyper_for_variant
 from converter.errors import ConverterError, escape
 from converter.export import staged_file, torch_save
 from converter.registry import VARIANTS, get_variant
-from converter.rules import original_shapes
+
+if TYPE_CHECKING:  # torch and numpy imported when used: a Ctrl-C while they load is then an Interrupted
+    import numpy as np
+    import torch
+
+    from converter.config import Hyper
 
 PROG = "python -m converter.synthetic"
 CLIP_SIZE = (240, 320)  # a clip's frame height and width: 240p, as the Kinetics clips are stored
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
 
 
 def _init(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
+    import torch
+
     if key == "logit_scale":
         return torch.tensor(math.log(100.0))
     if key == "prompts_generator.alpha":
@@ -47,10 +52,14 @@ def _init(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * fan_in**-0.5
 
 
-def make_state_dict(hyper: Hyper, seed: int = 0, dtype: torch.dtype = torch.float32) -> StateDict:
-    """A seeded original state dict with every key of `hyper`'s layout, no zeros."""
+def make_state_dict(hyper: Hyper, seed: int = 0) -> StateDict:
+    """A seeded float32 original state dict with every key of `hyper`'s layout, no zeros."""
+    import torch
+
+    from converter.rules import original_shapes
+
     gen = torch.Generator().manual_seed(seed)
-    return {k: _init(k, shape, gen).to(dtype) for k, shape in original_shapes(hyper).items()}
+    return {k: _init(k, shape, gen) for k, shape in original_shapes(hyper).items()}
 
 
 @contextmanager
@@ -89,6 +98,8 @@ def save_training_layout(path: str | Path, state_dict: StateDict, hyper: Hyper) 
 
 def make_clip(frames: int, seed: int = 0) -> np.ndarray:
     """`frames` seeded random RGB frames, [T, H, W, 3] uint8: a clip `--video` and the card's usage read."""
+    import numpy as np
+
     return np.random.default_rng(seed).integers(0, 256, (frames, *CLIP_SIZE, 3), dtype=np.uint8)
 
 
@@ -107,40 +118,47 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_name", metavar="MODEL_NAME", help=f"one of: {', '.join(VARIANTS)}")
-    parser.add_argument("file", metavar="FILE", type=Path, help="the checkpoint to write, e.g. k400_32_8.pth")
+    # FILE and --clip are kept as given: Path() would drop a trailing slash, which names a folder.
+    parser.add_argument("file", metavar="FILE", help="the checkpoint to write, e.g. k400_32_8.pth")
     parser.add_argument("--seed", type=_seed, default=0, help="seed of the random weights (and the clip)")
-    parser.add_argument("--clip", metavar="FILE.npy", type=Path, help="also write a clip of random frames")
+    parser.add_argument("--clip", metavar="FILE.npy", help="also write a clip of random frames")
     parser.add_argument("--overwrite", action="store_true", help="replace FILE (and the clip) if they exist")
     args = parser.parse_args(argv)
     return run_job(lambda: _write(args), PROG)
 
 
 def _write(args: argparse.Namespace) -> int:
-    """Both files refused before any work if they cannot be written, then each written whole; the next
-    command printed."""
+    """Both files staged before any work (refused then if they cannot be written), and moved into place
+    only when both were written whole; the next command printed."""
+    import numpy as np
+
+    from converter.config import hyper_for_variant
+
     variant, clip, protected = get_variant(args.model_name), args.clip, paths.caches()
-    if clip is not None:  # FILE is checked as it is staged, before the work
-        if clip.suffix != ".npy":
-            raise ConverterError(f"--clip {escape(str(clip))}: name it FILE.npy (a NumPy array of frames)")
-        if clip.resolve() == args.file.resolve():
-            raise ConverterError("FILE and --clip name the same file: give them different names")
-        paths.check_target(clip, kind="file", overwrite=args.overwrite, protected=protected, flag="--clip")
-    hyper = hyper_for_variant(variant)
-    with staged_file(args.file, args.overwrite, protected, flag="FILE") as partial:
-        save_training_layout(partial, make_state_dict(hyper, seed=args.seed), hyper)
     if clip is not None:
-        with staged_file(clip, args.overwrite, protected, flag="--clip") as partial:
-            with open(partial, "wb") as fh:  # np.save given a name would add .npy to the partial's
-                np.save(fh, make_clip(hyper.frames, args.seed))
-    file = escape(str(args.file))
+        if Path(clip).suffix != ".npy":
+            raise ConverterError(f"--clip {escape(clip)}: name it FILE.npy (a NumPy array of frames)")
+        if Path(clip).resolve() == Path(args.file).resolve():
+            raise ConverterError("FILE and --clip name the same file: give them different names")
+    hyper = hyper_for_variant(variant)
+    clip_staged = staged_file(clip, args.overwrite, protected, flag="--clip") if clip else nullcontext()
+    # Nested, so FILE's failure removes the clip; and the clip, written first, fails before FILE's work.
+    with clip_staged as clip_file:
+        if clip_file is not None:
+            frames = io.BytesIO()  # np.save into a file reports a full disk without its errno
+            np.save(frames, make_clip(hyper.frames, args.seed))
+            clip_file.write_bytes(frames.getbuffer())
+        with staged_file(args.file, args.overwrite, protected, flag="FILE") as partial:
+            save_training_layout(partial, make_state_dict(hyper, seed=args.seed), hyper)
+    file, megabytes = escape(args.file), Path(args.file).stat().st_size / 1e6
     print(
-        f"wrote {file}: a synthetic {variant.name} checkpoint ({args.file.stat().st_size / 1e6:,.0f} MB): "
+        f"wrote {file}: a synthetic {variant.name} checkpoint ({megabytes:,.0f} MB): "
         f"seeded random weights (--seed {args.seed}), not the released ones, so its predictions mean nothing"
     )
     command = f"xclip-convert --checkpoint {file} --model-name {variant.name} --output out"
     if clip is not None:
-        print(f"wrote {escape(str(clip))}: {hyper.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
-        command += f" --video {escape(str(clip))}"
+        print(f"wrote {escape(clip)}: {hyper.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
+        command += f" --video {escape(clip)}"
     print(f"next, with no network: {command}")
     return 0
 

@@ -4,7 +4,10 @@ classifies it, and the folder loads and classifies again as its model card's usa
 
 from __future__ import annotations
 
+import errno
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -69,8 +72,10 @@ def test_synthetic_checkpoint_converts_loads_and_classifies_offline(
         ([NAME, "x.npy", "--clip", "x.npy"], "error: FILE and --clip name the same file"),
         ([NAME, "folder"], "error: FILE folder is a folder: name a file to write"),
         ([NAME, "."], "error: FILE .: name the file to write"),
+        ([NAME, "new/"], "error: FILE new/ names a folder: name the file"),
+        ([NAME, "x.pth", "--clip", "new.npy/"], "error: --clip new.npy/ names a folder: name the file"),
     ],
-    ids=["unknown-model", "exists", "clip-not-npy", "same-file", "folder", "dot"],
+    ids=["unknown-model", "exists", "clip-not-npy", "same-file", "folder", "dot", "slash", "clip-slash"],
 )
 def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -81,6 +86,37 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, monkeypatch, cap
     assert err.startswith(f"python -m converter.synthetic: {message}") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.pth", "folder"]
     assert (tmp_path / "exists.pth").read_bytes() == b"mine"
+
+
+def test_a_clip_that_cannot_be_written_fails_before_the_checkpoint_is_written(tmp_path, monkeypatch, capsys):
+    """The patched twin of the tmpfs test below: the clip is written first, and FILE only with it."""
+    import converter.synthetic
+
+    def full(frames, seed=0):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(converter.synthetic, "make_clip", full)
+    assert synthetic([NAME, "x.pth", "--clip", "c.npy"]) == 2
+    assert "could not write c.npy: No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_for_the_clip_is_named_and_leaves_nothing(tmp_path, monkeypatch, capsys, small_disk):
+    (small_disk / "filler").write_bytes(b"\0" * (1 << 20))  # the 1.8 MB clip no longer fits
+    monkeypatch.chdir(tmp_path)
+    assert synthetic([NAME, "x.pth", "--clip", str(small_disk / "c.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: could not write {small_disk / 'c.npy'}: No space left on device; --clip " in err
+    assert [p.name for p in tmp_path.iterdir()] == ["small"] and [p.name for p in small_disk.iterdir()] == [
+        "filler"
+    ]
+
+
+def test_torch_and_numpy_are_imported_once_the_signals_are_handled():
+    """Imported at the start, they would make a Ctrl-C in the first second a KeyboardInterrupt traceback."""
+    code = "import sys, converter.synthetic; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
 
 
 @pytest.mark.parametrize("seed", ["-1", str(1 << 63), "1.5"])

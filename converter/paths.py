@@ -71,6 +71,8 @@ def check_target(
         raise ConverterError(f"{flag} {shown}: name the {kind} to write, e.g. {flag} {shown}/{example}")
     if path.is_symlink() and not path.exists():
         raise ConverterError(f"{flag} {shown} is a broken symlink; remove it or choose another {kind}")
+    if str(path.absolute()).startswith(("/dev/std", "/dev/fd/", "/proc/")):  # a stream, such as a log
+        raise ConverterError(f"{flag} {shown} is a process's open file (a standard stream): name a file")
     target = _resolved(flag, path)
     check_utf8(target, f"{flag} {shown}")  # the staging beside it has its whole path
     if kind == "folder" and target in (cwd := _resolved(flag, Path.cwd()), *cwd.parents):

@@ -532,6 +532,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "is --checkpoint",
     ),
+    (  # with stdout sent to a log (`>> run.log`), the log: replaced by the report, its lines lost
+        "report-is-stdout",
+        lambda w: _audited(w, Path("/dev/stdout")),
+        2,
+        "--report /dev/stdout is a process's open file (a standard stream): name a file",
+    ),
     ("report-is-a-device", lambda w: _audited(w, Path("/dev/full")), 2, "is a character device: name a file"),
     (
         "report-is-a-fifo",

@@ -378,7 +378,11 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
     known: dict[str, Any] = {}
     with suppress(ConverterError):  # the validator of the answer that started ``part``
         known = read_json_object(Path(f"{part}.json"), "a validator")
-    if not part.exists() or not _HEADER_VALUE.fullmatch(str(known.get("validator"))):
+    if not (
+        part.exists()
+        and isinstance(known.get("validator"), str)
+        and _HEADER_VALUE.fullmatch(known["validator"])
+    ):
         _discard_partial(part)  # nothing proves these bytes belong to today's file: start over
         known = {}
     have = part.stat().st_size if known else 0

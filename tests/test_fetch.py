@@ -432,6 +432,16 @@ def test_a_validator_that_cannot_be_sent_back_is_none(
         assert [h.range for h in server.hits_for("/b.pth")] == [None, None]
 
 
+@pytest.mark.parametrize("validator", [None, 123, ["x"]], ids=["null", "number", "list"])
+def test_a_part_recorded_without_a_string_validator_starts_over(server: LoopbackServer, validator) -> None:
+    part = fetch.url_cache_path(server.url(PATH), fetch.cache_dir()).with_suffix(".pth.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(V2[:1000])  # another version's bytes: resumed without If-Range, they would stay
+    Path(f"{part}.json").write_text(json.dumps({"validator": validator, "total": len(DATA)}))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert [h.range for h in server.hits_for(PATH)] == [None]
+
+
 def test_too_many_requests_is_retried(server: LoopbackServer) -> None:
     server.add_faults(PATH, Fault(status=429), Fault(status=408))
     assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA

@@ -428,8 +428,10 @@ def test_a_validator_that_cannot_be_sent_back_is_none(
         monkeypatch.setattr(server, "_validators", lambda p, b: {**real(p, b), "ETag": etag})
         server.add_faults("/b.pth", Fault(truncate=0.5))
         server.files["/b.pth"] = DATA
+        # urllib3 2.7 keeps the fold (the value cannot be sent back: the next try starts over); 2.8 unfolds
+        # it into a value that can. Either way the download completes, and no fold is sent back.
         assert fetch.fetch_url(server.url("/b.pth")).read_bytes() == DATA
-        assert [h.range for h in server.hits_for("/b.pth")] == [None, None]
+        assert all(h.if_range is None or "\n" not in h.if_range for h in server.hits_for("/b.pth"))
 
 
 @pytest.mark.parametrize("validator", [None, 123, ["x"]], ids=["null", "number", "list"])

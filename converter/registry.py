@@ -75,6 +75,8 @@ class Source:
     def url(self) -> str:
         """Where it is downloaded from: a mirror set with XCLIP_RELEASE_URL, else where it was published."""
         mirror = os.environ.get("XCLIP_RELEASE_URL", "").rstrip("/")
+        if mirror and mirror.partition("://")[0].lower() not in ("http", "https", "file"):
+            raise ConverterError(f"XCLIP_RELEASE_URL={mirror!r} is not an http://, https:// or file:// URL")
         return f"{mirror}/{self.filename}" if mirror else self.published_url
 
     def cache_path(self, cache: Path) -> Path:

@@ -21,6 +21,13 @@ def test_release_assets_come_from_the_release_or_a_mirror(monkeypatch: pytest.Mo
     assert source.url() == "http://mirror.example/xclip/k400_32_8.pth"
 
 
+@pytest.mark.parametrize("mirror", ["/data/mirror", "ftp://mirror.example/xclip"])
+def test_a_mirror_that_is_not_a_url_is_named(monkeypatch: pytest.MonkeyPatch, mirror: str) -> None:
+    monkeypatch.setenv("XCLIP_RELEASE_URL", mirror)
+    with pytest.raises(ConverterError, match=f"^XCLIP_RELEASE_URL='{mirror}' is not an http://"):
+        VARIANTS["xclip-base-patch32"].source.url()
+
+
 def test_drive_files_come_from_drive_unless_a_mirror_holds_them(monkeypatch: pytest.MonkeyPatch) -> None:
     source = VARIANTS["xclip-large-patch14"].source
     assert not source.from_release_url

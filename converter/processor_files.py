@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from converter.errors import ConverterError
 
 PROCESSOR_CLASS = "XCLIPProcessor"
+LOCK_TIMEOUT = 60.0  # seconds to wait for another run building a cache entry (a stopped one holds it)
 IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # What build_processor_files writes whatever else save_pretrained adds: a cache entry lacking one is rebuilt.
 FILES = (
@@ -27,13 +29,16 @@ FILES = (
 def write_processor(folder: Path, image_size: int) -> None:
     """The XCLIPProcessor's files, built once per (image size, transformers, processing code) and copied
     from the cache: importing transformers' processor classes costs more than the rest of a conversion."""
+    from converter.published import TOKENIZER_FILES
+
     try:
         source = _cached_processor(image_size)
-    except (OSError, ConverterError):  # no usable cache (a local conversion needs none): build in place
+    except (OSError, ConverterError):  # no usable cache (a local conversion needs none), or a busy one
         build_processor_files(folder, image_size)
         return
-    for file in source.iterdir():
-        shutil.copyfile(file, folder / file.name)
+    for name in sorted({*FILES, *TOKENIZER_FILES}):  # the processor's files only: never a stray weights file
+        if _regular(source / name):
+            shutil.copyfile(source / name, folder / name)
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
@@ -60,6 +65,10 @@ def build_processor_files(folder: Path, image_size: int) -> None:
     (folder / "merges.txt").write_text(merges_txt, encoding="utf-8", newline="\n")
 
 
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -71,7 +80,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _cached_processor(image_size: int) -> Path:
     from importlib.metadata import version
 
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     from converter.export import staged_output
     from converter.fetch import cache_folder
@@ -82,8 +91,15 @@ def _cached_processor(image_size: int) -> Path:
         code.update(module.read_bytes())
     name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
     folder = cache_folder("processor") / name
-    with FileLock(f"{folder}.lock"):  # one process builds it; the others wait and copy
-        if not all((folder / name).is_file() for name in FILES):  # a cache cleaner may have taken some
+    if folder.is_symlink():  # not one we made: never replaced, wherever it points
+        raise ConverterError(f"{folder} is a symlink")
+    try:  # one process builds it; the others wait and copy
+        lock = FileLock(f"{folder}.lock", timeout=LOCK_TIMEOUT).acquire()
+    except Timeout:
+        logging.getLogger("converter").info("the processor cache is busy: building the files in place")
+        raise
+    with lock:
+        if not all(_regular(folder / name) for name in FILES):  # a cache cleaner may have taken some
             with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
                 build_processor_files(staging, image_size)
     return folder

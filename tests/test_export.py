@@ -3,6 +3,8 @@ cached processor files equal a fresh build."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
@@ -129,6 +131,78 @@ def test_a_cached_processor_entry_missing_a_file_is_rebuilt(tmp_path, monkeypatc
         assert sorted(p.name for p in folder.iterdir()) == sorted(
             p.name for p in (tmp_path / "first").iterdir()
         )
+
+
+def test_only_the_processor_files_of_a_cache_entry_are_copied(tmp_path, monkeypatch):
+    """Whatever else is in an entry (weights, a config, a link to a secret, a FIFO, a folder) stays out."""
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "first").mkdir()
+    write_processor(tmp_path / "first", 224)
+    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    (entry / WEIGHTS_NAME).write_bytes(b"zeros")
+    (entry / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "secret.txt").write_text("secret")
+    (entry / "special_tokens_map.json").symlink_to(tmp_path / "secret.txt")
+    os.mkfifo(entry / "added_tokens.json")
+    (entry / "sub").mkdir()
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "config.json").write_text("verified")
+    write_processor(folder, 224)
+    assert (folder / "config.json").read_text() == "verified"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", *os.listdir(tmp_path / "first")]
+    )
+
+
+def test_a_cache_entry_that_is_a_link_is_never_replaced(tmp_path, monkeypatch):
+    """A link to a folder of the user's: building the entry in place of it would replace that folder."""
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "first").mkdir()
+    write_processor(tmp_path / "first", 224)
+    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    shutil.rmtree(entry)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    entry.symlink_to(tmp_path / "mine")
+    (tmp_path / "out").mkdir()
+    write_processor(tmp_path / "out", 224)
+    assert os.listdir(tmp_path / "mine") == ["thesis.tex"]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "first"))
+
+
+def test_a_cache_entry_locked_too_long_is_built_in_place(tmp_path, monkeypatch, caplog):
+    """Another run holds the entry's lock (stopped with Ctrl-Z, say): this one does not wait forever."""
+    import logging
+
+    from filelock import FileLock
+
+    from converter import processor_files
+
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(processor_files, "LOCK_TIMEOUT", 0.1)
+    (tmp_path / "first").mkdir()
+    write_processor(tmp_path / "first", 224)
+    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    shutil.rmtree(entry)
+    (tmp_path / "out").mkdir()
+    done = threading.Event()
+
+    def hold() -> None:
+        with FileLock(f"{entry}.lock"):
+            done.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.2)
+    try:
+        with caplog.at_level(logging.INFO, logger="converter"):
+            write_processor(tmp_path / "out", 224)
+    finally:
+        done.set()
+        holder.join()
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(os.listdir(tmp_path / "first"))
+    assert "the processor cache is busy" in caplog.text
 
 
 # --- reading model.safetensors back ----------------------------------------------------------------

@@ -74,6 +74,9 @@ def pytest_configure(config) -> None:
     _interruptible_children()
 
 
+SUITE_INPUTS = ("expected", "tests", "converter", "conftest.py", "pyproject.toml")
+
+
 def _check_output_options(config) -> None:
     """--save-dir, --report and the files --update-expected rewrites go through the converter's path
     policy before any test runs: no device, FIFO or file in place of a folder, nothing inside an input
@@ -83,7 +86,9 @@ def _check_output_options(config) -> None:
     from converter import paths
     from converter.errors import ConverterError
 
-    inputs = paths.caches()
+    # The suite's own inputs too: a report written over expected/ or a test would break the next run.
+    root = Path(__file__).parent
+    inputs = [*paths.caches(), *((f"the suite's {name}", root / name) for name in SUITE_INPUTS)]
     if config.getoption("--checkpoint-dir"):
         inputs.append(("--checkpoint-dir", Path(config.getoption("--checkpoint-dir"))))
     outputs = [("--save-dir", "folder"), ("--report", "file")]
@@ -91,9 +96,9 @@ def _check_output_options(config) -> None:
         for flag, kind in outputs:
             value = config.getoption(flag)
             if value:
-                target = Path(config.invocation_params.dir, value)
+                target = os.path.join(config.invocation_params.dir, value)  # a trailing slash kept
                 paths.check_target(target, kind=kind, overwrite=True, protected=inputs, flag=flag)
-                _check_writable(flag, target)
+                _check_writable(flag, Path(target))
     except ConverterError as err:
         raise pytest.UsageError(str(err)) from None
 

@@ -74,6 +74,25 @@ def test_an_output_option_that_cannot_be_written_is_refused_before_any_test(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("inside", ["expected", "tests", "conftest.py"])
+def test_a_report_over_the_suites_own_inputs_is_refused(tmp_path, inside):
+    """The expected outputs, the tests, the suite's configuration: the next gate run reads them."""
+    target = ROOT / inside / "r.md" if (ROOT / inside).is_dir() else ROOT / inside
+    existed = target.exists()
+    try:
+        refused(pytest_run(tmp_path, "tests/test_sandbox.py", "--report", target), "the suite's")
+    finally:
+        if not existed:
+            target.unlink(missing_ok=True)
+
+
+def test_a_report_path_ending_in_a_slash_is_refused(tmp_path):
+    refused(
+        pytest_run(tmp_path, "tests/test_sandbox.py", "--report", f"{tmp_path}/reports/"), "names a folder"
+    )
+    assert not (tmp_path / "reports").exists()
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
 def test_a_device_is_never_replaced_by_the_report(tmp_path):
     refused(pytest_run(tmp_path, "tests/test_sandbox.py", "--report", "/dev/full"), "is a character device")

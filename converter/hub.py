@@ -13,6 +13,30 @@ from converter.errors import ConverterError, escape, reason
 HUB_ERRORS = (OSError, ValueError, HTTPError)
 
 
+def hub_reason(err: BaseException) -> str:
+    """A hub error as one line: its kind, or its HTTP status with the hub's explanation (its first line,
+    which `reason` keeps, is a request id)."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):  # a RepositoryNotFoundError too
+        return "a gated repo: accept its terms on the hub and log in"
+    if isinstance(err, RevisionNotFoundError | RepositoryNotFoundError):
+        return (
+            "no such revision" if isinstance(err, RevisionNotFoundError) else "no such repo, or it is private"
+        )
+    if isinstance(err, HfHubHTTPError) and err.response is not None:
+        explained = escape(" ".join((err.server_message or "").split()))[:300] or reason(err)
+        return f"HTTP {err.response.status_code}: {explained}"
+    if isinstance(err, RuntimeError) and err.__cause__:  # huggingface_hub's wrap of a failed upload
+        return f"{reason(err)} ({reason(err.__cause__)})"
+    return reason(err)
+
+
 def push_target(repo_id: str | None, model_name: str | None = None) -> str:
     """The repo to push to, checked before any work: `repo_id` as the hub accepts it (`name` or
     `namespace/name`), else `<user>/<model_name>`. Either way the hub is asked who is logged in, so no
@@ -34,11 +58,11 @@ def push_target(repo_id: str | None, model_name: str | None = None) -> str:
     except (*HUB_ERRORS, KeyError) as err:  # offline, no token, a revoked one
         if repo_id:
             raise ConverterError(
-                f"cannot push to {repo_id} ({reason(err)}): log in with `hf auth login` or HF_TOKEN, and "
+                f"cannot push to {repo_id} ({hub_reason(err)}): log in with `hf auth login` or HF_TOKEN, and "
                 "check the network"
             ) from None
         raise ConverterError(
-            f"cannot determine your hub namespace ({reason(err)}): pass --push-to-hub ORG/NAME "
+            f"cannot determine your hub namespace ({hub_reason(err)}): pass --push-to-hub ORG/NAME "
             "and log in with `hf auth login` or HF_TOKEN"
         ) from None
     return repo_id or f"{user}/{model_name}"
@@ -58,6 +82,8 @@ def push_folder(folder: Path, repo_id: str, *, create_pr: bool = False, private:
             commit_message=f"Add X-CLIP model converted by xclip-converter ({folder.name})",
             create_pr=create_pr,
         )
-    except HUB_ERRORS as err:
-        raise ConverterError(f"pushing to {repo_id} failed: {reason(err)}") from None
+    except (*HUB_ERRORS, RuntimeError) as err:  # RuntimeError: huggingface_hub's wrap of a failed upload
+        raise ConverterError(
+            f"pushing to {repo_id} failed: {hub_reason(err)}; nothing was published"
+        ) from None
     return str(getattr(info, "pr_url", None) or getattr(info, "commit_url", info))

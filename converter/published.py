@@ -103,7 +103,7 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from converter.hub import HUB_ERRORS
+    from converter.hub import HUB_ERRORS, hub_reason
 
     offline = constants.is_offline_mode()
     try:
@@ -112,7 +112,7 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
         )
     except HUB_ERRORS as err:  # not found, gated, offline
         if not (offline or isinstance(err, LocalEntryNotFoundError)):
-            raise ConverterError(f"{repo_id}: cannot download from the hub ({reason(err)})") from None
+            raise ConverterError(f"{repo_id}: cannot download from the hub ({hub_reason(err)})") from None
         raise ConverterError(
             f"{repo_id}: not in the local HF cache and the hub is unreachable"
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "

@@ -176,6 +176,51 @@ def test_push_to_hub_uploads_the_verified_folder_in_one_commit(fake_hub, golden_
     assert sha256_file(helpers.checkpoint("tiny-a")) in (out / "README.md").read_text()
 
 
+def _upload_dropped() -> RuntimeError:
+    """What huggingface_hub raises when the upload of a file fails: a RuntimeError around the cause."""
+    try:
+        raise ConnectionError("connection dropped")
+    except ConnectionError as cause:
+        error = RuntimeError("Error while uploading 'model.safetensors' to the Hub.")
+        error.__cause__ = cause
+        return error
+
+
+def _forbidden() -> Exception:
+    import importlib
+
+    from huggingface_hub.errors import HfHubHTTPError, Response
+
+    http = importlib.import_module(Response.__module__)  # httpx's or httpx2's, as huggingface_hub uses
+    answer = Response(403, request=http.Request("POST", "https://huggingface.co/api/repos/create"))
+    message = "You don't have the rights to create a model under the namespace org"
+    return HfHubHTTPError("(Request ID: Root=1-abc)", response=answer, server_message=message)
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (_upload_dropped, "Error while uploading 'model.safetensors' to the Hub. (connection dropped)"),
+        (_forbidden, "HTTP 403: You don't have the rights to create a model under the namespace org"),
+    ],
+    ids=["upload-dropped", "forbidden"],
+)
+def test_a_failed_push_says_why_in_one_line(fake_hub, golden_config, monkeypatch, capsys, error, said):
+    """huggingface_hub's first line is a request id, and a failed upload a bare RuntimeError."""
+
+    def fails(self, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(FakeApi, "upload_folder", fails)
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config]
+    assert run(*args, "--push-to-hub", "org/x") == 2
+    err = capsys.readouterr().err
+    assert (
+        err.splitlines()[-1]
+        == f"xclip-convert: error: pushing to org/x failed: {said}; nothing was published"
+    )
+
+
 def test_push_without_a_hub_fails_before_the_work(fake_hub, golden_config, tmp_path, monkeypatch, capsys):
     """No token or no network: refused at once, not after minutes of conversion."""
 

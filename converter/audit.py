@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
+from converter.card import recorded_source
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
@@ -165,7 +166,8 @@ def audit(
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
-    described = f"{variant.name} ({provenance.origin})" if variant else provenance.origin
+    origin = recorded_source(provenance.origin, variant)[0]  # as a card may show it: no credentials
+    described = f"{variant.name} ({origin})" if variant else origin
     return AuditReport(published.source, described, atol, findings, published.revision)
 
 
@@ -380,13 +382,16 @@ def tokenizer_findings(published: Published) -> list[Finding]:
     return [*findings, Finding("tokenizer", "identical", same, len(SENTENCES), ok, detail=detail)]
 
 
-def fix_card(report: AuditReport, card: str) -> str:
-    """The converted folder's model card with a section on what this conversion fixes, and why."""
+def fix_card(report: AuditReport, card: str, repo_id: str | None = None) -> str:
+    """The converted folder's model card with a section on what this conversion fixes, and why. It names
+    the audited repo (`repo_id`) and the original as a card may: no local path, no credentials."""
     failures = [f for f in report.ordered() if not f.ok]
     rows = "\n".join(f"| {f.kind} | {f.describe()} |" for f in failures)
+    repo_id = repo_id or report.source
+    audited = "this repository" if report.source == repo_id else "a local copy of this repository"
     section = f"""## What this pull request fixes
 
-An audit by xclip-converter (`xclip-convert --audit {report.source}`) compared this repository
+An audit by xclip-converter (`xclip-convert --audit {repo_id}`) compared {audited}
 {f"(commit {report.revision}) " if report.revision else ""}with the original checkpoint, {report.original}:
 {len(failures)} findings, each changing what the model computes or how its inputs are prepared. This pull
 request replaces the model, config, processor and tokenizer with a conversion verified against an
@@ -422,5 +427,5 @@ def propose_fix(
         staged = Path(staging) / folder.name
         shutil.copytree(folder, staged)  # the folder itself stays as it is
         card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
-        (staged / "README.md").write_text(fix_card(report, card))
+        (staged / "README.md").write_text(fix_card(report, card, repo_id))
         return push_folder(staged, repo_id, create_pr=True)

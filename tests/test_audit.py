@@ -334,6 +334,20 @@ def test_fix_card_without_front_matter():
     assert "| config | x 1 ≠ 2 (changes the computation) |" in fix_card(report, "")
 
 
+def test_a_pull_requests_card_shows_no_local_path_or_credentials(originals, tmp_path, fast_network):
+    """The audited folder's path and a checkpoint URL's password stay on the user's machine."""
+    from tests._http import LoopbackServer
+
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "clients-acme-model", SQUARE, original, "changed-weight")
+    with LoopbackServer({"/sq.pth": path.read_bytes()}) as server:
+        url = server.url("/sq.pth").replace("http://", "http://user:secret@") + "?token=secret"
+        report = audit(str(folder), checkpoint=url, config=original_config(SQUARE))
+    card = fix_card(report, "", "someone/xclip")
+    assert "secret" not in card and str(tmp_path) not in card and "acme" not in card
+    assert "`xclip-convert --audit someone/xclip`) compared a local copy of this repository" in card
+
+
 # ---- release: the published models on the hub ----------------------------------------------------
 
 

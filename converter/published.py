@@ -118,6 +118,19 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
             "where it was downloaded before), or pass a local folder instead"
         ) from None
+    # Offline, a snapshot fetched in part (from_pretrained takes the config and weights only) would be
+    # audited as a repo without a tokenizer or processor.
+    parts = {
+        "tokenizer": ("tokenizer_config.json",),
+        "processor": ("preprocessor_config.json", "processor_config.json"),
+    }
+    lacking = [part for part, names in parts.items() if not any(_present(Path(snapshot, n)) for n in names)]
+    if offline and lacking:
+        raise ConverterError(
+            f"{repo_id}: its cached snapshot has no {' or '.join(lacking)} files (fetched in part?) and "
+            "HF_HUB_OFFLINE=1 keeps the hub from completing it: connect to the internet once, or pass a "
+            "local folder instead"
+        )
     return Path(snapshot), Path(snapshot).name
 
 

@@ -334,6 +334,17 @@ def test_fix_card_without_front_matter():
     assert "| config | x 1 ≠ 2 (changes the computation) |" in fix_card(report, "")
 
 
+def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
+    """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "published", SQUARE, original, "correct")
+    for name in ("tokenizer_config.json", "preprocessor_config.json"):
+        (folder / name).unlink()
+    place_in_hub_cache(folder, "someone/xclip-part", monkeypatch)
+    with pytest.raises(ConverterError, match="cached snapshot has no tokenizer or processor files"):
+        audit("someone/xclip-part", checkpoint=path, config=original_config(SQUARE))
+
+
 def test_a_pull_requests_card_shows_no_local_path_or_credentials(originals, tmp_path, fast_network):
     """The audited folder's path and a checkpoint URL's password stay on the user's machine."""
     from tests._http import LoopbackServer

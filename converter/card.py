@@ -121,6 +121,8 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
 
 
 def _trained_on(name: str) -> str:
+    if name not in VARIANTS:  # a user's own checkpoint: its name says nothing true about its data
+        return ""
     if "zero-shot" in name:
         text = "Trained on Kinetics-400; for zero-shot recognition (HMDB-51, UCF-101, Kinetics-600)."
     elif "-shot" in name:

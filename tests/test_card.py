@@ -81,6 +81,11 @@ def test_training_data_and_base_model_by_variant(name, trained_on, base):
         assert ("zero-shot recognition" in text) == ("zero-shot" in name)
 
 
+@pytest.mark.parametrize("name", ["xclip-cooking", "xclip-my-finetune-ucf-2-shot", "my-zero-shot-try"])
+def test_an_own_checkpoint_named_like_a_variant_claims_no_training_data(name):
+    assert "Trained" not in card(name, source=f"{name}.pth")
+
+
 def test_own_checkpoint_claims_no_dataset_or_base():
     data = ModelCard(card("my_finetune", source="my_finetune.pth")).data.to_dict()
     assert "datasets" not in data and "base_model" not in data

@@ -113,8 +113,9 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     except HUB_ERRORS as err:  # not found, gated, offline
         if not (offline or isinstance(err, LocalEntryNotFoundError)):
             raise ConverterError(f"{repo_id}: cannot download from the hub ({hub_reason(err)})") from None
+        at = f" revision {escape(revision)}" if revision else ""  # a tag or commit prefix is looked up online
         raise ConverterError(
-            f"{repo_id}: not in the local HF cache and the hub is unreachable"
+            f"{repo_id}:{at} not in the local HF cache and the hub is unreachable"
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
             "where it was downloaded before), or pass a local folder instead"
         ) from None

@@ -261,6 +261,11 @@ def test_bad_input(originals, tmp_path, monkeypatch):
     go_offline(monkeypatch)
     with pytest.raises(ConverterError, match=r"someone/absent: not in the local HF cache .*HF_HUB_OFFLINE=1"):
         audit("someone/absent", checkpoint=path)
+    place_in_hub_cache(
+        publish(tmp_path / "cached", SQUARE, original, "correct"), "someone/cached", monkeypatch
+    )
+    with pytest.raises(ConverterError, match=r"someone/cached: revision v2 not in the local HF cache"):
+        audit("someone/cached", checkpoint=path, revision="v2")  # the repo is cached, that revision not
 
 
 # ---- the fix, as a pull request (HfApi mocked at the boundary) ---------------------------------

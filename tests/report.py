@@ -94,6 +94,10 @@ class ModelReport:
         self.suite_ran = False
 
     @pytest.hookimpl
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session
+
+    @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         path, _, name = report.nodeid.rpartition("::")
         function, _, model = name.partition("[")
@@ -127,8 +131,10 @@ class ModelReport:
             text = to_json(rows) if path.suffix == ".json" else to_markdown(rows)
             try:
                 write_file(path, text, flag="--report", protected=caches())  # checked at configure too
-            except ConverterError as err:
+            except ConverterError as err:  # a gate whose report is missing has not passed
                 terminalreporter.write_line(str(err), red=True)
+                if self.session.exitstatus == pytest.ExitCode.OK:
+                    self.session.exitstatus = pytest.ExitCode.TESTS_FAILED
             else:
                 terminalreporter.write_line(f"per-model report written to {path}")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")

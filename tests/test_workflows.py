@@ -270,6 +270,31 @@ def test_report_under_xdist(tmp_path):
     assert models["my-own"]["tests"]["synthetic"]["outcome"] == "failed"
 
 
+def test_a_report_that_cannot_be_written_at_the_end_fails_the_run(tmp_path, small_disk):
+    """A disk that fills during the run: CI's gate must not pass without its report."""
+    passing = textwrap.dedent(
+        """
+        import pytest
+
+        @pytest.mark.parametrize("name", ["xclip-base-patch32"])
+        def test_synthetic(name):
+            pass
+        """
+    )
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(1 << 16)):
+            pass
+    except OSError:  # the disk is full
+        pass
+    finally:
+        os.close(fd)
+    done = run_pytest(
+        tmp_path, {"test_models.py": passing}, "-p", "no:xdist", "--report", str(small_disk / "r.md")
+    )
+    assert done.returncode == 1 and "No space left on device" in done.stdout, done.stdout[-2000:]
+
+
 def test_no_report_without_the_per_model_suite(tmp_path):
     done = run_pytest(tmp_path, {"test_other.py": SUITE}, "-p", "no:xdist", "--report", "r.md")
     assert "X-CLIP per-model report" not in done.stdout and not (tmp_path / "r.md").exists()

@@ -116,8 +116,8 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
         at = f" revision {escape(revision)}" if revision else ""  # a tag or commit prefix is looked up online
         raise ConverterError(
             f"{repo_id}:{at} not in the local HF cache and the hub is unreachable"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}: connect to the internet once (or run "
-            "where it was downloaded before), or pass a local folder instead"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ''}, and no local folder of that name exists: connect "
+            "to the internet once (or run where it was downloaded before), or pass a local folder instead"
         ) from None
     # Offline, a snapshot fetched in part (from_pretrained takes the config and weights only) would be
     # audited as a repo without a tokenizer or processor.

@@ -261,6 +261,8 @@ def test_bad_input(originals, tmp_path, monkeypatch):
     go_offline(monkeypatch)
     with pytest.raises(ConverterError, match=r"someone/absent: not in the local HF cache .*HF_HUB_OFFLINE=1"):
         audit("someone/absent", checkpoint=path)
+    with pytest.raises(ConverterError, match=r"HF_HUB_OFFLINE=1\), and no local folder of that name exists"):
+        audit("converted/xclip-model", checkpoint=path)  # a local folder mistyped reads as a repo id
     place_in_hub_cache(
         publish(tmp_path / "cached", SQUARE, original, "correct"), "someone/cached", monkeypatch
     )

@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,12 +134,17 @@ def test_a_cached_processor_entry_missing_a_file_is_rebuilt(tmp_path, monkeypatc
         )
 
 
+def _processor_entry(cache: Path) -> Path:
+    """The one processor-cache entry a test made (not its lock file)."""
+    return next(p for p in (cache / "processor").glob("224-*") if p.suffix != ".lock")
+
+
 def test_only_the_processor_files_of_a_cache_entry_are_copied(tmp_path, monkeypatch):
     """Whatever else is in an entry (weights, a config, a link to a secret, a FIFO, a folder) stays out."""
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
     (tmp_path / "first").mkdir()
     write_processor(tmp_path / "first", 224)
-    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    entry = _processor_entry(tmp_path / "cache")
     (entry / WEIGHTS_NAME).write_bytes(b"zeros")
     (entry / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "secret.txt").write_text("secret")
@@ -160,7 +166,7 @@ def test_a_cache_entry_that_is_a_link_is_never_replaced(tmp_path, monkeypatch):
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
     (tmp_path / "first").mkdir()
     write_processor(tmp_path / "first", 224)
-    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    entry = _processor_entry(tmp_path / "cache")
     shutil.rmtree(entry)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("years of work")
@@ -183,18 +189,21 @@ def test_a_cache_entry_locked_too_long_is_built_in_place(tmp_path, monkeypatch, 
     monkeypatch.setattr(processor_files, "LOCK_TIMEOUT", 0.1)
     (tmp_path / "first").mkdir()
     write_processor(tmp_path / "first", 224)
-    entry = next(p for p in (tmp_path / "cache" / "processor").glob("224-*") if p.suffix != ".lock")
+    entry = _processor_entry(tmp_path / "cache")
     shutil.rmtree(entry)
     (tmp_path / "out").mkdir()
     done = threading.Event()
 
+    held = threading.Event()
+
     def hold() -> None:
         with FileLock(f"{entry}.lock"):
+            held.set()
             done.wait(10)
 
     holder = threading.Thread(target=hold)
     holder.start()
-    time.sleep(0.2)
+    assert held.wait(10)
     try:
         with caplog.at_level(logging.INFO, logger="converter"):
             write_processor(tmp_path / "out", 224)

@@ -159,8 +159,7 @@ def audit(
         config = load_config_file(config)
     hyper, ours = map_original(original, config, variant, str(provenance.path), where)
     findings = [
-        *config_findings(published.config, config if config is not None else to_config(hyper)),
-        *dtype_findings(published),
+        *config_findings(published, config if config is not None else to_config(hyper)),
         *weight_findings(published, ours),
         *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
@@ -171,10 +170,12 @@ def audit(
     return AuditReport(published.source, described, atol, findings, published.revision)
 
 
-def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Finding]:
-    """Each differing field that changes the computation; training-only ones (dropout, init) as notes."""
+def config_findings(source: Published, expected: XCLIPConfig) -> list[Finding]:
+    """Each differing field that changes the computation; training-only ones (dropout, init) as notes;
+    keys that load other than the weights stored, and a dtype other than theirs (it rounds them)."""
     from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES
 
+    published = source.config
     computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
     computation += [path for f in FIELDS for path in f.config_paths]
     findings = []
@@ -187,21 +188,16 @@ def config_findings(published: XCLIPConfig, expected: XCLIPConfig) -> list[Findi
     for key in loading_keys(published):
         detail = f"{key} in config.json: from_pretrained would not load the published weights as they are"
         findings.append(Finding("config", key, getattr(published, key), None, False, True, detail))
+    if published.dtype not in (None, source.weights_dtype):  # from_pretrained loads them as it says
+        stated, stored = (
+            str(dtype).removeprefix("torch.") for dtype in (published.dtype, source.weights_dtype)
+        )
+        detail = f"dtype {stated} in config.json, but the weights are {stored}: "
+        detail += f"from_pretrained loads them as {stated}"
+        findings.append(Finding("config", "dtype", stated, stored, False, True, detail))
     if all(f.ok for f in findings):
         findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings
-
-
-def dtype_findings(published: Published) -> list[Finding]:
-    """config.json's dtype is what from_pretrained loads the weights as: other than theirs, it rounds them."""
-    stated, stored = published.config.dtype, published.weights_dtype
-    if stated is None or stated == stored:
-        return []
-    stated, stored = (str(dtype).removeprefix("torch.") for dtype in (stated, stored))
-    detail = (
-        f"dtype {stated} in config.json, but the weights are {stored}: from_pretrained loads them as {stated}"
-    )
-    return [Finding("config", "dtype", stated, stored, False, True, detail)]
 
 
 def weight_findings(published: Published, ours: Mapping[str, torch.Tensor]) -> list[Finding]:

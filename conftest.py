@@ -89,10 +89,17 @@ def _check_output_options(config) -> None:
     # The suite's own inputs too: a report written over expected/ or a test would break the next run.
     root = Path(__file__).parent
     inputs = [*paths.caches(), *((f"the suite's {name}", root / name) for name in SUITE_INPUTS)]
-    if config.getoption("--checkpoint-dir"):
-        inputs.append(("--checkpoint-dir", Path(config.getoption("--checkpoint-dir"))))
     outputs = [("--save-dir", "folder"), ("--report", "file")]
     try:
+        if checkpoints := config.getoption("--checkpoint-dir"):
+            # A mistyped folder would skip every release test, and the gate would pass on nothing.
+            checkpoints = Path(config.invocation_params.dir, checkpoints)
+            if (there := paths.what_is_there(checkpoints)) != "a folder":
+                found = "does not exist" if there is None else f"is {there}"
+                raise ConverterError(
+                    f"--checkpoint-dir {checkpoints} {found}: name the folder of checkpoints"
+                )
+            inputs.append(("--checkpoint-dir", checkpoints))
         for flag, kind in outputs:
             value = config.getoption(flag)
             if value:

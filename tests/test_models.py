@@ -23,7 +23,7 @@ import pytest
 import torch
 from transformers import AutoProcessor, XCLIPModel
 
-from converter import fetch
+from converter import fetch, paths
 from converter.cli import main
 from converter.config import hyper_for_variant
 from converter.errors import ConverterError
@@ -95,6 +95,10 @@ def output_dir(request, tmp_path):
     name = request.node.callspec.params["name"]
     if save_dir:
         folder = Path(request.config.invocation_params.dir, save_dir, name)
+        if (there := paths.what_is_there(folder)) not in (None, "a folder"):
+            pytest.fail(
+                f"--save-dir {save_dir}: {folder} is {there}, not a folder; remove it or choose another"
+            )
         # Replaced only when this session wrote it (test_synthetic, then test_release): a folder of
         # the user's there is never lost.
         if folder not in SAVED_THIS_SESSION and folder.exists() and any(folder.iterdir()):

@@ -123,3 +123,29 @@ def test_a_save_dir_model_folder_of_the_users_is_kept(tmp_path):
     )
     assert sorted(p.name for p in mine.iterdir()) == ["NOTES.txt"]
     assert (mine / "NOTES.txt").read_text() == "the user's notes"
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_save_dir_model_path_that_is_not_a_folder_fails_in_one_line(tmp_path, kind):
+    mine = tmp_path / "saved" / "xclip-base-patch32"
+    mine.parent.mkdir()
+    mine.write_text("mine") if kind == "file" else os.mkfifo(mine)
+    run = pytest_run(
+        tmp_path, "tests/test_models.py::test_synthetic[xclip-base-patch32]", "--save-dir", mine.parent
+    )
+    words = "is a regular file, not a folder" if kind == "file" else "is a FIFO, not a folder"
+    assert run.returncode == 1 and words in run.stdout and "NotADirectoryError" not in run.stdout, run.stdout[
+        -3000:
+    ]
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["xclip-base-patch32"]
+    assert kind == "fifo" or mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize(("make", "words"), [(None, "does not exist"), ("file", "is a regular file")])
+def test_a_checkpoint_dir_that_is_not_a_folder_is_refused_before_any_test(tmp_path, make, words):
+    """Else every release test skips for want of a checkpoint, and the gate passes on nothing."""
+    checkpoints = tmp_path / "checkpoints"
+    if make == "file":
+        checkpoints.write_text("x")
+    run = pytest_run(tmp_path, "tests/test_sandbox.py", "--checkpoint-dir", checkpoints)
+    refused(run, f"--checkpoint-dir {checkpoints} {words}: name the folder of checkpoints")

@@ -154,9 +154,7 @@ def _refuse_implausible(part: Path, what: str, sized: bool, content_type: str | 
         if kind == "html" or mime in ("text/html", "application/xhtml+xml"):
             page = "an HTML page, not a checkpoint"
             if b"google" in head.lower() and re.search(rb"quota|too many users", head, re.I):
-                page = (
-                    "the Google Drive quota page (too many downloads of this file lately), not a checkpoint"
-                )
+                page = "a Google Drive quota page (too many downloads of this file lately), not a checkpoint"
                 advice = f"Google Drive limits downloads of popular files: try again in a day, {_LOCAL_COPY}."
         elif mime.startswith("text/"):
             page = f"a {mime} page, not a checkpoint"
@@ -447,7 +445,7 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
             except (requests.RequestException, HTTPError) as exc:  # what was written stays: a resume
                 raise _cut_or_fail(exc, url, first=False, got=received()) from None
     if total is not None and size != total:  # more than announced: the resume's 416 will restart it
-        raise _Cut("was truncated", f"got {size} of {total} bytes")
+        raise _Cut("was truncated", received())
     if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end
         raise _Cut("ended incomplete", f"{why}, after {size} bytes")
     return total is not None, resp.headers.get("Content-Type")

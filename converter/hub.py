@@ -25,10 +25,10 @@ def hub_reason(err: BaseException) -> str:
 
     if isinstance(err, GatedRepoError):  # a RepositoryNotFoundError too
         return "a gated repo: accept its terms on the hub and log in"
-    if isinstance(err, RevisionNotFoundError | RepositoryNotFoundError):
-        return (
-            "no such revision" if isinstance(err, RevisionNotFoundError) else "no such repo, or it is private"
-        )
+    if isinstance(err, RevisionNotFoundError):
+        return "no such revision"
+    if isinstance(err, RepositoryNotFoundError):
+        return "no such repo, or it is private"
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         explained = escape(" ".join((err.server_message or "").split()))[:300] or reason(err)
         return f"HTTP {err.response.status_code}: {explained}"
@@ -56,14 +56,10 @@ def push_target(repo_id: str | None, model_name: str | None = None) -> str:
     try:
         user = HfApi().whoami()["name"]
     except (*HUB_ERRORS, KeyError) as err:  # offline, no token, a revoked one
-        if repo_id:
-            raise ConverterError(
-                f"cannot push to {repo_id} ({hub_reason(err)}): log in with `hf auth login` or HF_TOKEN, and "
-                "check the network"
-            ) from None
+        target = repo_id or f"your namespace's {model_name}"
         raise ConverterError(
-            f"cannot determine your hub namespace ({hub_reason(err)}): pass --push-to-hub ORG/NAME "
-            "and log in with `hf auth login` or HF_TOKEN"
+            f"cannot push to {target} ({hub_reason(err)}): log in with `hf auth login` or HF_TOKEN, and "
+            "check the network"
         ) from None
     return repo_id or f"{user}/{model_name}"
 

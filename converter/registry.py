@@ -143,10 +143,9 @@ VARIANTS: dict[str, Variant] = {
 
 
 def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
+    if name not in VARIANTS:
         raise ConverterError(
             f"unknown model name {name!r}; the published variants are: {', '.join(VARIANTS)} "
             "(for your own checkpoint, omit --model-name)"
-        ) from None
+        )
+    return VARIANTS[name]

@@ -265,11 +265,9 @@ def staged_file(
     return staged_output(output, overwrite, protected, flag=flag, kind="file")
 
 
-def write_file(
-    path: Path, data: str | bytes, *, flag: str, overwrite: bool = True, protected: Iterable[Protected] = ()
-) -> None:
-    """A small file (a report, a record, a fixture), written whole or not at all."""
-    with staged_file(path, overwrite, protected, flag=flag) as partial:
+def write_file(path: Path, data: str | bytes, *, flag: str, protected: Iterable[Protected] = ()) -> None:
+    """A small file (a report, a record, a fixture), written whole or not at all, replacing what was there."""
+    with staged_file(path, True, protected, flag=flag) as partial:
         partial.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
 
 

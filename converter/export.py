@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -366,14 +365,11 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
 def _honour_umask(folder: Path) -> None:
     """Give everything in `folder` the umask's mode that mkdir gave it (safetensors writes 0600), where the
     filesystem keeps modes (FAT, exFAT and SMB mounts refuse chmod)."""
-    mode = stat.S_IMODE(os.stat(folder).st_mode) & 0o777
+    mode = os.stat(folder).st_mode & 0o777
     try:
-        for root, dirs, files in os.walk(folder):
-            for name in dirs:
-                os.chmod(os.path.join(root, name), mode, follow_symlinks=False)
-            for name in files:
-                if not os.path.islink(path := os.path.join(root, name)):
-                    os.chmod(path, mode & 0o666)
+        for path in folder.rglob("*"):  # links are neither followed nor changed
+            if not path.is_symlink():
+                path.chmod(mode if path.is_dir() else mode & 0o666)
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.ENOTSUP):
             raise

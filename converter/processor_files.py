@@ -14,10 +14,9 @@ from converter.errors import ConverterError
 
 PROCESSOR_CLASS = "XCLIPProcessor"
 LOCK_TIMEOUT = 60.0  # seconds to wait for another run building a cache entry (a stopped one holds it)
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # What build_processor_files writes whatever else save_pretrained adds: a cache entry lacking one is rebuilt.
 FILES = (
-    IMAGE_PROCESSOR_FILE,
+    "preprocessor_config.json",
     "processor_config.json",
     "tokenizer_config.json",
     "tokenizer.json",
@@ -69,7 +68,7 @@ def build_processor_files(folder: Path, image_size: int) -> None:
 
     build_tokenizer().save_pretrained(folder)
     image = build_image_processor(image_size).to_dict()
-    _write_json(folder / IMAGE_PROCESSOR_FILE, {**image, "processor_class": PROCESSOR_CLASS})
+    _write_json(folder / "preprocessor_config.json", {**image, "processor_class": PROCESSOR_CLASS})
     _write_json(folder / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
     config = _read_json(folder / "tokenizer_config.json")
     _write_json(folder / "tokenizer_config.json", {**config, "processor_class": PROCESSOR_CLASS})

@@ -135,8 +135,7 @@ def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[P
 
 def is_inside(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies under it (links resolved)."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _resolved(flag: str, path: Path) -> Path:

@@ -14,10 +14,9 @@ from converter.errors import ConverterError
 
 PROCESSOR_CLASS = "XCLIPProcessor"
 LOCK_TIMEOUT = 60.0  # seconds to wait for another run building a cache entry (a stopped one holds it)
-IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
 # What build_processor_files writes whatever else save_pretrained adds: a cache entry lacking one is rebuilt.
 FILES = (
-    IMAGE_PROCESSOR_FILE,
+    "preprocessor_config.json",
     "processor_config.json",
     "tokenizer_config.json",
     "tokenizer.json",
@@ -29,16 +28,36 @@ FILES = (
 def write_processor(folder: Path, image_size: int) -> None:
     """The XCLIPProcessor's files, built once per (image size, transformers, processing code) and copied
     from the cache: importing transformers' processor classes costs more than the rest of a conversion."""
+    from importlib.metadata import version
+
+    from filelock import FileLock, Timeout
+
+    from converter.export import staged_output
+    from converter.fetch import cache_folder
     from converter.published import TOKENIZER_FILES
 
+    # Keyed by the package's code as a whole: the files change when any module that decides them does.
+    code = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(module.read_bytes())
+    entry = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
     try:
-        source = _cached_processor(image_size)
-    except (OSError, ConverterError):  # no usable cache (a local conversion needs none), or a busy one
+        cached = cache_folder("processor") / entry
+        if cached.is_symlink():  # not one we made: never replaced, wherever it points
+            raise ConverterError(f"{cached} is a symlink")
+        # One process builds it; the others wait and copy.
+        with FileLock(f"{cached}.lock", timeout=LOCK_TIMEOUT):
+            if not all(_regular(cached / name) for name in FILES):  # a cache cleaner may have taken some
+                with staged_output(cached, overwrite=True, flag="the processor cache") as staging:
+                    build_processor_files(staging, image_size)
+    except (OSError, ConverterError) as err:  # no usable cache (a local conversion needs none), or a busy one
+        if isinstance(err, Timeout):
+            logging.getLogger("converter").info("the processor cache is busy: building the files in place")
         build_processor_files(folder, image_size)
         return
     for name in sorted({*FILES, *TOKENIZER_FILES}):  # the processor's files only: never a stray weights file
-        if _regular(source / name):
-            shutil.copyfile(source / name, folder / name)
+        if _regular(cached / name):
+            shutil.copyfile(cached / name, folder / name)
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
@@ -49,7 +68,7 @@ def build_processor_files(folder: Path, image_size: int) -> None:
 
     build_tokenizer().save_pretrained(folder)
     image = build_image_processor(image_size).to_dict()
-    _write_json(folder / IMAGE_PROCESSOR_FILE, {**image, "processor_class": PROCESSOR_CLASS})
+    _write_json(folder / "preprocessor_config.json", {**image, "processor_class": PROCESSOR_CLASS})
     _write_json(folder / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
     config = _read_json(folder / "tokenizer_config.json")
     _write_json(folder / "tokenizer_config.json", {**config, "processor_class": PROCESSOR_CLASS})
@@ -75,31 +94,3 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8", newline="\n")
-
-
-def _cached_processor(image_size: int) -> Path:
-    from importlib.metadata import version
-
-    from filelock import FileLock, Timeout
-
-    from converter.export import staged_output
-    from converter.fetch import cache_folder
-
-    # Keyed by the package's code as a whole: the files change when any module that decides them does.
-    code = hashlib.sha256()
-    for module in sorted(Path(__file__).parent.glob("*.py")):
-        code.update(module.read_bytes())
-    name = f"{image_size}-transformers{version('transformers')}-{code.hexdigest()[:12]}"
-    folder = cache_folder("processor") / name
-    if folder.is_symlink():  # not one we made: never replaced, wherever it points
-        raise ConverterError(f"{folder} is a symlink")
-    try:  # one process builds it; the others wait and copy
-        lock = FileLock(f"{folder}.lock", timeout=LOCK_TIMEOUT).acquire()
-    except Timeout:
-        logging.getLogger("converter").info("the processor cache is busy: building the files in place")
-        raise
-    with lock:
-        if not all(_regular(folder / name) for name in FILES):  # a cache cleaner may have taken some
-            with staged_output(folder, overwrite=True, flag="the processor cache") as staging:
-                build_processor_files(staging, image_size)
-    return folder

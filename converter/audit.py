@@ -189,9 +189,7 @@ def config_findings(source: Published, expected: XCLIPConfig) -> list[Finding]:
         detail = f"{key} in config.json: from_pretrained would not load the published weights as they are"
         findings.append(Finding("config", key, getattr(published, key), None, False, True, detail))
     if published.dtype not in (None, source.weights_dtype):  # from_pretrained loads them as it says
-        stated, stored = (
-            str(dtype).removeprefix("torch.") for dtype in (published.dtype, source.weights_dtype)
-        )
+        stated, stored = (str(d).removeprefix("torch.") for d in (published.dtype, source.weights_dtype))
         detail = f"dtype {stated} in config.json, but the weights are {stored}: "
         detail += f"from_pretrained loads them as {stated}"
         findings.append(Finding("config", "dtype", stated, stored, False, True, detail))

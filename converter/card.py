@@ -127,10 +127,8 @@ def _trained_on(name: str) -> str:
         text = "Trained on Kinetics-400; for zero-shot recognition (HMDB-51, UCF-101, Kinetics-600)."
     elif "-shot" in name:
         text = f"Trained {name.rsplit('-', 2)[-2]}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}."
-    elif name.startswith("xclip-"):
-        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
     else:
-        return ""
+        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
     return f"\n{text}\n"
 
 

@@ -319,10 +319,8 @@ def _reference_frames(
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
         if names and all(f"original{size}/{n}" in data.files for n in names):
-            originals = [
-                torch.from_numpy(data[f"original{size}/{n}"]).permute(2, 0, 1).float() for n in names
-            ]
-            targets = [normalize(o).numpy() for o in originals]
+            originals = torch.from_numpy(np.stack([data[f"original{size}/{n}"] for n in names]))
+            targets = list(normalize(originals.permute(0, 3, 1, 2).float()).numpy())
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
     # Three shapes: 4:3, portrait 9:16, and small 4:3 that needs upscaling.
     rng, frames = np.random.default_rng(0), []
@@ -340,10 +338,6 @@ def tokenizer_findings(published: Published) -> list[Finding]:
 
     def ids(tokenizer: Any, sentence: str) -> list[int]:
         return list(tokenizer(sentence, padding="max_length", max_length=CONTEXT_LENGTH)["input_ids"])
-
-    def window(tokens: list[int], start: int) -> str:  # four ids from `start`
-        more = ", …" if len(tokens) > start + 4 else ""
-        return f"[{', '.join(map(str, tokens[start : start + 4]))}{more}]"
 
     try:
         tokenizer = published.load_tokenizer()
@@ -364,8 +358,8 @@ def tokenizer_findings(published: Published) -> list[Finding]:
         first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
         content = first <= want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
         where = "before the end token" if content else "padding only, after the end token"
-        detail = f"{sentence!r}: ids differ from position {first} ({where}): "
-        detail += f"{window(got, first)} ≠ {window(want, first)}"
+        detail = f"{sentence!r}: ids differ from position {first} ({where}), the next four: "
+        detail += f"{_show(got[first : first + 4])} ≠ {_show(want[first : first + 4])}"
         findings.append(
             Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )

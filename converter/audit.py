@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
-from converter.card import recorded_source
+from converter.card import data_template, recorded_source
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
@@ -371,28 +371,21 @@ def tokenizer_findings(published: Published) -> list[Finding]:
 
 
 def fix_card(report: AuditReport, card: str, repo_id: str | None = None) -> str:
-    """The converted folder's model card with a section on what this conversion fixes, and why. It names
+    """The folder's model card with data/fix_card.md's section on what this pull request fixes; it names
     the audited repo (`repo_id`) and the original as a card may: no local path, no credentials."""
     failures = [f for f in report.ordered() if not f.ok]
-    rows = "\n".join(f"| {f.kind} | {f.describe()} |" for f in failures)
     repo_id = repo_id or report.source
-    audited = "this repository" if report.source == repo_id else "a local copy of this repository"
-    section = f"""## What this pull request fixes
-
-An audit by xclip-converter (`xclip-convert --audit {repo_id}`) compared {audited}
-{f"(commit {report.revision}) " if report.revision else ""}with the original checkpoint, {report.original}:
-{len(failures)} findings, each changing what the model computes or how its inputs are prepared. This pull
-request replaces the model, config, processor and tokenizer with a conversion verified against an
-independent implementation of the original forward pass (figures below).
-
-| check | finding (published ≠ original) |
-|---|---|
-{rows}
-
-"""
+    section = data_template("fix_card.md").substitute(
+        repo_id=repo_id,
+        audited="this repository" if report.source == repo_id else "a local copy of this repository",
+        commit=f"(commit {report.revision}) " if report.revision else "",
+        original=report.original,
+        count=len(failures),
+        rows="\n".join(f"| {f.kind} | {f.describe()} |" for f in failures),
+    )
     if card.startswith("---\n") and (end := card.find("\n---\n", 4)) != -1:
-        return f"{card[: end + 5]}\n{section}{card[end + 5 :].lstrip()}"
-    return section + card
+        return f"{card[: end + 5]}\n{section}\n{card[end + 5 :].lstrip()}"
+    return f"{section}\n{card}"
 
 
 def propose_fix(

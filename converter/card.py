@@ -62,7 +62,7 @@ def model_card(
         converted_from={"source": source, "sha256": sha256},  # the exact file, which base_model cannot say
         architectures=["XCLIPModel"],
     )
-    text = _template("model_card.md").substitute(
+    text = data_template("model_card.md").substitute(
         metadata=metadata.to_yaml(original_order=["license"]),  # first: the hub and tests read line one
         name=name,
         trained_on=_trained_on(name),
@@ -81,7 +81,7 @@ def model_card(
 def usage_snippet(load_from: str, frames: int) -> str:
     """The card's Python usage example (ends with a newline), from data/usage.py.template."""
     texts = ", ".join(f'"{t}"' for t in DEFAULT_TEXTS)
-    return _template("usage.py.template").substitute(load_from=load_from, frames=frames, texts=texts)
+    return data_template("usage.py.template").substitute(load_from=load_from, frames=frames, texts=texts)
 
 
 def public_source(source: str) -> str:
@@ -166,6 +166,6 @@ def _preprocessing(image_size: int) -> str:
     )
 
 
-def _template(name: str) -> Template:
-    """A text template in converter/data: the card's prose and its usage snippet, as a reader sees them."""
+def data_template(name: str) -> Template:
+    """A text template in converter/data: a card's prose or its usage snippet, as a reader sees them."""
     return Template((resources.files("converter") / "data" / name).read_text(encoding="utf-8"))

@@ -68,8 +68,8 @@ class Finding:
 
     def describe(self) -> str:
         text = self.detail or f"{self.name} {_show(self.published)} ≠ {_show(self.original)}"
-        if not self.ok and self.changes_computation is not None:
-            text += " (changes the computation)" if self.changes_computation else " (no effect on outputs)"
+        if not self.ok and self.changes_computation:  # a failing finding always does; notes pass
+            text += " (changes the computation)"
         return text
 
 
@@ -90,12 +90,8 @@ class AuditReport:
         return EXIT_MATCH if self.passed else EXIT_MISMATCH
 
     def ordered(self) -> list[Finding]:
-        """Worst first: failures, then what changes the computation, then by check (cause before effect)."""
-
-        def rank(f: Finding) -> tuple[bool, bool, int, float]:
-            return f.ok, not f.ok and f.changes_computation is not True, KINDS.index(f.kind), -f.severity
-
-        return sorted(self.findings, key=rank)
+        """Worst first: failures (each changes the computation), then by check (cause before effect)."""
+        return sorted(self.findings, key=lambda f: (f.ok, KINDS.index(f.kind), -f.severity))
 
     def summary(self) -> str:
         """One line: the verdict and the worst finding."""

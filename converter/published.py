@@ -90,9 +90,7 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     if not _present(folder / "config.json"):
-        # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
-        partial = "" if commit is None else ", or its cached snapshot is incomplete: connect to the internet"
-        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder{partial})")
+        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder)")
     # Validated as --config is: a bad size or head count is named here, not met as a shape error in torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
     weights = _read_weights(_weights_files(folder, root, text), text)
@@ -120,9 +118,9 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}, and no local folder of that name exists: connect "
             "to the internet once (or run where it was downloaded before), or pass a local folder instead"
         ) from None
-    # Offline, a snapshot fetched in part (from_pretrained takes the config and weights only) would be
-    # audited as a repo without a tokenizer or processor.
-    parts = {"tokenizer": ("tokenizer_config.json",), "processor": PROCESSOR_FILES}
+    # Offline, a snapshot fetched in part (hf_hub_download takes one file; from_pretrained the config and
+    # weights) passes snapshot_download, and would be read as a repo without what was not fetched.
+    parts = {"config": ["config.json"], "tokenizer": ["tokenizer_config.json"], "processor": PROCESSOR_FILES}
     lacking = [part for part, names in parts.items() if not any(_present(Path(snapshot, n)) for n in names)]
     if offline and lacking:
         raise ConverterError(

@@ -228,11 +228,10 @@ def output_findings(
     each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
     from converter.build import build_model
 
-    weights = published.model_state_dict()
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(published.weights_dtype).float() for k, v in original.items()}
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
-        model = build_model(published.config, {k: v.float() for k, v in weights.items()})
+        model = build_model(published.config, {k: v.float() for k, v in published.model_state_dict().items()})
         result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)
     except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"

@@ -89,8 +89,7 @@ def public_source(source: str) -> str:
     string, otherwise (a local path or a file:// URL) the file name only."""
     parts = urlsplit(source)
     if parts.scheme in ("http", "https") and parts.hostname:
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}{parts.path}"  # no user:password@
     return PurePath(str(local_path(source) or source).replace("\\", "/")).name or source
 
 

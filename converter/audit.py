@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
-from converter.card import recorded_source
+from converter.card import data_template, recorded_source
 from converter.clip import CONTEXT_LENGTH
 from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
@@ -68,8 +68,8 @@ class Finding:
 
     def describe(self) -> str:
         text = self.detail or f"{self.name} {_show(self.published)} ≠ {_show(self.original)}"
-        if not self.ok and self.changes_computation is not None:
-            text += " (changes the computation)" if self.changes_computation else " (no effect on outputs)"
+        if not self.ok and self.changes_computation:  # a failing finding always does; notes pass
+            text += " (changes the computation)"
         return text
 
 
@@ -90,12 +90,8 @@ class AuditReport:
         return EXIT_MATCH if self.passed else EXIT_MISMATCH
 
     def ordered(self) -> list[Finding]:
-        """Worst first: failures, then what changes the computation, then by check (cause before effect)."""
-
-        def rank(f: Finding) -> tuple[bool, bool, int, float]:
-            return f.ok, not f.ok and f.changes_computation is not True, KINDS.index(f.kind), -f.severity
-
-        return sorted(self.findings, key=rank)
+        """Worst first: failures (each changes the computation), then by check (cause before effect)."""
+        return sorted(self.findings, key=lambda f: (f.ok, KINDS.index(f.kind), -f.severity))
 
     def summary(self) -> str:
         """One line: the verdict and the worst finding."""
@@ -189,9 +185,7 @@ def config_findings(source: Published, expected: XCLIPConfig) -> list[Finding]:
         detail = f"{key} in config.json: from_pretrained would not load the published weights as they are"
         findings.append(Finding("config", key, getattr(published, key), None, False, True, detail))
     if published.dtype not in (None, source.weights_dtype):  # from_pretrained loads them as it says
-        stated, stored = (
-            str(dtype).removeprefix("torch.") for dtype in (published.dtype, source.weights_dtype)
-        )
+        stated, stored = (str(d).removeprefix("torch.") for d in (published.dtype, source.weights_dtype))
         detail = f"dtype {stated} in config.json, but the weights are {stored}: "
         detail += f"from_pretrained loads them as {stated}"
         findings.append(Finding("config", "dtype", stated, stored, False, True, detail))
@@ -234,11 +228,10 @@ def output_findings(
     each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
     from converter.build import build_model
 
-    weights = published.model_state_dict()
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(published.weights_dtype).float() for k, v in original.items()}
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
-        model = build_model(published.config, {k: v.float() for k, v in weights.items()})
+        model = build_model(published.config, {k: v.float() for k, v in published.model_state_dict().items()})
         result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)
     except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
@@ -321,10 +314,8 @@ def _reference_frames(
         data = np.load(reference, allow_pickle=False)
         names = [k.removeprefix("frame/") for k in data.files if k.startswith("frame/")]
         if names and all(f"original{size}/{n}" in data.files for n in names):
-            originals = [
-                torch.from_numpy(data[f"original{size}/{n}"]).permute(2, 0, 1).float() for n in names
-            ]
-            targets = [normalize(o).numpy() for o in originals]
+            originals = torch.from_numpy(np.stack([data[f"original{size}/{n}"] for n in names]))
+            targets = list(normalize(originals.permute(0, 3, 1, 2).float()).numpy())
             return [data[f"frame/{n}"] for n in names], targets, f"{len(names)} reference frames"
     # Three shapes: 4:3, portrait 9:16, and small 4:3 that needs upscaling.
     rng, frames = np.random.default_rng(0), []
@@ -342,10 +333,6 @@ def tokenizer_findings(published: Published) -> list[Finding]:
 
     def ids(tokenizer: Any, sentence: str) -> list[int]:
         return list(tokenizer(sentence, padding="max_length", max_length=CONTEXT_LENGTH)["input_ids"])
-
-    def window(tokens: list[int], start: int) -> str:  # four ids from `start`
-        more = ", …" if len(tokens) > start + 4 else ""
-        return f"[{', '.join(map(str, tokens[start : start + 4]))}{more}]"
 
     try:
         tokenizer = published.load_tokenizer()
@@ -366,8 +353,8 @@ def tokenizer_findings(published: Published) -> list[Finding]:
         first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
         content = first <= want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
         where = "before the end token" if content else "padding only, after the end token"
-        detail = f"{sentence!r}: ids differ from position {first} ({where}): "
-        detail += f"{window(got, first)} ≠ {window(want, first)}"
+        detail = f"{sentence!r}: ids differ from position {first} ({where}), the next four: "
+        detail += f"{_show(got[first : first + 4])} ≠ {_show(want[first : first + 4])}"
         findings.append(
             Finding("tokenizer", sentence, got, want, not content, content, detail, len(want) - first)
         )
@@ -379,28 +366,21 @@ def tokenizer_findings(published: Published) -> list[Finding]:
 
 
 def fix_card(report: AuditReport, card: str, repo_id: str | None = None) -> str:
-    """The converted folder's model card with a section on what this conversion fixes, and why. It names
+    """The folder's model card with data/fix_card.md's section on what this pull request fixes; it names
     the audited repo (`repo_id`) and the original as a card may: no local path, no credentials."""
     failures = [f for f in report.ordered() if not f.ok]
-    rows = "\n".join(f"| {f.kind} | {f.describe()} |" for f in failures)
     repo_id = repo_id or report.source
-    audited = "this repository" if report.source == repo_id else "a local copy of this repository"
-    section = f"""## What this pull request fixes
-
-An audit by xclip-converter (`xclip-convert --audit {repo_id}`) compared {audited}
-{f"(commit {report.revision}) " if report.revision else ""}with the original checkpoint, {report.original}:
-{len(failures)} findings, each changing what the model computes or how its inputs are prepared. This pull
-request replaces the model, config, processor and tokenizer with a conversion verified against an
-independent implementation of the original forward pass (figures below).
-
-| check | finding (published ≠ original) |
-|---|---|
-{rows}
-
-"""
+    section = data_template("fix_card.md").substitute(
+        repo_id=repo_id,
+        audited="this repository" if report.source == repo_id else "a local copy of this repository",
+        commit=f"(commit {report.revision}) " if report.revision else "",
+        original=report.original,
+        count=len(failures),
+        rows="\n".join(f"| {f.kind} | {f.describe()} |" for f in failures),
+    )
     if card.startswith("---\n") and (end := card.find("\n---\n", 4)) != -1:
-        return f"{card[: end + 5]}\n{section}{card[end + 5 :].lstrip()}"
-    return section + card
+        return f"{card[: end + 5]}\n{section}\n{card[end + 5 :].lstrip()}"
+    return f"{section}\n{card}"
 
 
 def propose_fix(

@@ -62,8 +62,7 @@ def model_card(
         converted_from={"source": source, "sha256": sha256},  # the exact file, which base_model cannot say
         architectures=["XCLIPModel"],
     )
-    card = Template((resources.files("converter") / "data" / "model_card.md").read_text(encoding="utf-8"))
-    text = card.substitute(
+    text = data_template("model_card.md").substitute(
         metadata=metadata.to_yaml(original_order=["license"]),  # first: the hub and tests read line one
         name=name,
         trained_on=_trained_on(name),
@@ -80,23 +79,9 @@ def model_card(
 
 
 def usage_snippet(load_from: str, frames: int) -> str:
-    """The card's Python usage example (ends with a newline)."""
+    """The card's Python usage example (ends with a newline), from data/usage.py.template."""
     texts = ", ".join(f'"{t}"' for t in DEFAULT_TEXTS)
-    return f"""import numpy as np
-import torch
-from transformers import AutoProcessor, XCLIPModel
-
-processor = AutoProcessor.from_pretrained("{load_from}")
-model = XCLIPModel.from_pretrained("{load_from}").eval()
-video = list(np.load("clip.npy"))  # {frames} RGB frames, each H x W x 3, uint8
-texts = [{texts}]
-text_inputs = processor.tokenizer(texts, padding=True, return_tensors="pt")
-pixel_values = processor.image_processor(video, return_tensors="pt")["pixel_values"]
-with torch.no_grad():
-    outputs = model(**text_inputs, pixel_values=pixel_values)
-probs = outputs.logits_per_video.softmax(dim=1)[0]
-print({{text: round(p, 4) for text, p in zip(texts, probs.tolist())}})
-"""
+    return data_template("usage.py.template").substitute(load_from=load_from, frames=frames, texts=texts)
 
 
 def public_source(source: str) -> str:
@@ -104,8 +89,7 @@ def public_source(source: str) -> str:
     string, otherwise (a local path or a file:// URL) the file name only."""
     parts = urlsplit(source)
     if parts.scheme in ("http", "https") and parts.hostname:
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2].lower()}{parts.path}"  # no user:password@
     return PurePath(str(local_path(source) or source).replace("\\", "/")).name or source
 
 
@@ -127,10 +111,8 @@ def _trained_on(name: str) -> str:
         text = "Trained on Kinetics-400; for zero-shot recognition (HMDB-51, UCF-101, Kinetics-600)."
     elif "-shot" in name:
         text = f"Trained {name.rsplit('-', 2)[-2]}-shot on {'HMDB-51' if 'hmdb' in name else 'UCF-101'}."
-    elif name.startswith("xclip-"):
-        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
     else:
-        return ""
+        text = f"Trained on Kinetics-{600 if 'kinetics-600' in name else 400}."
     return f"\n{text}\n"
 
 
@@ -181,3 +163,8 @@ def _preprocessing(image_size: int) -> str:
         f"{text} On real photos, after normalisation, the largest per-frame mean |Δ| is {mean:.3g} and "
         f"the largest |Δ| {largest:.3g} at {image_size} px (one uint8 level is about 0.0175)."
     )
+
+
+def data_template(name: str) -> Template:
+    """A text template in converter/data: a card's prose or its usage snippet, as a reader sees them."""
+    return Template((resources.files("converter") / "data" / name).read_text(encoding="utf-8"))

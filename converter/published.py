@@ -25,6 +25,7 @@ StateDict = dict[str, torch.Tensor]
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the image processor's settings
 # The tokenizer files transformers may read from a folder, each checked under its cap before it does.
 TOKENIZER_FILES = {
     **dict.fromkeys(("tokenizer.json", "vocab.json", "merges.txt"), TOKENIZER_LIMIT),
@@ -89,9 +90,7 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     if not _present(folder / "config.json"):
-        # A partial cache (e.g. one file fetched by hf_hub_download) passes snapshot_download offline.
-        partial = "" if commit is None else ", or its cached snapshot is incomplete: connect to the internet"
-        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder{partial})")
+        raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder)")
     # Validated as --config is: a bad size or head count is named here, not met as a shape error in torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
     weights = _read_weights(_weights_files(folder, root, text), text)
@@ -119,12 +118,9 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
             f"{' (HF_HUB_OFFLINE=1)' if offline else ''}, and no local folder of that name exists: connect "
             "to the internet once (or run where it was downloaded before), or pass a local folder instead"
         ) from None
-    # Offline, a snapshot fetched in part (from_pretrained takes the config and weights only) would be
-    # audited as a repo without a tokenizer or processor.
-    parts = {
-        "tokenizer": ("tokenizer_config.json",),
-        "processor": ("preprocessor_config.json", "processor_config.json"),
-    }
+    # Offline, a snapshot fetched in part (hf_hub_download takes one file; from_pretrained the config and
+    # weights) passes snapshot_download, and would be read as a repo without what was not fetched.
+    parts = {"config": ["config.json"], "tokenizer": ["tokenizer_config.json"], "processor": PROCESSOR_FILES}
     lacking = [part for part, names in parts.items() if not any(_present(Path(snapshot, n)) for n in names)]
     if offline and lacking:
         raise ConverterError(
@@ -158,8 +154,8 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
             raise ConverterError(
                 f"{what}: weight_map[{shown(tensor)}] must be a shard file name, found {shown(shard)}"
             )
-    shards, missing = [], []
-    for name in sorted(set(weight_map.values())):
+    names = sorted(set(weight_map.values()))
+    for name in names:
         path, relative = folder / name, PurePosixPath(name)
         named_outside = relative.is_absolute() or ".." in relative.parts
         try:  # a name too long, or a folder on the way that may not be searched: a read of the source
@@ -173,13 +169,9 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
                 f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
                 "inside its own folder; copy the file there"
             )
-        if present:
-            shards.append(path)
-        else:
-            missing.append(escape(name))
-    if missing:
+    if missing := [escape(name) for name in names if not _present(folder / name)]:
         raise ConverterError(f"{what} names missing shards: {', '.join(listed(missing))}")
-    return shards
+    return [folder / name for name in names]
 
 
 def _read_weights(files: list[Path], source: str) -> StateDict:
@@ -201,7 +193,7 @@ def _read_weights(files: list[Path], source: str) -> StateDict:
 def read_image_processor(folder: Path, source: str | None = None) -> dict[str, Any] | None:
     """The checked settings of `preprocessor_config.json`, or of `processor_config.json`'s image_processor."""
     source = str(folder) if source is None else source
-    for name in ("preprocessor_config.json", "processor_config.json"):
+    for name in PROCESSOR_FILES:
         if not _present(folder / name):
             continue
         data = reader.read_json_object(folder / name, f"{escape(source)}: {name}")

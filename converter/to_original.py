@@ -24,7 +24,6 @@ from converter.verify import Verification, oracle_heads, verify
 @dataclass(frozen=True)
 class BackConversion:
     output: Path
-    hyper: Hyper
     tensors: int
     verification: Verification
 
@@ -78,7 +77,7 @@ def to_original(
                 f"the original forward pass on the converted-back weights does not reproduce {source} "
                 f"({verification.summary()}){_heads_hint(hyper)}; nothing was written"
             )
-    return BackConversion(Path(output), hyper, len(original), verification)
+    return BackConversion(Path(output), len(original), verification)
 
 
 def _compact(tensor: torch.Tensor) -> torch.Tensor:

@@ -302,8 +302,7 @@ def _convert(args: argparse.Namespace) -> int:
         _out(result.verification.summary())
     if result.written_vs_float32 is not None:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
-        dtype = str(result.dtype).removeprefix("torch.")
-        _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
+        _out(f"written {args.dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
     if result.folder is not None:  # said first: the classification can still fail (a vocabulary not CLIP's)
         _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:

@@ -1,6 +1,6 @@
 """Hyper-parameters of an X-CLIP model: read off an original state dict, given by the registry, or read
 from an `XCLIPConfig` JSON (checked field by field) — and turned into transformers' `XCLIPConfig`.
-`Hyper` is the common currency: comparing two of them names exactly the fields that disagree.
+`Hyper` is the common currency: a check against a variant names exactly the fields that disagree.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import reduce
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -39,10 +39,8 @@ def depth(keys: Iterable[str], prefix: str) -> int:
 
 
 def _kept(*config_paths: str, limit: int, **original_name: str | None) -> Any:
-    """A `Hyper` field: where XCLIPConfig keeps it (the first path is read; every path is written), the
-    largest value a config may give it — far above every published X-CLIP, below where shapes or
-    storage sizes would overflow — and the original code's name for it where that differs (None: it
-    has none)."""
+    """A `Hyper` field: its XCLIPConfig paths (the first is read, all are written), the largest value a config
+    may give it (far above any X-CLIP, below overflow), and the original's name where that differs."""
     return field(metadata={"config_paths": config_paths, "limit": limit, **original_name})
 
 
@@ -77,13 +75,6 @@ class Hyper:
     def prompt_mlp(self) -> int:
         """The prompt generator's MLP width: 4 E, fixed in the original's code."""
         return 4 * self.embed_dim
-
-    def differences(self, other: Hyper) -> list[str]:
-        return [
-            f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)}"
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
 
 
 class Field(NamedTuple):
@@ -204,7 +195,8 @@ def check_heads(h: Hyper) -> None:
 
 def check_variant(hyper: Hyper, variant: Variant, source: str) -> None:
     """A file for the wrong model is caught here, before anything is built."""
-    diffs = hyper.differences(hyper_for_variant(variant))
+    expected = asdict(hyper_for_variant(variant))
+    diffs = [f"{k}: {v} vs {expected[k]}" for k, v in asdict(hyper).items() if v != expected[k]]
     if diffs:
         raise ConverterError(
             f"{source} does not look like {variant.name} (checkpoint vs registry): {'; '.join(diffs)}. "

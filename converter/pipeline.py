@@ -90,12 +90,9 @@ def convert_checkpoint(
     hash_source: bool = False,
     protect: Iterable[tuple[str, str | Path]] = (),
 ) -> ConversionResult:
-    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release.
-
-    `output` is written while the model is verified and moved into place only when all passed;
-    `repo_id` is the hub repo the card's usage names; `hash_source` hashes a local file for the card
-    when no pin or fetch record has its sha256; `protect` names more of the user's files, as
-    (label, path), that the output must not touch."""
+    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release; `output`
+    is written meanwhile and moved into place only when all passed. `repo_id`: the repo the card names;
+    `hash_source`: hash the file for the card; `protect`: more (label, path) the output must not touch."""
     from converter import fetch
     from converter.export import in_background, staged_output, weights_written_meanwhile
 
@@ -105,8 +102,7 @@ def convert_checkpoint(
     sha256 = fetch.parse_sha256(sha256)
     config_file = config if isinstance(config, str | Path) else None
     if config_file is not None:
-        with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
-            note(escape(str(config_file)))
+        with stage("config", escape(str(config_file))):  # reading it imports transformers (about 1 s)
             config = load_config_file(config_file)
     protected = [*paths.protected(checkpoint=source, config=config_file), *((k, Path(p)) for k, p in protect)]
 
@@ -162,8 +158,7 @@ def convert_checkpoint(
         )
         if folder is None:
             return result
-        with stage("write") as note:
-            note(escape(str(output)))
+        with stage("write", escape(str(output))):
             write_small_files(result, folder, repo_id)
     return replace(result, folder=output)
 
@@ -263,12 +258,12 @@ def check_atol(atol: float) -> float:
 
 
 @contextmanager
-def stage(name: str) -> Iterator:
-    """Log one line when a stage ends: its name, what it found and how long it took."""
+def stage(name: str, *details: str) -> Iterator:
+    """Log one line when a stage ends: its name, `details` and what it notes, and how long it took."""
     start = time.perf_counter()
-    details: list[str] = []
-    yield details.append
-    log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in details), time.perf_counter() - start)
+    noted = [*details]
+    yield noted.append
+    log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in noted), time.perf_counter() - start)
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:

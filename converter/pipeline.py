@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter import DEFAULT_ATOL, DTYPES, paths
+from converter import DEFAULT_ATOL, DTYPES, fetch, paths
 from converter.config import (
     Hyper,
     check_fits_weights,
@@ -34,6 +35,7 @@ from converter.config import (
     to_config,
 )
 from converter.errors import ConverterError, VerificationError, escape
+from converter.export import in_background, staged_output, weights_written_meanwhile, write_weights
 from converter.load import check_finite, load_checkpoint
 from converter.reader import check_regular
 from converter.registry import Variant, get_variant
@@ -93,9 +95,6 @@ def convert_checkpoint(
     """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release; `output`
     is written meanwhile and moved into place only when all passed. `repo_id`: the repo the card names;
     `hash_source`: hash the file for the card; `protect`: more (label, path) the output must not touch."""
-    from converter import fetch
-    from converter.export import in_background, staged_output, weights_written_meanwhile
-
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
     out_dtype = _output_dtype(dtype)
     variant = get_variant(model_name) if model_name else None
@@ -189,8 +188,6 @@ def write_folder(
     result: ConversionResult, folder: str | Path, *, overwrite: bool = False, repo_id: str | None = None
 ) -> ConversionResult:
     """Write a converted model's folder (weights, config, processor, card) atomically."""
-    from converter.export import staged_output, write_weights
-
     folder = Path(folder)
     read = paths.protected(checkpoint=result.provenance.path, config=result.provenance.config)
     with staged_output(folder, overwrite, read) as staging:
@@ -201,8 +198,6 @@ def write_folder(
 
 def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:
     """Publish a verified conversion in one commit; return the commit or pull-request URL."""
-    import tempfile
-
     from converter.hub import push_folder
 
     if result.verification is None or not result.verification.passed:
@@ -267,8 +262,6 @@ def stage(name: str, *details: str) -> Iterator:
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:
-    from converter import fetch
-
     if source is None:
         if variant is None:
             raise ConverterError("nothing to convert: give a checkpoint (path or URL) or a model name")
@@ -287,12 +280,10 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
 def _sha256(provenance: Provenance, hash_source: bool) -> str | None:
     """The checkpoint's sha256 for the card: the pin or the fetch record, or (when asked: publishing) the
     file hashed, which must agree with them; the pipeline runs this on a second core meanwhile."""
-    from converter.fetch import recorded_sha256, sha256_file
-
-    known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
+    known = (provenance.sha256 or "").lower() or fetch.recorded_sha256(provenance.path)
     if not hash_source:
         return known
-    if known not in (None, actual := sha256_file(provenance.path)):  # a cached copy changed since
+    if known not in (None, actual := fetch.sha256_file(provenance.path)):  # a cached copy changed since
         raise ConverterError(
             f"{escape(str(provenance.path))} has sha256 {actual}, not the {known} it was fetched or pinned "
             "with: it changed since; fetch it again with --force-download"

@@ -9,7 +9,8 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from functools import reduce
+from functools import partial, reduce
+from operator import ge
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -289,17 +290,10 @@ FINITE = (
     "vision_config.initializer_factor",
 )
 # What each field the converter reads must be, as a message says it; the size checks run first, so the
-# limits compare integers.
+# limits compare integers (partial(ge, limit) is: limit >= value).
 VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     *((f.config_paths, positive_int, "a positive integer") for f in FIELDS),
-    *(
-        (
-            f.config_paths,
-            lambda v, f=f: v <= f.limit,
-            f"at most {f.limit:,}, far above any X-CLIP's",
-        )
-        for f in FIELDS
-    ),
+    *((f.config_paths, partial(ge, f.limit), f"at most {f.limit:,}, far above any X-CLIP's") for f in FIELDS),
     (
         ("text_config.max_position_embeddings",),
         lambda v: v >= 2,

@@ -214,9 +214,7 @@ def to_config(h: Hyper) -> XCLIPConfig:
         for path in f.config_paths:
             *parent, leaf = path.split(".")
             (values[parent[0]] if parent else values)[leaf] = getattr(h, f.name)
-    config = XCLIPConfig(**values)
-    config.architectures = ["XCLIPModel"]
-    return config
+    return XCLIPConfig(**values, architectures=["XCLIPModel"])
 
 
 def hyper_from_config(config: XCLIPConfig) -> Hyper:

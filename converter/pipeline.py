@@ -110,7 +110,6 @@ def convert_checkpoint(
         if output is not None:
             # Staged before any work: a folder that cannot be written is refused now, not after the
             # download; a failure below removes the staging, so nothing is left behind.
-            output = Path(output)
             folder = writing.enter_context(staged_output(output, overwrite, protected))
         with stage("fetch") as note:
             provenance = _fetch(source, variant, sha256, force_download)
@@ -159,7 +158,7 @@ def convert_checkpoint(
             return result
         with stage("write", escape(str(output))):
             write_small_files(result, folder, repo_id)
-    return replace(result, folder=output)
+    return replace(result, folder=Path(output))
 
 
 def map_original(

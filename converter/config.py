@@ -341,9 +341,8 @@ def check_config_values(data: Mapping[str, Any], where: str) -> None:
 
 
 def check_fits_weights(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """The config fields no weight shape shows, against weights `check_state_dict` has passed: image_size
-    beyond its patch grid (at patch 32, 224 and 240 both give 7×7, and a 240 crop changes every output),
-    and the patch embedding's input channels."""
+    """The config fields no weight shape shows, against weights `check_state_dict` passed: image_size beyond
+    its patch grid (224 and 240 both give 7×7 at patch 32; a 240 crop changes all outputs), input channels."""
     vision = config.vision_config
     grid = vision.image_size // vision.patch_size
     if vision.image_size != vision.patch_size * grid:

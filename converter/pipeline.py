@@ -92,9 +92,8 @@ def convert_checkpoint(
     hash_source: bool = False,
     protect: Iterable[tuple[str, str | Path]] = (),
 ) -> ConversionResult:
-    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release; `output`
-    is written meanwhile and moved into place only when all passed. `repo_id`: the repo the card names;
-    `hash_source`: hash the file for the card; `protect`: more (label, path) the output must not touch."""
+    """Convert a checkpoint file, URL or (`model_name` alone) release; `output` appears only when all passed.
+    `repo_id`: the card's repo; `hash_source`: hash the file for it; `protect`: (label, path) not to touch."""
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
     out_dtype = _output_dtype(dtype)
     variant = get_variant(model_name) if model_name else None
@@ -168,9 +167,8 @@ def map_original(
     source: str,
     where: str = "the config",
 ) -> tuple[Hyper, StateDict]:
-    """An original state dict's hyper-parameters (`config`'s, else read off the weights) and its weights
-    under XCLIPModel's keys; refused, naming `source` or `where` (the config), when unlike `variant`,
-    when heads are not inferable, or when a key, shape, image_size or channel count disagrees."""
+    """An original state dict's hyper-parameters (`config`'s, else inferred) and its XCLIPModel weights;
+    refused, naming `source` or `where`, when unlike `variant` or a head count, key, shape or size is off."""
     hyper = infer_hyper(original) if config is None else hyper_from_config(config)
     if variant is not None:
         check_variant(hyper, variant, escape(source))
@@ -207,9 +205,8 @@ def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, pri
 
 
 def write_small_files(result: ConversionResult, folder: Path, repo_id: str | None = None) -> None:
-    """Everything but the weights: config.json, the processor files and the model card. config.json names
-    the XCLIPModel the folder holds, and no LOADING_KEYS (say, of a --config copied from a quantized repo):
-    the folder is the verified model, as its dtype is --dtype's whatever the --config said."""
+    """Everything but the weights: the processor files, the card, and a config.json naming XCLIPModel without
+    LOADING_KEYS (of a --config copied from a quantized repo, say): the folder is the verified model."""
     from converter.card import model_card
     from converter.processor_files import write_processor
 
@@ -298,9 +295,8 @@ def _verify(
     dtype: torch.dtype,
     atol: float,
 ) -> tuple[XCLIPModel, Verification, Verification | None]:
-    """The converted XCLIPModel against the oracle on the original weights, both rounded to the output
-    dtype so only a mapping mistake can fail; with a reduced dtype also the written model against the
-    float32 original: the rounding's cost, reported not gated."""
+    """The converted model against the oracle on the original weights, both rounded to the output dtype so
+    only a mapping mistake fails; with a reduced dtype also against the float32 original (reported only)."""
     from converter.build import build_model
     from converter.verify import oracle_heads, verify
 

@@ -41,7 +41,7 @@ def depth(keys: Iterable[str], prefix: str) -> int:
 
 def _kept(*config_paths: str, limit: int, **original_name: str | None) -> Any:
     """A `Hyper` field: its XCLIPConfig paths (the first is read, all are written), the largest value a config
-    may give it (far above any X-CLIP, below overflow), and the original's name where that differs."""
+    may give it (far above any X-CLIP, below where sizes overflow), and the original's name if it differs."""
     return field(metadata={"config_paths": config_paths, "limit": limit, **original_name})
 
 

@@ -143,8 +143,9 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
 
-    def say(message: str) -> None:
+    def fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
         _out(f"{prog}: {message}", sys.stderr)
+        return status
 
     try:
         with signals_as_exceptions():
@@ -155,28 +156,24 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
     except ConverterError as err:
-        say(f"error: {err}")
-        return EXIT_BAD_INPUT
+        return fail(f"error: {err}")
     except VerificationError as err:
         if err.verification is not None:
             _out(err.verification.summary())
-        say(str(err))
-        return EXIT_VERIFICATION_FAILED
+        return fail(str(err), EXIT_VERIFICATION_FAILED)
     except Interrupted as err:
-        say(str(err))
-        return err.exit_code
+        return fail(str(err), err.exit_code)
     except OSError as err:  # disk full, permissions, a path that is not a folder, ...
         where = f"{escape(str(err.filename))}: " if err.filename else ""
-        say(f"error: {where}{err.strerror or reason(err)}")
-        return EXIT_BAD_INPUT
+        return fail(f"error: {where}{err.strerror or reason(err)}")
     except Exception as err:
         if signum := signal_raised():  # not a bug of ours: what the signal broke midway
-            say(str(Interrupted(signum)))
-            return 128 + signum
+            return fail(str(Interrupted(signum)), 128 + signum)
         if os.environ.get("XCLIP_DEBUG"):
             raise
-        say(f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)")
-        return EXIT_BAD_INPUT
+        return fail(
+            f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)"
+        )
 
 
 def _out(text: str, file: TextIO | None = None) -> None:
@@ -302,8 +299,7 @@ def _convert(args: argparse.Namespace) -> int:
         _out(result.verification.summary())
     if result.written_vs_float32 is not None:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
-        dtype = str(result.dtype).removeprefix("torch.")
-        _out(f"written {dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
+        _out(f"written {args.dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
     if result.folder is not None:  # said first: the classification can still fail (a vocabulary not CLIP's)
         _out(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
@@ -343,12 +339,14 @@ def _classify(result: ConversionResult, video: Path, texts: list[str], input_ids
 
 
 def _audit(args: argparse.Namespace) -> int:
+    import tempfile
     from contextlib import nullcontext
 
     from converter import paths
     from converter.audit import audit, propose_fix
     from converter.export import staged_file
     from converter.hub import push_target
+    from converter.pipeline import convert_checkpoint
 
     repo_id = None
     if args.create_pr and args.push_to_hub is None:
@@ -372,10 +370,6 @@ def _audit(args: argparse.Namespace) -> int:
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
     if repo_id is not None:
-        import tempfile
-
-        from converter.pipeline import convert_checkpoint
-
         with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
             converted = Path(tmp) / "converted"
             result = convert_checkpoint(

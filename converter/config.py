@@ -1,6 +1,6 @@
 """Hyper-parameters of an X-CLIP model: read off an original state dict, given by the registry, or read
 from an `XCLIPConfig` JSON (checked field by field) — and turned into transformers' `XCLIPConfig`.
-`Hyper` is the common currency: comparing two of them names exactly the fields that disagree.
+`Hyper` is the common currency: a check against a variant names exactly the fields that disagree.
 """
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, fields
-from functools import reduce
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial, reduce
+from operator import ge
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -39,10 +40,8 @@ def depth(keys: Iterable[str], prefix: str) -> int:
 
 
 def _kept(*config_paths: str, limit: int, **original_name: str | None) -> Any:
-    """A `Hyper` field: where XCLIPConfig keeps it (the first path is read; every path is written), the
-    largest value a config may give it — far above every published X-CLIP, below where shapes or
-    storage sizes would overflow — and the original code's name for it where that differs (None: it
-    has none)."""
+    """A `Hyper` field: its XCLIPConfig paths (the first is read, all are written), the largest value a config
+    may give it (far above any X-CLIP, below where sizes overflow), and the original's name if it differs."""
     return field(metadata={"config_paths": config_paths, "limit": limit, **original_name})
 
 
@@ -77,13 +76,6 @@ class Hyper:
     def prompt_mlp(self) -> int:
         """The prompt generator's MLP width: 4 E, fixed in the original's code."""
         return 4 * self.embed_dim
-
-    def differences(self, other: Hyper) -> list[str]:
-        return [
-            f"{f.name}: {getattr(self, f.name)} vs {getattr(other, f.name)}"
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
 
 
 class Field(NamedTuple):
@@ -204,7 +196,8 @@ def check_heads(h: Hyper) -> None:
 
 def check_variant(hyper: Hyper, variant: Variant, source: str) -> None:
     """A file for the wrong model is caught here, before anything is built."""
-    diffs = hyper.differences(hyper_for_variant(variant))
+    expected = asdict(hyper_for_variant(variant))
+    diffs = [f"{k}: {v} vs {expected[k]}" for k, v in asdict(hyper).items() if v != expected[k]]
     if diffs:
         raise ConverterError(
             f"{source} does not look like {variant.name} (checkpoint vs registry): {'; '.join(diffs)}. "
@@ -221,9 +214,7 @@ def to_config(h: Hyper) -> XCLIPConfig:
         for path in f.config_paths:
             *parent, leaf = path.split(".")
             (values[parent[0]] if parent else values)[leaf] = getattr(h, f.name)
-    config = XCLIPConfig(**values)
-    config.architectures = ["XCLIPModel"]
-    return config
+    return XCLIPConfig(**values, architectures=["XCLIPModel"])
 
 
 def hyper_from_config(config: XCLIPConfig) -> Hyper:
@@ -297,17 +288,10 @@ FINITE = (
     "vision_config.initializer_factor",
 )
 # What each field the converter reads must be, as a message says it; the size checks run first, so the
-# limits compare integers.
+# limits compare integers (partial(ge, limit) is: limit >= value).
 VALUE_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], bool], str], ...] = (
     *((f.config_paths, positive_int, "a positive integer") for f in FIELDS),
-    *(
-        (
-            f.config_paths,
-            lambda v, f=f: v <= f.limit,
-            f"at most {f.limit:,}, far above any X-CLIP's",
-        )
-        for f in FIELDS
-    ),
+    *((f.config_paths, partial(ge, f.limit), f"at most {f.limit:,}, far above any X-CLIP's") for f in FIELDS),
     (
         ("text_config.max_position_embeddings",),
         lambda v: v >= 2,
@@ -357,9 +341,8 @@ def check_config_values(data: Mapping[str, Any], where: str) -> None:
 
 
 def check_fits_weights(config: XCLIPConfig, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """The config fields no weight shape shows, against weights `check_state_dict` has passed: image_size
-    beyond its patch grid (at patch 32, 224 and 240 both give 7×7, and a 240 crop changes every output),
-    and the patch embedding's input channels."""
+    """The config fields no weight shape shows, against weights `check_state_dict` passed: image_size beyond
+    its patch grid (224 and 240 both give 7×7 at patch 32; a 240 crop changes all outputs), input channels."""
     vision = config.vision_config
     grid = vision.image_size // vision.patch_size
     if vision.image_size != vision.patch_size * grid:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from converter import DEFAULT_ATOL, DTYPES, paths
+from converter import DEFAULT_ATOL, DTYPES, fetch, paths
 from converter.config import (
     Hyper,
     check_fits_weights,
@@ -34,6 +35,7 @@ from converter.config import (
     to_config,
 )
 from converter.errors import ConverterError, VerificationError, escape
+from converter.export import in_background, staged_output, weights_written_meanwhile, write_weights
 from converter.load import check_finite, load_checkpoint
 from converter.reader import check_regular
 from converter.registry import Variant, get_variant
@@ -90,23 +92,15 @@ def convert_checkpoint(
     hash_source: bool = False,
     protect: Iterable[tuple[str, str | Path]] = (),
 ) -> ConversionResult:
-    """Convert one original checkpoint: a local file, a URL, or (`model_name` alone) the release.
-
-    `output` is written while the model is verified and moved into place only when all passed;
-    `repo_id` is the hub repo the card's usage names; `hash_source` hashes a local file for the card
-    when no pin or fetch record has its sha256; `protect` names more of the user's files, as
-    (label, path), that the output must not touch."""
-    from converter import fetch
-    from converter.export import in_background, staged_output, weights_written_meanwhile
-
+    """Convert a checkpoint file, URL or (`model_name` alone) release; `output` appears only when all passed.
+    `repo_id`: the card's repo; `hash_source`: hash the file for it; `protect`: (label, path) not to touch."""
     atol = DEFAULT_ATOL if atol is None else check_atol(atol)
     out_dtype = _output_dtype(dtype)
     variant = get_variant(model_name) if model_name else None
     sha256 = fetch.parse_sha256(sha256)
     config_file = config if isinstance(config, str | Path) else None
     if config_file is not None:
-        with stage("config") as note:  # a stage of its own: reading it imports transformers (about 1 s)
-            note(escape(str(config_file)))
+        with stage("config", escape(str(config_file))):  # reading it imports transformers (about 1 s)
             config = load_config_file(config_file)
     protected = [*paths.protected(checkpoint=source, config=config_file), *((k, Path(p)) for k, p in protect)]
 
@@ -115,7 +109,6 @@ def convert_checkpoint(
         if output is not None:
             # Staged before any work: a folder that cannot be written is refused now, not after the
             # download; a failure below removes the staging, so nothing is left behind.
-            output = Path(output)
             folder = writing.enter_context(staged_output(output, overwrite, protected))
         with stage("fetch") as note:
             provenance = _fetch(source, variant, sha256, force_download)
@@ -162,10 +155,9 @@ def convert_checkpoint(
         )
         if folder is None:
             return result
-        with stage("write") as note:
-            note(escape(str(output)))
+        with stage("write", escape(str(output))):
             write_small_files(result, folder, repo_id)
-    return replace(result, folder=output)
+    return replace(result, folder=Path(output))
 
 
 def map_original(
@@ -175,9 +167,8 @@ def map_original(
     source: str,
     where: str = "the config",
 ) -> tuple[Hyper, StateDict]:
-    """An original state dict's hyper-parameters (`config`'s, else read off the weights) and its weights
-    under XCLIPModel's keys; refused, naming `source` or `where` (the config), when unlike `variant`,
-    when heads are not inferable, or when a key, shape, image_size or channel count disagrees."""
+    """An original state dict's hyper-parameters (`config`'s, else inferred) and its XCLIPModel weights;
+    refused, naming `source` or `where`, when unlike `variant` or a head count, key, shape or size is off."""
     hyper = infer_hyper(original) if config is None else hyper_from_config(config)
     if variant is not None:
         check_variant(hyper, variant, escape(source))
@@ -194,8 +185,6 @@ def write_folder(
     result: ConversionResult, folder: str | Path, *, overwrite: bool = False, repo_id: str | None = None
 ) -> ConversionResult:
     """Write a converted model's folder (weights, config, processor, card) atomically."""
-    from converter.export import staged_output, write_weights
-
     folder = Path(folder)
     read = paths.protected(checkpoint=result.provenance.path, config=result.provenance.config)
     with staged_output(folder, overwrite, read) as staging:
@@ -206,8 +195,6 @@ def write_folder(
 
 def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, private: bool = False) -> str:
     """Publish a verified conversion in one commit; return the commit or pull-request URL."""
-    import tempfile
-
     from converter.hub import push_folder
 
     if result.verification is None or not result.verification.passed:
@@ -218,9 +205,8 @@ def push(result: ConversionResult, repo_id: str, *, create_pr: bool = False, pri
 
 
 def write_small_files(result: ConversionResult, folder: Path, repo_id: str | None = None) -> None:
-    """Everything but the weights: config.json, the processor files and the model card. config.json names
-    the XCLIPModel the folder holds, and no LOADING_KEYS (say, of a --config copied from a quantized repo):
-    the folder is the verified model, as its dtype is --dtype's whatever the --config said."""
+    """Everything but the weights: the processor files, the card, and a config.json naming XCLIPModel without
+    LOADING_KEYS (of a --config copied from a quantized repo, say): the folder is the verified model."""
     from converter.card import model_card
     from converter.processor_files import write_processor
 
@@ -263,17 +249,15 @@ def check_atol(atol: float) -> float:
 
 
 @contextmanager
-def stage(name: str) -> Iterator:
-    """Log one line when a stage ends: its name, what it found and how long it took."""
+def stage(name: str, *details: str) -> Iterator:
+    """Log one line when a stage ends: its name, `details` and what it notes, and how long it took."""
     start = time.perf_counter()
-    details: list[str] = []
-    yield details.append
-    log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in details), time.perf_counter() - start)
+    noted = [*details]
+    yield noted.append
+    log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in noted), time.perf_counter() - start)
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:
-    from converter import fetch
-
     if source is None:
         if variant is None:
             raise ConverterError("nothing to convert: give a checkpoint (path or URL) or a model name")
@@ -292,12 +276,10 @@ def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | Non
 def _sha256(provenance: Provenance, hash_source: bool) -> str | None:
     """The checkpoint's sha256 for the card: the pin or the fetch record, or (when asked: publishing) the
     file hashed, which must agree with them; the pipeline runs this on a second core meanwhile."""
-    from converter.fetch import recorded_sha256, sha256_file
-
-    known = (provenance.sha256 or "").lower() or recorded_sha256(provenance.path)
+    known = (provenance.sha256 or "").lower() or fetch.recorded_sha256(provenance.path)
     if not hash_source:
         return known
-    if known not in (None, actual := sha256_file(provenance.path)):  # a cached copy changed since
+    if known not in (None, actual := fetch.sha256_file(provenance.path)):  # a cached copy changed since
         raise ConverterError(
             f"{escape(str(provenance.path))} has sha256 {actual}, not the {known} it was fetched or pinned "
             "with: it changed since; fetch it again with --force-download"
@@ -313,9 +295,8 @@ def _verify(
     dtype: torch.dtype,
     atol: float,
 ) -> tuple[XCLIPModel, Verification, Verification | None]:
-    """The converted XCLIPModel against the oracle on the original weights, both rounded to the output
-    dtype so only a mapping mistake can fail; with a reduced dtype also the written model against the
-    float32 original: the rounding's cost, reported not gated."""
+    """The converted model against the oracle on the original weights, both rounded to the output dtype so
+    only a mapping mistake fails; with a reduced dtype also against the float32 original (reported only)."""
     from converter.build import build_model
     from converter.verify import oracle_heads, verify
 

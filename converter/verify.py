@@ -79,10 +79,6 @@ class Site:
             return self.max_abs_diff / self.tolerance
         return math.inf if self.max_abs_diff > 0 else 0.0
 
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
 
 @dataclass(frozen=True)
 class Verification:
@@ -121,7 +117,7 @@ class Verification:
     @property
     def first_divergence(self) -> Site | None:
         """The first site in forward order over its tolerance: where a mistake enters."""
-        return next((site for site in self.compared if not site.passed), None)
+        return next((site for site in self.compared if site.max_abs_diff > site.tolerance), None)
 
     @property
     def passed(self) -> bool:

@@ -13,10 +13,9 @@ if TYPE_CHECKING:
 
 
 def meta_model(config: XCLIPConfig) -> XCLIPModel:
-    """An XCLIPModel on the meta device: shapes only, no memory, no init cost. Built on a copy that returns
-    named outputs with transformers' default attention: a config's output switches (return_dict,
-    output_attentions) and attn_implementation change how a forward pass reports, not what it computes,
-    and stay the config's own to write."""
+    """An XCLIPModel on the meta device (shapes only, no memory, no init cost), built on a copy of the config
+    with named outputs and the default attention: switches that change how a forward pass reports, not what
+    it computes, and stay the config's own to write."""
     from transformers import XCLIPModel
 
     config = copy.deepcopy(config)

@@ -56,11 +56,9 @@ class OriginalHeads(NamedTuple):
         return cls(vision, original_heads(text_width), original_heads(embed_dim), original_heads(embed_dim))
 
 
-def causal_mask(
-    length: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None
-) -> Tensor:
+def causal_mask(length: int) -> Tensor:
     """Additive [length, length] mask of the text tower: -inf strictly above the diagonal, 0 elsewhere."""
-    return torch.full((length, length), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return torch.full((length, length), float("-inf")).triu_(1)
 
 
 def _ln(x: Tensor, sd: StateDict, prefix: str) -> Tensor:
@@ -178,7 +176,7 @@ def original_sites(
     ids = input_ids.to(device)
     z = F.embedding(ids, sd["token_embedding.weight"]) + sd["positional_embedding"][:length]
     yield TEXT_EMBEDDINGS, z
-    mask = causal_mask(length, dtype, device)
+    mask = causal_mask(length).to(device, dtype)
     for i in range(depth(sd, TEXT_BLOCKS)):
         z = yield from _clip_block(z, sd, TEXT, i, heads.text, mask)
     z = _ln(z, sd, "ln_final.")

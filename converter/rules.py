@@ -230,10 +230,10 @@ def hf_to_original(state_dict: Mapping[str, torch.Tensor], rules: Iterable[Rule]
     return restored
 
 
-def original_shapes(h: Hyper, rules: Iterable[Rule] = RULES) -> dict[str, Shape]:
+def original_shapes(h: Hyper) -> dict[str, Shape]:
     """Every key of an original X-CLIP state dict with its shape, in the checkpoint's own order."""
     shapes: dict[str, Shape] = {}
-    for layers, run in groupby(rules, key=lambda rule: rule.layers):
+    for layers, run in groupby(RULES, key=lambda rule: rule.layers):
         run = list(run)
         for index in map(str, range(getattr(h, layers))) if layers else [None]:
             for rule in run:

@@ -45,10 +45,9 @@ def _init(key: str, shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
         return 0.01 * torch.randn(shape, generator=gen)
     if "embedding" in key:
         return 0.02 * torch.randn(shape, generator=gen)
-    if key in ("visual.proj", "text_projection", "prompts_visual_proj"):
-        fan_in = shape[0]  # used as x @ P: the input dimension comes first
-    else:
-        fan_in = math.prod(shape[1:])  # Linear [out, in], conv [out, c, p, p]
+    # A projection used as x @ P has its input dimension first; Linear [out, in] and conv [out, c, p, p] last.
+    projection = key in ("visual.proj", "text_projection", "prompts_visual_proj")
+    fan_in = shape[0] if projection else math.prod(shape[1:])
     return torch.randn(shape, generator=gen) * fan_in**-0.5
 
 

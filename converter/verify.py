@@ -79,10 +79,6 @@ class Site:
             return self.max_abs_diff / self.tolerance
         return math.inf if self.max_abs_diff > 0 else 0.0
 
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
 
 @dataclass(frozen=True)
 class Verification:
@@ -121,7 +117,7 @@ class Verification:
     @property
     def first_divergence(self) -> Site | None:
         """The first site in forward order over its tolerance: where a mistake enters."""
-        return next((site for site in self.compared if not site.passed), None)
+        return next((site for site in self.compared if site.max_abs_diff > site.tolerance), None)
 
     @property
     def passed(self) -> bool:
@@ -144,23 +140,21 @@ class Verification:
         )
 
 
-def synthetic_inputs(
-    hyper: Hyper, videos: int = 1, texts: int = NUM_TEXTS, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """A seeded clip [videos, T, 3, S, S] (a scene of 16x16 blocks, a per-frame offset, noise) and ids
-    [texts, L]: row r is the start token, 4 * 2**r ids, the end token (the row maximum), zeros."""
+def synthetic_inputs(hyper: Hyper, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A seeded clip [1, T, 3, S, S] (a scene of 16x16 blocks, a per-frame offset, noise) and ids
+    [NUM_TEXTS, L]: row r is the start token, 4 * 2**r ids, the end token (the row maximum), zeros."""
     gen = torch.Generator().manual_seed(seed)
     size, frames = hyper.image_size, hyper.frames
     grid = -(-size // BLOCK)
-    scene = torch.randn(videos, 1, 3, grid, grid, generator=gen)
+    scene = torch.randn(1, 1, 3, grid, grid, generator=gen)
     scene = scene.repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)[..., :size, :size]
-    offset = torch.randn(videos, frames, 3, 1, 1, generator=gen)
-    noise = torch.randn(videos, frames, 3, size, size, generator=gen)
+    offset = torch.randn(1, frames, 3, 1, 1, generator=gen)
+    noise = torch.randn(1, frames, 3, size, size, generator=gen)
     pixel_values = SCENE * scene + OFFSET * offset + NOISE * noise
 
-    input_ids = torch.zeros(texts, hyper.context_length, dtype=torch.long)
+    input_ids = torch.zeros(NUM_TEXTS, hyper.context_length, dtype=torch.long)
     sot, eot = hyper.vocab_size - 2, hyper.vocab_size - 1
-    for row in range(texts):
+    for row in range(NUM_TEXTS):
         n = min(4 * 2**row, hyper.context_length - 2)
         input_ids[row, 0] = sot
         input_ids[row, 1 : n + 1] = torch.randint(1, hyper.vocab_size - 2, (n,), generator=gen)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 WEIGHTS_NAME = "model.safetensors"
-# Mapped pages of the file being read back count towards the RSS until it is closed, so it is reopened
-# for each piece of at most this many bytes: the read-back adds that much to the peak RSS, not the model's.
+# Mapped pages of the file being read back count towards the RSS until it is closed, so it is
+# reopened after this many bytes: the read-back adds that much to the peak RSS, not the model's size.
 READ_BACK_BATCH_BYTES = 32 << 20
 
 
@@ -132,33 +132,45 @@ def check_written(
             raise differs(f"{missing[0]!r} is missing")
         if extra := sorted(written - wanted):
             raise differs(f"{extra[0]!r} was not meant to be there")
-        for key, want in state_dict.items():
-            for rows in _row_slices(want, batch_bytes):
-                if cancel is not None and cancel.is_set():
-                    return
-                with safe_open(path, framework="pt") as f:  # see READ_BACK_BATCH_BYTES
-                    header = f.get_slice(key)
+        for batch in _batches(state_dict, batch_bytes):
+            with safe_open(path, framework="pt") as f:
+                for key, rows in batch:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    want, header = state_dict[key], f.get_slice(key)
                     if (shape := tuple(header.get_shape())) != want.shape:  # before `rows` slices it
                         raise differs(f"{key!r} has shape {shape} instead of {tuple(want.shape)}")
                     got = f.get_tensor(key) if rows is None else header[rows]
-                if got.dtype != want.dtype:
-                    raise differs(f"{key!r} has dtype {got.dtype} instead of {want.dtype}")
-                # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views, which
-                # copy nothing; torch.equal costs ~9x as much on base-patch32.
-                same_int = as_int[want.element_size()]
-                part = want if rows is None else want[rows]
-                if not np.array_equal(got.view(same_int).numpy(), part.view(same_int).numpy()):
-                    raise differs(f"{key!r} has different values")
+                    if got.dtype != want.dtype:
+                        raise differs(f"{key!r} has dtype {got.dtype} instead of {want.dtype}")
+                    want = want if rows is None else want[rows]
+                    # Bitwise (NaN equals the same NaN, -0.0 differs from 0.0): numpy on integer views,
+                    # which copy nothing; torch.equal costs ~9x as much on base-patch32.
+                    same_int = as_int[want.element_size()]
+                    if not np.array_equal(got.view(same_int).numpy(), want.view(same_int).numpy()):
+                        raise differs(f"{key!r} has different values")
     except (OSError, SafetensorError) as err:
         raise ConverterError(f"could not read back {path}: {_short_io_error(err)}") from err
 
 
-def _row_slices(tensor: torch.Tensor, limit: int) -> list[slice | None]:
-    """Row ranges of `tensor` of at most `limit` bytes (one row at the least); None is the whole tensor."""
-    if tensor.nbytes <= limit or tensor.dim() == 0:
-        return [None]
-    step = max(1, limit * len(tensor) // tensor.nbytes)
-    return [slice(i, i + step) for i in range(0, len(tensor), step)]
+def _batches(state_dict: Mapping[str, torch.Tensor], limit: int) -> Iterator[list[tuple[str, slice | None]]]:
+    """Batches of (key, rows) of at most `limit` bytes; rows None is the whole tensor."""
+    batch: list[tuple[str, slice | None]] = []
+    size = 0
+    for key, tensor in state_dict.items():
+        if tensor.nbytes <= limit or tensor.dim() == 0:
+            pieces = [(None, tensor.nbytes)]
+        else:
+            step = max(1, limit * len(tensor) // tensor.nbytes)
+            pieces = [(slice(i, i + step), tensor[i : i + step].nbytes) for i in range(0, len(tensor), step)]
+        for rows, nbytes in pieces:
+            if batch and size + nbytes > limit:
+                yield batch
+                batch, size = [], 0
+            batch.append((key, rows))
+            size += nbytes
+    if batch:
+        yield batch
 
 
 def _short_io_error(err: BaseException) -> str:

@@ -369,7 +369,9 @@ def _audit(args: argparse.Namespace) -> int:
         _out("\n".join(report.lines()))
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
-    if repo_id is not None:
+    if repo_id is not None and report.passed:  # said before minutes of conversion, not after
+        _out(f"no pull request opened: {escape(args.audit)} matches the original")
+    elif repo_id is not None:
         with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
             converted = Path(tmp) / "converted"
             result = convert_checkpoint(

@@ -333,6 +333,27 @@ def test_propose_fix_refused_unless_verified(originals, tmp_path, hub):
     assert hub.calls == []
 
 
+def test_a_matching_repo_gets_no_pull_request_and_no_conversion(
+    originals, tmp_path, hub, monkeypatch, capsys
+):
+    """Said after the audit, before the minutes a conversion for the pull request would take."""
+    from converter import pipeline
+    from converter.cli import main
+
+    path, original = originals[SQUARE]
+    config = tmp_path / "config.json"
+    original_config(SQUARE).to_json_file(config)
+    place_in_hub_cache(
+        publish(tmp_path / "pub", SQUARE, original, "correct"), "someone/xclip-ok", monkeypatch
+    )
+    monkeypatch.setattr(FakeHfApi, "whoami", lambda self: {"name": "someone"}, raising=False)
+    monkeypatch.setattr(pipeline, "convert_checkpoint", lambda *a, **k: pytest.fail("converted for nothing"))
+    args = ["--audit", "someone/xclip-ok", "--checkpoint", path, "--config", config, "--push-to-hub"]
+    assert main([*map(str, args), "--create-pr", "-q"]) == 0
+    assert "no pull request opened: someone/xclip-ok matches the original" in capsys.readouterr().out
+    assert hub.calls == []
+
+
 def test_fix_card_without_front_matter():
     from converter.audit import AuditReport, Finding
 

@@ -83,17 +83,18 @@ def load_published(source: str | Path, *, revision: str | None = None) -> Publis
     if path.exists():
         if not path.is_dir():
             raise ConverterError(f"{text}: expected a converted model folder (with config.json), not a file")
-        folder, commit, root = path, None, path
+        folder, commit, roots = path, None, (path,)
     elif isinstance(source, str) and _REPO_ID.fullmatch(text):
         folder, commit = _snapshot(text, revision)
-        root = folder.parents[1]  # a snapshot's files are links into its repo's cache folder
+        # A snapshot's files are links into its repo's blobs/, which may itself link to another disk.
+        roots = (folder.parents[1], folder.parents[1] / "blobs")
     else:
         raise ConverterError(f"{text}: no such folder, and not a hub repo id (ORG/NAME)")
     if not _present(folder / "config.json"):
         raise ConverterError(f"{escape(text)}: no config.json (not a transformers model folder)")
     # Validated as --config is: a bad size or head count is named here, not met as a shape error in torch.
     config = load_config_file(folder / "config.json", where=f"{escape(text)}: config.json")
-    weights = _read_weights(_weights_files(folder, root, text), text)
+    weights = _read_weights(_weights_files(folder, roots, text), text)
     return Published(text, folder, config, weights, read_image_processor(folder, text), commit)
 
 
@@ -131,8 +132,8 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     return Path(snapshot), Path(snapshot).name
 
 
-def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
-    """model.safetensors, or the shards its index's weight_map names, each a regular file inside `root`."""
+def _weights_files(folder: Path, roots: tuple[Path, ...], source: str) -> list[Path]:
+    """model.safetensors, or the shards its index's weight_map names, each a regular file within `roots`."""
     if _present(folder / WEIGHTS_NAME):
         reader.check_regular(folder / WEIGHTS_NAME, f"{escape(source)}: {WEIGHTS_NAME}")
         return [folder / WEIGHTS_NAME]
@@ -164,7 +165,7 @@ def _weights_files(folder: Path, root: Path, source: str) -> list[Path]:
             raise ConverterError(f"{what}: cannot read shard {shown(name)} ({err.strerror})") from None
         if present and not named_outside:
             reader.check_regular(path, f"{what}: shard {escape(name)}")  # before resolving: names a link loop
-        if named_outside or not is_inside(path, root):  # by its name, or through a link
+        if named_outside or not any(is_inside(path, root) for root in roots):  # by its name, or a link
             raise ConverterError(
                 f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
                 "inside its own folder; copy the file there"

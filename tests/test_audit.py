@@ -354,6 +354,34 @@ def test_a_matching_repo_gets_no_pull_request_and_no_conversion(
     assert hub.calls == []
 
 
+def test_a_sharded_snapshot_whose_blobs_live_on_another_disk_is_read(originals, tmp_path, monkeypatch):
+    """The HF cache links a snapshot's files into blobs/, which may link to another disk: that is the
+    cache's layout, not a shard outside the repo. A shard linked anywhere else still is."""
+    from safetensors import safe_open
+
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "pub", SQUARE, original, "correct")
+    with safe_open(folder / "model.safetensors", framework="pt") as weights:
+        index = {"weight_map": dict.fromkeys(weights.keys(), "shard.safetensors")}
+    (folder / "model.safetensors").rename(folder / "shard.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    snapshot = place_in_hub_cache(folder, "someone/xclip-blobs", monkeypatch)
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    for file in snapshot.iterdir():
+        file.rename(other_disk / file.name)
+        file.symlink_to(f"../../blobs/{file.name}")
+    (snapshot.parents[1] / "blobs").symlink_to(other_disk)
+    assert audit("someone/xclip-blobs", checkpoint=path, config=to_config(SQUARE)).passed
+
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    elsewhere.write_bytes((other_disk / "shard.safetensors").read_bytes())
+    (snapshot / "shard.safetensors").unlink()
+    (snapshot / "shard.safetensors").symlink_to(elsewhere)
+    with pytest.raises(ConverterError, match="shard 'shard.safetensors' lies outside someone/xclip-blobs"):
+        audit("someone/xclip-blobs", checkpoint=path, config=to_config(SQUARE))
+
+
 def test_fix_card_without_front_matter():
     from converter.audit import AuditReport, Finding
 

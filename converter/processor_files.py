@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from converter.errors import ConverterError
+from converter.reader import read_json_object
 
 PROCESSOR_CLASS = "XCLIPProcessor"
 LOCK_TIMEOUT = 60.0  # seconds to wait for another run building a cache entry (a stopped one holds it)
+DIGESTS = "sha256.json"  # in a cache entry: its files' digests as built; one changed since is never copied
 # What build_processor_files writes whatever else save_pretrained adds: a cache entry lacking one is rebuilt.
 FILES = (
     "preprocessor_config.json",
@@ -34,7 +36,6 @@ def write_processor(folder: Path, image_size: int) -> None:
 
     from converter.export import staged_output
     from converter.fetch import cache_folder
-    from converter.published import TOKENIZER_FILES
 
     # Keyed by the package's code as a whole: the files change when any module that decides them does.
     code = hashlib.sha256()
@@ -47,17 +48,17 @@ def write_processor(folder: Path, image_size: int) -> None:
             raise ConverterError(f"{cached} is a symlink")
         # One process builds it; the others wait and copy.
         with FileLock(f"{cached}.lock", timeout=LOCK_TIMEOUT):
-            if not all(_regular(cached / name) for name in FILES):  # a cache cleaner may have taken some
+            if (files := _intact(cached)) is None:  # a cache cleaner took some files, or one was changed
                 with staged_output(cached, overwrite=True, flag="the processor cache") as staging:
                     build_processor_files(staging, image_size)
+                    _write_json(staging / DIGESTS, files := _digests(staging))
     except (OSError, ConverterError) as err:  # no usable cache (a local conversion needs none), or a busy one
         if isinstance(err, Timeout):
             logging.getLogger("converter").info("the processor cache is busy: building the files in place")
         build_processor_files(folder, image_size)
         return
-    for name in sorted({*FILES, *TOKENIZER_FILES}):  # the processor's files only: never a stray weights file
-        if _regular(cached / name):
-            shutil.copyfile(cached / name, folder / name)
+    for name in files:
+        shutil.copyfile(cached / name, folder / name)
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:
@@ -82,6 +83,24 @@ def build_processor_files(folder: Path, image_size: int) -> None:
     # The slow CLIPTokenizer skips the first line of merges.txt, as in OpenAI's and the hub's files.
     merges_txt = "\n".join(["#version: 0.2", *model["merges"]]) + "\n"
     (folder / "merges.txt").write_text(merges_txt, encoding="utf-8", newline="\n")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """The sha256 of each processor file in `folder`: its own files only, never a stray weights file."""
+    from converter.fetch import sha256_file
+    from converter.published import TOKENIZER_FILES
+
+    names = sorted({*FILES, *TOKENIZER_FILES})
+    return {name: sha256_file(folder / name) for name in names if _regular(folder / name)}
+
+
+def _intact(entry: Path) -> dict[str, str] | None:
+    """A cache entry's digests when it holds every processor file as it was built, else None."""
+    try:
+        built = read_json_object(entry / DIGESTS, f"{entry / DIGESTS}")
+    except (OSError, ConverterError):
+        return None
+    return built if set(FILES) <= set(built) and _digests(entry) == built else None
 
 
 def _regular(path: Path) -> bool:

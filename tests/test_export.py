@@ -134,6 +134,26 @@ def test_a_cached_processor_entry_missing_a_file_is_rebuilt(tmp_path, monkeypatc
         )
 
 
+@pytest.mark.parametrize("change", ["edited", "digests-lost"])
+def test_a_cached_processor_entry_changed_since_it_was_built_is_rebuilt(tmp_path, monkeypatch, change):
+    """An edited or corrupted cached file would be copied into every later conversion's folder."""
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "first").mkdir()
+    write_processor(tmp_path / "first", 224)
+    entry = _processor_entry(tmp_path / "cache")
+    if change == "edited":
+        (entry / "tokenizer_config.json").write_text('{"model_max_length": 7}')
+    else:
+        (entry / "sha256.json").unlink()
+    (tmp_path / "out").mkdir()
+    write_processor(tmp_path / "out", 224)
+    for file in (tmp_path / "first").iterdir():
+        assert (tmp_path / "out" / file.name).read_bytes() == file.read_bytes(), file.name
+    assert (entry / "tokenizer_config.json").read_bytes() == (
+        tmp_path / "first" / "tokenizer_config.json"
+    ).read_bytes()
+
+
 def _processor_entry(cache: Path) -> Path:
     """The one processor-cache entry a test made (not its lock file)."""
     return next(p for p in (cache / "processor").glob("224-*") if p.suffix != ".lock")

@@ -56,9 +56,12 @@ JOB_FLAGS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The flags; with `defaults=False` a flag not given stays unset: which were given, whatever value."""
+    unset = argparse.SUPPRESS
     parser = argparse.ArgumentParser(
         prog=PROG,
+        argument_default=None if defaults else unset,
         description="Convert an original X-CLIP checkpoint to a transformers XCLIPModel folder and "
         "verify it against an independent implementation of the original forward pass.",
         epilog=EPILOG,
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument_group("output").add_argument
     add("--output", "--pytorch_dump_folder_path", metavar="DIR", help="folder to write (--to-original: .pth)")
     add("--overwrite", action="store_true", help="replace an existing --output")
-    add("--dtype", choices=DTYPES, default="float32", help="written weights' dtype (default: %(default)s)")
+    dtype = "float32" if defaults else unset
+    add("--dtype", choices=DTYPES, default=dtype, help="written weights' dtype (default: %(default)s)")
     add(
         "--push-to-hub",
         "--push_to_hub",
@@ -96,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--atol",
         type=float,
-        default=DEFAULT_ATOL,
+        default=DEFAULT_ATOL if defaults else unset,
         help="largest difference allowed, relative to each output's magnitude (default: %(default)s)",
     )
     add("--video", metavar="PATH", help="a clip (.npy frames or a video file) to classify")
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = list(vars(build_parser(defaults=False).parse_args(argv)))  # `--dtype float32` too
     logger = logging.getLogger("converter")
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     progress = logging.StreamHandler(sys.stderr)  # this run's stderr: main() may run again in one process
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(progress)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # a warning a retry; our own lines say what failed
     try:
-        return run_job(lambda: _run(args))
+        return run_job(lambda: _run(args, given))
     finally:
         logger.removeHandler(progress)  # a library call after main() logs as usual
 
@@ -208,15 +213,13 @@ def _log_times(start_up: float) -> None:
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, given: list[str]) -> int:
     """Run the job the flags name, refusing first, before any work, what the flags alone show wrong."""
     jobs = {"list": _list, "show_config": _show_config, "audit": _audit, "to_original": _to_original}
     # An empty value (`--video "$CLIP"` with CLIP unset) names nothing; --push-to-hub's is the default repo.
     if empty := [dest for dest, value in vars(args).items() if value == "" and dest != "push_to_hub"]:
         raise ConverterError(f"{_flag(empty[0])} is empty: give it a value, or drop it")
     job = next((job for job in jobs if getattr(args, job) not in (None, False)), "convert")
-    defaults = vars(build_parser().parse_args([]))
-    given = [dest for dest, value in vars(args).items() if value != defaults[dest]]
     unused = [dest for dest in given if dest not in JOB_FLAGS[job].split()]
     if unused:
         flag, *more = map(_flag, unused)

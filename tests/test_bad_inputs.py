@@ -698,6 +698,14 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "a conversion does not use --revision",
     ),
     ("list-with-output", lambda w: ["--list", "--output", "o"], 2, "--list does not use --output"),
+    # A flag given at its default value is given all the same.
+    ("list-with-default-dtype", lambda w: ["--list", "--dtype", "float32"], 2, "--list does not use --dtype"),
+    (
+        "to-original-with-default-dtype",
+        lambda w: ["--to-original", w.root, "--output", "b.pth", "--dtype", "float32"],
+        2,
+        "--to-original does not use --dtype",
+    ),
     # An empty value (`--video "$CLIP"` with CLIP unset) is refused by its flag, whatever the job.
     ("audit-empty", lambda w: ["--audit", "", "--checkpoint", w.checkpoint], 2, "--audit is empty"),
     ("to-original-empty", lambda w: ["--to-original", "", "--output", "b.pth"], 2, "--to-original is empty"),

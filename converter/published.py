@@ -155,7 +155,7 @@ def _weights_files(folder: Path, roots: tuple[Path, ...], source: str) -> list[P
             raise ConverterError(
                 f"{what}: weight_map[{shown(tensor)}] must be a shard file name, found {shown(shard)}"
             )
-    names = sorted(set(weight_map.values()))
+    names, missing = sorted(set(weight_map.values())), []
     for name in names:
         path, relative = folder / name, PurePosixPath(name)
         named_outside = relative.is_absolute() or ".." in relative.parts
@@ -170,7 +170,9 @@ def _weights_files(folder: Path, roots: tuple[Path, ...], source: str) -> list[P
                 f"{what}: shard {shown(name)} lies outside {escape(source)}: an index may name only files "
                 "inside its own folder; copy the file there"
             )
-    if missing := [escape(name) for name in names if not _present(folder / name)]:
+        if not present:
+            missing.append(escape(name))
+    if missing:
         raise ConverterError(f"{what} names missing shards: {', '.join(listed(missing))}")
     return [folder / name for name in names]
 

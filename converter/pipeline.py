@@ -9,6 +9,7 @@ and fails is a `VerificationError` and writes nothing. The `converter` logger ge
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import tempfile
@@ -128,7 +129,8 @@ def convert_checkpoint(
         if folder is not None:
             # The weights are written while transformers is imported and the model verified.
             weights_written = writing.enter_context(weights_written_meanwhile(folder, state_dict))
-        xclip_config = config or to_config(hyper)  # imports transformers while the weights are written
+        # A copy: the caller's config object is not changed. to_config imports transformers meanwhile.
+        xclip_config = copy.deepcopy(config) if config is not None else to_config(hyper)
         if weights_written is not None and not verify:
             weights_written()
         # NaN/inf are refused before verification (where they would read as a mapping mistake), and

@@ -219,6 +219,21 @@ def test_a_config_is_written_to_load_as_verified(tmp_path, caplog):
     XCLIPModel.from_pretrained(tmp_path / "out")  # bitsandbytes would be asked for, were it kept
 
 
+def test_a_config_object_given_to_the_library_is_left_as_it_was(tmp_path):
+    """What is written is decided on a copy: the caller's XCLIPConfig keeps its keys and dtype."""
+    from transformers import XCLIPConfig
+
+    from converter.pipeline import convert_checkpoint
+
+    path, file = helpers.checkpoint("tiny-a"), helpers.write_config("tiny-a", tmp_path / "cfg")
+    config = XCLIPConfig.from_json_file(file)
+    config.auto_map = {"AutoModel": "evil.Model"}
+    before = config.to_dict()
+    convert_checkpoint(path, config=config, dtype="float16", output=tmp_path / "out")
+    assert config.to_dict() == before
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
 @pytest.mark.parametrize(
     "switches", [{"return_dict": False}, {"output_attentions": True}, {"attn_implementation": "nonsense"}]
 )

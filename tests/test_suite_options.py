@@ -4,6 +4,7 @@ never blocking on a FIFO. Each case runs pytest in a child process, bounded in t
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,14 @@ def test_a_report_path_ending_in_a_slash_is_refused(tmp_path):
 def test_a_device_is_never_replaced_by_the_report(tmp_path):
     refused(pytest_run(tmp_path, "tests/test_sandbox.py", "--report", "/dev/full"), "is a character device")
     assert Path("/dev/full").is_char_device()
+
+
+def test_a_run_without_model_tests_replaces_an_earlier_report(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text('{"models": [{"model": "xclip-base-patch32", "result": "passed"}]}')
+    run = pytest_run(tmp_path, "tests/test_sandbox.py", "--report", report)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert json.loads(report.read_text()) == {"models": []}  # not the earlier run's "passed"
 
 
 def test_a_report_inside_a_cache_is_refused(tmp_path):

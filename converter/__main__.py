@@ -1,5 +1,3 @@
-import sys
+from converter.cli import console_main
 
-from converter.cli import main
-
-sys.exit(main())
+console_main()

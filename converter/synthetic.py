@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from converter import paths
-from converter.cli import run_job
+from converter.cli import exit_with, run_job
 from converter.errors import ConverterError, escape
 from converter.export import staged_file, torch_save
 from converter.registry import VARIANTS, get_variant
@@ -163,4 +163,4 @@ def _write(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

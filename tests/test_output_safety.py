@@ -524,6 +524,20 @@ def test_a_signal_after_a_swallowed_one_still_interrupts():
     assert run_job(job) == 130
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_python_shuts_down_keeps_the_finished_runs_status(signum):
+    """A signal after the run said its result (torch takes a moment to unload) ends the process at once,
+    with the run's status: not 143 or a KeyboardInterrupt traceback for work that was done."""
+    code = (
+        "import atexit, os, runpy; "
+        f"atexit.register(os.kill, os.getpid(), {int(signum)}); "
+        "runpy.run_module('converter', run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", code, "--list"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "xclip-base-patch32" in run.stdout, (run.returncode, run.stderr)
+    assert run.stderr == "", run.stderr
+
+
 _WRITER = """
 import sys, threading, time
 from pathlib import Path

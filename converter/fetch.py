@@ -267,9 +267,6 @@ def fetch_source(source: Source, *, sha256: str | None = None, force: bool = Fal
     return _fetch_cached(final, what, download, parse_sha256(sha256), force)
 
 
-source_url = Source.url  # where a published checkpoint is downloaded from (messages, model cards)
-
-
 def cached_source(source: Source) -> Path | None:
     """The cached copy of a published checkpoint, if there is one (no network)."""
     path = source.cache_path(cache_dir())

@@ -93,11 +93,9 @@ def test_layout_matches_transformers_model(hyper):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_expected_fixtures_repeat_the_registry_faithfully(name):
     """expected/<model>.json repeats registry facts for the reader; they must not drift apart."""
-    from converter.fetch import source_url
-
     variant = VARIANTS[name]
     fixture = json.loads((Path(__file__).parent.parent / "expected" / f"{name}.json").read_text())
     assert fixture["model_name"] == name
     assert fixture["release_file"] == variant.source.filename
-    assert fixture["release_source"] == source_url(variant.source)
+    assert fixture["release_source"] == variant.source.url()
     assert (fixture["frames"], fixture["image_size"]) == (variant.frames, variant.image_size)

@@ -80,5 +80,5 @@ def test_fetch_source_and_cached_source_use_the_registry_paths(monkeypatch: pyte
         assert fetch.cached_source(source) is None
         path = fetch.fetch_source(source, sha256=None)
         assert path == source.cache_path(fetch.cache_dir()) == fetch.cached_source(source)
-        assert fetch.source_url(source) == mirror.url("/k400_32_8.pth")
+        assert source.url() == mirror.url("/k400_32_8.pth")
     assert path.read_bytes() == CHECKPOINT

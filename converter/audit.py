@@ -30,7 +30,7 @@ from converter.processing import build_tokenizer, normalize, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import Verification, config_heads, verify
+from converter.verify import Site, Verification, config_heads, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -249,7 +249,9 @@ def output_findings(
     for name, diff in result.max_abs_diff.items():
         tol, ratio = result.tolerances[name], result.ratios[name]
         detail = f"{name}: max |Δ| {diff:.2e} vs the oracle, {ratio:.3g}× its tolerance {tol:.1e}"
-        findings.append(Finding("outputs", name, diff, tol, diff <= tol, True, detail, ratio))
+        findings.append(
+            Finding("outputs", name, diff, tol, Site(name, diff, tol).passed, True, detail, ratio)
+        )
     return findings
 
 

@@ -102,16 +102,21 @@ def check_finite(
     state_dict: Mapping[str, torch.Tensor], source: str | Path = "<checkpoint>", advice: str = _REFETCH
 ) -> None:
     """Refuse NaN and inf, naming each tensor; reads every value, so the pipeline runs it after the write."""
-    non_finite = []
+    if found := non_finite(state_dict):
+        raise ConverterError(
+            f"{escape(str(source))}: non-finite values (NaN or inf) in {len(found):,} tensors: "
+            f"{', '.join(listed(found, 5))}. The weights are damaged; {advice}"
+        )
+
+
+def non_finite(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Each tensor holding NaN or inf, as 'key (count of size)'."""
+    found = []
     for key, tensor in state_dict.items():
         # One sum is the cheap test (NaN and inf propagate); count only when it fails (an overflow does too).
         if not torch.isfinite(tensor.sum()) and (n := tensor.numel() - int(torch.isfinite(tensor).sum())):
-            non_finite.append(f"{escape(key)} ({n:,} of {tensor.numel():,})")
-    if non_finite:
-        raise ConverterError(
-            f"{escape(str(source))}: non-finite values (NaN or inf) in {len(non_finite):,} tensors: "
-            f"{', '.join(listed(non_finite, 5))}. The weights are damaged; {advice}"
-        )
+            found.append(f"{escape(key)} ({n:,} of {tensor.numel():,})")
+    return found
 
 
 def _kind(tensor: torch.Tensor) -> str | None:

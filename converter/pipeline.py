@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,9 +34,9 @@ from converter.config import (
     loading_keys,
     to_config,
 )
-from converter.errors import ConverterError, VerificationError, escape
+from converter.errors import ConverterError, VerificationError, escape, listed
 from converter.export import in_background, staged_output, weights_written_meanwhile, write_weights
-from converter.load import check_finite, load_checkpoint
+from converter.load import check_finite, load_checkpoint, non_finite
 from converter.reader import check_regular
 from converter.registry import Variant, get_variant
 from converter.rules import check_state_dict, original_to_hf
@@ -136,6 +135,13 @@ def convert_checkpoint(
         # NaN/inf are refused before verification (where they would read as a mapping mistake), and
         # after the write started: a pass over the mmap'd checkpoint just before it slowed the write.
         check_finite(original, provenance.path)
+        if out_dtype != torch.float32 and (overflowed := non_finite(state_dict)):  # float16 ends at 65504
+            raise ConverterError(
+                f"--dtype {str(out_dtype).removeprefix('torch.')} cannot hold every weight of "
+                f"{escape(str(provenance.origin))}: "
+                f"{', '.join(listed(overflowed, 5))} would be written as inf; use --dtype float32"
+                + (" or bfloat16" if out_dtype == torch.float16 else "")
+            )
         xclip_config.dtype = out_dtype  # recorded in config.json so from_pretrained restores it
         model = verification = written = None
         if verify:
@@ -245,8 +251,11 @@ def _output_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def check_atol(atol: float) -> float:
-    if not (isinstance(atol, int | float) and math.isfinite(atol) and atol > 0):
-        raise ConverterError(f"--atol must be a finite number above 0, got {atol!r}")
+    if not (isinstance(atol, int | float) and 0 < atol < 1):  # 1: a site of zeros would pass
+        raise ConverterError(
+            f"--atol must be a finite number above 0 and below 1 (a fraction of each site's magnitude), "
+            f"got {atol!r}"
+        )
     return float(atol)
 
 

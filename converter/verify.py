@@ -73,8 +73,15 @@ class Site:
         return cls(name, diff, atol * max(high.item(), -low.item()))
 
     @property
+    def passed(self) -> bool:
+        """|Δ| within the tolerance, both finite: a NaN (inf - inf, an overflow) fails, never passes."""
+        return math.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.tolerance < math.inf
+
+    @property
     def ratio(self) -> float:
-        """|Δ| / tolerance: the site passes when it is <= 1."""
+        """|Δ| / tolerance: at most 1 where the site passes, inf where a value is not finite."""
+        if not (math.isfinite(self.max_abs_diff) and math.isfinite(self.tolerance)):
+            return math.inf
         if self.tolerance > 0:
             return self.max_abs_diff / self.tolerance
         return math.inf if self.max_abs_diff > 0 else 0.0
@@ -117,7 +124,7 @@ class Verification:
     @property
     def first_divergence(self) -> Site | None:
         """The first site in forward order over its tolerance: where a mistake enters."""
-        return next((site for site in self.compared if site.max_abs_diff > site.tolerance), None)
+        return next((site for site in self.compared if not site.passed), None)
 
     @property
     def passed(self) -> bool:

@@ -97,6 +97,8 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("atol-nan", lambda w: w.convert("--atol", "nan"), 2, "--atol must be a finite number above 0"),
     ("atol-negative", lambda w: w.convert("--atol", "-1"), 2, "--atol must be a finite number above 0"),
     ("atol-zero", lambda w: w.convert("--atol", "0"), 2, "--atol must be a finite number above 0"),
+    ("atol-one", lambda w: w.convert("--atol", "1"), 2, "above 0 and below 1"),  # zeros would pass
+    ("atol-huge", lambda w: w.convert("--atol", "1e9"), 2, "above 0 and below 1"),
     ("texts-without-video", lambda w: w.convert("--texts", "a", "b"), 2, "--video"),
     ("video-missing", lambda w: w.convert("--video", w.root / "clip.npy"), 2, "clip.npy"),
     ("video-not-npy", lambda w: w.convert("--video", w.file("clip.npy", "not numpy")), 2, "clip.npy"),
@@ -367,6 +369,21 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         ],
         2,
         "ln_final.bias (32 of 32)",
+    ),
+    (
+        "float16-overflow",  # finite in float32, inf once written as float16: refused, not written
+        lambda w: [
+            "--checkpoint",
+            w.saved("c.pth", {**w.state_dict(), "ln_final.bias": torch.full((32,), 1e5)}),
+            "--config",
+            w.config,
+            "--output",
+            w.parent / "out",
+            "--dtype",
+            "float16",
+        ],
+        2,
+        "--dtype float16 cannot hold every weight of ",
     ),
     (
         "nan-with-no-verify-and-output",  # refused after the staged write, before anything lands

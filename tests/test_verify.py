@@ -242,6 +242,26 @@ def test_the_first_divergence_is_the_first_in_forward_order_not_the_worst():
     assert "first divergence" not in str(VerificationError("x", compare(expected, expected, 1e-4)))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_value_that_is_not_finite_fails_the_site(bad):
+    """NaN passes no comparison: `NaN > tolerance` is False, so it must not be what decides a site."""
+    expected = {"early": torch.tensor([1.0, 2.0]), "late": torch.tensor([1.0, 2.0])}
+    result = compare(expected, {"early": torch.tensor([1.0, bad]), "late": expected["late"]}, atol=1e-4)
+    assert not result.passed and result.first_divergence.name == "early"
+    assert result.margin == float("inf") and "verification FAILED" in result.summary()
+    inf_expected = {"early": torch.tensor([1.0, float("inf")])}  # an original overflowing: no pass either
+    assert not compare(inf_expected, {"early": torch.tensor([1.0, 3.0])}, atol=1e-4).passed
+
+
+def test_a_logit_scale_stored_as_its_exponential_fails_at_the_logits(uneven):
+    """exp(logit_scale) written where its log belongs: the logits overflow, and +inf - inf is NaN."""
+    original, _ = uneven
+    converted = original_to_hf(original)
+    converted["logit_scale"] = converted["logit_scale"].exp()
+    result = verify(build_model(to_config(UNEVEN), converted), original, UNEVEN, heads=heads(UNEVEN))
+    assert not result.passed and result.first_divergence.name == "logits", result.summary()
+
+
 # ---- the catalogue: each mistake fails where it enters, each harmless twin passes -------------------
 
 SMALL = {"uneven": UNEVEN, "square": SQUARE}

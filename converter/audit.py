@@ -30,7 +30,7 @@ from converter.processing import build_tokenizer, normalize, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import Site, Verification, config_heads, verify
+from converter.verify import Site, Verification, oracle_heads, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -157,7 +157,7 @@ def audit(
     findings = [
         *config_findings(published, config if config is not None else to_config(hyper)),
         *weight_findings(published, ours),
-        *output_findings(published, original, hyper, atol, config is not None),
+        *output_findings(published, original, hyper, atol),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
@@ -222,17 +222,16 @@ def output_findings(
     original: Mapping[str, torch.Tensor],
     hyper: Hyper,
     atol: float,
-    heads_from_config: bool,
 ) -> list[Finding]:
     """The published model against the oracle on the original weights: all sites in one finding, then
-    each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
+    each output. The oracle keeps the original's heads rule, width // 64, whatever a config states."""
     from converter.build import build_model
 
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(published.weights_dtype).float() for k, v in original.items()}
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
         model = build_model(published.config, {k: v.float() for k, v in published.model_state_dict().items()})
-        result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)
+        result = verify(model, rounded, hyper, atol, oracle_heads(hyper))
     except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
         return [Finding("outputs", "run", None, None, False, True, detail, math.inf)]

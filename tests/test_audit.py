@@ -171,6 +171,16 @@ def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypat
     assert data["passed"] is report.passed and len(data["findings"]) == len(report.findings)
 
 
+def test_a_config_stating_the_published_heads_does_not_hide_them(originals, tmp_path):
+    """--config with the published model's own 8 heads: the oracle keeps the original's rule (width // 64),
+    as a conversion does, so both sides are not wrong alike."""
+    path, original = originals[L14]
+    folder = publish(tmp_path / "published", L14, original, "8-heads")
+    report = audit(str(folder), checkpoint=path, config=folder / "config.json", reference=REFERENCE)
+    failures = {f.kind for f in report.findings if not f.ok}
+    assert not report.passed and "outputs" in failures, "\n".join(report.lines())
+
+
 def test_eight_heads_output(originals, tmp_path, capsys):
     """The L/14 case as a user sees it (the report's text, printed for the README and closing note)."""
     path, original = originals[L14]

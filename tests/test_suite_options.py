@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,29 @@ def test_a_run_without_model_tests_replaces_an_earlier_report(tmp_path):
     run = pytest_run(tmp_path, "tests/test_sandbox.py", "--report", report)
     assert run.returncode == 0, run.stdout[-2000:]
     assert json.loads(report.read_text()) == {"models": []}  # not the earlier run's "passed"
+
+
+def test_the_documented_form_takes_an_existing_folder_outside_the_repository(tmp_path):
+    """`--checkpoint-dir=DIR`, as the docs write it: given after a space, pytest takes an existing folder
+    for a test path before conftest.py defines the option, and stops with 'unrecognized arguments'."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "report.md").write_text("an earlier report")
+    options = [
+        f"--{o}={tmp_path / name}"
+        for o, name in [("checkpoint-dir", "checkpoints"), ("save-dir", "saved"), ("report", "report.md")]
+    ]
+    run = pytest_run(tmp_path, "-k", "no_test_has_this_name", *options)
+    assert run.returncode == 5, run.stderr[-2000:]  # 5: the options were understood, no test selected
+    documented = [
+        line
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for line in doc.read_text().splitlines()
+        if re.match(r"\s*`?(python -m )?pytest ", line)
+    ]
+    assert documented and not [
+        line for line in documented if re.search(r"--(checkpoint-dir|save-dir|report) ", line)
+    ]
 
 
 def test_a_report_inside_a_cache_is_refused(tmp_path):

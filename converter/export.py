@@ -230,7 +230,8 @@ def staged_output(
             yield staging
         except (OSError, ConverterError) as err:  # named as the user knows the output, not as the staging
             if isinstance(err, OSError):  # a write only if in the staging: else a read, of an input
-                name = str(err.filename or staging)
+                # A copy's error names its source first, then the file it was writing.
+                name = str(err.filename2 if str(staging) in str(err.filename2) else err.filename or staging)
                 message = f"{'could not write ' if str(staging) in name else ''}{name}: {err.strerror or err}"
             elif str(staging) in str(err):
                 message = str(err)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,19 +45,22 @@ def write_processor(folder: Path, image_size: int) -> None:
         cached = cache_folder("processor") / entry
         if cached.is_symlink():  # not one we made: never replaced, wherever it points
             raise ConverterError(f"{cached} is a symlink")
-        # One process builds it; the others wait and copy.
+        # One process builds it; the others wait, and each reads the files under the lock.
         with FileLock(f"{cached}.lock", timeout=LOCK_TIMEOUT):
             if (files := _intact(cached)) is None:  # a cache cleaner took some files, or one was changed
                 with staged_output(cached, overwrite=True, flag="the processor cache") as staging:
                     build_processor_files(staging, image_size)
                     _write_json(staging / DIGESTS, files := _digests(staging))
-    except (OSError, ConverterError) as err:  # no usable cache (a local conversion needs none), or a busy one
+            contents = {name: (cached / name).read_bytes() for name in files}
+    # The cache is optional: whatever stops it (unwritable, busy, removed meanwhile: the tokenizers
+    # library then raises a bare Exception) leaves the files to be built in place.
+    except Exception as err:
         if isinstance(err, Timeout):
             logging.getLogger("converter").info("the processor cache is busy: building the files in place")
         build_processor_files(folder, image_size)
         return
-    for name in files:
-        shutil.copyfile(cached / name, folder / name)
+    for name, data in contents.items():  # a full disk here names the output's file
+        (folder / name).write_bytes(data)
 
 
 def build_processor_files(folder: Path, image_size: int) -> None:

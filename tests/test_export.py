@@ -154,6 +154,27 @@ def test_a_cached_processor_entry_changed_since_it_was_built_is_rebuilt(tmp_path
     ).read_bytes()
 
 
+def test_a_processor_cache_removed_while_it_is_built_leaves_the_files_built_in_place(tmp_path, monkeypatch):
+    """The tokenizers library fails with a bare Exception when its folder vanishes (a cache cleaner)."""
+    from converter import processor_files
+
+    monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
+    fresh = tmp_path / "fresh"
+    build_processor_files(fresh, 224)
+    build = processor_files.build_processor_files
+
+    def cache_removed_meanwhile(folder: Path, image_size: int) -> None:
+        if (tmp_path / "cache") in folder.parents:
+            raise Exception("No such file or directory (os error 2)")
+        build(folder, image_size)
+
+    monkeypatch.setattr(processor_files, "build_processor_files", cache_removed_meanwhile)
+    (tmp_path / "out").mkdir()
+    write_processor(tmp_path / "out", 224)
+    for file in fresh.iterdir():
+        assert (tmp_path / "out" / file.name).read_bytes() == file.read_bytes(), file.name
+
+
 def _processor_entry(cache: Path) -> Path:
     """The one processor-cache entry a test made (not its lock file)."""
     return next(p for p in (cache / "processor").glob("224-*") if p.suffix != ".lock")

@@ -422,6 +422,21 @@ def test_an_oserror_in_the_block_names_the_output_file_and_leaves_nothing(tmp_pa
     assert names(tmp_path) == []
 
 
+def test_a_failed_copy_names_the_file_it_was_writing_not_its_source(tmp_path):
+    """shutil.copyfile's error names the source first and the destination second."""
+    out, source = tmp_path / "out", tmp_path / "cache" / "tokenizer.json"
+    source.parent.mkdir()
+    source.write_text("{}")
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=False) as folder:
+            raise OSError(
+                errno.ENOSPC, "No space left on device", str(source), None, str(folder / source.name)
+            )
+    assert str(err.value) == (
+        f"could not write {out / 'tokenizer.json'}: No space left on device; --output {out} was not changed"
+    )
+
+
 def test_a_disk_full_weights_write_is_named_and_leaves_nothing(tmp_path, monkeypatch):
     """The patched twin of the tmpfs test below, for machines that cannot mount one."""
     import safetensors.torch

@@ -91,6 +91,11 @@ def check_target(
         )
         raise ConverterError(f"{flag} {shown} is {existing}{what_to_do}")
     _refuse_protected(flag, path, target, protected)
+    if existing is not None and os.path.ismount(target):  # found only when the output is moved in
+        raise ConverterError(
+            f"{flag} {shown} is a mount point, which cannot be replaced: "
+            + ("name a folder inside it" if kind == "folder" else "name another file")
+        )
     ancestor = next(p for p in target.parents if p.exists())  # the root at the latest
     if not ancestor.is_dir():
         raise ConverterError(f"{flag} {shown}: {ancestor} is a file, not a folder")

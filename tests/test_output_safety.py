@@ -175,6 +175,17 @@ def test_a_broken_symlink_is_refused(tmp_path):
         check_output(tmp_path / "out", overwrite=True)
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch, kind):
+    """A mount point cannot be renamed over (EBUSY): said first, not after the conversion."""
+    mount = tmp_path / "mnt"
+    mount.mkdir() if kind == "folder" else mount.write_text("")
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
+    with pytest.raises(ConverterError, match="is a mount point, which cannot be replaced: name a"):
+        check_target(mount, kind=kind, overwrite=True)
+    assert check_target(mount.parent / "other", kind=kind, overwrite=True) == mount.parent / "other"
+
+
 def test_what_may_be_written_is_accepted_and_resolved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()

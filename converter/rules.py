@@ -246,8 +246,10 @@ def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
     return original_to_hf({k: torch.empty(s, device="meta") for k, s in original_shapes(h).items()})
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
-    """Raise one error listing every unexpected, missing and mis-shaped key against `h`."""
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor], h: Hyper, context: str = "checkpoint vs config"
+) -> None:
+    """Raise one error, headed by `context`, listing every unexpected, missing and mis-shaped key."""
     expected = hf_shapes(h)
     unmapped = [f"{escape(k)} {list(state_dict[k].shape)}" for k in state_dict.keys() - expected.keys()]
     missing = [f"{escape(k)} {list(expected[k].shape)}" for k in expected.keys() - state_dict.keys()]
@@ -257,4 +259,4 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], h: Hyper) -> None:
         if state_dict[k].shape != expected[k].shape
     ]
     if unmapped or missing or mismatched:
-        raise _layout_error("checkpoint vs config", unmapped, missing, mismatched)
+        raise _layout_error(context, unmapped, missing, mismatched)

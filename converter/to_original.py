@@ -12,10 +12,10 @@ import torch
 from converter import DEFAULT_ATOL, paths, rules
 from converter.clip import original_heads
 from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
-from converter.errors import VerificationError, escape
+from converter.errors import ConverterError, VerificationError, escape
 from converter.export import staged_file, torch_save
 from converter.load import check_finite, check_kinds, load_checkpoint
-from converter.pipeline import stage
+from converter.pipeline import check_atol, stage
 from converter.published import load_published
 from converter.rules import check_state_dict, original_shapes
 from converter.verify import Verification, oracle_heads, verify
@@ -40,6 +40,12 @@ def to_original(
     input, VerificationError when the oracle on the written file disagrees; either way nothing is written."""
     from converter.build import build_model
 
+    atol = check_atol(atol)
+    if (suffix := Path(output).suffix.lower()) not in ("", ".pth", ".pt", ".bin", ".ckpt"):
+        raise ConverterError(
+            f"--output {escape(str(output))}: the way back writes a torch checkpoint (the original's "
+            f"format), not a {escape(suffix)} file: name it FILE.pth"
+        )
     # Staged before any work (a hub id's snapshot is in the Hugging Face cache, protected too).
     with staged_file(output, overwrite, paths.protected(source=source)) as partial:
         with stage("load") as note:
@@ -53,7 +59,8 @@ def to_original(
             check_finite(weights, where, advice="convert or download the model again")
             note(f"{escape(str(source))}, {len(weights)} tensors")
         with stage("map") as note:
-            check_state_dict(weights, hyper)  # every key, every shape, against the published config
+            # Every key, every shape, against the published config.
+            check_state_dict(weights, hyper, f"{where} vs config.json")
             check_fits_weights(published.config, weights, f"{escape(str(source))}: config.json")
             back = rules.hf_to_original(weights)
             # In the order the original trainer saved them: what a reader of the original file expects.

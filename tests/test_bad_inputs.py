@@ -642,6 +642,18 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "is the source",
     ),
     (
+        "to-original-output-safetensors",  # a torch pickle under a safetensors name: nothing reads it
+        lambda w: ["--to-original", _converted(w), "--output", w.root / "back.safetensors"],
+        2,
+        "the way back writes a torch checkpoint (the original's format), not a .safetensors file",
+    ),
+    (
+        "to-original-extra-key",  # named in the source, as the user knows it
+        lambda w: _back_with_extra_key(w),
+        2,
+        "converted: model.safetensors vs config.json: the checkpoint does not match",
+    ),
+    (
         "to-original-existing-file",
         lambda w: ["--to-original", _converted(w), "--output", w.file("mine.pth", "a user's file")],
         2,
@@ -1355,6 +1367,16 @@ def _back_with(
         folder = folder.rename(w.root.parent / "converted")
     (folder / name).unlink(missing_ok=True)
     spoil(folder / name)
+    return ["--to-original", folder, "--output", w.root / "back.pth"]
+
+
+def _back_with_extra_key(w: Workspace) -> list[object]:
+    """--to-original of a converted golden with a key no X-CLIP has."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _converted(w)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "extra.weight": torch.zeros(1)}, folder / "model.safetensors")
     return ["--to-original", folder, "--output", w.root / "back.pth"]
 
 

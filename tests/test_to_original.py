@@ -182,6 +182,14 @@ def test_bad_source(tmp_path, monkeypatch):
     assert not (tmp_path / "x.pth").exists()
 
 
+@pytest.mark.parametrize("atol", [float("inf"), float("nan"), 0, -1, "1e-3"])
+def test_a_bad_atol_is_refused_before_any_work(tmp_path, atol):
+    """As convert_checkpoint refuses it: not a verification that blames the model, nor a TypeError."""
+    with pytest.raises(ConverterError, match="--atol must be a finite number above 0"):
+        to_original(tmp_path / "absent", tmp_path / "x.pth", atol=atol)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_damaged_weights_are_named_in_the_source_before_anything_is_written(tmp_path):
     """inf in a sharded folder's weights: its index and the published key, no advice for another job."""
     original = load_checkpoint(helpers.checkpoint("tiny-a"))

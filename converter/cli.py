@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     given = list(vars(build_parser(defaults=False).parse_args(argv)))  # `--dtype float32` too
     logger = logging.getLogger("converter")
+    level = logger.level
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     progress = logging.StreamHandler(sys.stderr)  # this run's stderr: main() may run again in one process
     progress.setFormatter(_EscapedLines(f"{PROG}: %(message)s"))
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(lambda: _run(args, given))
     finally:
         logger.removeHandler(progress)  # a library call after main() logs as usual
+        logger.setLevel(level)
 
 
 def exit_with(status: int) -> NoReturn:

@@ -305,6 +305,19 @@ def test_the_library_names_an_unknown_dtype(dtype):
         convert_checkpoint("never-read.pth", dtype=dtype)
 
 
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
+    """A library call after main() in the same process logs at the level it did before."""
+    import logging
+
+    from converter import cli
+
+    logger = logging.getLogger("converter")
+    before = (logger.level, list(logger.handlers))
+    assert cli.main([*quiet, "--list"]) == 0
+    assert (logger.level, list(logger.handlers)) == before
+
+
 def test_version_is_the_package_version(capsys):
     import converter
 

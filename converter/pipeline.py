@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -59,6 +60,17 @@ class Provenance:
     origin: str  # URL, or the file name
     sha256: str | None
     config: str | Path | None = None  # the config file read with it, which no output may touch
+    # The file as it was read (device, inode, size, mtime): the weights are views of its bytes.
+    identity: tuple[int, ...] | None = None
+
+    def check_unchanged(self) -> None:
+        """Refuse to write weights from a checkpoint that changed since it was read (a trainer saving
+        over it): what was verified may not be what is written, nor the digest the card states."""
+        if self.identity is not None and _identity(self.path) != self.identity:
+            raise ConverterError(
+                f"{escape(str(self.path))} changed while it was converted (another program wrote it?); "
+                "nothing was written: convert a copy that stays as it is"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,7 @@ def convert_checkpoint(
             folder = writing.enter_context(staged_output(output, overwrite, protected))
         with stage("fetch") as note:
             provenance = _fetch(source, variant, sha256, force_download)
+            provenance = replace(provenance, identity=_identity(provenance.path))
             note(escape(str(provenance.path)))
         digest = in_background(_sha256, provenance, hash_source)
         with stage("load") as note:
@@ -165,6 +178,9 @@ def convert_checkpoint(
             return result
         with stage("write", escape(str(output))):
             write_small_files(result, folder, repo_id)
+            if weights_written is not None:
+                weights_written()
+            provenance.check_unchanged()
     return replace(result, folder=Path(output))
 
 
@@ -198,6 +214,7 @@ def write_folder(
     with staged_output(folder, overwrite, read) as staging:
         write_weights(staging, result.state_dict)
         write_small_files(result, staging, repo_id)
+        result.provenance.check_unchanged()
     return replace(result, folder=folder)
 
 
@@ -266,6 +283,14 @@ def stage(name: str, *details: str) -> Iterator:
     noted = [*details]
     yield noted.append
     log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in noted), time.perf_counter() - start)
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:

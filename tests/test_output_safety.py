@@ -123,6 +123,45 @@ def test_the_library_protects_the_config_it_read_and_paths_given_as_text(tmp_pat
     assert names(tmp_path / "cfg") == ["config.json"]
 
 
+def _saved_over(path: Path) -> None:
+    """Another program saves a new checkpoint over `path` (a new file renamed onto it, as a careful
+    trainer does; one that truncates the file in place would crash this process through the mmap)."""
+    state_dict = torch.load(path, weights_only=True)
+    torch.save(state_dict, path.parent / "new.pth")
+    os.replace(path.parent / "new.pth", path)
+
+
+def test_a_checkpoint_changed_after_conversion_is_not_written_by_the_library(tmp_path):
+    from converter.pipeline import convert_checkpoint, write_folder
+
+    checkpoint = tmp_path / "mine.pth"
+    checkpoint.write_bytes(helpers.checkpoint("tiny-a").read_bytes())
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    result = convert_checkpoint(checkpoint, config=config)
+    _saved_over(checkpoint)
+    with pytest.raises(ConverterError, match="mine.pth changed while it was converted .*nothing was written"):
+        write_folder(result, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg", "mine.pth"]
+
+
+def test_a_checkpoint_changed_during_the_conversion_is_not_written(tmp_path, monkeypatch, capsys):
+    from converter import pipeline
+
+    checkpoint = tmp_path / "mine.pth"
+    checkpoint.write_bytes(helpers.checkpoint("tiny-a").read_bytes())
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    write_small_files = pipeline.write_small_files
+
+    def while_a_trainer_saves(*args, **kwargs):
+        write_small_files(*args, **kwargs)
+        _saved_over(checkpoint)
+
+    monkeypatch.setattr(pipeline, "write_small_files", while_a_trainer_saves)
+    assert helpers.run("--checkpoint", checkpoint, "--config", config, "--output", tmp_path / "out") == 2
+    assert "mine.pth changed while it was converted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg", "mine.pth"]
+
+
 @pytest.mark.parametrize("output", [".", "..", "sub/..", "sub/../..", "/"])
 def test_dot_dotdot_and_the_root_are_refused(tmp_path, monkeypatch, output):
     (tmp_path / "cwd" / "sub").mkdir(parents=True)

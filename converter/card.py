@@ -98,7 +98,9 @@ def recorded_source(source: str, variant: Variant | None) -> tuple[str, str]:
     published variant's file from any other URL (a mirror set with XCLIP_RELEASE_URL) is recorded as
     the authors' release, "fetched through a mirror", since a mirror's host is a private detail."""
     public = public_source(source)  # an http(s) URL, or a file name alone
-    if variant is None or "://" not in public or not public.endswith(f"/{variant.source.filename}"):
+    # A URL of any scheme (a file:// mirror too) that ends in the variant's release file name.
+    mirrored = variant is not None and urlsplit(source).path.endswith(f"/{variant.source.filename}")
+    if "://" not in source or not mirrored:
         return public, ""
     release = variant.source.published_url
     return (public, "") if public == release else (release, "fetched through a mirror")

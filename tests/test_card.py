@@ -116,6 +116,7 @@ def test_no_local_path_or_credentials_are_recorded(source, recorded):
     [
         "https://alice:hunter2@mirror.example:8443/xclip/k400_32_8.pth?sig=abc",
         "http://127.0.0.1:8080/k400_32_8.pth",
+        "file:///srv/mirror/k400_32_8.pth",
     ],
 )
 def test_a_published_variant_fetched_through_a_mirror_names_the_release_not_the_mirror(mirror):

@@ -189,7 +189,7 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
     except Exception as err:
         if signum := signal_raised():  # not a bug of ours: what the signal broke midway
             return fail(str(Interrupted(signum)), 128 + signum)
-        if os.environ.get("XCLIP_DEBUG"):
+        if os.environ.get("XCLIP_DEBUG", "0") not in ("", "0"):  # 0 says off, as 1 says on
             raise
         return fail(
             f"internal error: {type(err).__name__}: {reason(err)} (rerun with XCLIP_DEBUG=1 and report it)"

@@ -318,6 +318,25 @@ def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     assert (logger.level, list(logger.handlers)) == before
 
 
+@pytest.mark.parametrize("debug", ["", "0", "1"])
+def test_a_bug_of_ours_is_one_line_unless_xclip_debug_is_on(monkeypatch, capsys, debug):
+    from converter.cli import run_job
+
+    monkeypatch.setenv("XCLIP_DEBUG", debug)
+
+    def bug() -> int:
+        raise RuntimeError("a bug")
+
+    if debug == "1":
+        with pytest.raises(RuntimeError, match="a bug"):
+            run_job(bug)
+        return
+    assert run_job(bug) == 2
+    assert capsys.readouterr().err == (
+        "xclip-convert: internal error: RuntimeError: a bug (rerun with XCLIP_DEBUG=1 and report it)\n"
+    )
+
+
 def test_version_is_the_package_version(capsys):
     import converter
 

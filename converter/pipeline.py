@@ -40,7 +40,7 @@ from converter.export import in_background, staged_output, weights_written_meanw
 from converter.load import check_finite, load_checkpoint, non_finite
 from converter.reader import check_regular
 from converter.registry import Variant, get_variant
-from converter.rules import check_state_dict, original_to_hf
+from converter.rules import check_state_dict, original_shapes, original_to_hf
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig, XCLIPModel
@@ -198,8 +198,11 @@ def map_original(
         check_variant(hyper, variant, escape(source))
     if config is None:
         check_heads(hyper)
-    converted = original_to_hf(original)
-    check_state_dict(converted, hyper)
+    # Keys with no place in this config are listed with the missing and mis-shaped ones, in one message.
+    expected = original_shapes(hyper)
+    unknown = [f"{escape(k)} {list(t.shape)}" for k, t in original.items() if k not in expected]
+    converted = original_to_hf({k: t for k, t in original.items() if k in expected})
+    check_state_dict(converted, hyper, unmapped=unknown)
     if config is not None:
         check_fits_weights(config, converted, where)
     return hyper, converted

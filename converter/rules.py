@@ -247,11 +247,18 @@ def hf_shapes(h: Hyper) -> dict[str, torch.Tensor]:
 
 
 def check_state_dict(
-    state_dict: Mapping[str, torch.Tensor], h: Hyper, context: str = "checkpoint vs config"
+    state_dict: Mapping[str, torch.Tensor],
+    h: Hyper,
+    context: str = "checkpoint vs config",
+    unmapped: Sequence[str] = (),
 ) -> None:
-    """Raise one error, headed by `context`, listing every unexpected, missing and mis-shaped key."""
+    """Raise one error, headed by `context`, listing every unexpected (with the source's `unmapped`),
+    missing and mis-shaped key."""
     expected = hf_shapes(h)
-    unmapped = [f"{escape(k)} {list(state_dict[k].shape)}" for k in state_dict.keys() - expected.keys()]
+    unmapped = [
+        *unmapped,
+        *(f"{escape(k)} {list(state_dict[k].shape)}" for k in state_dict.keys() - expected.keys()),
+    ]
     missing = [f"{escape(k)} {list(expected[k].shape)}" for k in expected.keys() - state_dict.keys()]
     mismatched = [
         f"{escape(k)}: checkpoint gives {list(state_dict[k].shape)}, config expects {list(expected[k].shape)}"

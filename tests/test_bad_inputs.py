@@ -371,6 +371,20 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "ln_final.bias (32 of 32)",
     ),
     (
+        "extra-and-missing-keys",  # listed in one message, not the first kind alone
+        lambda w: [
+            "--checkpoint",
+            w.saved(
+                "c.pth", {**_without(w.state_dict(), "ln_final.bias"), "visual.surprise": torch.zeros(2)}
+            ),
+            "--config",
+            w.config,
+        ],
+        2,
+        "source keys no rule consumes:\n    visual.surprise [2]\n  1 target keys not produced:\n"
+        "    text_model.final_layer_norm.bias [32]",
+    ),
+    (
         "float16-overflow",  # finite in float32, inf once written as float16: refused, not written
         lambda w: [
             "--checkpoint",
@@ -1368,6 +1382,10 @@ def _back_with(
     (folder / name).unlink(missing_ok=True)
     spoil(folder / name)
     return ["--to-original", folder, "--output", w.root / "back.pth"]
+
+
+def _without(state_dict: dict[str, torch.Tensor], key: str) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if k != key}
 
 
 def _back_with_extra_key(w: Workspace) -> list[object]:

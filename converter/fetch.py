@@ -443,6 +443,9 @@ def _attempt_http(url: str, part: Path) -> tuple[bool, str | None]:
                 raise _cut_or_fail(exc, url, first=False, got=received()) from None
     if total is not None and size != total:  # more than announced: the resume's 416 will restart it
         raise _Cut("was truncated", received())
+    if total is not None and (on_disk := part.stat().st_size) != total:  # a second writer: its lock removed
+        _discard_partial(part)
+        raise _Cut("was written to by another process", f"{on_disk} bytes on disk, {total} announced")
     if total is None and (why := _cut_off(part)):  # without a length, a closed connection looks like the end
         raise _Cut("ended incomplete", f"{why}, after {size} bytes")
     return total is not None, resp.headers.get("Content-Type")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -65,6 +66,34 @@ def test_dropped_transfer_resumes_with_range(server: LoopbackServer) -> None:
     assert hits[1].if_range is not None  # resumed only with the validator of the first answer
     assert (path.parent / (path.name + ".sha256")).read_text() == SHA + "\n"
     assert not (path.parent / (path.name + ".part")).exists()
+
+
+def test_bytes_another_writer_appended_are_never_cached(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
+) -> None:
+    """A second process writing the same .part (someone removed the lock file meanwhile): the file on disk
+    is not the one announced, so it starts over instead of caching the mix with a digest on record."""
+    progress = fetch._progress
+    interfered: list[Path] = []
+
+    @contextlib.contextmanager
+    def with_a_second_writer(name: str, done: int, total: int | None):
+        with progress(name, done, total) as report:
+
+            def report_and_append(done: int, total: int | None) -> None:
+                report(done, total)
+                if done == total and not interfered:  # the other run's bytes go past the end of ours
+                    interfered.append(part := next(_fast_and_isolated.rglob("*.part")))
+                    with open(part, "r+b") as other:
+                        other.seek(total)
+                        other.write(b"another run's bytes")
+
+            yield report_and_append
+
+    monkeypatch.setattr(fetch, "_progress", with_a_second_writer)
+    path = fetch.fetch_url(server.url(PATH))
+    assert interfered and path.read_bytes() == DATA
+    assert [h.status for h in server.hits_for(PATH)] == [200, 200]  # started over, not resumed
 
 
 def test_server_ignoring_range_restarts_cleanly(server: LoopbackServer) -> None:

@@ -337,12 +337,14 @@ def _verify(
     """The converted model against the oracle on the original weights, both rounded to the output dtype so
     only a mapping mistake fails; with a reduced dtype also against the float32 original (reported only)."""
     from converter.build import build_model
-    from converter.verify import oracle_heads, verify
+    from converter.verify import check_token_table, oracle_heads, verify
 
     model = build_model(config, {k: v.float() for k, v in state_dict.items()})
     heads = oracle_heads(hyper)
     rounded = {k: v.to(dtype).float() for k, v in original.items()}
     verification = verify(model, rounded, hyper, atol, heads)
+    if verification.passed:
+        check_token_table(model, rounded, atol)
     written = None
     if dtype != torch.float32 and verification.passed:
         written = verify(model, {k: v.float() for k, v in original.items()}, hyper, atol, heads)

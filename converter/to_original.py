@@ -18,7 +18,7 @@ from converter.load import check_finite, check_kinds, load_checkpoint
 from converter.pipeline import check_atol, stage
 from converter.published import load_published
 from converter.rules import check_state_dict, original_shapes
-from converter.verify import Verification, oracle_heads, verify
+from converter.verify import Verification, check_token_table, oracle_heads, verify
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,8 @@ def to_original(
             model = build_model(published.config, {k: v.float() for k, v in weights.items()})
             try:
                 verification = verify(model, written, hyper, atol, oracle_heads(hyper))
+                if verification.passed:
+                    check_token_table(model, written, atol)
             except (RuntimeError, ValueError) as err:  # e.g. width 129, which width // 64 = 2 does not divide
                 why = f"the original forward pass cannot run on the written weights: {err}"
                 raise VerificationError(why) from None

@@ -261,6 +261,22 @@ def verify(
     return compare_sites(model, expected, pixel_values, input_ids, atol)
 
 
+def check_token_table(model: XCLIPModel, original: Mapping[str, Tensor], atol: float) -> None:
+    """The inputs look up a few dozen of the vocabulary's ids, so the sites cannot see the other rows of
+    the token table: each row is compared here, as a lookup of its id returns it."""
+    table, theirs = model.text_model.embeddings.token_embedding.weight, original["token_embedding.weight"]
+    if theirs.shape == table.shape and torch.equal(theirs.to(table.dtype), table):  # no copy: the usual case
+        return
+    site = Site.measure("token embeddings", theirs, table, atol)
+    if not site.passed:
+        rows = int((theirs.to(table.dtype) != table).any(dim=1).sum())
+        raise VerificationError(
+            f"the converted model's token embeddings differ from the original's in {rows:,} of "
+            f"{len(table):,} rows (ids the inputs may not use): max |Δ| {site.max_abs_diff:.2e}, "
+            f"{site.ratio:.3g}x its tolerance"
+        )
+
+
 def config_heads(hyper: Hyper) -> OriginalHeads:
     """The head counts `hyper` states, for the oracle."""
     return OriginalHeads(hyper.vision_heads, hyper.text_heads, hyper.mit_heads, hyper.prompt_heads)

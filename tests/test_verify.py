@@ -32,6 +32,7 @@ from converter.verify import (
     DEFAULT_ATOL,
     NOT_COMPARED,
     ORACLE_KEYS,
+    check_token_table,
     compare_sites,
     read_sites,
     synthetic_inputs,
@@ -260,6 +261,49 @@ def test_a_logit_scale_stored_as_its_exponential_fails_at_the_logits(uneven):
     converted["logit_scale"] = converted["logit_scale"].exp()
     result = verify(build_model(to_config(UNEVEN), converted), original, UNEVEN, heads=heads(UNEVEN))
     assert not result.passed and result.first_divergence.name == "logits", result.summary()
+
+
+def _rows_the_inputs_do_not_use(hyper) -> list[int]:
+    used = set(synthetic_inputs(hyper)[1].flatten().tolist())
+    return [row for row in range(hyper.vocab_size) if row not in used]
+
+
+def test_token_embedding_rows_the_inputs_never_look_up_are_compared(uneven):
+    """Rows of ids the verification's texts do not use pass every site; the table check names them."""
+    original, model = uneven
+    check_token_table(model, original, DEFAULT_ATOL)  # the correct conversion
+    unused = _rows_the_inputs_do_not_use(UNEVEN)
+    converted = original_to_hf(original)
+    table = converted["text_model.embeddings.token_embedding.weight"].clone()
+    table[unused] = table[unused].roll(1, dims=0)  # off by one among the unused ids only
+    converted["text_model.embeddings.token_embedding.weight"] = table
+    shifted = build_model(to_config(UNEVEN), converted)
+    assert verify(shifted, original, UNEVEN, heads=heads(UNEVEN)).passed  # the sites cannot see it
+    with pytest.raises(VerificationError, match=f"differ from the original's in {len(unused)} of "):
+        check_token_table(shifted, original, DEFAULT_ATOL)
+
+
+def test_a_conversion_with_shifted_token_rows_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from converter import pipeline
+    from converter.config import hyper_from_config, load_config_file
+
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    unused = _rows_the_inputs_do_not_use(hyper_from_config(load_config_file(config)))
+    to_hf = pipeline.original_to_hf
+
+    def shifting_unused_rows(original):
+        converted = to_hf(original)
+        table = converted["text_model.embeddings.token_embedding.weight"].clone()
+        table[unused] = table[unused].roll(1, dims=0)
+        return {**converted, "text_model.embeddings.token_embedding.weight": table}
+
+    monkeypatch.setattr(pipeline, "original_to_hf", shifting_unused_rows)
+    assert (
+        run("--checkpoint", helpers.checkpoint("tiny-a"), "--config", config, "--output", tmp_path / "out")
+        == 1
+    )
+    assert "token embeddings differ from the original's" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the catalogue: each mistake fails where it enters, each harmless twin passes -------------------

@@ -71,10 +71,12 @@ def _cache_error(exc: OSError, root: Path) -> ConverterError:
     blockers = (p for p in [where, *where.parents] if p.exists() and not p.is_dir())
     if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := next(blockers, None)):
         why = f"{blocker} is a file, not a folder"
-    return ConverterError(
-        f"cannot use the download cache {root} ({why}): set XCLIP_CACHE to a writable folder with free "
-        "space, or pass --checkpoint PATH for a local file."
+    advice = (
+        "set XCLIP_CACHE to a writable folder with free space, or pass --checkpoint PATH for a local file."
     )
+    if exc.errno == errno.ENOENT:  # the folders were made a moment ago: something removed them meanwhile
+        advice = "something removed it while this run used it; run again."
+    return ConverterError(f"cannot use the download cache {root} ({why}): {advice}")
 
 
 def _lock_path(path: Path, root: Path) -> Path:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -94,6 +95,27 @@ def test_bytes_another_writer_appended_are_never_cached(
     path = fetch.fetch_url(server.url(PATH))
     assert interfered and path.read_bytes() == DATA
     assert [h.status for h in server.hits_for(PATH)] == [200, 200]  # started over, not resumed
+
+
+def test_a_cache_removed_during_the_download_says_to_run_again(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
+) -> None:
+    """Not 'set XCLIP_CACHE to a writable folder': the folder was fine until something removed it."""
+    progress = fetch._progress
+
+    @contextlib.contextmanager
+    def with_a_cache_cleaner(name: str, done: int, total: int | None):
+        with progress(name, done, total) as report:
+            yield lambda done, total: (
+                report(done, total),
+                shutil.rmtree(_fast_and_isolated, ignore_errors=True),
+            )
+
+    monkeypatch.setattr(fetch, "_progress", with_a_cache_cleaner)
+    with pytest.raises(ConverterError, match="something removed it while this run used it; run again"):
+        fetch.fetch_url(server.url(PATH))
+    monkeypatch.setattr(fetch, "_progress", progress)
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
 
 
 def test_server_ignoring_range_restarts_cleanly(server: LoopbackServer) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
 from converter.card import data_template, recorded_source
-from converter.clip import CONTEXT_LENGTH
+from converter.clip import CONTEXT_LENGTH, HEAD_DIM, original_heads
 from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
@@ -30,7 +30,7 @@ from converter.processing import build_tokenizer, normalize, preprocess_video
 from converter.processing import original_settings as original_preprocessing
 from converter.published import Published, load_published
 from converter.registry import get_variant
-from converter.verify import Site, Verification, oracle_heads, verify
+from converter.verify import Site, Verification, config_heads, verify
 
 if TYPE_CHECKING:
     from transformers import XCLIPConfig
@@ -154,10 +154,11 @@ def audit(
     if isinstance(config, (str, Path)):
         config = load_config_file(config)
     hyper, ours = map_original(original, config, variant, str(provenance.path), where)
+    given = hyper if config is not None else None  # what a given config says, heads included
     findings = [
-        *config_findings(published, config if config is not None else to_config(hyper)),
+        *config_findings(published, config if config is not None else to_config(hyper), given),
         *weight_findings(published, ours),
-        *output_findings(published, original, hyper, atol),
+        *output_findings(published, original, hyper, atol, config is not None),
         *preprocessing_findings(published.image_processor, hyper.image_size, reference),
         *tokenizer_findings(published),
     ]
@@ -166,10 +167,11 @@ def audit(
     return AuditReport(published.source, described, atol, findings, published.revision)
 
 
-def config_findings(source: Published, expected: XCLIPConfig) -> list[Finding]:
+def config_findings(source: Published, expected: XCLIPConfig, given: Hyper | None = None) -> list[Finding]:
     """Each differing field that changes the computation; training-only ones (dropout, init) as notes;
-    keys that load other than the weights stored, and a dtype other than theirs (it rounds them)."""
-    from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES
+    keys that load other than the weights stored, and a dtype other than theirs (it rounds them); the
+    heads a --config gives (`given`) where a width above 64 leaves the original no choice."""
+    from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, HEAD_FAMILIES, PROBABILITIES
 
     published = source.config
     computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
@@ -189,6 +191,14 @@ def config_findings(source: Published, expected: XCLIPConfig) -> list[Finding]:
         detail = f"dtype {stated} in config.json, but the weights are {stored}: "
         detail += f"from_pretrained loads them as {stated}"
         findings.append(Finding("config", "dtype", stated, stored, False, True, detail))
+    for _, width, heads in HEAD_FAMILIES if given is not None else ():
+        # The original computes width // 64 heads: a config saying otherwise (the published model's own
+        # wrong count, say) would have the oracle compute the same mistake. Up to 64: a small test model.
+        rule, count = original_heads(getattr(given, width)), getattr(given, heads)
+        if getattr(given, width) > HEAD_DIM and count != rule:
+            path = next(f.config_paths[0] for f in FIELDS if f.name == heads)
+            detail = f"--config states {path} {count}; the original computes width // 64 = {rule}"
+            findings.append(Finding("config", path, count, rule, False, True, detail))
     if all(f.ok for f in findings):
         findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings
@@ -222,16 +232,17 @@ def output_findings(
     original: Mapping[str, torch.Tensor],
     hyper: Hyper,
     atol: float,
+    heads_from_config: bool,
 ) -> list[Finding]:
     """The published model against the oracle on the original weights: all sites in one finding, then
-    each output. The oracle keeps the original's heads rule, width // 64, whatever a config states."""
+    each output. A given config states the original's heads; otherwise its rule, width // 64, does."""
     from converter.build import build_model
 
     # The oracle sees the original rounded as the published weights are, so only real mistakes remain.
     rounded = {k: v.to(published.weights_dtype).float() for k, v in original.items()}
     try:  # a third party's model: whatever stops it (a key or shape the weights check names) is a finding
         model = build_model(published.config, {k: v.float() for k, v in published.model_state_dict().items()})
-        result = verify(model, rounded, hyper, atol, oracle_heads(hyper))
+        result = verify(model, rounded, hyper, atol, config_heads(hyper) if heads_from_config else None)
     except Exception as err:
         detail = f"the published model cannot load its weights or run the original's inputs ({reason(err)})"
         return [Finding("outputs", "run", None, None, False, True, detail, math.inf)]

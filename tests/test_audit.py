@@ -172,13 +172,15 @@ def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypat
 
 
 def test_a_config_stating_the_published_heads_does_not_hide_them(originals, tmp_path):
-    """--config with the published model's own 8 heads: the oracle keeps the original's rule (width // 64),
-    as a conversion does, so both sides are not wrong alike."""
+    """--config with the published model's own 8 heads, where E = 768 leaves the original 12: the oracle
+    would compute the same mistake, so the config's heads are held to width // 64."""
     path, original = originals[L14]
     folder = publish(tmp_path / "published", L14, original, "8-heads")
     report = audit(str(folder), checkpoint=path, config=folder / "config.json", reference=REFERENCE)
-    failures = {f.kind for f in report.findings if not f.ok}
-    assert not report.passed and "outputs" in failures, "\n".join(report.lines())
+    failures = {f.name: f for f in report.findings if not f.ok}
+    assert not report.passed and report.exit_code == EXIT_MISMATCH, "\n".join(report.lines())
+    assert {"prompt_num_attention_heads", "vision_config.mit_num_attention_heads"} <= set(failures)
+    assert "the original computes width // 64 = 12" in failures["prompt_num_attention_heads"].detail
 
 
 def test_eight_heads_output(originals, tmp_path, capsys):

@@ -115,13 +115,14 @@ class ModelReport:
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.suite_ran:
+            return
         rows = self.ordered()
-        if self.suite_ran:
-            terminalreporter.write_sep("=", TITLE)
-            for line in text_table(rows, self.config.get_terminal_writer().fullwidth, _stdout_encoding()):
-                terminalreporter.write_line(line)
+        terminalreporter.write_sep("=", TITLE)
+        for line in text_table(rows, self.config.get_terminal_writer().fullwidth, _stdout_encoding()):
+            terminalreporter.write_line(line)
         target = self.config.getoption("--report")
-        if target:  # also when no model test ran: an earlier run's report must not stand for this one
+        if target:
             from converter.errors import ConverterError
             from converter.export import write_file
             from converter.paths import caches
@@ -137,7 +138,7 @@ class ModelReport:
             else:
                 terminalreporter.write_line(f"per-model report written to {path}")
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
-        if summary and self.suite_ran:
+        if summary:
             with open(summary, "a", encoding="utf-8") as fh:
                 fh.write(to_markdown(rows) + "\n")
 

@@ -26,7 +26,11 @@ def caches() -> list[Protected]:
 
     from converter.registry import cache_dir
 
-    return [("the download cache", cache_dir()), ("the Hugging Face cache", Path(constants.HF_HUB_CACHE))]
+    try:
+        ours = [("the download cache", cache_dir())]
+    except ConverterError:  # no home folder: no default cache exists to be written over
+        ours = []
+    return [*ours, ("the Hugging Face cache", Path(constants.HF_HUB_CACHE))]
 
 
 def protected(

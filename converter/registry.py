@@ -33,8 +33,14 @@ L14 = Arch("ViT-L/14", patch_size=14, vision_width=1024, vision_layers=24, embed
 
 def cache_dir() -> Path:
     """The cache root: ``$XCLIP_CACHE`` or ``~/.cache/xclip-converter``."""
-    env = os.environ.get("XCLIP_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "xclip-converter"
+    if env := os.environ.get("XCLIP_CACHE"):
+        return Path(env).expanduser()
+    try:
+        return Path.home() / ".cache" / "xclip-converter"
+    except RuntimeError:  # no HOME, and a user id without a passwd entry (a container's, say)
+        raise ConverterError(
+            "no home folder to keep the download cache in: set XCLIP_CACHE to a folder"
+        ) from None
 
 
 def url_cache_path(url: str, cache: Path) -> Path:

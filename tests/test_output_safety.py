@@ -795,3 +795,26 @@ def test_a_killed_runs_partial_file_is_removed_by_the_next_run_and_nothing_else(
     with staged_file(tmp_path / "back.pth", overwrite=False) as partial:
         partial.write_bytes(b"new")
     assert names(tmp_path) == sorted(["back.pth", *kept])
+
+
+def test_without_a_home_folder_a_local_conversion_works_and_a_download_says_what_to_set(
+    tmp_path, monkeypatch, capsys
+):
+    """HOME unset and a user id without a passwd entry (a container's): Path.home() raises."""
+    from converter import fetch
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    monkeypatch.delenv("XCLIP_CACHE")
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    assert (
+        helpers.run(
+            "--checkpoint", helpers.checkpoint("tiny-a"), "--config", config, "--output", tmp_path / "o"
+        )
+        == 0
+    )
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+    with pytest.raises(ConverterError, match="no home folder to keep the download cache in: set XCLIP_CACHE"):
+        fetch.fetch_url("http://127.0.0.1:9/k.pth")

@@ -160,17 +160,18 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
     from converter.export import Interrupted, signal_raised, signals_as_exceptions
 
     for stream in (sys.stdout, sys.stderr):  # a console or log that is not UTF-8: Δ written as \u0394
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+        if isinstance(stream, io.TextIOWrapper):  # line by line: a full disk is met in `say`, named
+            stream.reconfigure(errors="backslashreplace", line_buffering=True)
 
     def fail(message: str, status: int = EXIT_BAD_INPUT) -> int:
-        _out(f"{prog}: {message}", sys.stderr)
+        say(f"{prog}: {message}", sys.stderr)
         return status
 
     try:
         with signals_as_exceptions():
             status = job()
-            sys.stdout.flush()  # a reader that is gone (`| head`) is met here, not at exit
+            if sys.stdout is not None:  # None: closed (`>&-`), nothing to flush
+                sys.stdout.flush()  # a reader that is gone (`| head`) is met here, not at exit
             return status
     except BrokenPipeError:  # stdout's reader is gone: stop silently, as shell tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -179,7 +180,7 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
         return fail(f"error: {err}")
     except VerificationError as err:
         if err.verification is not None:
-            _out(err.verification.summary())
+            say(err.verification.summary())
         return fail(str(err), EXIT_VERIFICATION_FAILED)
     except Interrupted as err:
         return fail(str(err), err.exit_code)
@@ -196,9 +197,17 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
         )
 
 
-def _out(text: str, file: TextIO | None = None) -> None:
-    """A result on stdout (or `file`), each line's control characters escaped."""
-    print("\n".join(escape(line) for line in text.splitlines()), file=file)
+def say(text: str, file: TextIO | None = None) -> None:
+    """A result on stdout (or `file`), each line's control characters escaped; a stream that cannot be
+    written (`> /dev/full`) is named as such, not as the file a job was writing meanwhile."""
+    try:
+        print("\n".join(escape(line) for line in text.splitlines()), file=file)
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise OSError(
+            err.errno, err.strerror, "<stdout>" if file in (None, sys.stdout) else "<stderr>"
+        ) from None
 
 
 class _EscapedLines(logging.Formatter):
@@ -260,7 +269,7 @@ def _flag(dest: str) -> str:
 
 def _list(args: argparse.Namespace) -> int:
     for v in VARIANTS.values():
-        _out(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {v.source.url()}")
+        say(f"{v.name:45s} {v.arch.name:9s} {v.frames:3d} frames {v.image_size}px  {v.source.url()}")
     return EXIT_OK
 
 
@@ -269,7 +278,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
     if not args.model_name:
         raise ConverterError("--show-config needs --model-name")
-    _out(to_config(hyper_for_variant(get_variant(args.model_name))).to_json_string(use_diff=False))
+    say(to_config(hyper_for_variant(get_variant(args.model_name))).to_json_string(use_diff=False))
     return EXIT_OK
 
 
@@ -314,18 +323,18 @@ def _convert(args: argparse.Namespace) -> int:
         protect=[("the --video clip", video)] if video else (),
     )
     if result.verification is not None:
-        _out(result.verification.summary())
+        say(result.verification.summary())
     if result.written_vs_float32 is not None:
         figures = ", ".join(f"{k} {v:.2e}" for k, v in result.written_vs_float32.max_abs_diff.items())
-        _out(f"written {args.dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
+        say(f"written {args.dtype} model vs the float32 original (reported, not gated): max |Δ| {figures}")
     if result.folder is not None:  # said first: the classification can still fail (a vocabulary not CLIP's)
-        _out(f"wrote {escape(str(result.folder))}")
+        say(f"wrote {escape(str(result.folder))}")
     elif repo_id is None:
-        _out("no --output given: nothing written")
+        say("no --output given: nothing written")
     if video:
         _classify(result, video, texts, input_ids)
     if repo_id is not None:
-        _out(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
+        say(f"pushed to {repo_id}: {push(result, repo_id, create_pr=args.create_pr, private=args.private)}")
     _log_times(start_up)
     return EXIT_OK
 
@@ -353,7 +362,7 @@ def _classify(result: ConversionResult, video: Path, texts: list[str], input_ids
     with torch.no_grad():
         out = model(input_ids=input_ids, pixel_values=pixels)
     for text, prob in zip(texts, out.logits_per_video.softmax(dim=1)[0].tolist(), strict=True):
-        _out(f"{prob:.4f}  {escape(text)}")
+        say(f"{prob:.4f}  {escape(text)}")
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -384,18 +393,18 @@ def _audit(args: argparse.Namespace) -> int:
     staged = staged_file(args.report, True, protected, flag="--report") if args.report else nullcontext()
     with staged as report_file:
         report = audit(args.audit, checkpoint=args.checkpoint, **_original(args), revision=args.revision)
-        _out("\n".join(report.lines()))
+        say("\n".join(report.lines()))
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
     if repo_id is not None and report.passed:  # said before minutes of conversion, not after
-        _out(f"no pull request opened: {escape(args.audit)} matches the original")
+        say(f"no pull request opened: {escape(args.audit)} matches the original")
     elif repo_id is not None:
         with tempfile.TemporaryDirectory(prefix="xclip-fix-") as tmp:
             converted = Path(tmp) / "converted"
             result = convert_checkpoint(
                 args.checkpoint, **_original(args), output=converted, repo_id=repo_id, hash_source=True
             )
-            _out(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
+            say(f"opened {propose_fix(report, result.folder, result.verification, repo_id)}")
     return report.exit_code
 
 
@@ -408,7 +417,7 @@ def _to_original(args: argparse.Namespace) -> int:
     result = to_original(
         args.to_original, args.output, atol=args.atol, overwrite=args.overwrite, revision=args.revision
     )
-    _out(result.verification.summary())
-    _out(f"wrote {escape(str(result.output))}")
+    say(result.verification.summary())
+    say(f"wrote {escape(str(result.output))}")
     _log_times(start_up)
     return EXIT_OK

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from converter import paths
-from converter.cli import exit_with, run_job
+from converter.cli import exit_with, run_job, say
 from converter.errors import ConverterError, escape
 from converter.export import staged_file, torch_save
 from converter.registry import VARIANTS, get_variant
@@ -150,15 +150,15 @@ def _write(args: argparse.Namespace) -> int:
         with staged_file(args.file, args.overwrite, protected, flag="FILE") as partial:
             save_training_layout(partial, make_state_dict(hyper, seed=args.seed), hyper)
     file, megabytes = escape(args.file), Path(args.file).stat().st_size / 1e6
-    print(
+    say(
         f"wrote {file}: a synthetic {variant.name} checkpoint ({megabytes:,.0f} MB): "
         f"seeded random weights (--seed {args.seed}), not the released ones, so its predictions mean nothing"
     )
     command = f"xclip-convert --checkpoint {file} --model-name {variant.name} --output out"
     if clip is not None:
-        print(f"wrote {escape(clip)}: {hyper.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
+        say(f"wrote {escape(clip)}: {hyper.frames} random RGB frames, {CLIP_SIZE[1]}x{CLIP_SIZE[0]}")
         command += f" --video {escape(clip)}"
-    print(f"next, with no network: {command}")
+    say(f"next, with no network: {command}")
     return 0
 
 

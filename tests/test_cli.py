@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -335,6 +336,21 @@ def test_a_bug_of_ours_is_one_line_unless_xclip_debug_is_on(monkeypatch, capsys,
     assert capsys.readouterr().err == (
         "xclip-convert: internal error: RuntimeError: a bug (rerun with XCLIP_DEBUG=1 and report it)\n"
     )
+
+
+@pytest.mark.parametrize("stdout", ["> /dev/full", ">&-"])
+def test_a_stdout_that_cannot_be_written_is_named_or_left_alone(stdout):
+    """A full disk under stdout is named as stdout, not as a file the job wrote; a closed one is no bug."""
+    command = f"{shlex.quote(sys.executable)} -m converter --list {stdout}"
+    run = subprocess.run(
+        command, shell=True, capture_output=False, stderr=subprocess.PIPE, text=True, timeout=120
+    )
+    if stdout == ">&-":
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+    else:
+        assert (
+            run.returncode == 2 and run.stderr == "xclip-convert: error: <stdout>: No space left on device\n"
+        )
 
 
 def test_version_is_the_package_version(capsys):

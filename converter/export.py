@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -446,6 +447,13 @@ def _move_folder(
         raise
     if overwrite:
         shutil.rmtree(retired, ignore_errors=True)
+        if os.path.lexists(retired):  # write-protected files in it: ours is in place, theirs not gone
+            logging.getLogger("converter").warning(
+                "%s replaced, but the old folder could not be removed entirely: what is left of it is at %s; "
+                "remove it yourself",
+                where,
+                escape(str(retired)),
+            )
     else:
         with suppress(OSError):
             os.rmdir(retired)

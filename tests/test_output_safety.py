@@ -294,6 +294,25 @@ def test_overwrite_replaces_only_once_the_new_folder_is_complete(tmp_path, renam
     assert names(out) == ["new.txt"] and names(tmp_path) == ["out"]
 
 
+def test_an_old_folder_that_cannot_be_removed_entirely_is_named(tmp_path, rename, monkeypatch, caplog):
+    """Write-protected files in the old output (a user's chmod -R a-w): the new one is in place, and the
+    rest of the old one, hidden beside it under a staging name, is named for the user to remove."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: None)  # removes nothing
+    with staged_output(out, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+    assert names(out) == ["new.txt"]
+    (left,) = [p for p in tmp_path.iterdir() if p != out]
+    assert names(left) == ["old.txt"]
+    assert (
+        f"could not be removed entirely: what is left of it is at {left}; remove it yourself" in caplog.text
+    )
+
+
 def test_an_output_given_through_a_symlink_is_replaced_where_it_lives(tmp_path, rename):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "old.txt").write_text("old")

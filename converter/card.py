@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from converter import DEFAULT_TEXTS, processing
 from converter.config import Hyper
+from converter.errors import escape
 from converter.paths import local_path
 from converter.registry import VARIANTS, Variant
 
@@ -64,9 +65,9 @@ def model_card(
     )
     text = data_template("model_card.md").substitute(
         metadata=metadata.to_yaml(original_order=["license"]),  # first: the hub and tests read line one
-        name=name,
+        name=escape(name),  # a file's name: a newline in it must not add lines to a published card
         trained_on=_trained_on(name),
-        source=f"{source} ({how})" if how else source,
+        source=escape(f"{source} ({how})" if how else source),
         sha256=sha256 or "not computed (a local file; `xclip-convert --sha256 HEX` pins and records it)",
         dtype=dtype,
         verification=_verification(verification, dtype, float32_distance),

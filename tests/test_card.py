@@ -30,6 +30,13 @@ def card(name: str = "xclip-base-patch32", **kwargs) -> str:
     return model_card(**{**args, **kwargs})
 
 
+def test_a_newline_in_a_files_name_adds_no_line_to_the_card():
+    text = card("mine\n# Official microsoft weights", source="/data/mine\n- Verified by: microsoft.pth")
+    lines = text.splitlines()
+    assert "# Official microsoft weights" not in lines and "- Verified by: microsoft.pth" not in lines
+    assert "mine\\n# Official microsoft weights" in text and "mine\\n- Verified by: microsoft.pth" in text
+
+
 def test_huggingface_hub_parses_the_metadata():
     parsed = ModelCard(card())
     data = parsed.data.to_dict()

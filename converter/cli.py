@@ -250,6 +250,11 @@ def _run(args: argparse.Namespace, given: list[str]) -> int:
         users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
         raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
+    if job not in ("list", "show_config"):
+        try:  # torch's libraries fail to load from a folder that is gone, with an error naming torch
+            os.getcwd()
+        except FileNotFoundError:
+            raise ConverterError("the current folder no longer exists: cd to one that does") from None
     if "atol" in given:
         from converter.pipeline import check_atol
 

@@ -353,6 +353,15 @@ def test_a_stdout_that_cannot_be_written_is_named_or_left_alone(stdout):
         )
 
 
+def test_a_current_folder_that_was_removed_is_named(tmp_path):
+    """torch's libraries cannot load from it: the oneMKL error would point at the torch install."""
+    python = shlex.quote(sys.executable)
+    command = f"mkdir gone && cd gone && rmdir ../gone && {python} -m converter --checkpoint k.pth"
+    run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr == "xclip-convert: error: the current folder no longer exists: cd to one that does\n"
+
+
 def test_version_is_the_package_version(capsys):
     import converter
 

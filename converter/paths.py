@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -117,13 +118,24 @@ def check_target(
 
 
 def check_utf8(path: str | Path | int, what: str) -> None:
-    """Refuse a path that is not valid UTF-8 (a descriptor passes): torch and safetensors cannot open it."""
+    """Refuse a path that torch and safetensors would open under other bytes (a descriptor passes): they
+    encode a name as UTF-8, the system as the locale says."""
+    if isinstance(path, int):
+        return
     try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
+        same = str(path).encode("utf-8") == os.fsencode(path)
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates
+        same = False
+    if same:
+        return
+    if (encoding := sys.getfilesystemencoding()).replace("-", "").lower() != "utf8":
         raise ConverterError(
-            f"{what}: the path is not valid UTF-8, which torch and safetensors cannot open: use a UTF-8 name"
-        ) from None
+            f"{what}: the locale's encoding ({encoding}) is not UTF-8, and torch and safetensors open names "
+            "as UTF-8: run with PYTHONUTF8=1 (or LC_ALL=C.UTF-8)"
+        )
+    raise ConverterError(
+        f"{what}: the path is not valid UTF-8, which torch and safetensors cannot open: use a UTF-8 name"
+    )
 
 
 def _refuse_protected(flag: str, path: Path, target: Path, protected: Iterable[Protected]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -360,6 +361,17 @@ def test_a_current_folder_that_was_removed_is_named(tmp_path):
     run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr == "xclip-convert: error: the current folder no longer exists: cd to one that does\n"
+
+
+def test_a_locale_that_is_not_utf8_is_named_for_a_name_torch_would_open_wrong(tmp_path):
+    """In the C locale without UTF-8 mode, a UTF-8 file name reaches torch as other bytes."""
+    (tmp_path / "données.pth").write_bytes(helpers.checkpoint("tiny-a").read_bytes())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    command = [sys.executable, "-m", "converter", "--checkpoint", "données.pth"]
+    run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    said = "the locale's encoding (ascii) is not UTF-8, and torch and safetensors open names as UTF-8"
+    assert f"{said}: run with PYTHONUTF8=1" in run.stderr, run.stderr
 
 
 def test_version_is_the_package_version(capsys):

@@ -310,6 +310,13 @@ def _create_staging(target: Path, kind: Kind, where: str) -> tuple[Path, int]:
         else:
             fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
+        size = len(os.fsencode(target.name))  # NAME_MAX counts bytes
+        if err.errno == errno.ENAMETOOLONG and size <= 255:  # the name fits; the staging name does not
+            extra = len(os.fsencode(staging.name)) - size + len(".old")
+            raise ConverterError(
+                f"{where}: the name is too long for the staging entry beside it, which adds {extra} "
+                f"bytes: choose a name of at most {255 - extra}"
+            ) from err
         raise ConverterError(f"{where}: cannot create {err.filename or staging}: {err.strerror}") from err
     _lock(fd)
     return staging, fd

@@ -837,3 +837,14 @@ def test_without_a_home_folder_a_local_conversion_works_and_a_download_says_what
     assert (tmp_path / "o" / "model.safetensors").is_file()
     with pytest.raises(ConverterError, match="no home folder to keep the download cache in: set XCLIP_CACHE"):
         fetch.fetch_url("http://127.0.0.1:9/k.pth")
+
+
+def test_a_name_that_leaves_no_room_for_its_staging_entry_says_how_long_it_may_be(tmp_path):
+    """NAME_MAX is 255 bytes; the staging entry beside the output adds its owner's pid and a tag."""
+    out = tmp_path / ("a" * 240)
+    with pytest.raises(
+        ConverterError, match=r"the name is too long for the staging entry beside it, which adds"
+    ):
+        with staged_output(out, overwrite=False):
+            pass
+    assert names(tmp_path) == []

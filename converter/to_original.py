@@ -20,6 +20,9 @@ from converter.published import load_published
 from converter.rules import check_state_dict, original_shapes
 from converter.verify import Verification, check_token_table, oracle_heads, verify
 
+# Names of files that are not torch checkpoints: a pickle under them is read by nothing that opens them.
+OTHER_FORMATS = (".safetensors", ".json", ".npy", ".npz", ".onnx", ".h5", ".msgpack", ".gguf")
+
 
 @dataclass(frozen=True)
 class BackConversion:
@@ -41,7 +44,7 @@ def to_original(
     from converter.build import build_model
 
     atol = check_atol(atol)
-    if (suffix := Path(output).suffix.lower()) not in ("", ".pth", ".pt", ".bin", ".ckpt"):
+    if (suffix := Path(output).suffix.lower()) in OTHER_FORMATS:
         raise ConverterError(
             f"--output {escape(str(output))}: the way back writes a torch checkpoint (the original's "
             f"format), not a {escape(suffix)} file: name it FILE.pth"

@@ -55,6 +55,15 @@ def test_round_trip_goldens(case, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*partial*"))
 
 
+def test_names_of_torch_checkpoints_are_written_and_other_formats_refused(tmp_path):
+    """PyTorch's own `.pth.tar`, a version in the name, no suffix: written; a safetensors name refused."""
+    folder = hf_folder(tmp_path / "hf", load_checkpoint(helpers.checkpoint("tiny-a")), case="tiny-a")
+    for name in ("back.pth.tar", "xclip_v1.5", "back", "BACK.PTH"):
+        assert to_original(folder, tmp_path / name).verification.passed, name
+    with pytest.raises(ConverterError, match="not a .safetensors file: name it FILE.pth"):
+        to_original(folder, tmp_path / "back.SafeTensors")
+
+
 @pytest.mark.slow
 def test_round_trip_full_size(tmp_path):
     hyper = hyper_for_variant(VARIANTS["xclip-base-patch32"])

@@ -191,11 +191,13 @@ def config_findings(source: Published, expected: XCLIPConfig, given: Hyper | Non
         detail = f"dtype {stated} in config.json, but the weights are {stored}: "
         detail += f"from_pretrained loads them as {stated}"
         findings.append(Finding("config", "dtype", stated, stored, False, True, detail))
-    for _, width, heads in HEAD_FAMILIES if given is not None else ():
-        # The original computes width // 64 heads: a config saying otherwise (the published model's own
-        # wrong count, say) would have the oracle compute the same mistake. Up to 64: a small test model.
+    # The original computes width // 64 heads: a config saying otherwise (the published model's own wrong
+    # count, say) would have the oracle compute the same mistake. A width of 64 or less: a small test
+    # model, whose config states its heads (as verification then takes them).
+    real = given is not None and min(given.vision_width, given.text_width, given.embed_dim) > HEAD_DIM
+    for _, width, heads in HEAD_FAMILIES if real else ():
         rule, count = original_heads(getattr(given, width)), getattr(given, heads)
-        if getattr(given, width) > HEAD_DIM and count != rule:
+        if count != rule:
             path = next(f.config_paths[0] for f in FIELDS if f.name == heads)
             detail = f"--config states {path} {count}; the original computes width // 64 = {rule}"
             findings.append(Finding("config", path, count, rule, False, True, detail))

@@ -28,7 +28,7 @@ from converter.rules import original_to_hf
 from converter.synthetic import make_state_dict
 from converter.verify import Verification, verify
 from tests import helpers
-from tests.helpers import SQUARE
+from tests.helpers import SQUARE, UNEVEN
 from tests.release_clips import real_checkpoint, unavailable
 
 REFERENCE = Path(__file__).parent / "data" / "preprocessing" / "reference.npz"
@@ -171,16 +171,35 @@ def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypat
     assert data["passed"] is report.passed and len(data["findings"]) == len(report.findings)
 
 
-def test_a_config_stating_the_published_heads_does_not_hide_them(originals, tmp_path):
+def test_a_config_stating_the_published_heads_does_not_hide_them(tmp_path):
     """--config with the published model's own 8 heads, where E = 768 leaves the original 12: the oracle
-    would compute the same mistake, so the config's heads are held to width // 64."""
-    path, original = originals[L14]
-    folder = publish(tmp_path / "published", L14, original, "8-heads")
-    report = audit(str(folder), checkpoint=path, config=folder / "config.json", reference=REFERENCE)
+    would compute the same mistake, so the config's heads are held to width // 64 (all widths above 64,
+    as in every published model)."""
+    wide = dataclasses.replace(
+        L14, vision_width=128, vision_heads=2, vision_mlp=256, text_width=128, text_heads=2, text_mlp=256
+    )
+    original = make_state_dict(wide, seed=9)
+    torch.save({"model": original}, tmp_path / "wide.pth")
+    folder = publish(tmp_path / "published", wide, original, "8-heads")
+    report = audit(
+        str(folder), checkpoint=tmp_path / "wide.pth", config=folder / "config.json", reference=REFERENCE
+    )
     failures = {f.name: f for f in report.findings if not f.ok}
     assert not report.passed and report.exit_code == EXIT_MISMATCH, "\n".join(report.lines())
     assert {"prompt_num_attention_heads", "vision_config.mit_num_attention_heads"} <= set(failures)
     assert "the original computes width // 64 = 12" in failures["prompt_num_attention_heads"].detail
+
+
+def test_a_small_model_whose_config_states_its_heads_audits_as_it_converts(tmp_path):
+    """UNEVEN (vision width 96 with 3 heads, E = 48) converts and verifies with its config's heads; its
+    audit against the same config agrees."""
+    original = make_state_dict(UNEVEN, seed=3)
+    torch.save({"model": original}, tmp_path / "uneven.pth")
+    folder = publish(tmp_path / "published", UNEVEN, original, "correct")
+    report = audit(
+        str(folder), checkpoint=tmp_path / "uneven.pth", config=to_config(UNEVEN), reference=REFERENCE
+    )
+    assert report.passed, "\n".join(report.lines())
 
 
 def test_eight_heads_output(originals, tmp_path, capsys):

@@ -169,6 +169,10 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
 
     try:
         with signals_as_exceptions():
+            try:  # torch's libraries fail to load from a folder that is gone, with an error naming torch
+                os.getcwd()
+            except FileNotFoundError:
+                raise ConverterError("the current folder no longer exists: cd to one that does") from None
             status = job()
             if sys.stdout is not None:  # None: closed (`>&-`), nothing to flush
                 sys.stdout.flush()  # a reader that is gone (`| head`) is met here, not at exit
@@ -250,11 +254,6 @@ def _run(args: argparse.Namespace, given: list[str]) -> int:
         users = " or ".join(_flag(other) for other, dests in JOB_FLAGS.items() if unused[0] in dests.split())
         nor = f" (nor {', '.join(more)})" if more else ""
         raise ConverterError(f"{_flag(job)} does not use {flag}{nor}: drop it; {flag} goes with {users}")
-    if job not in ("list", "show_config"):
-        try:  # torch's libraries fail to load from a folder that is gone, with an error naming torch
-            os.getcwd()
-        except FileNotFoundError:
-            raise ConverterError("the current folder no longer exists: cd to one that does") from None
     if "atol" in given:
         from converter.pipeline import check_atol
 
@@ -398,9 +397,9 @@ def _audit(args: argparse.Namespace) -> int:
     staged = staged_file(args.report, True, protected, flag="--report") if args.report else nullcontext()
     with staged as report_file:
         report = audit(args.audit, checkpoint=args.checkpoint, **_original(args), revision=args.revision)
-        say("\n".join(report.lines()))
         if report_file is not None:
             report_file.write_text(report.to_json(), encoding="utf-8")
+    say("\n".join(report.lines()))  # after the report is in place: a reader gone (`| head`) cuts only this
     if repo_id is not None and report.passed:  # said before minutes of conversion, not after
         say(f"no pull request opened: {escape(args.audit)} matches the original")
     elif repo_id is not None:

@@ -94,6 +94,27 @@ def test_a_reader_that_goes_away_ends_the_run_as_sigpipe_silently():
         assert (done.wait(), done.stderr.read()) == (141, b"")
 
 
+def test_an_audits_report_is_written_though_its_reader_goes_away(golden, tmp_path):
+    """`--audit ... --report r.json | head -0`: the report is the work, the printed lines the results."""
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", tmp_path / "out") == 0
+    audit = [
+        "--audit",
+        tmp_path / "out",
+        "--checkpoint",
+        checkpoint,
+        "--config",
+        config,
+        "--report",
+        tmp_path / "r.json",
+    ]
+    command = [sys.executable, "-m", "converter", *map(str, audit)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as done:
+        done.stdout.close()
+        assert done.wait() == 141, done.stderr.read()
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+
+
 def test_old_flag_names_still_work(golden, tmp_path):
     checkpoint, config = golden
     out = tmp_path / "out"
@@ -354,13 +375,23 @@ def test_a_stdout_that_cannot_be_written_is_named_or_left_alone(stdout):
         )
 
 
-def test_a_current_folder_that_was_removed_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "job",
+    [
+        "converter --checkpoint k.pth",
+        "converter --show-config --model-name xclip-base-patch32",
+        "converter.synthetic xclip-base-patch32 k.pth",
+    ],
+)
+def test_a_current_folder_that_was_removed_is_named(tmp_path, job):
     """torch's libraries cannot load from it: the oneMKL error would point at the torch install."""
     python = shlex.quote(sys.executable)
-    command = f"mkdir gone && cd gone && rmdir ../gone && {python} -m converter --checkpoint k.pth"
+    command = f"mkdir gone && cd gone && rmdir ../gone && {python} -m {job}"
     run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
-    assert run.stderr == "xclip-convert: error: the current folder no longer exists: cd to one that does\n"
+    assert run.stderr.endswith(": error: the current folder no longer exists: cd to one that does\n"), (
+        run.stderr
+    )
 
 
 def test_a_locale_that_is_not_utf8_is_named_for_a_name_torch_would_open_wrong(tmp_path):

@@ -6,6 +6,7 @@ nothing that exists (a non-empty folder, a file) without `overwrite`.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterable
@@ -96,7 +97,7 @@ def check_target(
         )
         raise ConverterError(f"{flag} {shown} is {existing}{what_to_do}")
     _refuse_protected(flag, path, target, protected)
-    if existing is not None and os.path.ismount(target):  # found only when the output is moved in
+    if existing is not None and _is_mount_point(target):  # found only when the output is moved in
         raise ConverterError(
             f"{flag} {shown} is a mount point, which cannot be replaced: "
             + ("name a folder inside it" if kind == "folder" else "name another file")
@@ -115,6 +116,19 @@ def check_target(
     if not empty:
         raise ConverterError(f"{flag} {shown} exists and is not empty; pass --overwrite to replace it")
     return target
+
+
+def _is_mount_point(path: Path) -> bool:
+    """A mount point, bind mounts within one file system included (which os.path.ismount misses)."""
+    if os.path.ismount(path):
+        return True
+    try:  # field 5 of each line is a mount point, with space, tab, newline and backslash as octal escapes
+        with open("/proc/self/mountinfo", "rb") as mounts:
+            points = [line.split()[4] for line in mounts]
+    except (OSError, IndexError):  # not Linux
+        return False
+    octal = re.compile(rb"\\([0-7]{3})")
+    return os.fsencode(path) in {octal.sub(lambda m: bytes([int(m[1], 8)]), p) for p in points}
 
 
 def check_utf8(path: str | Path | int, what: str) -> None:

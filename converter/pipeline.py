@@ -60,13 +60,16 @@ class Provenance:
     origin: str  # URL, or the file name
     sha256: str | None
     config: str | Path | None = None  # the config file read with it, which no output may touch
-    # The file as it was read (device, inode, size, mtime): the weights are views of its bytes.
-    identity: tuple[int, ...] | None = None
+    # The file as it was read (absolute path, device, inode, size, mtime): the weights are views of its
+    # mapped bytes, which a program writing into that same file changes; one renamed over it does not.
+    identity: tuple[str, int, int, int, int] | None = None
 
     def check_unchanged(self) -> None:
-        """Refuse to write weights from a checkpoint that changed since it was read (a trainer saving
-        over it): what was verified may not be what is written, nor the digest the card states."""
-        if self.identity is not None and _identity(self.path) != self.identity:
+        """Refuse to write weights from a checkpoint written into since it was read (a trainer saving over
+        it): what was verified may not be what is written, nor the digest the card states."""
+        if self.identity is None or (now := _identity(self.identity[0])) is None:
+            return  # gone, or a new file renamed into its place: the mapped one is as it was read
+        if now[:3] == self.identity[:3] and now != self.identity:
             raise ConverterError(
                 f"{escape(str(self.path))} changed while it was converted (another program wrote it?); "
                 "nothing was written: convert a copy that stays as it is"
@@ -288,12 +291,12 @@ def stage(name: str, *details: str) -> Iterator:
     log.info("%s: %s(%.1f s)", name, "".join(f"{d} " for d in noted), time.perf_counter() - start)
 
 
-def _identity(path: Path) -> tuple[int, ...] | None:
+def _identity(path: str | Path) -> tuple[str, int, int, int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(path := os.path.abspath(path))  # absolute: the caller may change folders meanwhile
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:

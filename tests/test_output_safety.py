@@ -124,11 +124,11 @@ def test_the_library_protects_the_config_it_read_and_paths_given_as_text(tmp_pat
 
 
 def _saved_over(path: Path) -> None:
-    """Another program saves a new checkpoint over `path` (a new file renamed onto it, as a careful
-    trainer does; one that truncates the file in place would crash this process through the mmap)."""
-    state_dict = torch.load(path, weights_only=True)
-    torch.save(state_dict, path.parent / "new.pth")
-    os.replace(path.parent / "new.pth", path)
+    """Another program saves a checkpoint into `path` itself, as torch.save(obj, path) does (here with
+    the same bytes and size, so the mapped pages stay readable, and a later mtime)."""
+    data, stat = path.read_bytes(), path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
 
 
 def test_a_checkpoint_changed_after_conversion_is_not_written_by_the_library(tmp_path):
@@ -142,6 +142,28 @@ def test_a_checkpoint_changed_after_conversion_is_not_written_by_the_library(tmp
     with pytest.raises(ConverterError, match="mine.pth changed while it was converted .*nothing was written"):
         write_folder(result, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg", "mine.pth"]
+
+
+def test_a_checkpoint_moved_renamed_over_or_removed_after_conversion_is_still_written(tmp_path, monkeypatch):
+    """The mapped file is as it was read: a new file renamed into its place, its folder removed or the
+    current folder changed leave the verified weights as they were."""
+    from converter.pipeline import convert_checkpoint, write_folder
+
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    for case in ("renamed-over", "removed", "chdir"):
+        folder = tmp_path / case
+        folder.mkdir()
+        checkpoint = folder / "mine.pth"
+        checkpoint.write_bytes(helpers.checkpoint("tiny-a").read_bytes())
+        monkeypatch.chdir(folder)
+        result = convert_checkpoint("mine.pth", config=config)
+        if case == "renamed-over":
+            (folder / "new.pth").write_bytes(b"another checkpoint")
+            os.replace(folder / "new.pth", checkpoint)
+        elif case == "removed":
+            checkpoint.unlink()
+        monkeypatch.chdir(tmp_path)
+        assert write_folder(result, tmp_path / f"out-{case}").folder.joinpath("model.safetensors").is_file()
 
 
 def test_a_checkpoint_changed_during_the_conversion_is_not_written(tmp_path, monkeypatch, capsys):
@@ -223,6 +245,22 @@ def test_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch, kind):
     with pytest.raises(ConverterError, match="is a mount point, which cannot be replaced: name a"):
         check_target(mount, kind=kind, overwrite=True)
     assert check_target(mount.parent / "other", kind=kind, overwrite=True) == mount.parent / "other"
+
+
+def test_a_bind_mount_on_the_same_file_system_is_refused_too(tmp_path):
+    """os.path.ismount misses it (same device); /proc/self/mountinfo lists it."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "mnt with space").mkdir()
+    mount = tmp_path / "mnt with space"
+    done = subprocess.run(["mount", "--bind", str(tmp_path / "real"), str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot bind-mount here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        assert not os.path.ismount(mount)
+        with pytest.raises(ConverterError, match="is a mount point, which cannot be replaced"):
+            check_target(mount, kind="folder", overwrite=True)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_what_may_be_written_is_accepted_and_resolved(tmp_path, monkeypatch):

@@ -220,7 +220,7 @@ def staged_output(
     where = f"{flag} {escape(str(output))}"
     target = check_target(output, kind=kind, overwrite=overwrite, protected=protected, flag=flag)
     _remove_stale_staging(target, kind)
-    before = _identity(target)
+    before = identity(target)
     made = [folder for folder in target.parents if not folder.exists()]  # innermost first
     staging = lock = None
     committed = False
@@ -374,13 +374,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Inode and mtime (which any change at the top level updates): tells a folder put there meanwhile."""
+def identity(path: str | Path) -> tuple[int, int, int, int] | None:
+    """Device, inode, size and mtime (which any change at a folder's top level updates): tells a file or
+    folder put in its place, or written into, meanwhile; None when nothing is there."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _honour_umask(folder: Path) -> None:
@@ -420,7 +421,7 @@ def _move_file(partial: Path, target: Path, overwrite: bool, where: str) -> None
 
 
 def _move_folder(
-    staging: Path, target: Path, before: tuple[int, int, int] | None, overwrite: bool, where: str
+    staging: Path, target: Path, before: tuple[int, int, int, int] | None, overwrite: bool, where: str
 ) -> None:
     """Put `staging` at `target`, replacing the folder there only if it is still `before` (and empty, without
     `overwrite`); else that folder is put back and FileExistsError raised."""
@@ -436,7 +437,7 @@ def _move_folder(
     except FileNotFoundError:  # gone meanwhile
         return _move_noreplace(staging, target)
     try:
-        if _identity(retired) != before or (not overwrite and os.listdir(retired)):
+        if identity(retired) != before or (not overwrite and os.listdir(retired)):
             raise FileExistsError(errno.EEXIST, "changed while converting", str(target))
         if retired != staging:  # renamed aside, not exchanged: ours is still to be moved in
             _move_noreplace(staging, target)

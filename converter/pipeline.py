@@ -36,7 +36,7 @@ from converter.config import (
     to_config,
 )
 from converter.errors import ConverterError, VerificationError, escape, listed
-from converter.export import in_background, staged_output, weights_written_meanwhile, write_weights
+from converter.export import identity, in_background, staged_output, weights_written_meanwhile, write_weights
 from converter.load import check_finite, load_checkpoint, non_finite
 from converter.reader import check_regular
 from converter.registry import Variant, get_variant
@@ -292,11 +292,9 @@ def stage(name: str, *details: str) -> Iterator:
 
 
 def _identity(path: str | Path) -> tuple[str, int, int, int, int] | None:
-    try:
-        st = os.stat(path := os.path.abspath(path))  # absolute: the caller may change folders meanwhile
-    except OSError:
-        return None
-    return path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    """`export.identity` with the absolute path: the caller may change folders meanwhile."""
+    found = identity(path := os.path.abspath(path))
+    return None if found is None else (path, *found)
 
 
 def _fetch(source: str | Path | None, variant: Variant | None, sha256: str | None, force: bool) -> Provenance:

@@ -21,7 +21,7 @@ import torch
 
 from converter import DEFAULT_ATOL, DEFAULT_TEXTS
 from converter.card import data_template, recorded_source
-from converter.clip import CONTEXT_LENGTH, HEAD_DIM, original_heads
+from converter.clip import CONTEXT_LENGTH, HEAD_DIM
 from converter.config import Hyper, config_source, load_config_file, loading_keys, to_config
 from converter.errors import ConverterError, reason
 from converter.load import load_checkpoint
@@ -171,7 +171,7 @@ def config_findings(source: Published, expected: XCLIPConfig, given: Hyper | Non
     """Each differing field that changes the computation; training-only ones (dropout, init) as notes;
     keys that load other than the weights stored, and a dtype other than theirs (it rounds them); the
     heads a --config gives (`given`) where a width above 64 leaves the original no choice."""
-    from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, HEAD_FAMILIES, PROBABILITIES
+    from converter.config import ACTIVATIONS, EPSILONS, FIELDS, FINITE, PROBABILITIES, heads_off_rule
 
     published = source.config
     computation = [*ACTIVATIONS, *EPSILONS, "vision_config.num_channels"]
@@ -195,12 +195,9 @@ def config_findings(source: Published, expected: XCLIPConfig, given: Hyper | Non
     # count, say) would have the oracle compute the same mistake. A width of 64 or less: a small test
     # model, whose config states its heads (as verification then takes them).
     real = given is not None and min(given.vision_width, given.text_width, given.embed_dim) > HEAD_DIM
-    for _, width, heads in HEAD_FAMILIES if real else ():
-        rule, count = original_heads(getattr(given, width)), getattr(given, heads)
-        if count != rule:
-            path = next(f.config_paths[0] for f in FIELDS if f.name == heads)
-            detail = f"--config states {path} {count}; the original computes width // 64 = {rule}"
-            findings.append(Finding("config", path, count, rule, False, True, detail))
+    for path, stated, rule in heads_off_rule(given) if real else ():
+        detail = f"--config states {path} {stated}; the original computes width // 64 = {rule}"
+        findings.append(Finding("config", path, stated, rule, False, True, detail))
     if all(f.ok for f in findings):
         findings.append(Finding("config", "all", None, None, True, detail="every field that matters agrees"))
     return findings

@@ -99,6 +99,16 @@ HEAD_FAMILIES = (
 )
 
 
+def heads_off_rule(h: Hyper) -> list[tuple[str, int, int]]:
+    """(XCLIPConfig path, stated heads, the original's width // 64) for each family `h` gives other heads."""
+    paths = {f.name: f.config_paths[0] for f in FIELDS}  # where XCLIPConfig keeps each count
+    return [
+        (paths[heads], getattr(h, heads), original_heads(getattr(h, width)))
+        for _, width, heads in HEAD_FAMILIES
+        if getattr(h, heads) != original_heads(getattr(h, width))
+    ]
+
+
 def _with_original_heads(**sizes: int) -> Hyper:
     """`sizes` with every family's head count by the original's rule, width // 64."""
     return Hyper(**sizes, **{heads: original_heads(sizes[width]) for _, width, heads in HEAD_FAMILIES})

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from converter import DEFAULT_ATOL, paths, rules
-from converter.clip import original_heads
-from converter.config import FIELDS, HEAD_FAMILIES, Hyper, check_fits_weights, hyper_from_config
+from converter.config import Hyper, check_fits_weights, heads_off_rule, hyper_from_config
 from converter.errors import ConverterError, VerificationError, escape
 from converter.export import staged_file, torch_save
 from converter.load import check_finite, check_kinds, load_checkpoint
@@ -104,10 +103,5 @@ def _heads_hint(hyper: Hyper) -> str:
     """Name the usual cause: head counts other than the original's width // 64 (the old port's 8)."""
     if oracle_heads(hyper) is not None:  # widths below 64: the config's heads are the original's
         return ""
-    config_path = {f.name: f.config_paths[0] for f in FIELDS}  # where XCLIPConfig keeps each count
-    wrong = [
-        f"{config_path[heads]} {getattr(hyper, heads)} ≠ {original_heads(getattr(hyper, width))}"
-        for _, width, heads in HEAD_FAMILIES
-        if getattr(hyper, heads) != original_heads(getattr(hyper, width))
-    ]
+    wrong = [f"{path} {stated} ≠ {rule}" for path, stated, rule in heads_off_rule(hyper)]
     return f". The config's heads differ from the original's width // 64: {', '.join(wrong)}" if wrong else ""

@@ -668,6 +668,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "converted: model.safetensors vs config.json: the checkpoint does not match",
     ),
     (
+        "to-original-extra-key-with-escapes",  # a published file's key names no line of the output
+        lambda w: _back_with_extra_key(w, "\x1b[2Kwrote out\nx"),
+        2,
+        "\\x1b[2Kwrote out\\nx [1]",
+    ),
+    (
         "to-original-existing-file",
         lambda w: ["--to-original", _converted(w), "--output", w.file("mine.pth", "a user's file")],
         2,
@@ -1388,13 +1394,13 @@ def _without(state_dict: dict[str, torch.Tensor], key: str) -> dict[str, torch.T
     return {k: v for k, v in state_dict.items() if k != key}
 
 
-def _back_with_extra_key(w: Workspace) -> list[object]:
+def _back_with_extra_key(w: Workspace, key: str = "extra.weight") -> list[object]:
     """--to-original of a converted golden with a key no X-CLIP has."""
     from safetensors.torch import load_file, save_file
 
     folder = _converted(w)
     weights = load_file(folder / "model.safetensors")
-    save_file({**weights, "extra.weight": torch.zeros(1)}, folder / "model.safetensors")
+    save_file({**weights, key: torch.zeros(1)}, folder / "model.safetensors")
     return ["--to-original", folder, "--output", w.root / "back.pth"]
 
 

@@ -114,6 +114,16 @@ def test_an_output_that_is_zero_must_stay_zero():
     assert not compare(zero, {"prompts": torch.tensor([0.0, 1e-9, 0.0])}, 1e-4).passed
 
 
+def test_a_zero_output_that_moves_is_reported_as_infinitely_over_its_tolerance():
+    """A zero tolerance leaves no finite ratio: the failing site must not read as 0x its tolerance,
+    nor the summary as 'every site identical'."""
+    zero = {"prompts": torch.zeros(3)}
+    result = compare(zero, {"prompts": torch.tensor([0.0, 1e-9, 0.0])}, 1e-4)
+    assert result.margin == float("inf") and result.ratios == {"prompts": float("inf")}
+    assert result.summary().startswith("verification FAILED: worst prompts at infx its tolerance, "), result
+    assert compare(zero, zero, 1e-4).margin == 0.0
+
+
 def test_shape_mismatch_is_a_verification_error():
     with pytest.raises(VerificationError, match=r"logits: shape \[1, 2\] vs the original's \[1, 3\]"):
         compare({"logits": torch.zeros(1, 3)}, {"logits": torch.zeros(1, 2)}, 1e-4)

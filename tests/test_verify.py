@@ -75,6 +75,19 @@ def test_text_ids_have_different_lengths_and_end_at_the_row_maximum():
         assert (row[1:end] > 0).all() and (row[end + 1 :] == 0).all()
 
 
+@pytest.mark.parametrize("context_length", [2, 5, 10])
+def test_text_ids_fit_a_short_context(context_length):
+    """A config may give any context of at least 2 tokens: each text is cut to fit between its start
+    and end tokens, so verification runs rather than failing to build its inputs."""
+    hyper = dataclasses.replace(UNEVEN, context_length=context_length)
+    _, input_ids = synthetic_inputs(hyper)
+    assert input_ids.shape == (3, context_length)
+    assert (input_ids[:, 0] == hyper.vocab_size - 2).all()
+    ends = input_ids.argmax(dim=-1)
+    assert (input_ids[torch.arange(3), ends] == hyper.vocab_size - 1).all()
+    assert ends.max() == context_length - 1
+
+
 # ---- outputs and tolerance ----------------------------------------------------------------------
 
 

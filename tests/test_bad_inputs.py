@@ -204,7 +204,24 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "mit.position_embedding: checkpoint gives [1, 4, 32], config expects [1, 8, 32]",
     ),
+    (
+        "config-two-paths-of-one-size-disagree",  # XCLIPConfig keeps E twice; the model is built from both
+        lambda w: [
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config_with("c.json", lambda d: _set(d, "vision_config.mit_hidden_size", 64)),
+        ],
+        2,
+        "projection_dim 32 and vision_config.mit_hidden_size 64 must agree",
+    ),
     ("heads-need-config", lambda w: ["--checkpoint", w.checkpoint], 2, "--config"),
+    (
+        "inferred-positions-not-a-square-grid",
+        lambda w: _inferred(w, lambda sd: {**sd, "visual.positional_embedding": torch.zeros(21, 64)}),
+        2,
+        "visual.positional_embedding has 20 patch positions, not a square grid",
+    ),
     # sizes read off the weights are held to a config's rules, naming the key they came from
     (
         "inferred-no-prompt-blocks",

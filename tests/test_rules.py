@@ -166,3 +166,13 @@ def test_a_key_that_only_starts_like_a_rule_is_not_consumed(direction, key):
         state_dict = R.original_to_hf(state_dict)
     with pytest.raises(ConverterError, match=re.escape(f"{key} [2]")):
         direction({**state_dict, key: torch.zeros(2)})
+
+
+def test_listed_keys_are_sorted_so_the_first_twenty_do_not_depend_on_the_files_order():
+    original = make_state_dict(SQUARE, seed=1)
+    surprises = {f"surprise.{n:02d}": torch.zeros(1) for n in reversed(range(25))}
+    with pytest.raises(ConverterError) as err:
+        R.original_to_hf({**original, **surprises})
+    lines = str(err.value).splitlines()
+    assert lines[1:3] == ["  25 source keys no rule consumes:", "    surprise.00 [1]"]
+    assert lines[-2:] == ["    surprise.19 [1]", "    ... and 5 more"]

@@ -217,6 +217,18 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ),
     ("heads-need-config", lambda w: ["--checkpoint", w.checkpoint], 2, "--config"),
     (
+        "inferred-key-missing",
+        lambda w: _inferred(w, lambda sd: _without(sd, "text_projection")),
+        2,
+        "cannot infer the model: key 'text_projection' is missing from the checkpoint",
+    ),
+    (
+        "inferred-key-too-few-dims",
+        lambda w: _inferred(w, lambda sd: {**sd, "visual.conv1.weight": torch.zeros(64, 3)}),
+        2,
+        "cannot infer the model: 'visual.conv1.weight' has shape [64, 3], too few dims",
+    ),
+    (
         "inferred-positions-not-a-square-grid",
         lambda w: _inferred(w, lambda sd: {**sd, "visual.positional_embedding": torch.zeros(21, 64)}),
         2,

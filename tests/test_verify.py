@@ -142,6 +142,16 @@ def test_shape_mismatch_is_a_verification_error():
         compare({"logits": torch.zeros(1, 3)}, {"logits": torch.zeros(1, 2)}, 1e-4)
 
 
+def test_the_tolerance_asked_for_is_the_one_applied(uneven):
+    """--atol reaches every site: ten times the tolerance, ten times each site's allowance."""
+    original, model = uneven
+    default = verify(model, original, UNEVEN, heads=heads(UNEVEN))
+    looser = verify(model, original, UNEVEN, atol=10 * DEFAULT_ATOL, heads=heads(UNEVEN))
+    assert looser.atol == 10 * DEFAULT_ATOL and f"atol {10 * DEFAULT_ATOL:g} x" in looser.summary()
+    for site, base in zip(looser.sites, default.sites, strict=True):
+        assert site.tolerance == pytest.approx(10 * base.tolerance), site.name
+
+
 def test_prompts_show_a_prompt_generator_change_far_more_clearly_than_the_final_outputs(uneven):
     """Compared on their own scale, the prompts see a 1 % change of the prompt generator's alpha
     more than 5x as clearly as the three final outputs do."""

@@ -264,6 +264,17 @@ def test_a_config_is_written_to_load_as_verified(tmp_path, caplog):
     XCLIPModel.from_pretrained(tmp_path / "out")  # bitsandbytes would be asked for, were it kept
 
 
+def test_fused_modules_are_a_loading_key_too():
+    """fusion_config has from_pretrained fuse modules, computing other than the verified weights: it is
+    left out of config.json (and named by the audit) like the three keys the conversion above gives."""
+    from converter.config import loading_keys
+
+    config = to_config(UNEVEN)
+    assert loading_keys(config) == []
+    config.fusion_config = {"fuse": True}
+    assert loading_keys(config) == ["fusion_config"]
+
+
 def test_a_config_object_given_to_the_library_is_left_as_it_was(tmp_path):
     """What is written is decided on a copy: the caller's XCLIPConfig keeps its keys and dtype."""
     from transformers import XCLIPConfig

@@ -148,6 +148,17 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "model_type",
     ),
     (
+        "config-path-with-escapes",  # a file name names no line of the output
+        lambda w: [
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config_with("\x1b[2Kwrote out\r.json", lambda d: {**d, "model_type": "clip"}),
+        ],
+        2,
+        "\\x1b[2Kwrote out\\r.json: expected an XCLIPConfig JSON",
+    ),
+    (
         "config-wrong-type",
         lambda w: [
             "--checkpoint",

@@ -150,6 +150,9 @@ def test_the_tolerance_asked_for_is_the_one_applied(uneven):
     assert looser.atol == 10 * DEFAULT_ATOL and f"atol {10 * DEFAULT_ATOL:g} x" in looser.summary()
     for site, base in zip(looser.sites, default.sites, strict=True):
         assert site.tolerance == pytest.approx(10 * base.tolerance), site.name
+    # The summary counts every compared site, not the outputs alone.
+    assert len(looser.sites) > len(looser.max_abs_diff)
+    assert f"({len(looser.sites)} sites compared, " in looser.summary()
 
 
 def test_prompts_show_a_prompt_generator_change_far_more_clearly_than_the_final_outputs(uneven):

@@ -190,6 +190,20 @@ def test_a_config_stating_the_published_heads_does_not_hide_them(tmp_path):
     assert "the original computes width // 64 = 12" in failures["prompt_num_attention_heads"].detail
 
 
+def test_more_heads_than_the_original_computes_are_named_like_fewer():
+    """heads_off_rule, behind the audit's finding and the way back's hint: a stated head count above
+    width // 64 is as wrong as one below it."""
+    from converter.config import heads_off_rule, hyper_for_variant
+
+    b32 = hyper_for_variant(VARIANTS["xclip-base-patch32"])  # vision width 768, E 512
+    assert heads_off_rule(b32) == []
+    stated = dataclasses.replace(b32, vision_heads=16, prompt_heads=4)
+    assert heads_off_rule(stated) == [
+        ("vision_config.num_attention_heads", 16, 12),
+        ("prompt_num_attention_heads", 4, 8),
+    ]
+
+
 def test_a_small_model_whose_config_states_its_heads_audits_as_it_converts(tmp_path):
     """UNEVEN (vision width 96 with 3 heads, E = 48) converts and verifies with its config's heads; its
     audit against the same config agrees."""
@@ -248,6 +262,17 @@ def test_a_config_is_written_to_load_as_verified(tmp_path, caplog):
     assert written["architectures"] == ["XCLIPModel"] and not set(LOADING_KEYS) & written.keys()
     assert "leaves out quantization_config, auto_map, transformers_weights, which make" in caplog.text
     XCLIPModel.from_pretrained(tmp_path / "out")  # bitsandbytes would be asked for, were it kept
+
+
+def test_fused_modules_are_a_loading_key_too():
+    """fusion_config has from_pretrained fuse modules, computing other than the verified weights: it is
+    left out of config.json (and named by the audit) like the three keys the conversion above gives."""
+    from converter.config import loading_keys
+
+    config = to_config(UNEVEN)
+    assert loading_keys(config) == []
+    config.fusion_config = {"fuse": True}
+    assert loading_keys(config) == ["fusion_config"]
 
 
 def test_a_config_object_given_to_the_library_is_left_as_it_was(tmp_path):

@@ -148,6 +148,17 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "model_type",
     ),
     (
+        "config-path-with-escapes",  # a file name names no line of the output
+        lambda w: [
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config_with("\x1b[2Kwrote out\r.json", lambda d: {**d, "model_type": "clip"}),
+        ],
+        2,
+        "\\x1b[2Kwrote out\\r.json: expected an XCLIPConfig JSON",
+    ),
+    (
         "config-wrong-type",
         lambda w: [
             "--checkpoint",
@@ -204,7 +215,36 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         2,
         "mit.position_embedding: checkpoint gives [1, 4, 32], config expects [1, 8, 32]",
     ),
+    (
+        "config-two-paths-of-one-size-disagree",  # XCLIPConfig keeps E twice; the model is built from both
+        lambda w: [
+            "--checkpoint",
+            w.checkpoint,
+            "--config",
+            w.config_with("c.json", lambda d: _set(d, "vision_config.mit_hidden_size", 64)),
+        ],
+        2,
+        "projection_dim 32 and vision_config.mit_hidden_size 64 must agree",
+    ),
     ("heads-need-config", lambda w: ["--checkpoint", w.checkpoint], 2, "--config"),
+    (
+        "inferred-key-missing",
+        lambda w: _inferred(w, lambda sd: _without(sd, "text_projection")),
+        2,
+        "cannot infer the model: key 'text_projection' is missing from the checkpoint",
+    ),
+    (
+        "inferred-key-too-few-dims",
+        lambda w: _inferred(w, lambda sd: {**sd, "visual.conv1.weight": torch.zeros(64, 3)}),
+        2,
+        "cannot infer the model: 'visual.conv1.weight' has shape [64, 3], too few dims",
+    ),
+    (
+        "inferred-positions-not-a-square-grid",
+        lambda w: _inferred(w, lambda sd: {**sd, "visual.positional_embedding": torch.zeros(21, 64)}),
+        2,
+        "visual.positional_embedding has 20 patch positions, not a square grid",
+    ),
     # sizes read off the weights are held to a config's rules, naming the key they came from
     (
         "inferred-no-prompt-blocks",
@@ -666,6 +706,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         lambda w: _back_with_extra_key(w),
         2,
         "converted: model.safetensors vs config.json: the checkpoint does not match",
+    ),
+    (
+        "to-original-extra-key-with-escapes",  # a published file's key names no line of the output
+        lambda w: _back_with_extra_key(w, "\x1b[2Kwrote out\nx"),
+        2,
+        "\\x1b[2Kwrote out\\nx [1]",
     ),
     (
         "to-original-existing-file",
@@ -1388,13 +1434,13 @@ def _without(state_dict: dict[str, torch.Tensor], key: str) -> dict[str, torch.T
     return {k: v for k, v in state_dict.items() if k != key}
 
 
-def _back_with_extra_key(w: Workspace) -> list[object]:
+def _back_with_extra_key(w: Workspace, key: str = "extra.weight") -> list[object]:
     """--to-original of a converted golden with a key no X-CLIP has."""
     from safetensors.torch import load_file, save_file
 
     folder = _converted(w)
     weights = load_file(folder / "model.safetensors")
-    save_file({**weights, "extra.weight": torch.zeros(1)}, folder / "model.safetensors")
+    save_file({**weights, key: torch.zeros(1)}, folder / "model.safetensors")
     return ["--to-original", folder, "--output", w.root / "back.pth"]
 
 

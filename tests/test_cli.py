@@ -250,6 +250,18 @@ def test_list_and_show_config(capsys):
     assert config["vision_config"]["mit_num_attention_heads"] == 12
 
 
+def test_the_shown_config_names_its_class_and_is_one_config_accepts(capsys, tmp_path):
+    """--show-config prints a config.json as the converter writes it: from_pretrained and the Hub read
+    the class from "architectures", and --config takes the file back as it is."""
+    from converter.config import load_config_file
+
+    assert run("--model-name", "xclip-base-patch32", "--show-config") == 0
+    shown = capsys.readouterr().out
+    assert json.loads(shown)["architectures"] == ["XCLIPModel"]
+    (tmp_path / "config.json").write_text(shown)
+    assert load_config_file(tmp_path / "config.json").architectures == ["XCLIPModel"]
+
+
 def test_python_dash_m_and_console_script_agree():
     import shutil
 

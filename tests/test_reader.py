@@ -281,6 +281,21 @@ def test_allowed_values_pass():
     )
 
 
+def test_values_at_their_bounds_pass(tmp_path):
+    """The bounds are inclusive where the messages say so: every size at exactly its limit, dropouts of
+    0 and 1; and a patch as large as the image (one patch) is a model, not a refusal."""
+    data = to_config(helpers.UNEVEN).to_dict()
+    for f in FIELDS:
+        for path in f.config_paths:
+            *section, name = path.split(".")
+            (data[section[0]] if section else data)[name] = f.limit
+    check_config_values(data, "CFG")
+    check_config_values(_config(vision_config__drop_path_rate=1, prompt_attention_dropout=0), "CFG")
+    one_patch = dataclasses.replace(helpers.UNEVEN, image_size=32, patch_size=32)
+    to_config(one_patch).save_pretrained(tmp_path)
+    assert load_config_file(tmp_path / "config.json").vision_config.patch_size == 32
+
+
 # ---- config fields against the weights ---------------------------------------------------------
 
 

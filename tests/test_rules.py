@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import pytest
 import torch
@@ -147,3 +148,31 @@ def test_packed_weight_that_does_not_split_is_reported():
     original["mit.resblocks.0.attn.in_proj_bias"] = torch.zeros(100)
     with pytest.raises(ConverterError, match=r"mit\.resblocks\.0\.attn\.in_proj_bias \[100\]"):
         R.original_to_hf(original)
+
+
+@pytest.mark.parametrize(
+    ("direction", "key"),
+    [
+        (R.original_to_hf, "visual.proj_old"),  # would overwrite visual_projection.weight
+        (R.original_to_hf, "transformer.resblocks.1.ln_1.bias_ema"),
+        (R.hf_to_original, "logit_scale_init"),  # would overwrite logit_scale
+    ],
+)
+def test_a_key_that_only_starts_like_a_rule_is_not_consumed(direction, key):
+    """A pattern matches the whole key: one that merely begins like a rule's key must be listed, not
+    converted as that rule's tensor (where it would silently replace the real one)."""
+    state_dict = make_state_dict(SQUARE, seed=1)
+    if direction is R.hf_to_original:
+        state_dict = R.original_to_hf(state_dict)
+    with pytest.raises(ConverterError, match=re.escape(f"{key} [2]")):
+        direction({**state_dict, key: torch.zeros(2)})
+
+
+def test_listed_keys_are_sorted_so_the_first_twenty_do_not_depend_on_the_files_order():
+    original = make_state_dict(SQUARE, seed=1)
+    surprises = {f"surprise.{n:02d}": torch.zeros(1) for n in reversed(range(25))}
+    with pytest.raises(ConverterError) as err:
+        R.original_to_hf({**original, **surprises})
+    lines = str(err.value).splitlines()
+    assert lines[1:3] == ["  25 source keys no rule consumes:", "    surprise.00 [1]"]
+    assert lines[-2:] == ["    surprise.19 [1]", "    ... and 5 more"]

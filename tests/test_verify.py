@@ -75,6 +75,19 @@ def test_text_ids_have_different_lengths_and_end_at_the_row_maximum():
         assert (row[1:end] > 0).all() and (row[end + 1 :] == 0).all()
 
 
+@pytest.mark.parametrize("context_length", [2, 5, 10])
+def test_text_ids_fit_a_short_context(context_length):
+    """A config may give any context of at least 2 tokens: each text is cut to fit between its start
+    and end tokens, so verification runs rather than failing to build its inputs."""
+    hyper = dataclasses.replace(UNEVEN, context_length=context_length)
+    _, input_ids = synthetic_inputs(hyper)
+    assert input_ids.shape == (3, context_length)
+    assert (input_ids[:, 0] == hyper.vocab_size - 2).all()
+    ends = input_ids.argmax(dim=-1)
+    assert (input_ids[torch.arange(3), ends] == hyper.vocab_size - 1).all()
+    assert ends.max() == context_length - 1
+
+
 # ---- outputs and tolerance ----------------------------------------------------------------------
 
 
@@ -114,9 +127,32 @@ def test_an_output_that_is_zero_must_stay_zero():
     assert not compare(zero, {"prompts": torch.tensor([0.0, 1e-9, 0.0])}, 1e-4).passed
 
 
+def test_a_zero_output_that_moves_is_reported_as_infinitely_over_its_tolerance():
+    """A zero tolerance leaves no finite ratio: the failing site must not read as 0x its tolerance,
+    nor the summary as 'every site identical'."""
+    zero = {"prompts": torch.zeros(3)}
+    result = compare(zero, {"prompts": torch.tensor([0.0, 1e-9, 0.0])}, 1e-4)
+    assert result.margin == float("inf") and result.ratios == {"prompts": float("inf")}
+    assert result.summary().startswith("verification FAILED: worst prompts at infx its tolerance, "), result
+    assert compare(zero, zero, 1e-4).margin == 0.0
+
+
 def test_shape_mismatch_is_a_verification_error():
     with pytest.raises(VerificationError, match=r"logits: shape \[1, 2\] vs the original's \[1, 3\]"):
         compare({"logits": torch.zeros(1, 3)}, {"logits": torch.zeros(1, 2)}, 1e-4)
+
+
+def test_the_tolerance_asked_for_is_the_one_applied(uneven):
+    """--atol reaches every site: ten times the tolerance, ten times each site's allowance."""
+    original, model = uneven
+    default = verify(model, original, UNEVEN, heads=heads(UNEVEN))
+    looser = verify(model, original, UNEVEN, atol=10 * DEFAULT_ATOL, heads=heads(UNEVEN))
+    assert looser.atol == 10 * DEFAULT_ATOL and f"atol {10 * DEFAULT_ATOL:g} x" in looser.summary()
+    for site, base in zip(looser.sites, default.sites, strict=True):
+        assert site.tolerance == pytest.approx(10 * base.tolerance), site.name
+    # The summary counts every compared site, not the outputs alone.
+    assert len(looser.sites) > len(looser.max_abs_diff)
+    assert f"({len(looser.sites)} sites compared, " in looser.summary()
 
 
 def test_prompts_show_a_prompt_generator_change_far_more_clearly_than_the_final_outputs(uneven):

@@ -28,7 +28,7 @@ from converter.export import (
     staged_output,
     weights_written_meanwhile,
 )
-from converter.paths import Protected, check_target
+from converter.paths import Protected, check_target, what_is_there
 from tests import helpers
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
@@ -95,6 +95,23 @@ def test_protected_paths_are_compared_through_symlinks(tmp_path):
         check_output(
             tmp_path / "real", overwrite=True, protected=[("--checkpoint", tmp_path / "link/ft.pth")]
         )
+
+
+def test_a_checkpoint_given_as_a_file_url_is_protected_whatever_the_schemes_case(tmp_path):
+    """fetch reads FILE:// as file:// (a URL's scheme is case-insensitive), so the policy must see the
+    same local file: else --overwrite replaces the folder holding the input."""
+    from converter import fetch, paths
+
+    checkpoint = tmp_path / "out" / "ft.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_text("precious")
+    for url in (checkpoint.as_uri(), "FILE://" + checkpoint.as_uri().removeprefix("file://")):
+        assert fetch.fetch_url(url) == checkpoint
+        with pytest.raises(
+            ConverterError, match=f"^--output {tmp_path / 'out'} contains --checkpoint {checkpoint};"
+        ):
+            check_output(tmp_path / "out", overwrite=True, protected=paths.protected(checkpoint=url))
+    assert checkpoint.read_text() == "precious"
 
 
 def test_the_overwrite_that_deleted_the_input_now_keeps_it(tmp_path):
@@ -234,6 +251,21 @@ def test_a_broken_symlink_is_refused(tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "gone")
     with pytest.raises(ConverterError, match="broken symlink"):
         check_output(tmp_path / "out", overwrite=True)
+
+
+def test_an_open_file_named_through_proc_is_refused_and_not_replaced(tmp_path):
+    """/proc/self/fd/N resolves to the file behind the descriptor (a log the output is redirected to):
+    replacing that file is not writing to the stream."""
+    log = tmp_path / "run.log"
+    log.write_text("earlier output")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        for given in (f"/proc/self/fd/{fd}", f"/proc/{os.getpid()}/fd/{fd}"):
+            with pytest.raises(ConverterError, match=f"^--report {given} is a process's open file"):
+                check_target(given, kind="file", overwrite=True, flag="--report")
+    finally:
+        os.close(fd)
+    assert log.read_text() == "earlier output"
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
@@ -613,6 +645,25 @@ def test_a_signal_during_a_deferred_step_is_raised_after_it(tmp_path):
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
 
 
+def test_a_signal_while_moving_into_place_says_the_output_is_complete(tmp_path, rename, monkeypatch):
+    """A signal during the move is held until the move is done, then raised: its one line must say that
+    the output is there, not that it was not changed."""
+    move = export._move_folder
+
+    def move_when_signalled(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now, and held the signal back
+        move(*args)
+
+    monkeypatch.setattr(export, "_move_folder", move_when_signalled)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted) as err, signals_as_exceptions():
+        with staged_output(out, overwrite=False) as folder:
+            (folder / "config.json").write_text("{}")
+    assert str(err.value) == f"interrupted by SIGTERM; --output {out} was complete first"
+    assert names(tmp_path) == ["out"] and names(out) == ["config.json"]
+
+
 def test_what_a_signal_broke_midway_is_reported_as_the_interruption(capsys):
     """A library interrupted halfway through an import fails with its own error (ModuleNotFoundError)."""
     from converter.cli import run_job
@@ -822,6 +873,17 @@ def test_a_file_that_appears_during_the_run_is_kept_without_overwrite(tmp_path, 
             out.write_bytes(b"user's")
         assert out.read_bytes() == b"user's"
     assert names(tmp_path) == ["back.pth"]
+
+
+@pytest.mark.parametrize(("make", "what"), [(os.mkfifo, "a FIFO"), (os.mkdir, "a folder")])
+def test_what_is_no_file_that_appears_during_the_run_is_kept_with_overwrite(tmp_path, make, what):
+    """--overwrite replaces a file, never a FIFO (a reader waits on it) or a folder put there meanwhile."""
+    out = tmp_path / "back.pth"
+    with pytest.raises(ConverterError) as err, staged_file(out, overwrite=True) as partial:
+        partial.write_bytes(b"new")
+        make(out)
+    assert str(err.value) == f"--output {out} became {what} while writing; it was left as it is"
+    assert what_is_there(out) == what and names(tmp_path) == ["back.pth"]
 
 
 def test_a_failed_or_interrupted_staged_file_leaves_nothing(tmp_path):

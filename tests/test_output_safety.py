@@ -948,3 +948,15 @@ def test_a_name_that_leaves_no_room_for_its_staging_entry_says_how_long_it_may_b
         with staged_output(out, overwrite=False):
             pass
     assert names(tmp_path) == []
+
+
+def test_a_name_of_exactly_name_max_bytes_is_told_how_long_it_may_be(tmp_path):
+    """255 bytes is a name the file system takes: only its staging entry's does not fit."""
+    out = tmp_path / ("é" * 127 + "a")  # 255 bytes, 128 characters
+    extra = len(f"..partial-{os.getpid()}-0123abcd.old")  # a dot before, the rest after; ".old" when swapped
+    with pytest.raises(
+        ConverterError, match=f"which adds {extra} bytes: choose a name of at most {255 - extra}$"
+    ):
+        with staged_output(out, overwrite=False):
+            pass
+    assert names(tmp_path) == []

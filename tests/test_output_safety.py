@@ -550,6 +550,25 @@ def test_a_failure_removes_the_folders_made_for_the_output_unless_something_is_i
     assert names(tmp_path / "a") == ["b"] and names(tmp_path / "a" / "b") == ["theirs"]
 
 
+def test_a_move_into_place_that_fails_leaves_no_empty_claim_behind(tmp_path, monkeypatch):
+    """Without renameat2 the output's name is claimed with mkdir, then renamed onto: a rename that
+    fails (here EIO) gives the claim back, so a failed run leaves nothing."""
+    monkeypatch.setattr(export, "_libc_renameat2", None)
+    out = tmp_path / "out"
+    rename = os.rename
+
+    def rename_fails_onto_the_output(src: object, dst: object) -> None:
+        if Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_onto_the_output)
+    with pytest.raises(ConverterError, match=f"^--output {out}: cannot move it into place: Input/output"):
+        with staged_output(out, overwrite=False) as folder:
+            (folder / "config.json").write_text("{}")
+    assert names(tmp_path) == []
+
+
 def test_an_oserror_in_the_block_names_the_output_file_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConverterError) as err:

@@ -449,6 +449,35 @@ def test_an_output_replaced_by_another_folder_during_the_run_is_kept(tmp_path, r
     assert names(out) == ["theirs.txt"] and names(tmp_path) == ["moved", "out"]
 
 
+def test_an_old_folder_that_cannot_be_put_back_is_never_removed(tmp_path, monkeypatch):
+    """Exchanged with ours, the old folder lies at the staging path: should exchanging it back fail, the
+    cleanup of the staging path leaves it there, where the message says it is."""
+    if export._libc_renameat2 is None:
+        pytest.skip("no renameat2 in this C library")
+    renameat2, exchanges = export._renameat2, []
+
+    def second_exchange_fails(src: Path, dst: Path, flags: int) -> bool:
+        if flags == export._RENAME_EXCHANGE:
+            exchanges.append(dst)
+            if len(exchanges) == 2:  # the exchange back
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return renameat2(src, dst, flags)
+
+    monkeypatch.setattr(export, "_renameat2", second_exchange_fails)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=True) as folder:
+            (folder / "new.txt").write_text("new")
+            (out / "theirs.txt").write_text("theirs")  # changed meanwhile: to be put back, and it cannot
+    assert str(err.value) == (
+        f"--output {out} changed while converting and could not be put back: the folder that was there "
+        f"is now {folder} (Input/output error)"
+    )
+    assert names(folder) == ["old.txt", "theirs.txt"]
+
+
 _RACER = """
 import sys, time
 from pathlib import Path

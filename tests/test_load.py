@@ -155,6 +155,23 @@ def test_unusable_contents_are_refused_by_name(reference, tmp_path, mutate, mess
         load_checkpoint(path)
 
 
+def test_half_precision_weights_whose_sum_overflows_are_finite(reference, tmp_path):
+    """The cheap test sums each tensor; in float16 100,000 ones sum to inf. Only a count of non-finite
+    values refuses: else every large half-precision checkpoint would be called damaged."""
+    path = tmp_path / "half.pth"
+    torch.save({"model": {**reference, "big": torch.ones(100_000, dtype=torch.float16)}}, path)
+    assert torch.isinf(torch.ones(100_000, dtype=torch.float16).sum())
+    assert load_checkpoint(path)["big"].dtype == torch.float16
+
+
+def test_an_empty_state_dict_is_named(tmp_path):
+    path = tmp_path / "empty.pth"
+    torch.save({"model": {}, "epoch": 3}, path)
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: the state dict is empty"
+
+
 def test_meta_tensors_are_refused_by_name(reference):
     from converter.load import check_kinds
 

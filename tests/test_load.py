@@ -230,6 +230,22 @@ def test_an_unreadable_checkpoint_is_explained_in_words(tmp_path, make, message)
     assert "Weights only" not in text and "weights_only" not in text
 
 
+def test_a_flipped_byte_in_the_pickled_structure_is_named_as_damage(tmp_path):
+    """torch reads a zip entry without checking its CRC: a bit flipped in transit makes the pickle fail,
+    and only the checksum tells damage from a file holding what weights-only loading refuses."""
+    path = tmp_path / "flipped.pth"
+    torch.save({"model": {"w": torch.ones(4)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"_rebuild_tensor_v2") + 1] ^= 0x20  # _Rebuild_tensor_v2: no such function
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (
+        f"{path}: cannot read checkpoint: it is a damaged zip archive: flipped/data.pkl fails its checksum; "
+        "if it came from the download cache, fetch it again with --force-download"
+    )
+
+
 def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path):
     path = tmp_path / "raw.pth"
     path.write_bytes(pickle.dumps({"model": {"w": 1}}, protocol=4))

@@ -471,6 +471,22 @@ def test_tokenizer_files_are_checked_before_transformers_reads_them(converted, t
     )
 
 
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.json"])
+def test_a_tokenizer_file_over_its_cap_is_refused_unread(converted, tmp_path, monkeypatch, name):
+    """merges.txt and vocab.json are parsed by the tokenizers library, so only their size is checked:
+    a file past the cap is refused before it is read."""
+    folder = _copy(converted, tmp_path / "tok")
+    with open(folder / name, "wb") as file:
+        file.truncate(reader.TOKENIZER_LIMIT + 1)  # sparse: takes no disk
+    monkeypatch.setattr(os, "read", _never("os.read"))
+    with pytest.raises(ConverterError) as err:
+        load_published(folder).load_tokenizer()
+    assert str(err.value) == (
+        f"{folder}: {name} is {reader.TOKENIZER_LIMIT + 1:,} bytes, more than the 64 MiB such a file may "
+        "have: is it the right file?"
+    )
+
+
 def test_a_deep_tokenizer_config_is_one_line(converted, tmp_path):
     folder = _copy(converted, tmp_path / "tok")
     (folder / "tokenizer_config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)

@@ -135,6 +135,17 @@ def test_garbage_gives_a_clear_error_in_our_own_words(tmp_path, content, message
     assert "weights_only" not in str(err.value)
 
 
+def test_a_web_page_with_a_byte_order_mark_is_named_a_web_page(tmp_path):
+    """Some servers begin an HTML error page with a UTF-8 byte order mark: still a web page."""
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"\xef\xbb\xbf\n<!DOCTYPE html><html><title>Quota exceeded</title></html>")
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(
+        f"{path}: cannot read checkpoint: it is a web page (HTML), not a checkpoint"
+    )
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -103,6 +103,17 @@ def test_the_blocks_own_error_wins_and_the_writer_is_waited_for(tmp_path, slow_w
     assert slow_writes == [tmp_path]  # nothing still writing into a folder about to be removed
 
 
+def test_a_failed_block_leaves_the_weights_unread(tmp_path, slow_writes, monkeypatch):
+    """The block's failure abandons the output: the writer is waited for, but skips the read-back (a pass
+    over every byte of the model, seconds for a large one, after a Ctrl-C)."""
+    reads = []
+    monkeypatch.setattr(export, "check_written", lambda *args: reads.append(args))
+    with pytest.raises(RuntimeError, match="verification failed, say"):
+        with weights_written_meanwhile(tmp_path, WEIGHTS):
+            raise RuntimeError("verification failed, say")
+    assert slow_writes == [tmp_path] and reads == []
+
+
 @pytest.mark.parametrize("image_size", [224, 336])
 def test_cached_processor_files_equal_a_fresh_build(tmp_path, monkeypatch, image_size):
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "cache"))
@@ -310,6 +321,23 @@ def test_a_difference_on_disk_is_named(tmp_path, expected, what, batch_bytes):
     with pytest.raises(ConverterError) as err:
         check_written(path, expected, batch_bytes=batch_bytes)
     assert str(err.value) == f"{path} read back does not hold the verified weights: {what}"
+
+
+def test_the_read_back_reopens_the_file_after_each_batch_of_bytes(tmp_path, monkeypatch):
+    """Mapped pages count towards the RSS until the file is closed: reading back a batch at a time (a
+    large tensor by rows) keeps the peak a batch above the model, not the model's size above it."""
+    import safetensors
+
+    four = {k: torch.zeros(16) for k in "abcd"}  # 64 bytes each: two batches of 128
+    big = {"rows": torch.zeros(8, 16)}  # 512 bytes: four batches of 2 rows
+    path = written(tmp_path, {**four, **big})
+    opened = []
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda *args, **kwargs: opened.append(1) or real_open(*args, **kwargs)
+    )
+    check_written(path, {**four, **big}, batch_bytes=128)
+    assert len(opened) == 1 + 2 + 4  # the keys, then each batch
 
 
 def test_a_flipped_byte_in_the_file_is_caught(tmp_path):

@@ -135,6 +135,17 @@ def test_garbage_gives_a_clear_error_in_our_own_words(tmp_path, content, message
     assert "weights_only" not in str(err.value)
 
 
+def test_a_web_page_with_a_byte_order_mark_is_named_a_web_page(tmp_path):
+    """Some servers begin an HTML error page with a UTF-8 byte order mark: still a web page."""
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"\xef\xbb\xbf\n<!DOCTYPE html><html><title>Quota exceeded</title></html>")
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(
+        f"{path}: cannot read checkpoint: it is a web page (HTML), not a checkpoint"
+    )
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [
@@ -153,6 +164,23 @@ def test_unusable_contents_are_refused_by_name(reference, tmp_path, mutate, mess
     torch.save({"model": mutate(dict(reference))}, path)
     with pytest.raises(ConverterError, match=message):
         load_checkpoint(path)
+
+
+def test_half_precision_weights_whose_sum_overflows_are_finite(reference, tmp_path):
+    """The cheap test sums each tensor; in float16 100,000 ones sum to inf. Only a count of non-finite
+    values refuses: else every large half-precision checkpoint would be called damaged."""
+    path = tmp_path / "half.pth"
+    torch.save({"model": {**reference, "big": torch.ones(100_000, dtype=torch.float16)}}, path)
+    assert torch.isinf(torch.ones(100_000, dtype=torch.float16).sum())
+    assert load_checkpoint(path)["big"].dtype == torch.float16
+
+
+def test_an_empty_state_dict_is_named(tmp_path):
+    path = tmp_path / "empty.pth"
+    torch.save({"model": {}, "epoch": 3}, path)
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == f"{path}: the state dict is empty"
 
 
 def test_meta_tensors_are_refused_by_name(reference):
@@ -211,6 +239,22 @@ def test_an_unreadable_checkpoint_is_explained_in_words(tmp_path, make, message)
     cut = "cut short" in text or "cut-short" in text
     assert ("--force-download" in text) == cut and ("give a file that torch.save wrote" in text) != cut
     assert "Weights only" not in text and "weights_only" not in text
+
+
+def test_a_flipped_byte_in_the_pickled_structure_is_named_as_damage(tmp_path):
+    """torch reads a zip entry without checking its CRC: a bit flipped in transit makes the pickle fail,
+    and only the checksum tells damage from a file holding what weights-only loading refuses."""
+    path = tmp_path / "flipped.pth"
+    torch.save({"model": {"w": torch.ones(4)}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"_rebuild_tensor_v2") + 1] ^= 0x20  # _Rebuild_tensor_v2: no such function
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConverterError) as err:
+        load_checkpoint(path)
+    assert str(err.value) == (
+        f"{path}: cannot read checkpoint: it is a damaged zip archive: flipped/data.pkl fails its checksum; "
+        "if it came from the download cache, fetch it again with --force-download"
+    )
 
 
 def test_a_plain_pickle_is_refused_without_torchs_protocol_warning(tmp_path):

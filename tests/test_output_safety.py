@@ -28,7 +28,7 @@ from converter.export import (
     staged_output,
     weights_written_meanwhile,
 )
-from converter.paths import Protected, check_target
+from converter.paths import Protected, check_target, what_is_there
 from tests import helpers
 
 WEIGHTS = {"w": torch.arange(12.0).reshape(3, 4)}
@@ -95,6 +95,23 @@ def test_protected_paths_are_compared_through_symlinks(tmp_path):
         check_output(
             tmp_path / "real", overwrite=True, protected=[("--checkpoint", tmp_path / "link/ft.pth")]
         )
+
+
+def test_a_checkpoint_given_as_a_file_url_is_protected_whatever_the_schemes_case(tmp_path):
+    """fetch reads FILE:// as file:// (a URL's scheme is case-insensitive), so the policy must see the
+    same local file: else --overwrite replaces the folder holding the input."""
+    from converter import fetch, paths
+
+    checkpoint = tmp_path / "out" / "ft.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_text("precious")
+    for url in (checkpoint.as_uri(), "FILE://" + checkpoint.as_uri().removeprefix("file://")):
+        assert fetch.fetch_url(url) == checkpoint
+        with pytest.raises(
+            ConverterError, match=f"^--output {tmp_path / 'out'} contains --checkpoint {checkpoint};"
+        ):
+            check_output(tmp_path / "out", overwrite=True, protected=paths.protected(checkpoint=url))
+    assert checkpoint.read_text() == "precious"
 
 
 def test_the_overwrite_that_deleted_the_input_now_keeps_it(tmp_path):
@@ -234,6 +251,21 @@ def test_a_broken_symlink_is_refused(tmp_path):
     (tmp_path / "out").symlink_to(tmp_path / "gone")
     with pytest.raises(ConverterError, match="broken symlink"):
         check_output(tmp_path / "out", overwrite=True)
+
+
+def test_an_open_file_named_through_proc_is_refused_and_not_replaced(tmp_path):
+    """/proc/self/fd/N resolves to the file behind the descriptor (a log the output is redirected to):
+    replacing that file is not writing to the stream."""
+    log = tmp_path / "run.log"
+    log.write_text("earlier output")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        for given in (f"/proc/self/fd/{fd}", f"/proc/{os.getpid()}/fd/{fd}"):
+            with pytest.raises(ConverterError, match=f"^--report {given} is a process's open file"):
+                check_target(given, kind="file", overwrite=True, flag="--report")
+    finally:
+        os.close(fd)
+    assert log.read_text() == "earlier output"
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])
@@ -417,6 +449,35 @@ def test_an_output_replaced_by_another_folder_during_the_run_is_kept(tmp_path, r
     assert names(out) == ["theirs.txt"] and names(tmp_path) == ["moved", "out"]
 
 
+def test_an_old_folder_that_cannot_be_put_back_is_never_removed(tmp_path, monkeypatch):
+    """Exchanged with ours, the old folder lies at the staging path: should exchanging it back fail, the
+    cleanup of the staging path leaves it there, where the message says it is."""
+    if export._libc_renameat2 is None:
+        pytest.skip("no renameat2 in this C library")
+    renameat2, exchanges = export._renameat2, []
+
+    def second_exchange_fails(src: Path, dst: Path, flags: int) -> bool:
+        if flags == export._RENAME_EXCHANGE:
+            exchanges.append(dst)
+            if len(exchanges) == 2:  # the exchange back
+                raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        return renameat2(src, dst, flags)
+
+    monkeypatch.setattr(export, "_renameat2", second_exchange_fails)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ConverterError) as err:
+        with staged_output(out, overwrite=True) as folder:
+            (folder / "new.txt").write_text("new")
+            (out / "theirs.txt").write_text("theirs")  # changed meanwhile: to be put back, and it cannot
+    assert str(err.value) == (
+        f"--output {out} changed while converting and could not be put back: the folder that was there "
+        f"is now {folder} (Input/output error)"
+    )
+    assert names(folder) == ["old.txt", "theirs.txt"]
+
+
 _RACER = """
 import sys, time
 from pathlib import Path
@@ -518,6 +579,25 @@ def test_a_failure_removes_the_folders_made_for_the_output_unless_something_is_i
     assert names(tmp_path / "a") == ["b"] and names(tmp_path / "a" / "b") == ["theirs"]
 
 
+def test_a_move_into_place_that_fails_leaves_no_empty_claim_behind(tmp_path, monkeypatch):
+    """Without renameat2 the output's name is claimed with mkdir, then renamed onto: a rename that
+    fails (here EIO) gives the claim back, so a failed run leaves nothing."""
+    monkeypatch.setattr(export, "_libc_renameat2", None)
+    out = tmp_path / "out"
+    rename = os.rename
+
+    def rename_fails_onto_the_output(src: object, dst: object) -> None:
+        if Path(dst) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_fails_onto_the_output)
+    with pytest.raises(ConverterError, match=f"^--output {out}: cannot move it into place: Input/output"):
+        with staged_output(out, overwrite=False) as folder:
+            (folder / "config.json").write_text("{}")
+    assert names(tmp_path) == []
+
+
 def test_an_oserror_in_the_block_names_the_output_file_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ConverterError) as err:
@@ -611,6 +691,25 @@ def test_a_signal_during_a_deferred_step_is_raised_after_it(tmp_path):
             steps.append("finished")
     assert steps == ["finished"] and err.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+
+
+def test_a_signal_while_moving_into_place_says_the_output_is_complete(tmp_path, rename, monkeypatch):
+    """A signal during the move is held until the move is done, then raised: its one line must say that
+    the output is there, not that it was not changed."""
+    move = export._move_folder
+
+    def move_when_signalled(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler has run by now, and held the signal back
+        move(*args)
+
+    monkeypatch.setattr(export, "_move_folder", move_when_signalled)
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted) as err, signals_as_exceptions():
+        with staged_output(out, overwrite=False) as folder:
+            (folder / "config.json").write_text("{}")
+    assert str(err.value) == f"interrupted by SIGTERM; --output {out} was complete first"
+    assert names(tmp_path) == ["out"] and names(out) == ["config.json"]
 
 
 def test_what_a_signal_broke_midway_is_reported_as_the_interruption(capsys):
@@ -824,6 +923,17 @@ def test_a_file_that_appears_during_the_run_is_kept_without_overwrite(tmp_path, 
     assert names(tmp_path) == ["back.pth"]
 
 
+@pytest.mark.parametrize(("make", "what"), [(os.mkfifo, "a FIFO"), (os.mkdir, "a folder")])
+def test_what_is_no_file_that_appears_during_the_run_is_kept_with_overwrite(tmp_path, make, what):
+    """--overwrite replaces a file, never a FIFO (a reader waits on it) or a folder put there meanwhile."""
+    out = tmp_path / "back.pth"
+    with pytest.raises(ConverterError) as err, staged_file(out, overwrite=True) as partial:
+        partial.write_bytes(b"new")
+        make(out)
+    assert str(err.value) == f"--output {out} became {what} while writing; it was left as it is"
+    assert what_is_there(out) == what and names(tmp_path) == ["back.pth"]
+
+
 def test_a_failed_or_interrupted_staged_file_leaves_nothing(tmp_path):
     out = tmp_path / "back.pth"
     with pytest.raises(ConverterError, match=f"could not write {out}: No space left on device"):
@@ -882,6 +992,18 @@ def test_a_name_that_leaves_no_room_for_its_staging_entry_says_how_long_it_may_b
     out = tmp_path / ("a" * 240)
     with pytest.raises(
         ConverterError, match=r"the name is too long for the staging entry beside it, which adds"
+    ):
+        with staged_output(out, overwrite=False):
+            pass
+    assert names(tmp_path) == []
+
+
+def test_a_name_of_exactly_name_max_bytes_is_told_how_long_it_may_be(tmp_path):
+    """255 bytes is a name the file system takes: only its staging entry's does not fit."""
+    out = tmp_path / ("é" * 127 + "a")  # 255 bytes, 128 characters
+    extra = len(f"..partial-{os.getpid()}-0123abcd.old")  # a dot before, the rest after; ".old" when swapped
+    with pytest.raises(
+        ConverterError, match=f"which adds {extra} bytes: choose a name of at most {255 - extra}$"
     ):
         with staged_output(out, overwrite=False):
             pass

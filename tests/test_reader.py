@@ -105,6 +105,36 @@ def test_the_size_cap_is_exact(tmp_path):
         reader.read_json(at, "at", MiB)
 
 
+def test_a_file_that_grows_past_the_cap_while_read_is_refused_not_cut_short():
+    """/proc files stat as 0 bytes, then read as many: like a file appended to after its size was
+    checked. The byte read past the cap tells it; without it the first `limit` bytes would pass whole."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        pytest.skip("no /proc")
+    with pytest.raises(ConverterError, match="^status is 17 bytes, more than the 0 MiB"):
+        reader.read_bytes(status, "status", 16)
+
+
+def test_a_fifo_swapped_in_after_the_check_is_refused_without_blocking(tmp_path, monkeypatch):
+    """The path is a file when checked, a FIFO with no writer when opened: the open must not wait for a
+    writer, and the check of what was opened refuses it."""
+    path = tmp_path / "config.json"
+    path.write_text("{}")
+    checked = reader.check_regular
+
+    def check_then_swap(target: Path | int, what: str) -> os.stat_result:
+        info = checked(target, what)
+        if not isinstance(target, int):
+            path.unlink()
+            os.mkfifo(path)
+        return info
+
+    monkeypatch.setattr(reader, "check_regular", check_then_swap)
+    err = finishes(lambda: reader.read_json(path, "config.json"), path)
+    assert isinstance(err, ConverterError)
+    assert str(err) == "config.json is a FIFO, not a regular file: give a file"
+
+
 def _never(name: str) -> Callable[..., object]:
     def called(*args: object) -> object:
         raise AssertionError(f"{name} was called: the file was read")
@@ -453,6 +483,22 @@ def test_tokenizer_files_are_checked_before_transformers_reads_them(converted, t
     err = finishes(published.load_tokenizer, folder / name)
     assert isinstance(err, ConverterError) and str(err) == (
         f"{folder}: {name} is a FIFO, not a regular file: give a file"
+    )
+
+
+@pytest.mark.parametrize("name", ["merges.txt", "vocab.json"])
+def test_a_tokenizer_file_over_its_cap_is_refused_unread(converted, tmp_path, monkeypatch, name):
+    """merges.txt and vocab.json are parsed by the tokenizers library, so only their size is checked:
+    a file past the cap is refused before it is read."""
+    folder = _copy(converted, tmp_path / "tok")
+    with open(folder / name, "wb") as file:
+        file.truncate(reader.TOKENIZER_LIMIT + 1)  # sparse: takes no disk
+    monkeypatch.setattr(os, "read", _never("os.read"))
+    with pytest.raises(ConverterError) as err:
+        load_published(folder).load_tokenizer()
+    assert str(err.value) == (
+        f"{folder}: {name} is {reader.TOKENIZER_LIMIT + 1:,} bytes, more than the 64 MiB such a file may "
+        "have: is it the right file?"
     )
 
 

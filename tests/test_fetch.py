@@ -69,6 +69,16 @@ def test_dropped_transfer_resumes_with_range(server: LoopbackServer) -> None:
     assert not (path.parent / (path.name + ".part")).exists()
 
 
+def test_a_resumed_download_leaves_only_the_file_and_its_record(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """The resume's validator (<file>.part.json) goes once the file is complete: nothing stale is cached."""
+    server.add_faults(PATH, Fault(truncate=0.5))
+    path = fetch.fetch_url(server.url(PATH))
+    where = path.relative_to(_fast_and_isolated)
+    assert _cache_files(_fast_and_isolated) == sorted([str(where), f"{where}.sha256"])
+
+
 def test_bytes_another_writer_appended_are_never_cached(
     server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
 ) -> None:
@@ -138,6 +148,15 @@ def test_404_fails_at_once_and_leaves_nothing(server: LoopbackServer, _fast_and_
     assert "404" in str(err.value) and url in str(err.value)
     assert len(server.hits_for("/v1.0/missing.pth")) == 1  # no retries on 4xx
     assert _cache_files(_fast_and_isolated) == []
+
+
+def test_a_failed_download_leaves_no_empty_folder_in_the_cache(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """The folders made for the file (<cache>/url/<hash>) go with a failure: only the lock folder stays."""
+    with pytest.raises(ConverterError, match="404"):
+        fetch.fetch_url(server.url("/v1.0/missing.pth"))
+    assert sorted(p.name for p in _fast_and_isolated.iterdir()) == ["locks"]
 
 
 def test_416_to_a_request_without_range_fails_at_once(
@@ -248,6 +267,18 @@ def test_missing_record_is_recomputed(server: LoopbackServer) -> None:
     server.stop()
     assert fetch.fetch_url(server.url(PATH), sha256=SHA) == path
     assert record.read_text() == SHA + "\n"
+
+
+def test_a_record_that_is_not_a_digest_is_no_record(tmp_path: Path) -> None:
+    """`sha256sum FILE > FILE.sha256` beside a checkpoint writes the name too: that is not read as a digest
+    (it would reach the model card's sha256, and fail the publishing check against the file)."""
+    path = tmp_path / "k400_32_8.pth"
+    path.write_bytes(DATA)
+    for text in (f"{SHA}  k400_32_8.pth\n", "not a digest\n", SHA[:-1]):
+        Path(f"{path}.sha256").write_text(text)
+        assert fetch.recorded_sha256(path) is None
+    Path(f"{path}.sha256").write_text(f" {SHA.upper()}\n")
+    assert fetch.recorded_sha256(path) == SHA
 
 
 # -- cache ------------------------------------------------------------------------------------------------
@@ -723,6 +754,18 @@ def test_a_pin_that_disagrees_with_the_cache_keeps_the_file(server: LoopbackServ
     assert wrong in msg and SHA in msg and "kept" in msg and "--force-download" in msg
     assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
     assert server.full_gets(PATH) == 1  # and no second download
+
+
+def test_a_pin_that_disagrees_with_a_cached_file_without_a_record_keeps_it(server: LoopbackServer) -> None:
+    """Without a record nothing shows that the cached copy went bad, so a wrong pin is the user's to
+    correct: the copy is kept, never deleted and fetched again (it may be a 1.7 GB download)."""
+    path = fetch.fetch_url(server.url(PATH))
+    path.with_name(path.name + ".sha256").unlink()
+    wrong = "ab" * 32
+    with pytest.raises(ConverterError, match="the file was kept"):
+        fetch.fetch_url(server.url(PATH), sha256=wrong)
+    assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
+    assert server.full_gets(PATH) == 1
 
 
 def test_a_forced_download_that_fails_its_pin_keeps_the_good_copy(server: LoopbackServer) -> None:

@@ -444,6 +444,17 @@ def test_file_url_returns_local_path_and_checks_pin(tmp_path: Path) -> None:
         fetch.fetch_url((tmp_path / "nope.pth").as_uri())
 
 
+def test_a_file_url_names_no_other_host(tmp_path: Path) -> None:
+    """file://localhost/PATH is this machine's file; file://HOST/PATH is another's, never read as ours."""
+    local = tmp_path / "local.pth"
+    local.write_bytes(DATA)
+    assert fetch.fetch_url(f"file://localhost{local}") == local
+    url = f"file://fileserver{local}"
+    with pytest.raises(ConverterError, match="only local file:// URLs") as err:
+        fetch.fetch_url(url)
+    assert url in str(err.value)
+
+
 def test_bad_urls_fail_at_once() -> None:
     with pytest.raises(ConverterError, match="ftp://"):
         fetch.fetch_url("ftp://example.org/x.pth")

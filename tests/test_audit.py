@@ -436,6 +436,31 @@ def test_fix_card_without_front_matter():
     assert "| config | x 1 ≠ 2 (changes the computation) |" in fix_card(report, "")
 
 
+def test_the_report_shows_the_worst_first_and_shortens_only_its_lines():
+    """Failures first, by check and then by severity; a passing finding is never said to change the
+    computation; past LINES_PER_KIND a kind's lines are counted, and the JSON keeps every finding, with
+    an infinite severity (a missing tensor's) as null, which strict JSON readers accept."""
+    from converter.audit import LINES_PER_KIND, AuditReport, Finding
+
+    missing = Finding("weights", "absent.weight", "absent", [2], False, True, severity=float("inf"))
+    close = [Finding("weights", f"w{i}", None, None, False, True, f"w{i}: max |Δ| {i}", i) for i in range(15)]
+    passing = Finding("outputs", "every site", 3, 3, True, True, "all 3 sites within tolerance")
+    tokens = Finding("tokenizer", "x", None, None, False, True, "x: ids differ", 1.0)
+    report = AuditReport("a/b", "orig.pth", 1e-4, [passing, tokens, *close, missing], revision="c" * 40)
+
+    assert report.ordered()[:3] == [missing, close[14], close[13]]
+    assert report.ordered()[-2:] == [tokens, passing]
+    assert report.summary().startswith(f"audit a/b@{'c' * 10} vs orig.pth: MISMATCH, 17 findings")
+    assert passing.describe() == "all 3 sites within tolerance"
+    lines = report.lines()
+    weights = [line for line in lines if line.split()[:2] == ["FAIL", "weights"]]
+    assert len(weights) == LINES_PER_KIND and "absent.weight" in weights[0]
+    assert lines[-1] == f"  …  weights       {16 - LINES_PER_KIND} more (all in the JSON report)"
+    assert "  ok   outputs       all 3 sites within tolerance" in lines
+    data = json.loads(report.to_json(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert len(data["findings"]) == 18 and data["findings"][0]["severity"] is None
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

@@ -596,6 +596,19 @@ def test_a_web_page_is_never_cached(
     assert len(server.hits_for(PATH)) == 1  # a page is not retried
 
 
+def test_a_drive_page_saying_too_many_users_is_named_a_quota_page(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """Drive's limit page does not always say "quota" (its title varies): its message alone names it, and
+    the advice is to wait a day, not to check the URL."""
+    page = QUOTA_PAGE.replace(b"Quota exceeded", b"Sorry")
+    server.add_faults(PATH, Fault(body=page, content_type="text/html"))
+    with pytest.raises(ConverterError, match="a Google Drive quota page") as err:
+        fetch.fetch_url(server.url(PATH))
+    assert "try again in a day" in str(err.value)
+    assert _cache_files(_fast_and_isolated) == []
+
+
 def _checkpoint_bytes() -> bytes:
     import io
 

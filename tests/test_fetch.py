@@ -660,6 +660,26 @@ def test_a_body_larger_than_any_checkpoint_is_refused_and_discarded(
         assert _cache_files(_fast_and_isolated) == [] and len(server.hits_for(PATH)) == 1
 
 
+def test_an_announced_length_above_the_limit_is_refused_before_its_body_is_written(
+    _fast_and_isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Content-Length beyond any checkpoint is refused on the first block, not after the limit's many
+    gigabytes have been received and written."""
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(DATA) // 2)
+    progress, written = fetch._progress, []
+
+    @contextlib.contextmanager
+    def recorded(name: str, done: int, total: int | None):
+        with progress(name, done, total) as report:
+            yield lambda done, total: (written.append(done), report(done, total))
+
+    monkeypatch.setattr(fetch, "_progress", recorded)
+    with LoopbackServer({PATH: DATA}) as server:
+        with pytest.raises(ConverterError, match="is larger than the 0 GiB any X-CLIP checkpoint comes near"):
+            fetch.fetch_url(server.url(PATH))
+    assert written == [] and _cache_files(_fast_and_isolated) == []
+
+
 def test_a_zip_without_its_end_is_not_cached_even_with_a_length(_fast_and_isolated: Path) -> None:
     """A server announcing (and sending) the length of a cut-off file: the archive shows it."""
     data = _checkpoint_bytes()

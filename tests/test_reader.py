@@ -349,6 +349,14 @@ def _shard(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def test_a_file_given_as_the_model_folder_is_called_a_file(converted, tmp_path):
+    """A user who names the weights file instead of its folder is told so, not that a folder lacks files."""
+    weights = _copy(converted, tmp_path / "model") / "model.safetensors"
+    with pytest.raises(ConverterError) as err:
+        load_published(weights)
+    assert str(err.value) == f"{weights}: expected a converted model folder (with config.json), not a file"
+
+
 def test_a_sharded_folder_loads(converted, tmp_path):
     folder = _copy(converted, tmp_path / "sharded")
     tensors = _shard(folder)

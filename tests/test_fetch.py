@@ -150,15 +150,6 @@ def test_404_fails_at_once_and_leaves_nothing(server: LoopbackServer, _fast_and_
     assert _cache_files(_fast_and_isolated) == []
 
 
-def test_a_failed_download_leaves_no_empty_folder_in_the_cache(
-    server: LoopbackServer, _fast_and_isolated: Path
-) -> None:
-    """The folders made for the file (<cache>/url/<hash>) go with a failure: only the lock folder stays."""
-    with pytest.raises(ConverterError, match="404"):
-        fetch.fetch_url(server.url("/v1.0/missing.pth"))
-    assert sorted(p.name for p in _fast_and_isolated.iterdir()) == ["locks"]
-
-
 def test_416_to_a_request_without_range_fails_at_once(
     server: LoopbackServer, _fast_and_isolated: Path
 ) -> None:

@@ -223,6 +223,17 @@ def test_short_body_on_every_attempt_is_reported(server: LoopbackServer) -> None
     assert len(server.hits_for(PATH)) == fetch.MAX_RETRIES + 1
 
 
+def test_giving_up_without_a_validator_keeps_nothing_and_says_so(_fast_and_isolated: Path) -> None:
+    """A server without ETag or Last-Modified cannot be resumed (nothing proves the next answer is the same
+    file): after the last try its bytes are removed, not kept under the promise of a resume."""
+    with LoopbackServer({PATH: DATA}, validators=False) as server:
+        server.set_always(PATH, Fault(truncate=0.5))
+        with pytest.raises(ConverterError, match="was truncated") as err:
+            fetch.fetch_url(server.url(PATH))
+    assert "nothing was kept" in str(err.value) and "resumes" not in str(err.value)
+    assert _cache_files(_fast_and_isolated) == []
+
+
 # -- integrity --------------------------------------------------------------------------------------------
 
 

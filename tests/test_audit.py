@@ -461,6 +461,18 @@ def test_the_report_shows_the_worst_first_and_shortens_only_its_lines():
     assert len(data["findings"]) == 18 and data["findings"][0]["severity"] is None
 
 
+@pytest.mark.parametrize(
+    "kind", ["VideoMAEImageProcessor", "VideoMAEImageProcessorPil", "VideoMAEImageProcessorFast"]
+)
+def test_each_variant_of_videomaes_processor_class_is_accepted(kind):
+    """Each transformers version saves its own variant of the class name: none is a finding."""
+    from converter.audit import preprocessing_findings
+
+    raw = {**original_preprocessing(224), "image_processor_type": kind}
+    findings = preprocessing_findings(raw, 224, REFERENCE)
+    assert [f.name for f in findings] == ["measured"] and findings[0].ok
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

@@ -473,6 +473,22 @@ def test_each_variant_of_videomaes_processor_class_is_accepted(kind):
     assert [f.name for f in findings] == ["measured"] and findings[0].ok
 
 
+def test_weights_published_in_float16_are_compared_in_float16():
+    """A float16 publication of the original holds our conversion rounded to float16: identical, not a
+    finding per tensor; a weight off by more than that rounding still is one."""
+    from converter.audit import weight_findings
+    from converter.published import Published
+
+    ours = original_to_hf(make_state_dict(SQUARE, seed=4))
+    half = {k: v.half() for k, v in ours.items()}
+    published = Published("a/b", Path("."), None, half, None)
+    findings = weight_findings(published, ours)
+    assert [(f.name, f.ok) for f in findings] == [("identical", True)], findings[0].detail
+    half["text_projection.weight"] = half["text_projection.weight"] + 0.5
+    failing = [f.name for f in weight_findings(published, ours) if not f.ok]
+    assert failing == ["text_projection.weight", "identical"]
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

@@ -489,6 +489,23 @@ def test_weights_published_in_float16_are_compared_in_float16():
     assert failing == ["text_projection.weight", "identical"]
 
 
+def test_outputs_of_a_float16_publication_are_held_to_the_original_rounded_alike(originals, tmp_path):
+    """The oracle runs on the original rounded to the published dtype: a correct float16 publication
+    passes every output check, where the float32 original's outputs differ by the rounding alone."""
+    from safetensors.torch import load_file
+
+    from converter import DEFAULT_ATOL
+    from converter.audit import output_findings
+    from converter.published import load_published
+
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "pub", SQUARE, original, "correct")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, folder / "model.safetensors")
+    findings = output_findings(load_published(folder), original, SQUARE, DEFAULT_ATOL, True)
+    assert findings and all(f.ok for f in findings), [f.describe() for f in findings if not f.ok]
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

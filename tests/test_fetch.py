@@ -189,6 +189,24 @@ def test_complete_partial_file_is_finished_without_a_body(
     assert [h.status for h in hits] == [200, 416] and hits[1].if_range is not None
 
 
+def test_a_partial_file_is_not_complete_because_a_shorter_new_version_ends_there(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """A .part of the old version, recorded with its full length, and a new version exactly as long as the
+    .part behind a proxy that ignores If-Range: the 416 says 'complete' for another file. The recorded
+    length shows it is not, so it starts over and caches the new version, never the old one's head."""
+    half = len(DATA) // 2
+    final = fetch.url_cache_path(server.url(PATH), _fast_and_isolated)
+    final.parent.mkdir(parents=True)
+    Path(f"{final}.part").write_bytes(DATA[:half])
+    validator = server._validators(PATH, DATA)["ETag"]
+    Path(f"{final}.part.json").write_text(json.dumps({"validator": validator, "total": len(DATA)}))
+    server.files[PATH] = V2[:half]
+    server.set_always(PATH, Fault(ignore_if_range=True))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2[:half]
+    assert [h.status for h in server.hits_for(PATH)] == [416, 200]
+
+
 def test_503_twice_then_success(server: LoopbackServer) -> None:
     server.add_faults(PATH, Fault(status=503), Fault(status=503))
     path = fetch.fetch_url(server.url(PATH))

@@ -207,6 +207,44 @@ def test_a_partial_file_is_not_complete_because_a_shorter_new_version_ends_there
     assert [h.status for h in server.hits_for(PATH)] == [416, 200]
 
 
+def test_a_resume_announcing_another_length_than_recorded_restarts(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
+) -> None:
+    """A server whose validator did not change with the file (a Last-Modified within the same second): the
+    length it announces does, and the .part starts over instead of being finished with the new file's tail."""
+    monkeypatch.setattr(server, "_validators", lambda path, body: {"ETag": '"same"'})
+    half = len(DATA) // 2
+    final = fetch.url_cache_path(server.url(PATH), _fast_and_isolated)
+    final.parent.mkdir(parents=True)
+    Path(f"{final}.part").write_bytes(DATA[:half])
+    Path(f"{final}.part.json").write_text(json.dumps({"validator": '"same"', "total": len(DATA)}))
+    server.files[PATH] = V2
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2
+    assert [h.status for h in server.hits_for(PATH)] == [206, 200]
+
+
+def test_a_resume_answered_from_another_offset_restarts(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 206 whose Content-Range starts elsewhere than the bytes on disk end (a broken cache) would leave a
+    gap in the file if appended: the .part starts over instead."""
+    from tests import _http
+
+    parse, skipped = _http._parse_range, []
+
+    def once_from_further_on(header: str, size: int) -> tuple[int, int] | None:
+        parsed = parse(header, size)
+        if parsed is None or skipped:
+            return parsed
+        skipped.append(parsed)
+        return parsed[0] + 1000, parsed[1]
+
+    monkeypatch.setattr(_http, "_parse_range", once_from_further_on)
+    server.add_faults(PATH, Fault(truncate=0.5))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert skipped and [h.status for h in server.hits_for(PATH)] == [200, 206, 200]
+
+
 def test_503_twice_then_success(server: LoopbackServer) -> None:
     server.add_faults(PATH, Fault(status=503), Fault(status=503))
     path = fetch.fetch_url(server.url(PATH))

@@ -424,6 +424,13 @@ def test_processor_settings_are_checked(settings, words):
         check_image_processor(settings, "P")
 
 
+@pytest.mark.parametrize("resample", [True, 2.0])
+def test_a_resample_filter_is_an_integer_not_a_bool_or_float(resample):
+    """JSON's true and 2.0 are no filter numbers, though Python finds them equal to 1 and 2."""
+    with pytest.raises(ConverterError, match="^P: resample must be a PIL resampling filter"):
+        check_image_processor({"resample": resample}, "P")
+
+
 def test_the_nested_processor_file_is_checked_too(converted, tmp_path):
     folder = _copy(converted, tmp_path / "nested")
     settings = json.loads((folder / "preprocessor_config.json").read_text())

@@ -506,6 +506,26 @@ def test_outputs_of_a_float16_publication_are_held_to_the_original_rounded_alike
     assert findings and all(f.ok for f in findings), [f.describe() for f in findings if not f.ok]
 
 
+def test_a_tokenizer_differing_at_the_end_token_fails():
+    """The text tower pools at the end token: a tokenizer that ends with another id differs in what the
+    model computes, not in the padding after it."""
+    from converter.audit import SENTENCES, tokenizer_findings
+
+    reference = build_tokenizer()
+
+    class OtherEnd:  # the published tokenizer, as load_tokenizer returns it: the end token replaced
+        def load_tokenizer(self):
+            def tokenize(sentence, **kwargs):
+                ids = reference(sentence, **kwargs)["input_ids"]
+                return {"input_ids": [0 if i == reference.eos_token_id else i for i in ids]}
+
+            return tokenize
+
+    findings = tokenizer_findings(OtherEnd())
+    failing = [f for f in findings if not f.ok and f.name != "identical"]
+    assert len(failing) == len(SENTENCES) and all(f.changes_computation for f in failing)
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

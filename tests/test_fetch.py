@@ -1031,6 +1031,25 @@ def test_gdrive_html_answers_are_never_cached(
     )
 
 
+def test_gdrive_legacy_pickle_needs_a_pin(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
+) -> None:
+    """gdown does not say whether Drive sent a length, so a legacy pickle from Drive, which nothing shows
+    complete, is cached only under a --sha256 pin."""
+    import gdown
+
+    def pickle(**kwargs: object) -> str:
+        Path(str(kwargs["output"])).write_bytes(DATA)
+        return str(kwargs["output"])
+
+    monkeypatch.setattr(gdown, "download", pickle)
+    source = registry.gdrive("1Pickle", "m.pth")
+    with pytest.raises(ConverterError, match="cannot be proven complete.*--sha256"):
+        fetch.fetch_source(source)
+    assert _cache_files(_fast_and_isolated) == []
+    assert fetch.fetch_source(source, sha256=SHA).read_bytes() == DATA
+
+
 def test_gdrive_cut_off_file_is_not_cached(
     monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
 ) -> None:

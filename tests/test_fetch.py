@@ -1138,3 +1138,13 @@ def test_cache_folder_for_other_users_of_the_cache(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "blocker"))
     with pytest.raises(ConverterError, match="blocker is a file, not a folder.*XCLIP_CACHE"):
         fetch.cache_folder("processor")
+
+
+def test_an_unwritable_cache_folder_for_other_users_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing folder the user may not write is named here, not met later as another module's failed
+    write. Simulated: this suite may run as root, whom permissions do not stop."""
+    folder = fetch.cache_folder("processor")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(ConverterError) as err:
+        fetch.cache_folder("processor")
+    assert f"({folder}: permission denied)" in str(err.value) and "XCLIP_CACHE" in str(err.value)

@@ -444,6 +444,25 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_refused_connection_after_a_drop_is_retried_not_called_offline(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline is said only when the first try cannot connect: a server that drops a transfer and refuses
+    the next connection (restarting, say) is tried again, and the download resumes."""
+    import requests
+
+    real_get, urls = requests.get, []
+
+    def refused_once(url: str, **kwargs: object) -> object:
+        urls.append(url)
+        return real_get(f"http://127.0.0.1:{_closed_port()}/x" if len(urls) == 2 else url, **kwargs)
+
+    monkeypatch.setattr(requests, "get", refused_once)
+    server.add_faults(PATH, Fault(truncate=0.5))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert len(urls) == 3 and [h.status for h in server.hits_for(PATH)] == [200, 206]
+
+
 def test_connection_refused_is_reported_fast_as_offline() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1.0/x.pth"
     t0 = time.monotonic()

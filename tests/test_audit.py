@@ -527,6 +527,21 @@ def test_a_tokenizer_differing_at_the_end_token_fails():
     assert findings[-1].name == "identical" and not findings[-1].ok  # the summary line fails too
 
 
+def test_a_reference_covering_only_some_frames_at_this_size_is_not_used(tmp_path):
+    """A reference .npz holds the original's output per frame and size: one lacking a frame at the model's
+    size is passed over for generated frames, not read for a key it does not have."""
+    import numpy as np
+
+    from converter.audit import preprocessing_findings
+
+    frame = np.zeros((24, 32, 3), dtype=np.uint8)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, **{"frame/a": frame, "frame/b": frame, "original224/a": np.zeros((224, 224, 3))})
+    raw = {**original_preprocessing(224), "image_processor_type": "VideoMAEImageProcessor"}
+    measured = preprocessing_findings(raw, 224, partial)[-1]
+    assert measured.ok and "3 generated frames" in measured.detail
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

@@ -542,6 +542,21 @@ def test_a_reference_covering_only_some_frames_at_this_size_is_not_used(tmp_path
     assert measured.ok and "3 generated frames" in measured.detail
 
 
+def test_a_config_with_a_narrow_embedding_states_its_heads():
+    """Towers 128 wide but an embedding of 48 (a small test model): the original's width // 64 gives no
+    MIT or prompt heads at 48, so the config's heads are the original's and no finding is made of them."""
+    from converter.audit import config_findings
+    from converter.published import Published
+
+    narrow = dataclasses.replace(
+        UNEVEN, vision_width=128, vision_heads=2, vision_mlp=256, text_width=128, text_heads=2, text_mlp=256
+    )
+    config = to_config(narrow)
+    published = Published("a/b", Path("."), config, {"w": torch.zeros(2)}, None)
+    findings = config_findings(published, to_config(narrow), narrow)
+    assert [(f.name, f.ok) for f in findings] == [("all", True)], [f.describe() for f in findings]
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

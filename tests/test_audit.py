@@ -461,6 +461,127 @@ def test_fix_card_without_front_matter():
     assert "| config | x 1 ≠ 2 (changes the computation) |" in fix_card(report, "")
 
 
+def test_the_report_shows_the_worst_first_and_shortens_only_its_lines():
+    """Failures first, by check and then by severity; a passing finding is never said to change the
+    computation; past LINES_PER_KIND a kind's lines are counted, and the JSON keeps every finding, with
+    an infinite severity (a missing tensor's) as null, which strict JSON readers accept."""
+    from converter.audit import LINES_PER_KIND, AuditReport, Finding
+
+    missing = Finding("weights", "absent.weight", "absent", [2], False, True, severity=float("inf"))
+    close = [Finding("weights", f"w{i}", None, None, False, True, f"w{i}: max |Δ| {i}", i) for i in range(15)]
+    passing = Finding("outputs", "every site", 3, 3, True, True, "all 3 sites within tolerance")
+    tokens = Finding("tokenizer", "x", None, None, False, True, "x: ids differ", 1.0)
+    report = AuditReport("a/b", "orig.pth", 1e-4, [passing, tokens, *close, missing], revision="c" * 40)
+
+    assert report.ordered()[:3] == [missing, close[14], close[13]]
+    assert report.ordered()[-2:] == [tokens, passing]
+    assert report.summary().startswith(f"audit a/b@{'c' * 10} vs orig.pth: MISMATCH, 17 findings")
+    assert passing.describe() == "all 3 sites within tolerance"
+    lines = report.lines()
+    weights = [line for line in lines if line.split()[:2] == ["FAIL", "weights"]]
+    assert len(weights) == LINES_PER_KIND and "absent.weight" in weights[0]
+    assert lines[-1] == f"  …  weights       {16 - LINES_PER_KIND} more (all in the JSON report)"
+    assert "  ok   outputs       all 3 sites within tolerance" in lines
+    data = json.loads(report.to_json(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert len(data["findings"]) == 18 and data["findings"][0]["severity"] is None
+
+
+@pytest.mark.parametrize(
+    "kind", ["VideoMAEImageProcessor", "VideoMAEImageProcessorPil", "VideoMAEImageProcessorFast"]
+)
+def test_each_variant_of_videomaes_processor_class_is_accepted(kind):
+    """Each transformers version saves its own variant of the class name: none is a finding."""
+    from converter.audit import preprocessing_findings
+
+    raw = {**original_preprocessing(224), "image_processor_type": kind}
+    findings = preprocessing_findings(raw, 224, REFERENCE)
+    assert [f.name for f in findings] == ["measured"] and findings[0].ok
+
+
+def test_weights_published_in_float16_are_compared_in_float16():
+    """A float16 publication of the original holds our conversion rounded to float16: identical, not a
+    finding per tensor; a weight off by more than that rounding still is one."""
+    from converter.audit import weight_findings
+    from converter.published import Published
+
+    ours = original_to_hf(make_state_dict(SQUARE, seed=4))
+    half = {k: v.half() for k, v in ours.items()}
+    published = Published("a/b", Path("."), None, half, None)
+    findings = weight_findings(published, ours)
+    assert [(f.name, f.ok) for f in findings] == [("identical", True)], findings[0].detail
+    half["text_projection.weight"] = half["text_projection.weight"] + 0.5
+    failing = [f.name for f in weight_findings(published, ours) if not f.ok]
+    assert failing == ["text_projection.weight", "identical"]
+
+
+def test_outputs_of_a_float16_publication_are_held_to_the_original_rounded_alike(originals, tmp_path):
+    """The oracle runs on the original rounded to the published dtype: a correct float16 publication
+    passes every output check, where the float32 original's outputs differ by the rounding alone."""
+    from safetensors.torch import load_file
+
+    from converter import DEFAULT_ATOL
+    from converter.audit import output_findings
+    from converter.published import load_published
+
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "pub", SQUARE, original, "correct")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, folder / "model.safetensors")
+    findings = output_findings(load_published(folder), original, SQUARE, DEFAULT_ATOL, True)
+    assert findings and all(f.ok for f in findings), [f.describe() for f in findings if not f.ok]
+
+
+def test_a_tokenizer_differing_at_the_end_token_fails():
+    """The text tower pools at the end token: a tokenizer that ends with another id differs in what the
+    model computes, not in the padding after it."""
+    from converter.audit import SENTENCES, tokenizer_findings
+
+    reference = build_tokenizer()
+
+    class OtherEnd:  # the published tokenizer, as load_tokenizer returns it: the end token replaced
+        def load_tokenizer(self):
+            def tokenize(sentence, **kwargs):
+                ids = reference(sentence, **kwargs)["input_ids"]
+                return {"input_ids": [0 if i == reference.eos_token_id else i for i in ids]}
+
+            return tokenize
+
+    findings = tokenizer_findings(OtherEnd())
+    failing = [f for f in findings if not f.ok and f.name != "identical"]
+    assert len(failing) == len(SENTENCES) and all(f.changes_computation for f in failing)
+    assert findings[-1].name == "identical" and not findings[-1].ok  # the summary line fails too
+
+
+def test_a_reference_covering_only_some_frames_at_this_size_is_not_used(tmp_path):
+    """A reference .npz holds the original's output per frame and size: one lacking a frame at the model's
+    size is passed over for generated frames, not read for a key it does not have."""
+    import numpy as np
+
+    from converter.audit import preprocessing_findings
+
+    frame = np.zeros((24, 32, 3), dtype=np.uint8)
+    partial = tmp_path / "partial.npz"
+    np.savez(partial, **{"frame/a": frame, "frame/b": frame, "original224/a": np.zeros((224, 224, 3))})
+    raw = {**original_preprocessing(224), "image_processor_type": "VideoMAEImageProcessor"}
+    measured = preprocessing_findings(raw, 224, partial)[-1]
+    assert measured.ok and "3 generated frames" in measured.detail
+
+
+def test_a_config_with_a_narrow_embedding_states_its_heads():
+    """Towers 128 wide but an embedding of 48 (a small test model): the original's width // 64 gives no
+    MIT or prompt heads at 48, so the config's heads are the original's and no finding is made of them."""
+    from converter.audit import config_findings
+    from converter.published import Published
+
+    narrow = dataclasses.replace(
+        UNEVEN, vision_width=128, vision_heads=2, vision_mlp=256, text_width=128, text_heads=2, text_mlp=256
+    )
+    config = to_config(narrow)
+    published = Published("a/b", Path("."), config, {"w": torch.zeros(2)}, None)
+    findings = config_findings(published, to_config(narrow), narrow)
+    assert [(f.name, f.ok) for f in findings] == [("all", True)], [f.describe() for f in findings]
+
+
 def test_a_snapshot_cached_in_part_is_not_audited_offline(originals, tmp_path, monkeypatch):
     """from_pretrained caches config and weights only: the repo's tokenizer and processor are not missing."""
     path, original = originals[SQUARE]

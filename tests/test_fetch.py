@@ -69,6 +69,16 @@ def test_dropped_transfer_resumes_with_range(server: LoopbackServer) -> None:
     assert not (path.parent / (path.name + ".part")).exists()
 
 
+def test_a_resumed_download_leaves_only_the_file_and_its_record(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """The resume's validator (<file>.part.json) goes once the file is complete: nothing stale is cached."""
+    server.add_faults(PATH, Fault(truncate=0.5))
+    path = fetch.fetch_url(server.url(PATH))
+    where = path.relative_to(_fast_and_isolated)
+    assert _cache_files(_fast_and_isolated) == sorted([str(where), f"{where}.sha256"])
+
+
 def test_bytes_another_writer_appended_are_never_cached(
     server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
 ) -> None:
@@ -179,6 +189,62 @@ def test_complete_partial_file_is_finished_without_a_body(
     assert [h.status for h in hits] == [200, 416] and hits[1].if_range is not None
 
 
+def test_a_partial_file_is_not_complete_because_a_shorter_new_version_ends_there(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """A .part of the old version, recorded with its full length, and a new version exactly as long as the
+    .part behind a proxy that ignores If-Range: the 416 says 'complete' for another file. The recorded
+    length shows it is not, so it starts over and caches the new version, never the old one's head."""
+    half = len(DATA) // 2
+    final = fetch.url_cache_path(server.url(PATH), _fast_and_isolated)
+    final.parent.mkdir(parents=True)
+    Path(f"{final}.part").write_bytes(DATA[:half])
+    validator = server._validators(PATH, DATA)["ETag"]
+    Path(f"{final}.part.json").write_text(json.dumps({"validator": validator, "total": len(DATA)}))
+    server.files[PATH] = V2[:half]
+    server.set_always(PATH, Fault(ignore_if_range=True))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2[:half]
+    assert [h.status for h in server.hits_for(PATH)] == [416, 200]
+
+
+def test_a_resume_announcing_another_length_than_recorded_restarts(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch, _fast_and_isolated: Path
+) -> None:
+    """A server whose validator did not change with the file (a Last-Modified within the same second): the
+    length it announces does, and the .part starts over instead of being finished with the new file's tail."""
+    monkeypatch.setattr(server, "_validators", lambda path, body: {"ETag": '"same"'})
+    half = len(DATA) // 2
+    final = fetch.url_cache_path(server.url(PATH), _fast_and_isolated)
+    final.parent.mkdir(parents=True)
+    Path(f"{final}.part").write_bytes(DATA[:half])
+    Path(f"{final}.part.json").write_text(json.dumps({"validator": '"same"', "total": len(DATA)}))
+    server.files[PATH] = V2
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == V2
+    assert [h.status for h in server.hits_for(PATH)] == [206, 200]
+
+
+def test_a_resume_answered_from_another_offset_restarts(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 206 whose Content-Range starts elsewhere than the bytes on disk end (a broken cache) would leave a
+    gap in the file if appended: the .part starts over instead."""
+    from tests import _http
+
+    parse, skipped = _http._parse_range, []
+
+    def once_from_further_on(header: str, size: int) -> tuple[int, int] | None:
+        parsed = parse(header, size)
+        if parsed is None or skipped:
+            return parsed
+        skipped.append(parsed)
+        return parsed[0] + 1000, parsed[1]
+
+    monkeypatch.setattr(_http, "_parse_range", once_from_further_on)
+    server.add_faults(PATH, Fault(truncate=0.5))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert skipped and [h.status for h in server.hits_for(PATH)] == [200, 206, 200]
+
+
 def test_503_twice_then_success(server: LoopbackServer) -> None:
     server.add_faults(PATH, Fault(status=503), Fault(status=503))
     path = fetch.fetch_url(server.url(PATH))
@@ -211,6 +277,17 @@ def test_short_body_on_every_attempt_is_reported(server: LoopbackServer) -> None
     assert "truncated" in msg and server.url(PATH) in msg and str(len(DATA)) in msg
     assert "\n" not in msg
     assert len(server.hits_for(PATH)) == fetch.MAX_RETRIES + 1
+
+
+def test_giving_up_without_a_validator_keeps_nothing_and_says_so(_fast_and_isolated: Path) -> None:
+    """A server without ETag or Last-Modified cannot be resumed (nothing proves the next answer is the same
+    file): after the last try its bytes are removed, not kept under the promise of a resume."""
+    with LoopbackServer({PATH: DATA}, validators=False) as server:
+        server.set_always(PATH, Fault(truncate=0.5))
+        with pytest.raises(ConverterError, match="was truncated") as err:
+            fetch.fetch_url(server.url(PATH))
+    assert "nothing was kept" in str(err.value) and "resumes" not in str(err.value)
+    assert _cache_files(_fast_and_isolated) == []
 
 
 # -- integrity --------------------------------------------------------------------------------------------
@@ -248,6 +325,18 @@ def test_missing_record_is_recomputed(server: LoopbackServer) -> None:
     server.stop()
     assert fetch.fetch_url(server.url(PATH), sha256=SHA) == path
     assert record.read_text() == SHA + "\n"
+
+
+def test_a_record_that_is_not_a_digest_is_no_record(tmp_path: Path) -> None:
+    """`sha256sum FILE > FILE.sha256` beside a checkpoint writes the name too: that is not read as a digest
+    (it would reach the model card's sha256, and fail the publishing check against the file)."""
+    path = tmp_path / "k400_32_8.pth"
+    path.write_bytes(DATA)
+    for text in (f"{SHA}  k400_32_8.pth\n", "not a digest\n", SHA[:-1]):
+        Path(f"{path}.sha256").write_text(text)
+        assert fetch.recorded_sha256(path) is None
+    Path(f"{path}.sha256").write_text(f" {SHA.upper()}\n")
+    assert fetch.recorded_sha256(path) == SHA
 
 
 # -- cache ------------------------------------------------------------------------------------------------
@@ -355,6 +444,25 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_refused_connection_after_a_drop_is_retried_not_called_offline(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline is said only when the first try cannot connect: a server that drops a transfer and refuses
+    the next connection (restarting, say) is tried again, and the download resumes."""
+    import requests
+
+    real_get, urls = requests.get, []
+
+    def refused_once(url: str, **kwargs: object) -> object:
+        urls.append(url)
+        return real_get(f"http://127.0.0.1:{_closed_port()}/x" if len(urls) == 2 else url, **kwargs)
+
+    monkeypatch.setattr(requests, "get", refused_once)
+    server.add_faults(PATH, Fault(truncate=0.5))
+    assert fetch.fetch_url(server.url(PATH)).read_bytes() == DATA
+    assert len(urls) == 3 and [h.status for h in server.hits_for(PATH)] == [200, 206]
+
+
 def test_connection_refused_is_reported_fast_as_offline() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1.0/x.pth"
     t0 = time.monotonic()
@@ -411,6 +519,17 @@ def test_file_url_returns_local_path_and_checks_pin(tmp_path: Path) -> None:
     assert local.exists()  # the user's own file is never deleted
     with pytest.raises(ConverterError, match="not found"):
         fetch.fetch_url((tmp_path / "nope.pth").as_uri())
+
+
+def test_a_file_url_names_no_other_host(tmp_path: Path) -> None:
+    """file://localhost/PATH is this machine's file; file://HOST/PATH is another's, never read as ours."""
+    local = tmp_path / "local.pth"
+    local.write_bytes(DATA)
+    assert fetch.fetch_url(f"file://localhost{local}") == local
+    url = f"file://fileserver{local}"
+    with pytest.raises(ConverterError, match="only local file:// URLs") as err:
+        fetch.fetch_url(url)
+    assert url in str(err.value)
 
 
 def test_bad_urls_fail_at_once() -> None:
@@ -554,6 +673,19 @@ def test_a_web_page_is_never_cached(
     assert len(server.hits_for(PATH)) == 1  # a page is not retried
 
 
+def test_a_drive_page_saying_too_many_users_is_named_a_quota_page(
+    server: LoopbackServer, _fast_and_isolated: Path
+) -> None:
+    """Drive's limit page does not always say "quota" (its title varies): its message alone names it, and
+    the advice is to wait a day, not to check the URL."""
+    page = QUOTA_PAGE.replace(b"Quota exceeded", b"Sorry")
+    server.add_faults(PATH, Fault(body=page, content_type="text/html"))
+    with pytest.raises(ConverterError, match="a Google Drive quota page") as err:
+        fetch.fetch_url(server.url(PATH))
+    assert "try again in a day" in str(err.value)
+    assert _cache_files(_fast_and_isolated) == []
+
+
 def _checkpoint_bytes() -> bytes:
     import io
 
@@ -603,6 +735,26 @@ def test_a_body_larger_than_any_checkpoint_is_refused_and_discarded(
         with pytest.raises(ConverterError, match="is larger than the 0 GiB any X-CLIP checkpoint comes near"):
             fetch.fetch_url(server.url(PATH))
         assert _cache_files(_fast_and_isolated) == [] and len(server.hits_for(PATH)) == 1
+
+
+def test_an_announced_length_above_the_limit_is_refused_before_its_body_is_written(
+    _fast_and_isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Content-Length beyond any checkpoint is refused on the first block, not after the limit's many
+    gigabytes have been received and written."""
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", len(DATA) // 2)
+    progress, written = fetch._progress, []
+
+    @contextlib.contextmanager
+    def recorded(name: str, done: int, total: int | None):
+        with progress(name, done, total) as report:
+            yield lambda done, total: (written.append(done), report(done, total))
+
+    monkeypatch.setattr(fetch, "_progress", recorded)
+    with LoopbackServer({PATH: DATA}) as server:
+        with pytest.raises(ConverterError, match="is larger than the 0 GiB any X-CLIP checkpoint comes near"):
+            fetch.fetch_url(server.url(PATH))
+    assert written == [] and _cache_files(_fast_and_isolated) == []
 
 
 def test_a_zip_without_its_end_is_not_cached_even_with_a_length(_fast_and_isolated: Path) -> None:
@@ -723,6 +875,18 @@ def test_a_pin_that_disagrees_with_the_cache_keeps_the_file(server: LoopbackServ
     assert wrong in msg and SHA in msg and "kept" in msg and "--force-download" in msg
     assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
     assert server.full_gets(PATH) == 1  # and no second download
+
+
+def test_a_pin_that_disagrees_with_a_cached_file_without_a_record_keeps_it(server: LoopbackServer) -> None:
+    """Without a record nothing shows that the cached copy went bad, so a wrong pin is the user's to
+    correct: the copy is kept, never deleted and fetched again (it may be a 1.7 GB download)."""
+    path = fetch.fetch_url(server.url(PATH))
+    path.with_name(path.name + ".sha256").unlink()
+    wrong = "ab" * 32
+    with pytest.raises(ConverterError, match="the file was kept"):
+        fetch.fetch_url(server.url(PATH), sha256=wrong)
+    assert path.read_bytes() == DATA and fetch.recorded_sha256(path) == SHA
+    assert server.full_gets(PATH) == 1
 
 
 def test_a_forced_download_that_fails_its_pin_keeps_the_good_copy(server: LoopbackServer) -> None:
@@ -886,6 +1050,25 @@ def test_gdrive_html_answers_are_never_cached(
     )
 
 
+def test_gdrive_legacy_pickle_needs_a_pin(
+    monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
+) -> None:
+    """gdown does not say whether Drive sent a length, so a legacy pickle from Drive, which nothing shows
+    complete, is cached only under a --sha256 pin."""
+    import gdown
+
+    def pickle(**kwargs: object) -> str:
+        Path(str(kwargs["output"])).write_bytes(DATA)
+        return str(kwargs["output"])
+
+    monkeypatch.setattr(gdown, "download", pickle)
+    source = registry.gdrive("1Pickle", "m.pth")
+    with pytest.raises(ConverterError, match="cannot be proven complete.*--sha256"):
+        fetch.fetch_source(source)
+    assert _cache_files(_fast_and_isolated) == []
+    assert fetch.fetch_source(source, sha256=SHA).read_bytes() == DATA
+
+
 def test_gdrive_cut_off_file_is_not_cached(
     monkeypatch: pytest.MonkeyPatch, drive_online: None, _fast_and_isolated: Path
 ) -> None:
@@ -974,3 +1157,13 @@ def test_cache_folder_for_other_users_of_the_cache(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("XCLIP_CACHE", str(tmp_path / "blocker"))
     with pytest.raises(ConverterError, match="blocker is a file, not a folder.*XCLIP_CACHE"):
         fetch.cache_folder("processor")
+
+
+def test_an_unwritable_cache_folder_for_other_users_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An existing folder the user may not write is named here, not met later as another module's failed
+    write. Simulated: this suite may run as root, whom permissions do not stop."""
+    folder = fetch.cache_folder("processor")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != folder)
+    with pytest.raises(ConverterError) as err:
+        fetch.cache_folder("processor")
+    assert f"({folder}: permission denied)" in str(err.value) and "XCLIP_CACHE" in str(err.value)

@@ -394,6 +394,14 @@ def _shard(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def test_a_file_given_as_the_model_folder_is_called_a_file(converted, tmp_path):
+    """A user who names the weights file instead of its folder is told so, not that a folder lacks files."""
+    weights = _copy(converted, tmp_path / "model") / "model.safetensors"
+    with pytest.raises(ConverterError) as err:
+        load_published(weights)
+    assert str(err.value) == f"{weights}: expected a converted model folder (with config.json), not a file"
+
+
 def test_a_sharded_folder_loads(converted, tmp_path):
     folder = _copy(converted, tmp_path / "sharded")
     tensors = _shard(folder)
@@ -459,6 +467,13 @@ def test_processor_settings_a_processor_accepts_pass(settings):
 def test_processor_settings_are_checked(settings, words):
     with pytest.raises(ConverterError, match=f"^P: {words}"):
         check_image_processor(settings, "P")
+
+
+@pytest.mark.parametrize("resample", [True, 2.0])
+def test_a_resample_filter_is_an_integer_not_a_bool_or_float(resample):
+    """JSON's true and 2.0 are no filter numbers, though Python finds them equal to 1 and 2."""
+    with pytest.raises(ConverterError, match="^P: resample must be a PIL resampling filter"):
+        check_image_processor({"resample": resample}, "P")
 
 
 def test_the_nested_processor_file_is_checked_too(converted, tmp_path):

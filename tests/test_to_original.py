@@ -99,6 +99,33 @@ def test_wrong_heads_are_not_written(tmp_path):
     assert to_original(correct, tmp_path / "out" / "model.pth").verification.passed
 
 
+def test_a_token_row_no_input_looks_up_is_verified_too(tmp_path, monkeypatch):
+    """The oracle's inputs look up a few dozen ids: a way back that changed another row of the token table
+    would pass every site, so each row is compared, and nothing is written."""
+    from transformers import XCLIPConfig
+
+    from converter import rules
+    from converter.config import hyper_from_config
+    from converter.verify import synthetic_inputs
+
+    original = load_checkpoint(helpers.checkpoint("tiny-a"))
+    folder = hf_folder(tmp_path / "hf", original, case="tiny-a")
+    hyper = hyper_from_config(XCLIPConfig.from_json_file(folder / "config.json"))
+    unused = min(set(range(hyper.vocab_size)) - set(synthetic_inputs(hyper)[1].flatten().tolist()))
+    mapped = rules.hf_to_original
+
+    def one_row_off(weights):
+        back = mapped(weights)
+        table = back["token_embedding.weight"].clone()
+        table[unused] += 1.0
+        return {**back, "token_embedding.weight": table}
+
+    monkeypatch.setattr(rules, "hf_to_original", one_row_off)
+    with pytest.raises(VerificationError, match="token embeddings differ from the original's in 1 of"):
+        to_original(folder, tmp_path / "back.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_output_safety(tmp_path):
     original = load_checkpoint(helpers.checkpoint("tiny-a"))
     folder = hf_folder(tmp_path / "hf", original, case="tiny-a")

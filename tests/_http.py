@@ -13,6 +13,7 @@ can assert what went over the wire::
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import threading
 import time
@@ -43,6 +44,7 @@ class Fault:
     body, content_type: answer 200 with this body and type instead of the file (an HTML page, say).
     swap:         after this answer, the file has these bytes (a new version, with a new ETag and date).
     redirect:     answer 302 with this Location.
+    gzip:         send the file gzip-compressed (Content-Encoding: gzip), whatever the client accepts.
     """
 
     status: int | None = None
@@ -57,6 +59,7 @@ class Fault:
     content_type: str | None = None
     swap: bytes | None = None
     redirect: str | None = None
+    gzip: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return 416, b"", {**headers, "Content-Range": f"bytes */{size}"}
             start, end = parsed
             return 206, body[start : end + 1], {**headers, "Content-Range": f"bytes {start}-{end}/{size}"}
+        if fault.gzip:
+            return 200, gzip.compress(body), {**headers, "Content-Encoding": "gzip"}
         return 200, body, headers
 
     def _send(self, hit: Hit, payload: bytes, headers: dict[str, str], fault: Fault, *, head: bool) -> Hit:

@@ -724,6 +724,18 @@ def test_no_length_needs_a_checkpoint_that_proves_itself_complete(_fast_and_isol
         assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA  # the pin proves it
 
 
+def test_a_server_compressing_despite_identity_delivers_the_file(_fast_and_isolated: Path) -> None:
+    """A server that gzips though asked for `identity`: its Content-Length counts the compressed bytes,
+    not the file's, so it is no length of the file; the file is cached decoded, as the archive proves it."""
+    data = _checkpoint_bytes()
+    with LoopbackServer({"/a.pth": data, PATH: DATA}) as server:
+        server.set_always("/a.pth", Fault(gzip=True))
+        assert fetch.fetch_url(server.url("/a.pth")).read_bytes() == data
+        assert [h.status for h in server.hits_for("/a.pth")] == [200]
+        server.set_always(PATH, Fault(gzip=True))  # a legacy pickle: the pin proves it, as without a length
+        assert fetch.fetch_url(server.url(PATH), sha256=SHA).read_bytes() == DATA
+
+
 @pytest.mark.parametrize("fault", [Fault(no_length=True), Fault()], ids=["endless", "announced"])
 def test_a_body_larger_than_any_checkpoint_is_refused_and_discarded(
     _fast_and_isolated: Path, monkeypatch: pytest.MonkeyPatch, fault: Fault

@@ -362,8 +362,11 @@ def tokenizer_findings(published: Published) -> list[Finding]:
             same += 1
             continue
         first = next(i for i, (a, b) in enumerate(zip_longest(got, want)) if a != b)
-        content = first <= want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
-        where = "before the end token" if content else "padding only, after the end token"
+        end = want.index(reference.eos_token_id)  # SENTENCES are short: CLIP ends each
+        content = first <= end
+        where = "padding only, after the end token"
+        if content:
+            where = "at the end token" if first == end else "before the end token"
         detail = f"{sentence!r}: ids differ from position {first} ({where}), the next four: "
         detail += f"{_show(got[first : first + 4])} ≠ {_show(want[first : first + 4])}"
         findings.append(

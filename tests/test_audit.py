@@ -171,6 +171,18 @@ def test_audit_names_each_mistake(mistake, where, originals, tmp_path, monkeypat
     assert data["passed"] is report.passed and len(data["findings"]) == len(report.findings)
 
 
+def test_each_output_over_its_tolerance_fails_on_its_own_line(originals, tmp_path):
+    """Besides the first divergence, each output beyond its tolerance is a failing finding of its own,
+    and one within it passes: a reader sees which outputs a mistake reaches."""
+    path, original = originals[SQUARE]
+    folder = publish(tmp_path / "published", SQUARE, original, "changed-weight")
+    report = audit(str(folder), checkpoint=path, config=original_config(SQUARE), reference=REFERENCE)
+    outputs = [f for f in report.findings if f.kind == "outputs" and f.name != "first divergence"]
+    assert any(not f.ok for f in outputs) and any(f.ok for f in outputs), "\n".join(report.lines())
+    for f in outputs:
+        assert f.ok is (f.severity <= 1), f.describe()
+
+
 def test_a_config_stating_the_published_heads_does_not_hide_them(tmp_path):
     """--config with the published model's own 8 heads, where E = 768 leaves the original 12: the oracle
     would compute the same mistake, so the config's heads are held to width // 64 (all widths above 64,
@@ -550,6 +562,7 @@ def test_a_tokenizer_differing_at_the_end_token_fails():
     failing = [f for f in findings if not f.ok and f.name != "identical"]
     assert len(failing) == len(SENTENCES) and all(f.changes_computation for f in failing)
     assert findings[-1].name == "identical" and not findings[-1].ok  # the summary line fails too
+    assert all("(at the end token)" in f.detail for f in failing), failing[0].detail
 
 
 def test_a_reference_covering_only_some_frames_at_this_size_is_not_used(tmp_path):

@@ -340,6 +340,16 @@ def test_the_library_names_an_unknown_dtype(dtype):
         convert_checkpoint("never-read.pth", dtype=dtype)
 
 
+@pytest.mark.parametrize("atol", [0, 1, 1.5, -1e-4, float("nan"), float("inf"), "1e-4"])
+def test_the_library_refuses_an_atol_out_of_range_before_any_work(atol):
+    """convert_checkpoint checks atol as the command line does: 1 or more would pass a site of zeros."""
+    from converter.errors import ConverterError
+    from converter.pipeline import convert_checkpoint
+
+    with pytest.raises(ConverterError, match="^--atol must be a finite number above 0 and below 1 .*, got "):
+        convert_checkpoint("never-read.pth", atol=atol)
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

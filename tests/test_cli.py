@@ -350,6 +350,21 @@ def test_the_library_refuses_an_atol_out_of_range_before_any_work(atol):
         convert_checkpoint("never-read.pth", atol=atol)
 
 
+def test_a_model_names_conversion_is_named_and_carded_as_that_model(golden, tmp_path, monkeypatch):
+    """With --model-name the result and the card take the variant's name (and its training data), not
+    the checkpoint file's stem. The golden is far smaller than the variant: its size check is skipped."""
+    from converter import pipeline
+
+    checkpoint, config = golden
+    monkeypatch.setattr(pipeline, "check_variant", lambda *args: None)
+    result = pipeline.convert_checkpoint(
+        checkpoint, model_name="xclip-base-patch32", config=config, verify=False, output=tmp_path / "out"
+    )
+    assert result.name == "xclip-base-patch32"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "xclip-base-patch32" in card and "Trained on Kinetics-400." in card
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

@@ -440,6 +440,19 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "--dtype float16 cannot hold every weight of ",
     ),
     (
+        "float16-overflow-names-both-wider-dtypes",  # bfloat16 holds float32's range: offered as well
+        lambda w: [
+            "--checkpoint",
+            w.saved("c.pth", {**w.state_dict(), "ln_final.bias": torch.full((32,), 1e5)}),
+            "--config",
+            w.config,
+            "--dtype",
+            "float16",
+        ],
+        2,
+        "would be written as inf; use --dtype float32 or bfloat16",
+    ),
+    (
         "nan-with-no-verify-and-output",  # refused after the staged write, before anything lands
         lambda w: [
             "--checkpoint",

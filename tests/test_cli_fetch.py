@@ -261,6 +261,19 @@ def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
     assert "verified" in capsys.readouterr().err and fake_hub == []
 
 
+def test_the_library_publishes_only_a_verification_that_ran_and_passed(fake_hub, golden_config):
+    """pipeline.push refuses a result converted with verify=False, and one whose verification failed."""
+    from converter.pipeline import convert_checkpoint, push
+
+    unverified = convert_checkpoint(helpers.checkpoint("tiny-a"), config=golden_config, verify=False)
+    failed = helpers.compare({"logits": torch.tensor([1.0])}, {"logits": torch.tensor([2.0])}, 1e-4)
+    assert not failed.passed
+    for result in (unverified, dataclasses.replace(unverified, verification=failed)):
+        with pytest.raises(ConverterError, match="^only verified conversions are published"):
+            push(result, "org/x")
+    assert fake_hub == []
+
+
 def test_a_malformed_pin_is_refused_before_any_download(fast_network, capsys):
     with LoopbackServer({"/x.pth": b"weights"}) as server:
         assert run("--checkpoint", server.url("/x.pth"), "--sha256", "xyz") == 2

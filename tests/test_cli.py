@@ -144,6 +144,28 @@ def test_dtype(golden, tmp_path, dtype):
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_reduced_dtypes_distance_from_float32_is_printed_and_carded(golden, tmp_path, capsys, dtype):
+    """float16 is measured against the float32 original too: on stdout and in the card, as figures; a
+    float32 run has no second comparison to report."""
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out, "--dtype", dtype) == 0
+    printed = capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    if dtype == "float32":
+        assert "vs the float32 original" not in printed and "from float32" not in card
+        return
+    said = re.search(
+        r"written float16 model vs the float32 original \(reported, not gated\): max \|Δ\| (.*)", printed
+    )
+    assert said, printed
+    figures = dict(item.split(" ") for item in said.group(1).split(", "))
+    assert "logits" in figures
+    assert "| output | max abs difference from float32 |" in card
+    assert f"| logits | {figures['logits']} |" in card
+
+
 def test_disk_full_while_writing_the_weights_exits_2_and_leaves_nothing(
     golden, tmp_path, monkeypatch, capsys
 ):

@@ -387,6 +387,16 @@ def test_a_model_names_conversion_is_named_and_carded_as_that_model(golden, tmp_
     assert "xclip-base-patch32" in card and "Trained on Kinetics-400." in card
 
 
+def test_a_local_checkpoints_origin_is_its_file_name_alone(golden):
+    """The result's provenance, which a card or a message may quote, never holds the user's folders."""
+    from converter.pipeline import convert_checkpoint
+
+    checkpoint, config = golden
+    result = convert_checkpoint(checkpoint.resolve(), config=config, verify=False)
+    assert result.provenance.origin == checkpoint.name
+    assert result.provenance.path == checkpoint.resolve()
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

@@ -397,6 +397,20 @@ def test_a_local_checkpoints_origin_is_its_file_name_alone(golden):
     assert result.provenance.path == checkpoint.resolve()
 
 
+@pytest.mark.parametrize("status", [0, 2])
+def test_a_signal_during_shutdown_keeps_the_commands_status(status):
+    """A SIGTERM while Python shuts down (here: an atexit hook) ends the process with the status it was
+    exiting with, not 143 and not another status."""
+    code = (
+        "import atexit, os, signal, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+        "from converter.cli import exit_with\n"
+        f"exit_with({status})\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == status, ended.stderr
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

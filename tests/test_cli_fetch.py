@@ -274,6 +274,18 @@ def test_the_library_publishes_only_a_verification_that_ran_and_passed(fake_hub,
     assert fake_hub == []
 
 
+def test_the_library_publishes_the_folder_a_conversion_wrote(golden_config, tmp_path, monkeypatch):
+    """A result written with `output` is pushed from that folder, as verified and written, not rewritten."""
+    from converter import hub
+    from converter.pipeline import convert_checkpoint, push
+
+    pushed = []
+    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, **kw: pushed.append(folder) or "url")
+    out = tmp_path / "out"
+    result = convert_checkpoint(helpers.checkpoint("tiny-a"), config=golden_config, output=out)
+    assert push(result, "org/x") == "url" and pushed == [out]
+
+
 def test_a_malformed_pin_is_refused_before_any_download(fast_network, capsys):
     with LoopbackServer({"/x.pth": b"weights"}) as server:
         assert run("--checkpoint", server.url("/x.pth"), "--sha256", "xyz") == 2

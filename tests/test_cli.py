@@ -411,6 +411,27 @@ def test_a_signal_during_shutdown_keeps_the_commands_status(status):
     assert ended.returncode == status, ended.stderr
 
 
+def test_results_and_progress_keep_their_order_in_one_log(golden, tmp_path):
+    """`xclip-convert ... > log 2>&1`: stdout is written line by line, so each result lands where it was
+    said, among the progress lines, and not all at exit after them."""
+    checkpoint, config = golden
+    command = [sys.executable, "-m", "converter", "--checkpoint", checkpoint, "--config", config]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    ran = subprocess.run(
+        [*map(str, command), "--output", str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    lines = ran.stdout.splitlines()
+    assert ran.returncode == 0, ran.stdout
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    start_up = next(i for i, line in enumerate(lines) if line.startswith("xclip-convert: start-up: "))
+    assert wrote < start_up, lines
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

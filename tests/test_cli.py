@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -430,6 +432,20 @@ def test_results_and_progress_keep_their_order_in_one_log(golden, tmp_path):
     wrote = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
     start_up = next(i for i, line in enumerate(lines) if line.startswith("xclip-convert: start-up: "))
     assert wrote < start_up, lines
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_during_the_job_exits_with_its_own_status(capsys, signum, status):
+    """EPILOG's 130/143/129: each signal its status, not Ctrl-C's for all."""
+    from converter.cli import run_job
+
+    def job() -> int:
+        os.kill(os.getpid(), signum)
+        time.sleep(30)
+        return 0
+
+    assert run_job(job) == status
+    assert capsys.readouterr().err == f"xclip-convert: interrupted by {signal.Signals(signum).name}\n"
 
 
 @pytest.mark.parametrize("quiet", [[], ["-q"]])

@@ -448,6 +448,26 @@ def test_a_signal_during_the_job_exits_with_its_own_status(capsys, signum, statu
     assert capsys.readouterr().err == f"xclip-convert: interrupted by {signal.Signals(signum).name}\n"
 
 
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_stream_that_cannot_be_written_is_named_as_that_stream(monkeypatch, stream):
+    """say() names the stream it failed to write, not the file a job had open meanwhile."""
+    import errno
+
+    from converter import cli
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/else")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, stream, Full())
+    with pytest.raises(OSError) as failed:
+        cli.say("a result", getattr(sys, stream))
+    assert failed.value.filename == f"<{stream}>" and failed.value.errno == errno.ENOSPC
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""

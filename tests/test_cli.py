@@ -608,3 +608,13 @@ def test_start_up_is_measured_from_the_process_start():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert 0.5 <= float(done.stdout) < 30
+
+
+def test_start_up_is_no_longer_than_the_process_has_lived():
+    """The figure is the child's age when asked: at most the time the parent saw it run (plus the
+    clock's tick), so a start-up line never claims seconds that did not pass."""
+    probe = "from converter import cli; print(cli._seconds_since_process_start())"
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lived = time.monotonic() - began
+    assert 0 < float(done.stdout) <= lived + 0.05, (done.stdout, lived)

@@ -123,6 +123,14 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("push-bad-repo-id", lambda w: w.convert("--push-to-hub", "bad repo!!"), 2, "not a valid repo id"),
     ("push-unverified", lambda w: w.convert("--push-to-hub", "me/x", "--no-verify"), 2, "drop --no-verify"),
     ("create-pr-alone", lambda w: w.convert("--create-pr"), 2, "--push-to-hub"),
+    ("private-alone", lambda w: w.convert("--private"), 2, "--create-pr and --private go with --push-to-hub"),
+    (
+        "list-with-two-output-flags",  # the first named with the jobs that take it, the rest listed
+        lambda w: ["--list", "--output", "o", "--overwrite"],
+        2,
+        "--list does not use --output (nor --overwrite): drop it; --output goes with a conversion or "
+        "--to-original",
+    ),
     ("report-without-audit", lambda w: w.convert("--report", w.root / "r.json"), 2, "--audit"),
     (
         "config-list",

@@ -99,6 +99,18 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("atol-zero", lambda w: w.convert("--atol", "0"), 2, "--atol must be a finite number above 0"),
     ("atol-one", lambda w: w.convert("--atol", "1"), 2, "above 0 and below 1"),  # zeros would pass
     ("atol-huge", lambda w: w.convert("--atol", "1e9"), 2, "above 0 and below 1"),
+    (  # refused from the flags alone, before the source is even looked for
+        "to-original-atol-one",
+        lambda w: ["--to-original", w.root / "missing", "--output", w.root / "b.pth", "--atol", "1"],
+        2,
+        "--atol must be a finite number above 0 and below 1",
+    ),
+    (
+        "audit-atol-zero",
+        lambda w: ["--audit", w.root / "missing", "--checkpoint", w.checkpoint, "--atol", "0"],
+        2,
+        "--atol must be a finite number above 0 and below 1",
+    ),
     ("texts-without-video", lambda w: w.convert("--texts", "a", "b"), 2, "--video"),
     ("video-missing", lambda w: w.convert("--video", w.root / "clip.npy"), 2, "clip.npy"),
     ("video-not-npy", lambda w: w.convert("--video", w.file("clip.npy", "not numpy")), 2, "clip.npy"),

@@ -87,6 +87,12 @@ def _set(data: dict, path: str, value: object) -> dict:
 # (id, argv builder, exit code, words the one message must contain)
 CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("nothing", lambda w: [], 2, "nothing to convert"),
+    (
+        "output-but-nothing-to-convert",  # the flags to give, and where to find the names
+        lambda w: ["--output", w.parent / "out"],
+        2,
+        "nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)",
+    ),
     ("missing-checkpoint", lambda w: ["--checkpoint", w.root / "nope.pth"], 2, "no such file"),
     ("checkpoint-is-folder", lambda w: ["--checkpoint", w.root], 2, "is a folder"),
     ("checkpoint-invalid-url", lambda w: ["--checkpoint", "http://[::1/k.pth"], 2, "not a valid URL"),

@@ -98,6 +98,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("checkpoint-invalid-url", lambda w: ["--checkpoint", "http://[::1/k.pth"], 2, "not a valid URL"),
     ("checkpoint-invalid-file-url", lambda w: ["--checkpoint", "file://[x/k.pth"], 2, "not a valid URL"),
     ("unknown-model", lambda w: ["--model-name", "xclip-huge"], 2, "unknown model name 'xclip-huge'"),
+    (
+        "unknown-model-before-the-clip",  # the flags' own mistake is named before any file is read
+        lambda w: w.convert("--model-name", "xclip-huge", "--video", w.root / "clip.npy"),
+        2,
+        "unknown model name 'xclip-huge'",
+    ),
     ("show-config-alone", lambda w: ["--show-config"], 2, "--show-config needs --model-name"),
     ("atol-inf", lambda w: w.convert("--atol", "inf"), 2, "--atol must be a finite number above 0"),
     ("atol-nan", lambda w: w.convert("--atol", "nan"), 2, "--atol must be a finite number above 0"),
@@ -136,6 +142,12 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "one side more than 16 times the other",
     ),
     ("sha256-malformed", lambda w: w.convert("--sha256", "xyz"), 2, "64 hex"),
+    (
+        "sha256-malformed-before-the-clip",
+        lambda w: w.convert("--sha256", "xyz", "--video", w.root / "clip.npy"),
+        2,
+        "64 hex",
+    ),
     ("sha256-not-hex", lambda w: w.convert("--sha256", "g" * 64), 2, "64 hex"),
     ("sha256-mismatch", lambda w: w.convert("--sha256", "0" * 64), 2, "0" * 64),
     ("push-bad-repo-id", lambda w: w.convert("--push-to-hub", "bad repo!!"), 2, "not a valid repo id"),

@@ -168,6 +168,12 @@ def test_a_reduced_dtypes_distance_from_float32_is_printed_and_carded(golden, tm
     assert f"| logits | {figures['logits']} |" in card
 
 
+def test_the_atol_given_is_the_one_verified_with(golden, capsys):
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, "--atol", "0.03") == 0
+    assert "compared, atol 0.03 x each site's max |value|)" in capsys.readouterr().out
+
+
 def test_disk_full_while_writing_the_weights_exits_2_and_leaves_nothing(
     golden, tmp_path, monkeypatch, capsys
 ):

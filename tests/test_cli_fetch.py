@@ -261,6 +261,15 @@ def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
     assert "verified" in capsys.readouterr().err and fake_hub == []
 
 
+def test_a_push_without_output_does_not_say_nothing_was_written(fake_hub, golden_config, capsys):
+    """The pushed folder is the output: stdout names the push and no missing --output."""
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config]
+    assert run(*args, "--push-to-hub", "org/xclip-tiny") == 0
+    captured = capsys.readouterr()
+    assert "pushed to org/xclip-tiny: https://hub.example/commit" in captured.out
+    assert "nothing written" not in captured.out + captured.err
+
+
 def test_the_library_publishes_only_a_verification_that_ran_and_passed(fake_hub, golden_config):
     """pipeline.push refuses a result converted with verify=False, and one whose verification failed."""
     from converter.pipeline import convert_checkpoint, push

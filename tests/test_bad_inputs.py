@@ -87,11 +87,23 @@ def _set(data: dict, path: str, value: object) -> dict:
 # (id, argv builder, exit code, words the one message must contain)
 CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("nothing", lambda w: [], 2, "nothing to convert"),
+    (
+        "output-but-nothing-to-convert",  # the flags to give, and where to find the names
+        lambda w: ["--output", w.parent / "out"],
+        2,
+        "nothing to convert: give --checkpoint PATH or --model-name NAME (see --list)",
+    ),
     ("missing-checkpoint", lambda w: ["--checkpoint", w.root / "nope.pth"], 2, "no such file"),
     ("checkpoint-is-folder", lambda w: ["--checkpoint", w.root], 2, "is a folder"),
     ("checkpoint-invalid-url", lambda w: ["--checkpoint", "http://[::1/k.pth"], 2, "not a valid URL"),
     ("checkpoint-invalid-file-url", lambda w: ["--checkpoint", "file://[x/k.pth"], 2, "not a valid URL"),
     ("unknown-model", lambda w: ["--model-name", "xclip-huge"], 2, "unknown model name 'xclip-huge'"),
+    (
+        "unknown-model-before-the-clip",  # the flags' own mistake is named before any file is read
+        lambda w: w.convert("--model-name", "xclip-huge", "--video", w.root / "clip.npy"),
+        2,
+        "unknown model name 'xclip-huge'",
+    ),
     ("show-config-alone", lambda w: ["--show-config"], 2, "--show-config needs --model-name"),
     ("atol-inf", lambda w: w.convert("--atol", "inf"), 2, "--atol must be a finite number above 0"),
     ("atol-nan", lambda w: w.convert("--atol", "nan"), 2, "--atol must be a finite number above 0"),
@@ -99,6 +111,18 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
     ("atol-zero", lambda w: w.convert("--atol", "0"), 2, "--atol must be a finite number above 0"),
     ("atol-one", lambda w: w.convert("--atol", "1"), 2, "above 0 and below 1"),  # zeros would pass
     ("atol-huge", lambda w: w.convert("--atol", "1e9"), 2, "above 0 and below 1"),
+    (  # refused from the flags alone, before the source is even looked for
+        "to-original-atol-one",
+        lambda w: ["--to-original", w.root / "missing", "--output", w.root / "b.pth", "--atol", "1"],
+        2,
+        "--atol must be a finite number above 0 and below 1",
+    ),
+    (
+        "audit-atol-zero",
+        lambda w: ["--audit", w.root / "missing", "--checkpoint", w.checkpoint, "--atol", "0"],
+        2,
+        "--atol must be a finite number above 0 and below 1",
+    ),
     ("texts-without-video", lambda w: w.convert("--texts", "a", "b"), 2, "--video"),
     ("video-missing", lambda w: w.convert("--video", w.root / "clip.npy"), 2, "clip.npy"),
     ("video-not-npy", lambda w: w.convert("--video", w.file("clip.npy", "not numpy")), 2, "clip.npy"),
@@ -118,11 +142,25 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         "one side more than 16 times the other",
     ),
     ("sha256-malformed", lambda w: w.convert("--sha256", "xyz"), 2, "64 hex"),
+    (
+        "sha256-malformed-before-the-clip",
+        lambda w: w.convert("--sha256", "xyz", "--video", w.root / "clip.npy"),
+        2,
+        "64 hex",
+    ),
     ("sha256-not-hex", lambda w: w.convert("--sha256", "g" * 64), 2, "64 hex"),
     ("sha256-mismatch", lambda w: w.convert("--sha256", "0" * 64), 2, "0" * 64),
     ("push-bad-repo-id", lambda w: w.convert("--push-to-hub", "bad repo!!"), 2, "not a valid repo id"),
     ("push-unverified", lambda w: w.convert("--push-to-hub", "me/x", "--no-verify"), 2, "drop --no-verify"),
     ("create-pr-alone", lambda w: w.convert("--create-pr"), 2, "--push-to-hub"),
+    ("private-alone", lambda w: w.convert("--private"), 2, "--create-pr and --private go with --push-to-hub"),
+    (
+        "list-with-two-output-flags",  # the first named with the jobs that take it, the rest listed
+        lambda w: ["--list", "--output", "o", "--overwrite"],
+        2,
+        "--list does not use --output (nor --overwrite): drop it; --output goes with a conversion or "
+        "--to-original",
+    ),
     ("report-without-audit", lambda w: w.convert("--report", w.root / "r.json"), 2, "--audit"),
     (
         "config-list",
@@ -438,6 +476,19 @@ CASES: list[tuple[str, Callable[[Workspace], list[object]], int, str]] = [
         ],
         2,
         "--dtype float16 cannot hold every weight of ",
+    ),
+    (
+        "float16-overflow-names-both-wider-dtypes",  # bfloat16 holds float32's range: offered as well
+        lambda w: [
+            "--checkpoint",
+            w.saved("c.pth", {**w.state_dict(), "ln_final.bias": torch.full((32,), 1e5)}),
+            "--config",
+            w.config,
+            "--dtype",
+            "float16",
+        ],
+        2,
+        "would be written as inf; use --dtype float32 or bfloat16",
     ),
     (
         "nan-with-no-verify-and-output",  # refused after the staged write, before anything lands

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,34 @@ def test_dtype(golden, tmp_path, dtype):
     model = XCLIPModel.from_pretrained(out, dtype="auto")
     assert model.logit_scale.dtype == getattr(torch, dtype)
     assert json.loads((out / "config.json").read_text())["dtype"] == dtype
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_reduced_dtypes_distance_from_float32_is_printed_and_carded(golden, tmp_path, capsys, dtype):
+    """float16 is measured against the float32 original too: on stdout and in the card, as figures; a
+    float32 run has no second comparison to report."""
+    checkpoint, config = golden
+    out = tmp_path / "out"
+    assert run("--checkpoint", checkpoint, "--config", config, "--output", out, "--dtype", dtype) == 0
+    printed = capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    if dtype == "float32":
+        assert "vs the float32 original" not in printed and "from float32" not in card
+        return
+    said = re.search(
+        r"written float16 model vs the float32 original \(reported, not gated\): max \|Δ\| (.*)", printed
+    )
+    assert said, printed
+    figures = dict(item.split(" ") for item in said.group(1).split(", "))
+    assert "logits" in figures
+    assert "| output | max abs difference from float32 |" in card
+    assert f"| logits | {figures['logits']} |" in card
+
+
+def test_the_atol_given_is_the_one_verified_with(golden, capsys):
+    checkpoint, config = golden
+    assert run("--checkpoint", checkpoint, "--config", config, "--atol", "0.03") == 0
+    assert "compared, atol 0.03 x each site's max |value|)" in capsys.readouterr().out
 
 
 def test_disk_full_while_writing_the_weights_exits_2_and_leaves_nothing(
@@ -340,6 +370,110 @@ def test_the_library_names_an_unknown_dtype(dtype):
         convert_checkpoint("never-read.pth", dtype=dtype)
 
 
+@pytest.mark.parametrize("atol", [0, 1, 1.5, -1e-4, float("nan"), float("inf"), "1e-4"])
+def test_the_library_refuses_an_atol_out_of_range_before_any_work(atol):
+    """convert_checkpoint checks atol as the command line does: 1 or more would pass a site of zeros."""
+    from converter.errors import ConverterError
+    from converter.pipeline import convert_checkpoint
+
+    with pytest.raises(ConverterError, match="^--atol must be a finite number above 0 and below 1 .*, got "):
+        convert_checkpoint("never-read.pth", atol=atol)
+
+
+def test_a_model_names_conversion_is_named_and_carded_as_that_model(golden, tmp_path, monkeypatch):
+    """With --model-name the result and the card take the variant's name (and its training data), not
+    the checkpoint file's stem. The golden is far smaller than the variant: its size check is skipped."""
+    from converter import pipeline
+
+    checkpoint, config = golden
+    monkeypatch.setattr(pipeline, "check_variant", lambda *args: None)
+    result = pipeline.convert_checkpoint(
+        checkpoint, model_name="xclip-base-patch32", config=config, verify=False, output=tmp_path / "out"
+    )
+    assert result.name == "xclip-base-patch32"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "xclip-base-patch32" in card and "Trained on Kinetics-400." in card
+
+
+def test_a_local_checkpoints_origin_is_its_file_name_alone(golden):
+    """The result's provenance, which a card or a message may quote, never holds the user's folders."""
+    from converter.pipeline import convert_checkpoint
+
+    checkpoint, config = golden
+    result = convert_checkpoint(checkpoint.resolve(), config=config, verify=False)
+    assert result.provenance.origin == checkpoint.name
+    assert result.provenance.path == checkpoint.resolve()
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_a_signal_during_shutdown_keeps_the_commands_status(status):
+    """A SIGTERM while Python shuts down (here: an atexit hook) ends the process with the status it was
+    exiting with, not 143 and not another status."""
+    code = (
+        "import atexit, os, signal, time\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))\n"
+        "from converter.cli import exit_with\n"
+        f"exit_with({status})\n"
+    )
+    ended = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == status, ended.stderr
+
+
+def test_results_and_progress_keep_their_order_in_one_log(golden, tmp_path):
+    """`xclip-convert ... > log 2>&1`: stdout is written line by line, so each result lands where it was
+    said, among the progress lines, and not all at exit after them."""
+    checkpoint, config = golden
+    command = [sys.executable, "-m", "converter", "--checkpoint", checkpoint, "--config", config]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as a user's shell has it
+    ran = subprocess.run(
+        [*map(str, command), "--output", str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    lines = ran.stdout.splitlines()
+    assert ran.returncode == 0, ran.stdout
+    wrote = next(i for i, line in enumerate(lines) if line.startswith("wrote "))
+    start_up = next(i for i, line in enumerate(lines) if line.startswith("xclip-convert: start-up: "))
+    assert wrote < start_up, lines
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_during_the_job_exits_with_its_own_status(capsys, signum, status):
+    """EPILOG's 130/143/129: each signal its status, not Ctrl-C's for all."""
+    from converter.cli import run_job
+
+    def job() -> int:
+        os.kill(os.getpid(), signum)
+        time.sleep(30)
+        return 0
+
+    assert run_job(job) == status
+    assert capsys.readouterr().err == f"xclip-convert: interrupted by {signal.Signals(signum).name}\n"
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_a_stream_that_cannot_be_written_is_named_as_that_stream(monkeypatch, stream):
+    """say() names the stream it failed to write, not the file a job had open meanwhile."""
+    import errno
+
+    from converter import cli
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device", "/somewhere/else")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, stream, Full())
+    with pytest.raises(OSError) as failed:
+        cli.say("a result", getattr(sys, stream))
+    assert failed.value.filename == f"<{stream}>" and failed.value.errno == errno.ENOSPC
+
+
 @pytest.mark.parametrize("quiet", [[], ["-q"]])
 def test_main_leaves_the_library_logging_as_it_found_it(capsys, quiet):
     """A library call after main() in the same process logs at the level it did before."""
@@ -480,3 +614,13 @@ def test_start_up_is_measured_from_the_process_start():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert 0.5 <= float(done.stdout) < 30
+
+
+def test_start_up_is_no_longer_than_the_process_has_lived():
+    """The figure is the child's age when asked: at most the time the parent saw it run (plus the
+    clock's tick), so a start-up line never claims seconds that did not pass."""
+    probe = "from converter import cli; print(cli._seconds_since_process_start())"
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    lived = time.monotonic() - began
+    assert 0 < float(done.stdout) <= lived + 0.05, (done.stdout, lived)

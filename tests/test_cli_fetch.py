@@ -261,6 +261,40 @@ def test_push_is_refused_without_verification(fake_hub, golden_config, capsys):
     assert "verified" in capsys.readouterr().err and fake_hub == []
 
 
+def test_a_push_without_output_does_not_say_nothing_was_written(fake_hub, golden_config, capsys):
+    """The pushed folder is the output: stdout names the push and no missing --output."""
+    args = ["--checkpoint", helpers.checkpoint("tiny-a"), "--config", golden_config]
+    assert run(*args, "--push-to-hub", "org/xclip-tiny") == 0
+    captured = capsys.readouterr()
+    assert "pushed to org/xclip-tiny: https://hub.example/commit" in captured.out
+    assert "nothing written" not in captured.out + captured.err
+
+
+def test_the_library_publishes_only_a_verification_that_ran_and_passed(fake_hub, golden_config):
+    """pipeline.push refuses a result converted with verify=False, and one whose verification failed."""
+    from converter.pipeline import convert_checkpoint, push
+
+    unverified = convert_checkpoint(helpers.checkpoint("tiny-a"), config=golden_config, verify=False)
+    failed = helpers.compare({"logits": torch.tensor([1.0])}, {"logits": torch.tensor([2.0])}, 1e-4)
+    assert not failed.passed
+    for result in (unverified, dataclasses.replace(unverified, verification=failed)):
+        with pytest.raises(ConverterError, match="^only verified conversions are published"):
+            push(result, "org/x")
+    assert fake_hub == []
+
+
+def test_the_library_publishes_the_folder_a_conversion_wrote(golden_config, tmp_path, monkeypatch):
+    """A result written with `output` is pushed from that folder, as verified and written, not rewritten."""
+    from converter import hub
+    from converter.pipeline import convert_checkpoint, push
+
+    pushed = []
+    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, **kw: pushed.append(folder) or "url")
+    out = tmp_path / "out"
+    result = convert_checkpoint(helpers.checkpoint("tiny-a"), config=golden_config, output=out)
+    assert push(result, "org/x") == "url" and pushed == [out]
+
+
 def test_a_malformed_pin_is_refused_before_any_download(fast_network, capsys):
     with LoopbackServer({"/x.pth": b"weights"}) as server:
         assert run("--checkpoint", server.url("/x.pth"), "--sha256", "xyz") == 2

@@ -59,6 +59,16 @@ def test_audit_of_a_faithful_folder_exits_0_with_a_json_report(converted, tmp_pa
     assert json.loads(report.read_text())["passed"] is True
 
 
+def test_an_audit_replaces_an_existing_report(converted, tmp_path, capsys):
+    """--report is a result file, as a test runner's: a rerun replaces the last one, no --overwrite asked."""
+    folder, config = converted
+    report = tmp_path / "audit.json"
+    report.write_text("the last run's findings")
+    args = ["--audit", folder, "--checkpoint", helpers.checkpoint("tiny-a"), "--config", config]
+    assert run(*args, "--report", report) == 0, capsys.readouterr()
+    assert json.loads(report.read_text())["passed"] is True
+
+
 def test_audit_of_a_changed_folder_exits_1_naming_the_tensor(converted, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 

@@ -183,6 +183,19 @@ def test_a_checkpoint_moved_renamed_over_or_removed_after_conversion_is_still_wr
         assert write_folder(result, tmp_path / f"out-{case}").folder.joinpath("model.safetensors").is_file()
 
 
+def test_a_provenance_made_without_the_files_identity_is_written(tmp_path):
+    """Provenance's identity defaults to None (a result a library user put together): nothing to compare
+    the checkpoint with, so the folder is written rather than the check failing on the missing record."""
+    from dataclasses import replace
+
+    from converter.pipeline import convert_checkpoint, write_folder
+
+    config = helpers.write_config("tiny-a", tmp_path / "cfg")
+    result = convert_checkpoint(helpers.checkpoint("tiny-a"), config=config, verify=False)
+    result = replace(result, provenance=replace(result.provenance, identity=None))
+    assert write_folder(result, tmp_path / "out").folder.joinpath("model.safetensors").is_file()
+
+
 def test_a_checkpoint_changed_during_the_conversion_is_not_written(tmp_path, monkeypatch, capsys):
     from converter import pipeline
 

@@ -146,6 +146,11 @@ def exit_with(status: int) -> NoReturn:
     once with that status, instead of turning a finished run into 'interrupted' (143) without a word."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda *_: os._exit(status))
+    try:  # what stdout still holds (a full disk, named already) would fail again at exit, as status 120
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
+        _discard_stdout()
     sys.exit(status)
 
 
@@ -178,7 +183,7 @@ def run_job(job: Callable[[], int], prog: str = PROG) -> int:
                 sys.stdout.flush()  # a reader that is gone (`| head`) is met here, not at exit
             return status
     except BrokenPipeError:  # stdout's reader is gone: stop silently, as shell tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _discard_stdout()
         return 128 + signal.SIGPIPE
     except ConverterError as err:
         return fail(f"error: {err}")
@@ -212,6 +217,13 @@ def say(text: str, file: TextIO | None = None) -> None:
         raise OSError(
             err.errno, err.strerror, "<stdout>" if file in (None, sys.stdout) else "<stderr>"
         ) from None
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what it still buffers is dropped when Python exits."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 class _EscapedLines(logging.Formatter):

@@ -521,6 +521,26 @@ def test_a_stdout_that_cannot_be_written_is_named_or_left_alone(stdout):
         )
 
 
+@pytest.mark.parametrize("command", ["converter --list", "converter.synthetic xclip-base-patch32 k.pth"])
+def test_a_full_stdout_is_named_once_with_a_buffered_stdout(tmp_path, command):
+    """Without PYTHONUNBUFFERED (a user's shell) the lines stdout could not write stay in its buffer; Python's
+    exit would flush them again, print 'Exception ignored' and end with 120 instead of the 2 EPILOG gives."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    python = shlex.quote(sys.executable)
+    run = subprocess.run(
+        f"{python} -m {command} > /dev/full",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.endswith("error: <stdout>: No space left on device\n"), run.stderr
+    assert "Exception ignored" not in run.stderr
+
+
 @pytest.mark.parametrize(
     "job",
     [

@@ -276,3 +276,10 @@ def test_aspect_ratio_limit_is_16_to_1_exactly() -> None:
     for height, width in ((1, 17), (17, 1)):
         with pytest.raises(ConverterError, match=r"one side more than 16 times the other"):
             check_frames(flat_frames(height, width), "clip")
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 7, 3), (4, 0, 7, 3), (4, 6, 0, 3)])
+def test_npy_clip_with_an_empty_axis_is_refused(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    np.save(tmp_path / "empty.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(ConverterError, match=r"empty\.npy: expected frames of shape \[T, H, W, 3\]"):
+        load_video(tmp_path / "empty.npy", 8)

@@ -184,3 +184,11 @@ def test_listed_keeps_twenty_items_whole_and_shortens_more() -> None:
     twenty = [f"k{i}" for i in range(20)]
     assert listed(twenty) == twenty
     assert listed([*twenty, "k20", "k21"]) == [*twenty, "... and 2 more"]
+
+
+def test_reason_is_one_line_of_at_most_300_characters() -> None:
+    from converter.errors import reason
+
+    assert reason(ValueError("x" * 299 + "\nsecond line")) == "x" * 299
+    assert reason(ValueError("y" * 1000)) == "y" * 300
+    assert reason(ValueError("")) == "ValueError"

@@ -314,3 +314,13 @@ def test_a_quota_page_is_one_line_and_nothing_is_cached(fast_network, tmp_path, 
     assert "Google Drive quota" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix != ".lock"]
+
+
+def test_push_target_without_repo_or_model_name_is_refused_before_asking_the_hub(monkeypatch) -> None:
+    from huggingface_hub import HfApi
+
+    from converter.hub import push_target
+
+    monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
+    with pytest.raises(ConverterError, match="--push-to-hub needs a REPO_ID when --model-name is not given"):
+        push_target(None, None)

@@ -82,3 +82,14 @@ def test_fetch_source_and_cached_source_use_the_registry_paths(monkeypatch: pyte
         assert path == source.cache_path(fetch.cache_dir()) == fetch.cached_source(source)
         assert source.url() == mirror.url("/k400_32_8.pth")
     assert path.read_bytes() == CHECKPOINT
+
+
+@pytest.mark.parametrize(
+    ("url", "name"), [("https://h/a/..", "download"), ("https://h/.hidden.pth", "hidden.pth")]
+)
+def test_url_cache_path_never_names_a_dot_file_or_the_parent(url: str, name: str) -> None:
+    """A URL's last part '..' (or '.x') must not climb out of, or hide in, its cache folder."""
+    from converter.registry import url_cache_path
+
+    path = url_cache_path(url, Path("/c"))
+    assert path.name == name and path.parent.parent == Path("/c/url")

@@ -176,3 +176,19 @@ def test_listed_keys_are_sorted_so_the_first_twenty_do_not_depend_on_the_files_o
     lines = str(err.value).splitlines()
     assert lines[1:3] == ["  25 source keys no rule consumes:", "    surprise.00 [1]"]
     assert lines[-2:] == ["    surprise.19 [1]", "    ... and 5 more"]
+
+
+def test_listed_keeps_twenty_items_whole_and_shortens_more() -> None:
+    from converter.errors import listed
+
+    twenty = [f"k{i}" for i in range(20)]
+    assert listed(twenty) == twenty
+    assert listed([*twenty, "k20", "k21"]) == [*twenty, "... and 2 more"]
+
+
+def test_reason_is_one_line_of_at_most_300_characters() -> None:
+    from converter.errors import reason
+
+    assert reason(ValueError("x" * 299 + "\nsecond line")) == "x" * 299
+    assert reason(ValueError("y" * 1000)) == "y" * 300
+    assert reason(ValueError("")) == "ValueError"

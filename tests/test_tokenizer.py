@@ -64,3 +64,10 @@ def test_encode_texts_rejects_non_lists(bad: object) -> None:
 def test_encode_texts_rejects_overlong_text() -> None:
     with pytest.raises(ConverterError, match="tokens long"):
         T.encode_texts(["word " * 100])
+
+
+def test_encode_texts_limit_is_77_tokens_exactly() -> None:
+    """75 words and the start/end tokens fit; one word more is refused, naming its length."""
+    assert T.encode_texts(["a " * 75]).shape == (1, 77)
+    with pytest.raises(ConverterError, match="is 78 tokens long; CLIP allows at most 77"):
+        T.encode_texts(["a " * 76])

@@ -250,3 +250,36 @@ def test_video_file_with_frames_too_large_is_refused_at_the_first_one(
     with pytest.raises(ConverterError, match=r"wide\.mkv: frames of 16400x16 pixels, more than the 16384"):
         load_video(path, 8)
     assert len(decoded) == 1
+
+
+# --------------------------------------------------------------------------- size limits, at the boundary
+
+
+def flat_frames(height: int, width: int) -> np.ndarray:
+    """One uint8 frame of any size that takes no memory (a broadcast view of one pixel)."""
+    return np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (1, height, width, 3))
+
+
+def test_frame_side_limit_is_16384_pixels_exactly() -> None:
+    from converter.processing import check_frames
+
+    assert check_frames(flat_frames(16_384, 16_384), "clip").shape == (1, 16_384, 16_384, 3)
+    with pytest.raises(ConverterError, match=r"clip: frames of 16384x16385 pixels, more than the 16384"):
+        check_frames(flat_frames(16_385, 16_384), "clip")
+
+
+def test_aspect_ratio_limit_is_16_to_1_exactly() -> None:
+    from converter.processing import check_frames
+
+    assert check_frames(flat_frames(1, 16), "clip").shape == (1, 1, 16, 3)
+    assert check_frames(flat_frames(16, 1), "clip").shape == (1, 16, 1, 3)
+    for height, width in ((1, 17), (17, 1)):
+        with pytest.raises(ConverterError, match=r"one side more than 16 times the other"):
+            check_frames(flat_frames(height, width), "clip")
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 7, 3), (4, 0, 7, 3), (4, 6, 0, 3)])
+def test_npy_clip_with_an_empty_axis_is_refused(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    np.save(tmp_path / "empty.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(ConverterError, match=r"empty\.npy: expected frames of shape \[T, H, W, 3\]"):
+        load_video(tmp_path / "empty.npy", 8)

@@ -321,6 +321,9 @@ def test_push_target_without_repo_or_model_name_is_refused_before_asking_the_hub
 
     from converter.hub import push_target
 
-    monkeypatch.setattr(HfApi, "whoami", lambda self: {"name": "me"})
+    def whoami(self: HfApi) -> dict[str, str]:
+        raise AssertionError("the hub was asked before the arguments were checked")
+
+    monkeypatch.setattr(HfApi, "whoami", whoami)
     with pytest.raises(ConverterError, match="--push-to-hub needs a REPO_ID when --model-name is not given"):
         push_target(None, None)
